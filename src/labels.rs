@@ -1,0 +1,512 @@
+//! Label sets: the actions a device looks for, with their precomputed text side.
+//!
+//! A label set carries, per label, the L2-normalized text token features `t̂_{c,i}` and their
+//! weights `w_t[c,i]` (`DESIGN.md` § WTI): everything WTI needs from the text side, computed on
+//! the host so that the device never runs a text encoder.
+//!
+//! # Wire and file format
+//!
+//! ```text
+//! magic        8 bytes  b"CLIPACTL"
+//! format       u16 LE   FORMAT_VERSION
+//! body_len     u32 LE   length of the body
+//! body         postcard Body { version, dim, space_id, labels }
+//! crc          u32 LE   CRC-32 (ISO-HDLC) of every byte before it, magic included
+//! ```
+//!
+//! The CRC covers the header too, so any single corrupted byte is caught before the body is
+//! decoded. postcard is not self-describing: fields are only ever appended in a new `format`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every encoded label set.
+pub const MAGIC: [u8; 8] = *b"CLIPACTL";
+/// The envelope format this build reads and writes.
+pub const FORMAT_VERSION: u16 = 1;
+/// Longest accepted embedding-space id, in bytes.
+pub const MAX_SPACE_ID_LEN: usize = 128;
+/// Bytes of envelope around the body: magic, format, body length and CRC.
+const ENVELOPE_LEN: usize = MAGIC.len() + 2 + 4 + 4;
+/// A label's token weights must sum to one within this tolerance.
+const WEIGHT_SUM_TOLERANCE: f32 = 1e-3;
+/// Normalized features must have unit length within this tolerance.
+const NORM_TOLERANCE: f32 = 1e-3;
+
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+/// One action the device looks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    /// Short identifier used in events, GPIO bindings and metrics (`"falls_down"`).
+    pub name: String,
+    /// The description the text side was computed from (`"a person falls down"`).
+    pub text: String,
+    /// L2-normalized token features, `[n_tokens, dim]` row-major; SOT and EOT included,
+    /// padding excluded.
+    pub tokens: Vec<f32>,
+    /// Token weights `w_t`, `[n_tokens]`: a softmax, so non-negative and summing to one.
+    pub token_weights: Vec<f32>,
+    /// L2-normalized pooled text embedding `[dim]` (CLIP's EOT feature, averaged over prompt
+    /// templates): what the mean-pooling baseline compares against.
+    pub pooled: Vec<f32>,
+    /// Score above which the label fires; `None` uses the device's default.
+    pub threshold: Option<f32>,
+}
+
+impl Label {
+    /// Number of text tokens of this label.
+    pub fn n_tokens(&self) -> usize {
+        self.token_weights.len()
+    }
+}
+
+/// A versioned set of labels in one embedding space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelSet {
+    /// Monotonic version: a device accepts only a newer set unless forced.
+    pub version: u64,
+    /// Embedding dimension `D` of every feature in the set.
+    pub dim: u32,
+    /// Id of the embedding space (teacher + student family); must match the device's encoder.
+    pub space_id: String,
+    /// The labels, in score order.
+    pub labels: Vec<Label>,
+}
+
+/// Why a label set was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelSetError {
+    /// Fewer bytes than the envelope alone needs.
+    #[error("label set is truncated: {len} bytes, the envelope alone needs {ENVELOPE_LEN}")]
+    TooShort {
+        /// Bytes received.
+        len: usize,
+    },
+    /// The bytes do not start with [`MAGIC`].
+    #[error("not a clipact label set: bad magic bytes {found:02x?}")]
+    BadMagic {
+        /// The first eight bytes found.
+        found: [u8; 8],
+    },
+    /// A format this build cannot read.
+    #[error("unsupported label-set format version {found} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedFormat {
+        /// The format version found.
+        found: u16,
+    },
+    /// The body length in the header disagrees with the bytes received.
+    #[error("label set is truncated or has trailing bytes: header announces a {announced}-byte body, {available} bytes follow the header")]
+    LengthMismatch {
+        /// Body length (plus CRC) the header announces.
+        announced: usize,
+        /// Bytes actually present after the header.
+        available: usize,
+    },
+    /// The CRC does not match: the bytes were corrupted.
+    #[error("label set is corrupt: CRC-32 mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    CrcMismatch {
+        /// CRC stored in the envelope.
+        stored: u32,
+        /// CRC of the bytes received.
+        computed: u32,
+    },
+    /// The body passed the CRC but could not be decoded.
+    #[error("label set body cannot be decoded: {0}")]
+    Body(#[source] postcard::Error),
+    /// The body decoded but violates an invariant.
+    #[error("invalid label set: {0}")]
+    Invalid(String),
+    /// The set's dimension differs from the encoder's.
+    #[error("label set has embedding dim {found}, the encoder produces {expected}")]
+    DimMismatch {
+        /// The encoder's dimension.
+        expected: u32,
+        /// The set's dimension.
+        found: u32,
+    },
+    /// The set was built for another embedding space.
+    #[error("label set is for embedding space {found:?}, the encoder's is {expected:?}")]
+    SpaceMismatch {
+        /// The encoder's space id.
+        expected: String,
+        /// The set's space id.
+        found: String,
+    },
+    /// The set is not newer than the one in use.
+    #[error("label set version {offered} is not newer than the current version {current} (force the update to roll back)")]
+    NotNewer {
+        /// Version in use.
+        current: u64,
+        /// Version offered.
+        offered: u64,
+    },
+    /// Reading or writing the file failed.
+    #[error("{action} label set {path}: {source}")]
+    Io {
+        /// What was being done ("reading", "writing", ...).
+        action: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LabelSet {
+    /// Checks every invariant a scorer relies on; [`LabelSet::decode`] calls it too.
+    pub fn validate(&self) -> Result<(), LabelSetError> {
+        let invalid = |msg: String| Err(LabelSetError::Invalid(msg));
+        let dim = self.dim as usize;
+        if dim == 0 {
+            return invalid("embedding dim is 0".into());
+        }
+        if self.space_id.is_empty() || self.space_id.len() > MAX_SPACE_ID_LEN {
+            return invalid(format!(
+                "embedding-space id must be 1 to {MAX_SPACE_ID_LEN} bytes, got {}",
+                self.space_id.len()
+            ));
+        }
+        if self.labels.is_empty() {
+            return invalid("no labels".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, label) in self.labels.iter().enumerate() {
+            let at = format!("label {index} ({:?})", label.name);
+            if label.name.trim().is_empty() {
+                return invalid(format!("label {index} has an empty name"));
+            }
+            if !names.insert(label.name.as_str()) {
+                return invalid(format!("{at}: duplicate name"));
+            }
+            let n = label.token_weights.len();
+            if n == 0 {
+                return invalid(format!("{at}: no tokens"));
+            }
+            if label.tokens.len() != n * dim {
+                return invalid(format!(
+                    "{at}: {} token features for {n} tokens of dim {dim} (expected {})",
+                    label.tokens.len(),
+                    n * dim
+                ));
+            }
+            if label.pooled.len() != dim {
+                return invalid(format!(
+                    "{at}: pooled embedding has {} values, expected {dim}",
+                    label.pooled.len()
+                ));
+            }
+            if let Some(row) = label.tokens.chunks_exact(dim).position(|t| !is_unit(t)) {
+                return invalid(format!("{at}: token {row} is not an L2-normalized finite vector"));
+            }
+            if !is_unit(&label.pooled) {
+                return invalid(format!("{at}: pooled embedding is not L2-normalized and finite"));
+            }
+            if label.token_weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+                return invalid(format!("{at}: token weights must be finite and non-negative"));
+            }
+            let sum: f32 = label.token_weights.iter().sum();
+            if (sum - 1.0).abs() > WEIGHT_SUM_TOLERANCE {
+                return invalid(format!("{at}: token weights sum to {sum}, expected 1"));
+            }
+            if let Some(t) = label.threshold {
+                if !t.is_finite() {
+                    return invalid(format!("{at}: threshold {t} is not finite"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the set into the envelope described in the module docs.
+    pub fn encode(&self) -> Result<Vec<u8>, LabelSetError> {
+        self.validate()?;
+        let body = postcard::to_stdvec(self).map_err(LabelSetError::Body)?;
+        let body_len = u32::try_from(body.len())
+            .map_err(|_| LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len())))?;
+        let mut out = Vec::with_capacity(ENVELOPE_LEN + body.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&body_len.to_le_bytes());
+        out.extend_from_slice(&body);
+        let crc = CRC32.checksum(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes and validates an encoded set. Never panics, whatever the bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, LabelSetError> {
+        if bytes.len() < ENVELOPE_LEN {
+            return Err(LabelSetError::TooShort { len: bytes.len() });
+        }
+        let (magic, rest) = bytes.split_at(MAGIC.len());
+        if magic != MAGIC {
+            let mut found = [0; 8];
+            found.copy_from_slice(magic);
+            return Err(LabelSetError::BadMagic { found });
+        }
+        let format = u16::from_le_bytes([rest[0], rest[1]]);
+        if format != FORMAT_VERSION {
+            return Err(LabelSetError::UnsupportedFormat { found: format });
+        }
+        let body_len = u32::from_le_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
+        let header_len = MAGIC.len() + 6;
+        let available = bytes.len() - header_len;
+        if body_len.checked_add(4) != Some(available) {
+            return Err(LabelSetError::LengthMismatch {
+                announced: body_len.saturating_add(4),
+                available,
+            });
+        }
+        let (covered, crc_bytes) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+        let computed = CRC32.checksum(covered);
+        if stored != computed {
+            return Err(LabelSetError::CrcMismatch { stored, computed });
+        }
+        let (set, unread) =
+            postcard::take_from_bytes::<LabelSet>(&covered[header_len..]).map_err(LabelSetError::Body)?;
+        if !unread.is_empty() {
+            return Err(LabelSetError::Invalid(format!(
+                "{} unread bytes after the body",
+                unread.len()
+            )));
+        }
+        set.validate()?;
+        Ok(set)
+    }
+
+    /// Reads and decodes a label-set file.
+    pub fn load(path: &Path) -> Result<Self, LabelSetError> {
+        let bytes = fs::read(path).map_err(|source| LabelSetError::Io {
+            action: "reading",
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::decode(&bytes)
+    }
+
+    /// Writes the set so that a power cut leaves either the old file or the new one: write a
+    /// temporary file beside it, fsync it, rename it over `path`, fsync the directory.
+    pub fn save_atomic(&self, path: &Path) -> Result<(), LabelSetError> {
+        let bytes = self.encode()?;
+        write_atomic(path, &bytes).map_err(|source| LabelSetError::Io {
+            action: "writing",
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks that a decoded set fits an encoder and may replace the set in use.
+    ///
+    /// `current` is the version in use, if any; `force` allows a rollback to an older version.
+    pub fn check_compatible(
+        &self,
+        dim: u32,
+        space_id: &str,
+        current: Option<u64>,
+        force: bool,
+    ) -> Result<(), LabelSetError> {
+        if self.dim != dim {
+            return Err(LabelSetError::DimMismatch { expected: dim, found: self.dim });
+        }
+        if self.space_id != space_id {
+            return Err(LabelSetError::SpaceMismatch {
+                expected: space_id.to_owned(),
+                found: self.space_id.clone(),
+            });
+        }
+        match current {
+            Some(current) if !force && self.version <= current => Err(LabelSetError::NotNewer {
+                current,
+                offered: self.version,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Total number of text tokens over all labels.
+    pub fn total_tokens(&self) -> usize {
+        self.labels.iter().map(Label::n_tokens).sum()
+    }
+}
+
+fn is_unit(v: &[f32]) -> bool {
+    let norm_sq: f32 = v.iter().map(|x| x * x).sum();
+    norm_sq.is_finite() && (norm_sq.sqrt() - 1.0).abs() <= NORM_TOLERANCE
+}
+
+/// Replaces `path` with `bytes` atomically (temp file in the same directory, fsync, rename,
+/// fsync of the directory so the rename itself survives a power cut).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small valid set with deterministic, normalized features.
+    pub(crate) fn sample_set() -> LabelSet {
+        let dim = 4;
+        let unit = |seed: usize| -> Vec<f32> {
+            let v: Vec<f32> = (0..dim).map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect()
+        };
+        let label = |name: &str, n: usize| Label {
+            name: name.into(),
+            text: format!("a person {name}"),
+            tokens: (0..n).flat_map(|i| unit(i + name.len())).collect(),
+            token_weights: vec![1.0 / n as f32; n],
+            pooled: unit(name.len() + 11),
+            threshold: Some(0.25),
+        };
+        LabelSet {
+            version: 3,
+            dim: dim as u32,
+            space_id: "test-space".into(),
+            labels: vec![label("waves", 3), label("falls", 2)],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let set = sample_set();
+        let bytes = set.encode().unwrap();
+        assert_eq!(&bytes[..8], &MAGIC);
+        assert_eq!(LabelSet::decode(&bytes).unwrap(), set);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample_set().encode().unwrap();
+        for len in 0..bytes.len() {
+            let err = LabelSet::decode(&bytes[..len]).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("truncated"), "length {len}: {msg}");
+        }
+    }
+
+    #[test]
+    fn every_single_byte_corruption_is_an_error() {
+        let bytes = sample_set().encode().unwrap();
+        for pos in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = bytes.clone();
+                bad[pos] ^= flip;
+                let err = LabelSet::decode(&bad).unwrap_err();
+                let expected = match pos {
+                    0..=7 => "bad magic",
+                    8..=9 => "unsupported label-set format",
+                    10..=13 => "truncated or has trailing bytes",
+                    _ => "CRC-32 mismatch",
+                };
+                assert!(err.to_string().contains(expected), "byte {pos} ^ {flip:#x}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut bytes = sample_set().encode().unwrap();
+        bytes.push(0);
+        assert!(matches!(LabelSet::decode(&bytes), Err(LabelSetError::LengthMismatch { .. })));
+    }
+
+    #[test]
+    fn invariants_are_checked() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut LabelSet)>)> = vec![
+            ("no labels", Box::new(|s| s.labels.clear())),
+            ("duplicate name", Box::new(|s| s.labels[1].name = "waves".into())),
+            ("empty name", Box::new(|s| s.labels[0].name = " ".into())),
+            ("token features for", Box::new(|s| {
+                s.labels[0].tokens.pop();
+            })),
+            ("not an L2-normalized", Box::new(|s| s.labels[0].tokens[0] = 5.0)),
+            ("sum to", Box::new(|s| s.labels[1].token_weights[0] = 0.9)),
+            ("non-negative", Box::new(|s| s.labels[1].token_weights[0] = f32::NAN)),
+            ("pooled embedding has", Box::new(|s| s.labels[0].pooled.push(0.0))),
+            ("embedding dim is 0", Box::new(|s| s.dim = 0)),
+            ("embedding-space id", Box::new(|s| s.space_id.clear())),
+            ("threshold", Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY))),
+        ];
+        for (expected, corrupt) in cases {
+            let mut set = sample_set();
+            corrupt(&mut set);
+            let err = set.encode().unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn compatibility_checks_name_the_mismatch() {
+        let set = sample_set();
+        assert!(set.check_compatible(4, "test-space", Some(2), false).is_ok());
+        assert!(set.check_compatible(4, "test-space", None, false).is_ok());
+        let err = set.check_compatible(8, "test-space", None, false).unwrap_err();
+        assert_eq!(err.to_string(), "label set has embedding dim 4, the encoder produces 8");
+        let err = set.check_compatible(4, "other", None, false).unwrap_err();
+        assert!(err.to_string().contains("\"other\""), "{err}");
+        let err = set.check_compatible(4, "test-space", Some(3), false).unwrap_err();
+        assert!(matches!(err, LabelSetError::NotNewer { current: 3, offered: 3 }));
+        assert!(set.check_compatible(4, "test-space", Some(9), true).is_ok());
+    }
+
+    #[test]
+    fn save_atomic_replaces_and_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.cls");
+        let mut set = sample_set();
+        set.save_atomic(&path).unwrap();
+        set.version = 4;
+        set.save_atomic(&path).unwrap();
+        assert_eq!(LabelSet::load(&path).unwrap().version, 4);
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("labels.cls")]);
+    }
+
+    #[test]
+    fn a_failed_save_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.cls");
+        let set = sample_set();
+        set.save_atomic(&path).unwrap();
+        let mut bad = set.clone();
+        bad.labels.clear();
+        assert!(bad.save_atomic(&path).is_err());
+        assert_eq!(LabelSet::load(&path).unwrap(), set);
+    }
+
+    #[test]
+    fn load_names_the_missing_file() {
+        let err = LabelSet::load(Path::new("/nonexistent/labels.cls")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/labels.cls"), "{err}");
+    }
+}

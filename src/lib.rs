@@ -1,0 +1,16 @@
+//! clipact: action recognition for edge cameras.
+//!
+//! The library shared by the device runtime (`clipact`) and the host tool (`clipact-host`).
+//! Everything that must agree bit for bit between training and deployment lives here once;
+//! the modules follow the data flow of `DESIGN.md`:
+//!
+//! frame → [`preprocess`] → [`encoder`] → window → [`wti`] scores against a [`labels`] set.
+
+pub mod bundle;
+pub mod encoder;
+pub mod labels;
+pub mod onnx;
+pub mod pattern;
+pub mod pipeline;
+pub mod preprocess;
+pub mod wti;

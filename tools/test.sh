@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test: the workspace on this machine (x86-64), then the device crate for the boards'
+# CPU (aarch64) under qemu as a Raspberry Pi 4 core. Installs what it needs on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(libclang-dev ffmpeg gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static mosquitto)
+missing=()
+for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "==> installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "==> x86-64: cargo test --workspace"
+cargo test --workspace --locked
+
+target=aarch64-unknown-linux-gnu
+if rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"; then
+  echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --target $target"
+  QEMU_CPU=cortex-a72 cargo test -p clipact --locked --target "$target"
+else
+  cat >&2 <<MSG
+################################################################################
+##  WARNING: the aarch64 standard library could not be installed                ##
+##  (rustup target add $target failed).                   ##
+##  The ARM leg (tests under qemu as a Raspberry Pi 4) was SKIPPED.            ##
+################################################################################
+MSG
+fi
