@@ -17,12 +17,13 @@ const DIM: usize = 16;
 const INPUT_SIZE: u32 = 32;
 const SPACE_ID: &str = "clipact-colour-demo-v1";
 
-/// Three orthonormal rows of length DIM: the encoder maps a mean colour into a 3-D subspace of
-/// the embedding space, so cosines between colours are preserved.
+/// Four orthonormal rows of length DIM: the encoder maps a mean colour (offset from gray) into a
+/// 3-D subspace of the embedding space and adds the fourth row, so gray maps to that row and
+/// every colour points away from it in its own direction.
 fn projection() -> Vec<[f32; DIM]> {
     let mut state = 0x5eed_u64;
     let mut rows: Vec<[f32; DIM]> = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let mut row = [0.0f32; DIM];
         for x in row.iter_mut() {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -39,10 +40,17 @@ fn projection() -> Vec<[f32; DIM]> {
     rows
 }
 
+/// Normalized pixel values of the pattern's gray scene.
+fn gray() -> [f32; 3] {
+    let rgb = SCENES.iter().find(|(name, _)| *name == "gray").expect("the pattern has a gray scene").1;
+    std::array::from_fn(|c| (rgb[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c])
+}
+
 /// What the encoder computes for a uniform frame of colour `rgb`.
 fn embed(rows: &[[f32; DIM]], rgb: [f32; 3]) -> Vec<f32> {
-    let m: Vec<f32> = (0..3).map(|c| (rgb[c] / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]).collect();
-    (0..DIM).map(|k| (0..3).map(|c| m[c] * rows[c][k]).sum()).collect()
+    let gray = gray();
+    let m: Vec<f32> = (0..3).map(|c| (rgb[c] / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c] - gray[c]).collect();
+    (0..DIM).map(|k| (0..3).map(|c| m[c] * rows[c][k]).sum::<f32>() + rows[3][k]).collect()
 }
 
 fn normalized(v: &[f32]) -> Vec<f32> {
@@ -56,11 +64,15 @@ fn encoder(rows: &[[f32; DIM]]) -> Vec<u8> {
     let size = INPUT_SIZE as i64;
     g.input("pixels", &[1, 3, size, size]);
     g.node("ReduceMean", &["pixels"], &["mean_colour"], [Attribute::ints("axes", [2, 3]), Attribute::int("keepdims", 0)]);
+    let gray = g.initializer("gray", &[3], &gray());
+    g.node("Sub", &["mean_colour", &gray], &["colour_offset"], []);
     let w: Vec<f32> = (0..3).flat_map(|c| rows[c].to_vec()).collect();
     let w = g.initializer("projection", &[3, DIM as i64], &w);
-    g.node("MatMul", &["mean_colour", &w], &["embedding"], []);
+    g.node("MatMul", &["colour_offset", &w], &["projected"], []);
+    let bias = g.initializer("gray_direction", &[DIM as i64], &rows[3]);
+    g.node("Add", &["projected", &bias], &["embedding"], []);
     // Frames far from gray (strong colour) weigh more in the window.
-    g.node("Mul", &["embedding", "embedding"], &["squared"], []);
+    g.node("Mul", &["projected", "projected"], &["squared"], []);
     let ones = g.initializer("ones", &[DIM as i64, 1], &[0.5; DIM]);
     g.node("MatMul", &["squared", &ones], &["weight_logit"], []);
     g.output("embedding", &[1, DIM as i64]);

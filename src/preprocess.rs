@@ -45,7 +45,9 @@ pub enum PixelFormat {
     ///
     /// Decoding goes through `zune-jpeg`, which allocates its own working memory for every frame;
     /// the decoded pixels land in the preprocessor's scratch buffer. Truncated or corrupt frames
-    /// (a USB hiccup can cut one short) are rejected instead of being decoded half grey.
+    /// (a USB hiccup can cut one short) are rejected instead of being decoded half grey: the
+    /// decoder runs in strict mode and the frame must end with the EOI marker (zero padding
+    /// after it is allowed). Grayscale JPEGs are accepted.
     Mjpeg,
     /// 8-bit grayscale, 1 byte per pixel; replicated to the three channels.
     Gray8,
@@ -391,6 +393,12 @@ fn decode_jpeg(frame: &Frame, pixels: &mut Vec<u8>) -> Result<usize, PreprocessE
     let options = DecoderOptions::default()
         .set_strict_mode(true)
         .jpeg_set_out_colorspace(ColorSpace::RGB);
+    // zune-jpeg zero-fills a scan that ends early in its last MCU row without complaint, so
+    // insist on the end-of-image marker. Zero padding after it (some UVC cameras add it) is fine.
+    let end = frame.data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    if !frame.data[..end].ends_with(&[0xFF, 0xD9]) {
+        return Err(PreprocessError::Jpeg { reason: "no end-of-image marker (truncated frame?)".into() });
+    }
     let mut decoder = JpegDecoder::new_with_options(frame.data, options);
     decoder.decode_headers().map_err(jpeg_err)?;
     let (jw, jh) = decoder.dimensions().expect("headers decoded");
