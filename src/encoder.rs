@@ -23,6 +23,9 @@
 //! `into_runnable_with_options`; that is left for later (TRAPS.md: two threads help little on
 //! small models).
 //!
+//! Precision: the model runs as written (f32). The f16 variant (a transform of the
+//! decluttered, not yet optimised model, TRAPS.md) and `encoder.int8.onnx` are for later.
+//!
 //! ```no_run
 //! use clipact::encoder::Encoder;
 //! # fn main() -> Result<(), clipact::encoder::EncoderError> {

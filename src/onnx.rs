@@ -52,7 +52,7 @@ pub const PRODUCER_NAME: &str = "clipact";
 pub struct Attribute(pb::AttributeProto);
 
 impl Attribute {
-    fn new(name: &str, ty: AttributeType) -> pb::AttributeProto {
+    fn proto(name: &str, ty: AttributeType) -> pb::AttributeProto {
         pb::AttributeProto {
             name: name.to_owned(),
             r#type: ty as i32,
@@ -64,7 +64,7 @@ impl Attribute {
     pub fn int(name: &str, value: i64) -> Self {
         Attribute(pb::AttributeProto {
             i: value,
-            ..Self::new(name, AttributeType::Int)
+            ..Self::proto(name, AttributeType::Int)
         })
     }
 
@@ -72,7 +72,7 @@ impl Attribute {
     pub fn ints(name: &str, values: impl IntoIterator<Item = i64>) -> Self {
         Attribute(pb::AttributeProto {
             ints: values.into_iter().collect(),
-            ..Self::new(name, AttributeType::Ints)
+            ..Self::proto(name, AttributeType::Ints)
         })
     }
 
@@ -80,7 +80,7 @@ impl Attribute {
     pub fn float(name: &str, value: f32) -> Self {
         Attribute(pb::AttributeProto {
             f: value,
-            ..Self::new(name, AttributeType::Float)
+            ..Self::proto(name, AttributeType::Float)
         })
     }
 
@@ -88,7 +88,7 @@ impl Attribute {
     pub fn floats(name: &str, values: impl IntoIterator<Item = f32>) -> Self {
         Attribute(pb::AttributeProto {
             floats: values.into_iter().collect(),
-            ..Self::new(name, AttributeType::Floats)
+            ..Self::proto(name, AttributeType::Floats)
         })
     }
 
@@ -96,7 +96,7 @@ impl Attribute {
     pub fn string(name: &str, value: &str) -> Self {
         Attribute(pb::AttributeProto {
             s: value.as_bytes().to_vec(),
-            ..Self::new(name, AttributeType::String)
+            ..Self::proto(name, AttributeType::String)
         })
     }
 

@@ -292,7 +292,7 @@ impl PatchEmbed {
         let (h, w, p, e) = (self.h, self.w, self.patch, self.e);
         let (gh, gw) = (h / p, w / p);
         let mut pooled = vec![0.0f32; e];
-        for o in 0..e {
+        for (o, pooled_o) in pooled.iter_mut().enumerate() {
             for ty in 0..gh {
                 for tx in 0..gw {
                     let mut acc = self.conv_b[o];
@@ -304,10 +304,10 @@ impl PatchEmbed {
                             }
                         }
                     }
-                    pooled[o] += acc;
+                    *pooled_o += acc;
                 }
             }
-            pooled[o] /= (gh * gw) as f32;
+            *pooled_o /= (gh * gw) as f32;
         }
         let emb: Vec<f32> = (0..self.d)
             .map(|j| {

@@ -14,13 +14,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-echo "==> x86-64: cargo test --workspace"
-cargo test --workspace --locked
+echo "==> x86-64: cargo test --workspace --features clipact/camera"
+cargo test --workspace --locked --features clipact/camera
 
 target=aarch64-unknown-linux-gnu
 if rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"; then
-  echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --target $target"
-  QEMU_CPU=cortex-a72 cargo test -p clipact --locked --target "$target"
+  echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --all-features --target $target"
+  QEMU_CPU=cortex-a72 cargo test -p clipact --locked --all-features --target "$target"
 else
   cat >&2 <<MSG
 ################################################################################
