@@ -174,7 +174,10 @@ pub const MANIFEST_FILE: &str = "manifest.toml";
 impl Manifest {
     /// Parses and checks a manifest; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, BundleError> {
-        let bad = |message: String| BundleError::Manifest { path: path.to_owned(), message };
+        let bad = |message: String| BundleError::Manifest {
+            path: path.to_owned(),
+            message,
+        };
         let manifest: Manifest = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(bad(format!(
@@ -186,12 +189,24 @@ impl Manifest {
             return Err(bad("dim must be positive".into()));
         }
         if manifest.input.size == 0 || manifest.window.frames == 0 || manifest.window.stride == 0 {
-            return Err(bad("input.size, window.frames and window.stride must be positive".into()));
+            return Err(bad(
+                "input.size, window.frames and window.stride must be positive".into(),
+            ));
         }
-        if manifest.input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(bad(format!("input.std {:?} must be positive", manifest.input.std)));
+        if manifest
+            .input
+            .std
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(bad(format!(
+                "input.std {:?} must be positive",
+                manifest.input.std
+            )));
         }
-        manifest.interaction().map_err(|e| bad(format!("interaction: {e}")))?;
+        manifest
+            .interaction()
+            .map_err(|e| bad(format!("interaction: {e}")))?;
         Ok(manifest)
     }
 
@@ -202,7 +217,11 @@ impl Manifest {
 
     /// The preprocessing this bundle's encoder expects.
     pub fn preprocess_config(&self) -> PreprocessConfig {
-        PreprocessConfig { size: self.input.size, mean: self.input.mean, std: self.input.std }
+        PreprocessConfig {
+            size: self.input.size,
+            mean: self.input.mean,
+            std: self.input.std,
+        }
     }
 }
 
@@ -210,21 +229,35 @@ impl Bundle {
     /// Opens `dir`: parses the manifest, loads the label set and checks that it fits.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path)
-            .map_err(|source| BundleError::Io { path: manifest_path.clone(), source })?;
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| BundleError::Io {
+            path: manifest_path.clone(),
+            source,
+        })?;
         let manifest = Manifest::parse(&text, &manifest_path)?;
         let encoder = dir.join(&manifest.encoder.file);
         if !encoder.is_file() {
             return Err(BundleError::Io {
                 path: encoder,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "encoder file named in the manifest is missing"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "encoder file named in the manifest is missing",
+                ),
             });
         }
         let labels_path = dir.join(LABELS_FILE);
-        let labels_error = |source| BundleError::Labels { path: labels_path.clone(), source };
+        let labels_error = |source| BundleError::Labels {
+            path: labels_path.clone(),
+            source,
+        };
         let labels = LabelSet::load(&labels_path).map_err(labels_error)?;
-        labels.check_compatible(manifest.dim, &manifest.space_id, None, false).map_err(labels_error)?;
-        Ok(Self { dir: dir.to_owned(), manifest, labels })
+        labels
+            .check_compatible(manifest.dim, &manifest.space_id, None, false)
+            .map_err(labels_error)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            manifest,
+            labels,
+        })
     }
 
     /// Path of the f32 encoder.

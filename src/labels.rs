@@ -93,7 +93,9 @@ pub enum LabelSetError {
         found: [u8; 8],
     },
     /// A format this build cannot read.
-    #[error("unsupported label-set format version {found} (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported label-set format version {found} (this build reads version {FORMAT_VERSION})"
+    )]
     UnsupportedFormat {
         /// The format version found.
         found: u16,
@@ -107,7 +109,9 @@ pub enum LabelSetError {
         available: usize,
     },
     /// The CRC does not match: the bytes were corrupted.
-    #[error("label set is corrupt: CRC-32 mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "label set is corrupt: CRC-32 mismatch (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     CrcMismatch {
         /// CRC stored in the envelope.
         stored: u32,
@@ -201,13 +205,23 @@ impl LabelSet {
                 ));
             }
             if let Some(row) = label.tokens.chunks_exact(dim).position(|t| !is_unit(t)) {
-                return invalid(format!("{at}: token {row} is not an L2-normalized finite vector"));
+                return invalid(format!(
+                    "{at}: token {row} is not an L2-normalized finite vector"
+                ));
             }
             if !is_unit(&label.pooled) {
-                return invalid(format!("{at}: pooled embedding is not L2-normalized and finite"));
+                return invalid(format!(
+                    "{at}: pooled embedding is not L2-normalized and finite"
+                ));
             }
-            if label.token_weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
-                return invalid(format!("{at}: token weights must be finite and non-negative"));
+            if label
+                .token_weights
+                .iter()
+                .any(|w| !w.is_finite() || *w < 0.0)
+            {
+                return invalid(format!(
+                    "{at}: token weights must be finite and non-negative"
+                ));
             }
             let sum: f32 = label.token_weights.iter().sum();
             if (sum - 1.0).abs() > WEIGHT_SUM_TOLERANCE {
@@ -226,8 +240,9 @@ impl LabelSet {
     pub fn encode(&self) -> Result<Vec<u8>, LabelSetError> {
         self.validate()?;
         let body = postcard::to_stdvec(self).map_err(LabelSetError::Body)?;
-        let body_len = u32::try_from(body.len())
-            .map_err(|_| LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len())))?;
+        let body_len = u32::try_from(body.len()).map_err(|_| {
+            LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len()))
+        })?;
         let mut out = Vec::with_capacity(ENVELOPE_LEN + body.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -268,8 +283,8 @@ impl LabelSet {
         if stored != computed {
             return Err(LabelSetError::CrcMismatch { stored, computed });
         }
-        let (set, unread) =
-            postcard::take_from_bytes::<LabelSet>(&covered[header_len..]).map_err(LabelSetError::Body)?;
+        let (set, unread) = postcard::take_from_bytes::<LabelSet>(&covered[header_len..])
+            .map_err(LabelSetError::Body)?;
         if !unread.is_empty() {
             return Err(LabelSetError::Invalid(format!(
                 "{} unread bytes after the body",
@@ -312,7 +327,10 @@ impl LabelSet {
         force: bool,
     ) -> Result<(), LabelSetError> {
         if self.dim != dim {
-            return Err(LabelSetError::DimMismatch { expected: dim, found: self.dim });
+            return Err(LabelSetError::DimMismatch {
+                expected: dim,
+                found: self.dim,
+            });
         }
         if self.space_id != space_id {
             return Err(LabelSetError::SpaceMismatch {
@@ -376,7 +394,9 @@ mod tests {
     pub(crate) fn sample_set() -> LabelSet {
         let dim = 4;
         let unit = |seed: usize| -> Vec<f32> {
-            let v: Vec<f32> = (0..dim).map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5).collect();
+            let v: Vec<f32> = (0..dim)
+                .map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5)
+                .collect();
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.into_iter().map(|x| x / n).collect()
         };
@@ -428,7 +448,10 @@ mod tests {
                     10..=13 => "truncated or has trailing bytes",
                     _ => "CRC-32 mismatch",
                 };
-                assert!(err.to_string().contains(expected), "byte {pos} ^ {flip:#x}: {err}");
+                assert!(
+                    err.to_string().contains(expected),
+                    "byte {pos} ^ {flip:#x}: {err}"
+                );
             }
         }
     }
@@ -437,25 +460,46 @@ mod tests {
     fn trailing_bytes_are_an_error() {
         let mut bytes = sample_set().encode().unwrap();
         bytes.push(0);
-        assert!(matches!(LabelSet::decode(&bytes), Err(LabelSetError::LengthMismatch { .. })));
+        assert!(matches!(
+            LabelSet::decode(&bytes),
+            Err(LabelSetError::LengthMismatch { .. })
+        ));
     }
 
     #[test]
     fn invariants_are_checked() {
         let cases: Vec<(&str, Box<dyn Fn(&mut LabelSet)>)> = vec![
             ("no labels", Box::new(|s| s.labels.clear())),
-            ("duplicate name", Box::new(|s| s.labels[1].name = "waves".into())),
+            (
+                "duplicate name",
+                Box::new(|s| s.labels[1].name = "waves".into()),
+            ),
             ("empty name", Box::new(|s| s.labels[0].name = " ".into())),
-            ("token features for", Box::new(|s| {
-                s.labels[0].tokens.pop();
-            })),
-            ("not an L2-normalized", Box::new(|s| s.labels[0].tokens[0] = 5.0)),
+            (
+                "token features for",
+                Box::new(|s| {
+                    s.labels[0].tokens.pop();
+                }),
+            ),
+            (
+                "not an L2-normalized",
+                Box::new(|s| s.labels[0].tokens[0] = 5.0),
+            ),
             ("sum to", Box::new(|s| s.labels[1].token_weights[0] = 0.9)),
-            ("non-negative", Box::new(|s| s.labels[1].token_weights[0] = f32::NAN)),
-            ("pooled embedding has", Box::new(|s| s.labels[0].pooled.push(0.0))),
+            (
+                "non-negative",
+                Box::new(|s| s.labels[1].token_weights[0] = f32::NAN),
+            ),
+            (
+                "pooled embedding has",
+                Box::new(|s| s.labels[0].pooled.push(0.0)),
+            ),
             ("embedding dim is 0", Box::new(|s| s.dim = 0)),
             ("embedding-space id", Box::new(|s| s.space_id.clear())),
-            ("threshold", Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY))),
+            (
+                "threshold",
+                Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY)),
+            ),
         ];
         for (expected, corrupt) in cases {
             let mut set = sample_set();
@@ -468,14 +512,29 @@ mod tests {
     #[test]
     fn compatibility_checks_name_the_mismatch() {
         let set = sample_set();
-        assert!(set.check_compatible(4, "test-space", Some(2), false).is_ok());
+        assert!(set
+            .check_compatible(4, "test-space", Some(2), false)
+            .is_ok());
         assert!(set.check_compatible(4, "test-space", None, false).is_ok());
-        let err = set.check_compatible(8, "test-space", None, false).unwrap_err();
-        assert_eq!(err.to_string(), "label set has embedding dim 4, the encoder produces 8");
+        let err = set
+            .check_compatible(8, "test-space", None, false)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "label set has embedding dim 4, the encoder produces 8"
+        );
         let err = set.check_compatible(4, "other", None, false).unwrap_err();
         assert!(err.to_string().contains("\"other\""), "{err}");
-        let err = set.check_compatible(4, "test-space", Some(3), false).unwrap_err();
-        assert!(matches!(err, LabelSetError::NotNewer { current: 3, offered: 3 }));
+        let err = set
+            .check_compatible(4, "test-space", Some(3), false)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            LabelSetError::NotNewer {
+                current: 3,
+                offered: 3
+            }
+        ));
         assert!(set.check_compatible(4, "test-space", Some(9), true).is_ok());
     }
 
@@ -488,7 +547,10 @@ mod tests {
         set.version = 4;
         set.save_atomic(&path).unwrap();
         assert_eq!(LabelSet::load(&path).unwrap().version, 4);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("labels.cls")]);
     }
 

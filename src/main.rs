@@ -81,13 +81,18 @@ const PATTERN_FPS: f64 = 10.0;
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "clipact=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "clipact=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
-        None => run(RunArgs { bundle: "models/demo".into(), source: "pattern".into(), duration: None }),
+        None => run(RunArgs {
+            bundle: "models/demo".into(),
+            source: "pattern".into(),
+            duration: None,
+        }),
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => bench(args),
         Some(Command::Embed(args)) => embed(args),
@@ -103,8 +108,13 @@ fn pattern_seed(spec: &str) -> Result<u64> {
     let Some(rest) = spec.strip_prefix("pattern") else {
         bail!("unknown source {spec:?}: this build reads `pattern[:seed=N]` (cameras, pipes and files come with the device runtime)")
     };
-    match rest.strip_prefix(":seed=").or(if rest.is_empty() { Some("0") } else { None }) {
-        Some(seed) => seed.parse().with_context(|| format!("source {spec:?}: seed {seed:?} is not a number")),
+    match rest
+        .strip_prefix(":seed=")
+        .or(if rest.is_empty() { Some("0") } else { None })
+    {
+        Some(seed) => seed
+            .parse()
+            .with_context(|| format!("source {spec:?}: seed {seed:?} is not a number")),
         None => bail!("source {spec:?}: expected `pattern` or `pattern:seed=N`"),
     }
 }
@@ -126,7 +136,9 @@ fn run(args: RunArgs) -> Result<()> {
         let time = index as f64 / PATTERN_FPS;
         let (frame, truth) = source.next_frame();
         events.clear();
-        pipeline.process(&frame, &mut events).with_context(|| format!("frame {index}"))?;
+        pipeline
+            .process(&frame, &mut events)
+            .with_context(|| format!("frame {index}"))?;
         for event in &events {
             let label = &pipeline.labels().labels[event.label].name;
             let line = if event.active {
@@ -148,10 +160,16 @@ fn round3(x: f32) -> f64 {
 
 fn bench(args: BenchArgs) -> Result<()> {
     if args.precision != "f32" {
-        bail!("--precision {}: this build runs f32 encoders only", args.precision);
+        bail!(
+            "--precision {}: this build runs f32 encoders only",
+            args.precision
+        );
     }
     if args.threads != 1 {
-        bail!("--threads {}: this build runs the encoder on 1 thread", args.threads);
+        bail!(
+            "--threads {}: this build runs the encoder on 1 thread",
+            args.threads
+        );
     }
     if args.frames == 0 {
         bail!("--frames must be at least 1");
@@ -159,7 +177,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     let bundle = open_bundle(&args.bundle)?;
     let size = bundle.manifest.input.size;
     let mut encoder = Encoder::load(&bundle.encoder_path(), size, size)?;
-    let pixels: Vec<f32> = (0..encoder.input_len()).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
+    let pixels: Vec<f32> = (0..encoder.input_len())
+        .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
+        .collect();
     let mut embedding = vec![0.0; encoder.dim()];
     for _ in 0..5 {
         encoder.run(&pixels, &mut embedding)?;
@@ -205,32 +225,52 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn embed(args: EmbedArgs) -> Result<()> {
     let bundle = open_bundle(&args.bundle)?;
-    let bytes = std::fs::read(&args.pixels).with_context(|| format!("reading {}", args.pixels.display()))?;
-    let tensors = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", args.pixels.display()))?;
+    let bytes = std::fs::read(&args.pixels)
+        .with_context(|| format!("reading {}", args.pixels.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("parsing {}", args.pixels.display()))?;
     let pixels = tensors
         .tensor("pixel_values")
         .with_context(|| format!("{}: no tensor `pixel_values`", args.pixels.display()))?;
     let shape = pixels.shape().to_vec();
     if pixels.dtype() != Dtype::F32 || shape.len() != 4 || shape[1] != 3 {
-        bail!("{}: `pixel_values` must be f32[B,3,H,W], got {:?}{:?}", args.pixels.display(), pixels.dtype(), shape);
+        bail!(
+            "{}: `pixel_values` must be f32[B,3,H,W], got {:?}{:?}",
+            args.pixels.display(),
+            pixels.dtype(),
+            shape
+        );
     }
     let (batch, height, width) = (shape[0], shape[2] as u32, shape[3] as u32);
     let mut encoder = Encoder::load(&bundle.encoder_path(), height, width)?;
-    let values: Vec<f32> = pixels.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let values: Vec<f32> = pixels
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     let dim = encoder.dim();
     let mut embeddings = vec![0.0f32; batch * dim];
     let mut logits = vec![0.0f32; batch];
-    for ((image, embedding), logit) in
-        values.chunks_exact(encoder.input_len()).zip(embeddings.chunks_exact_mut(dim)).zip(logits.iter_mut())
+    for ((image, embedding), logit) in values
+        .chunks_exact(encoder.input_len())
+        .zip(embeddings.chunks_exact_mut(dim))
+        .zip(logits.iter_mut())
     {
         *logit = encoder.run(image, embedding)?;
     }
     let to_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (embedding_bytes, logit_bytes) = (to_bytes(&embeddings), to_bytes(&logits));
     let views = [
-        ("embedding", TensorView::new(Dtype::F32, vec![batch, dim], &embedding_bytes)?),
-        ("weight_logit", TensorView::new(Dtype::F32, vec![batch, 1], &logit_bytes)?),
+        (
+            "embedding",
+            TensorView::new(Dtype::F32, vec![batch, dim], &embedding_bytes)?,
+        ),
+        (
+            "weight_logit",
+            TensorView::new(Dtype::F32, vec![batch, 1], &logit_bytes)?,
+        ),
     ];
-    safetensors::serialize_to_file(views, None, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    safetensors::serialize_to_file(views, None, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     Ok(())
 }

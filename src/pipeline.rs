@@ -80,8 +80,11 @@ impl Pipeline {
             });
         }
         let interaction = manifest.interaction().map_err(PipelineError::Interaction)?;
-        let scorer =
-            WindowScorer::new(LabelMatrix::new(&bundle.labels), manifest.window.frames as usize, interaction)?;
+        let scorer = WindowScorer::new(
+            LabelMatrix::new(&bundle.labels),
+            manifest.window.frames as usize,
+            interaction,
+        )?;
         let preprocessor = Preprocessor::new(manifest.preprocess_config());
         let mut pipeline = Self {
             pixels: vec![0.0; preprocessor.output_len()],
@@ -99,7 +102,12 @@ impl Pipeline {
     }
 
     fn reset_decisions(&mut self) {
-        self.thresholds = self.labels.labels.iter().map(|l| l.threshold.unwrap_or(DEFAULT_THRESHOLD)).collect();
+        self.thresholds = self
+            .labels
+            .labels
+            .iter()
+            .map(|l| l.threshold.unwrap_or(DEFAULT_THRESHOLD))
+            .collect();
         self.active = vec![false; self.labels.labels.len()];
     }
 
@@ -119,17 +127,32 @@ impl Pipeline {
 
     /// Runs one frame through the pipeline; appends the labels that turned on or off to
     /// `events` and returns every label's score.
-    pub fn process(&mut self, frame: &Frame, events: &mut Vec<Event>) -> Result<&[f32], PipelineError> {
+    pub fn process(
+        &mut self,
+        frame: &Frame,
+        events: &mut Vec<Event>,
+    ) -> Result<&[f32], PipelineError> {
         self.preprocessor.run(frame, &mut self.pixels)?;
         let weight_logit = self.encoder.run(&self.pixels, &mut self.embedding)?;
         let scores = self.scorer.push(&self.embedding, weight_logit)?;
-        for (label, ((&score, active), &threshold)) in
-            scores.iter().zip(self.active.iter_mut()).zip(&self.thresholds).enumerate()
+        for (label, ((&score, active), &threshold)) in scores
+            .iter()
+            .zip(self.active.iter_mut())
+            .zip(&self.thresholds)
+            .enumerate()
         {
-            let now = if *active { score >= threshold - self.hysteresis } else { score >= threshold };
+            let now = if *active {
+                score >= threshold - self.hysteresis
+            } else {
+                score >= threshold
+            };
             if now != *active {
                 *active = now;
-                events.push(Event { active: now, label, score });
+                events.push(Event {
+                    active: now,
+                    label,
+                    score,
+                });
             }
         }
         Ok(scores)

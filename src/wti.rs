@@ -37,7 +37,9 @@ impl std::str::FromStr for Interaction {
             "mean" | "mean-pooling" => Ok(Self::MeanPooling),
             "ti" | "token-wise" => Ok(Self::TokenWise),
             "wti" | "weighted-token-wise" => Ok(Self::WeightedTokenWise),
-            other => Err(format!("unknown interaction {other:?} (expected mean, ti or wti)")),
+            other => Err(format!(
+                "unknown interaction {other:?} (expected mean, ti or wti)"
+            )),
         }
     }
 }
@@ -98,7 +100,14 @@ impl LabelMatrix {
             offsets.push(weights.len());
             pooled.extend_from_slice(&label.pooled);
         }
-        Self { dim: set.dim as usize, tokens, weights, uniform, offsets, pooled }
+        Self {
+            dim: set.dim as usize,
+            tokens,
+            weights,
+            uniform,
+            offsets,
+            pooled,
+        }
     }
 
     /// Embedding dimension `D`.
@@ -195,7 +204,10 @@ pub fn score_window(
     // S as T columns of `total_tokens`.
     let total = labels.total_tokens();
     let mut similarity = vec![0.0; n_frames * total];
-    for (frame, column) in normalized.chunks_exact(dim).zip(similarity.chunks_exact_mut(total)) {
+    for (frame, column) in normalized
+        .chunks_exact(dim)
+        .zip(similarity.chunks_exact_mut(total))
+    {
         labels.similarity_column(frame, column);
     }
     for (c, score) in scores.iter_mut().enumerate() {
@@ -203,14 +215,22 @@ pub fn score_window(
         let t2v: f32 = rows
             .clone()
             .map(|i| {
-                let best = similarity.chunks_exact(total).map(|col| col[i]).fold(f32::NEG_INFINITY, f32::max);
+                let best = similarity
+                    .chunks_exact(total)
+                    .map(|col| col[i])
+                    .fold(f32::NEG_INFINITY, f32::max);
                 token_weights[i] * best
             })
             .sum();
         let v2t: f32 = similarity
             .chunks_exact(total)
             .zip(&frame_weights)
-            .map(|(col, w)| w * col[rows.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            .map(|(col, w)| {
+                w * col[rows.clone()]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
             .sum();
         *score = 0.5 * (t2v + v2t);
     }
@@ -248,7 +268,11 @@ pub struct WindowScorer {
 
 impl WindowScorer {
     /// A scorer over windows of `window` frames (`T`).
-    pub fn new(labels: LabelMatrix, window: usize, interaction: Interaction) -> Result<Self, WtiError> {
+    pub fn new(
+        labels: LabelMatrix,
+        window: usize,
+        interaction: Interaction,
+    ) -> Result<Self, WtiError> {
         if window == 0 {
             return Err(WtiError::EmptyWindow);
         }
@@ -272,8 +296,10 @@ impl WindowScorer {
     }
 
     fn size_label_buffers(&mut self) {
-        self.columns.resize(self.capacity * self.labels.total_tokens(), 0.0);
-        self.column_maxima.resize(self.capacity * self.labels.n_labels(), 0.0);
+        self.columns
+            .resize(self.capacity * self.labels.total_tokens(), 0.0);
+        self.column_maxima
+            .resize(self.capacity * self.labels.n_labels(), 0.0);
         self.scores.resize(self.labels.n_labels(), 0.0);
     }
 
@@ -308,7 +334,10 @@ impl WindowScorer {
     /// change. Reallocates only if the new set has more tokens or labels than any before.
     pub fn set_labels(&mut self, labels: LabelMatrix) -> Result<(), WtiError> {
         if labels.dim != self.labels.dim {
-            return Err(WtiError::DimMismatch { expected: self.labels.dim, found: labels.dim });
+            return Err(WtiError::DimMismatch {
+                expected: self.labels.dim,
+                found: labels.dim,
+            });
         }
         self.labels = labels;
         self.size_label_buffers();
@@ -326,7 +355,10 @@ impl WindowScorer {
     pub fn push(&mut self, embedding: &[f32], weight_logit: f32) -> Result<&[f32], WtiError> {
         let dim = self.labels.dim;
         if embedding.len() != dim {
-            return Err(WtiError::DimMismatch { expected: dim, found: embedding.len() });
+            return Err(WtiError::DimMismatch {
+                expected: dim,
+                found: embedding.len(),
+            });
         }
         if !weight_logit.is_finite() || embedding.iter().any(|x| !x.is_finite()) {
             return Err(WtiError::NonFinite);
@@ -357,12 +389,18 @@ impl WindowScorer {
         if self.interaction == Interaction::MeanPooling {
             return;
         }
-        let (dim, total, n_labels) = (self.labels.dim, self.labels.total_tokens(), self.labels.n_labels());
+        let (dim, total, n_labels) = (
+            self.labels.dim,
+            self.labels.total_tokens(),
+            self.labels.n_labels(),
+        );
         let frame = &self.frames[slot * dim..(slot + 1) * dim];
         let column = &mut self.columns[slot * total..(slot + 1) * total];
         self.labels.similarity_column(frame, column);
-        self.labels
-            .label_maxima(column, &mut self.column_maxima[slot * n_labels..(slot + 1) * n_labels]);
+        self.labels.label_maxima(
+            column,
+            &mut self.column_maxima[slot * n_labels..(slot + 1) * n_labels],
+        );
     }
 
     fn compute_scores(&mut self) {
@@ -378,7 +416,8 @@ impl WindowScorer {
                 add_assign(&mut self.mean, frame);
             }
             normalize_in_place(&mut self.mean);
-            self.labels.mean_pooling_scores(&self.mean, &mut self.scores);
+            self.labels
+                .mean_pooling_scores(&self.mean, &mut self.scores);
             return;
         }
         let frame_weights = &mut self.frame_weights[..n];
@@ -387,7 +426,10 @@ impl WindowScorer {
 
         // v2t: each frame takes its best word.
         self.scores.fill(0.0);
-        for (maxima, w) in self.column_maxima[..n * n_labels].chunks_exact(n_labels).zip(frame_weights.iter()) {
+        for (maxima, w) in self.column_maxima[..n * n_labels]
+            .chunks_exact(n_labels)
+            .zip(frame_weights.iter())
+        {
             for (score, m) in self.scores.iter_mut().zip(maxima) {
                 *score += w * m;
             }
@@ -451,7 +493,8 @@ fn add_assign(acc: &mut [f32], v: &[f32]) {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { dot_avx2_fma(a, b) };
         }
@@ -473,10 +516,19 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for k in 0..LANES {
-            acc[k] = if FUSED { x[k].mul_add(y[k], acc[k]) } else { acc[k] + x[k] * y[k] };
+            acc[k] = if FUSED {
+                x[k].mul_add(y[k], acc[k])
+            } else {
+                acc[k] + x[k] * y[k]
+            };
         }
     }
     acc.iter().sum::<f32>() + tail

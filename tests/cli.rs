@@ -20,13 +20,20 @@ fn clipact(args: &[&str]) -> std::process::Output {
 }
 
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
 }
 
 #[test]
 fn run_with_no_arguments_detects_the_demo_scenes() {
     let out = clipact(&["run", "--for", "60"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = json_lines(&out.stdout);
     let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
     // 60 s of 3 s scenes: ~20 scenes, three quarters of them coloured.
@@ -37,12 +44,22 @@ fn run_with_no_arguments_detects_the_demo_scenes() {
     }
     // Every detection ends before or when the next one of the same label starts.
     let ends = events.iter().filter(|e| e["type"] == "end").count();
-    assert!(ends + 3 >= new.len(), "{ends} ends for {} starts", new.len());
+    assert!(
+        ends + 3 >= new.len(),
+        "{ends} ends for {} starts",
+        new.len()
+    );
 
     // No subcommand at all is the same main job.
-    let bare = Command::new(env!("CARGO_BIN_EXE_clipact")).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    let bare = Command::new(env!("CARGO_BIN_EXE_clipact"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
     assert!(bare.status.success());
-    assert_eq!(json_lines(&bare.stdout), json_lines(&clipact(&["run"]).stdout));
+    assert_eq!(
+        json_lines(&bare.stdout),
+        json_lines(&clipact(&["run"]).stdout)
+    );
 }
 
 #[test]
@@ -60,20 +77,40 @@ fn run_rejects_bad_arguments_clearly() {
 fn embed_matches_the_encoder() {
     let dir = tempfile::tempdir().unwrap();
     let (batch, size) = (3usize, 32usize);
-    let values: Vec<f32> = (0..batch * 3 * size * size).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let values: Vec<f32> = (0..batch * 3 * size * size)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let pixels = dir.path().join("pixels.safetensors");
     let view = TensorView::new(Dtype::F32, vec![batch, 3, size, size], &bytes).unwrap();
     safetensors::serialize_to_file([("pixel_values", view)], None, &pixels).unwrap();
     let out_path = dir.path().join("out.safetensors");
-    let out = clipact(&["embed", "--bundle", "models/demo", "--pixels", pixels.to_str().unwrap(), "--out", out_path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = clipact(&[
+        "embed",
+        "--bundle",
+        "models/demo",
+        "--pixels",
+        pixels.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let written = std::fs::read(&out_path).unwrap();
     let tensors = SafeTensors::deserialize(&written).unwrap();
     let floats = |name: &str| -> (Vec<usize>, Vec<f32>) {
         let t = tensors.tensor(name).unwrap();
-        (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        (
+            t.shape().to_vec(),
+            t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
     };
     let (shape, embeddings) = floats("embedding");
     assert_eq!(shape, vec![batch, 16]);
@@ -84,7 +121,12 @@ fn embed_matches_the_encoder() {
     let mut encoder = Encoder::load(&bundle.encoder_path(), 32, 32).unwrap();
     let mut expected = vec![0.0; 16];
     for b in 0..batch {
-        let logit = encoder.run(&values[b * 3 * size * size..(b + 1) * 3 * size * size], &mut expected).unwrap();
+        let logit = encoder
+            .run(
+                &values[b * 3 * size * size..(b + 1) * 3 * size * size],
+                &mut expected,
+            )
+            .unwrap();
         assert_eq!(&embeddings[b * 16..(b + 1) * 16], &expected[..]);
         assert_eq!(logits[b], logit);
     }
@@ -92,11 +134,25 @@ fn embed_matches_the_encoder() {
 
 #[test]
 fn bench_json_has_the_contract_fields() {
-    let out = clipact(&["bench", "--bundle", "models/demo", "--frames", "20", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = clipact(&[
+        "bench",
+        "--bundle",
+        "models/demo",
+        "--frames",
+        "20",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = &json_lines(&out.stdout)[0];
     for key in ["fps", "p50_ms", "p99_ms", "peak_rss_mb"] {
-        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} in {report}"
+        );
     }
     assert!(report["p99_ms"].as_f64() >= report["p50_ms"].as_f64());
     assert_eq!(report["precision"], "f32");
@@ -115,19 +171,40 @@ fn copy_demo(to: &Path) {
 #[test]
 fn broken_bundles_are_refused_with_the_reason() {
     let cases: [(&str, fn(&Path), &str); 4] = [
-        ("unknown manifest key", |d| {
-            let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
-            std::fs::write(d.join("manifest.toml"), text.replace("[window]", "[window]\nframez = 3")).unwrap();
-        }, "unknown field `framez`"),
-        ("truncated label set", |d| {
-            let bytes = std::fs::read(d.join("labels.cls")).unwrap();
-            std::fs::write(d.join("labels.cls"), &bytes[..bytes.len() / 2]).unwrap();
-        }, "truncated"),
-        ("missing encoder", |d| std::fs::remove_file(d.join("encoder.onnx")).unwrap(), "encoder.onnx"),
-        ("dim mismatch", |d| {
-            let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
-            std::fs::write(d.join("manifest.toml"), text.replace("dim = 16", "dim = 8")).unwrap();
-        }, "embedding dim 16, the encoder produces 8"),
+        (
+            "unknown manifest key",
+            |d| {
+                let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
+                std::fs::write(
+                    d.join("manifest.toml"),
+                    text.replace("[window]", "[window]\nframez = 3"),
+                )
+                .unwrap();
+            },
+            "unknown field `framez`",
+        ),
+        (
+            "truncated label set",
+            |d| {
+                let bytes = std::fs::read(d.join("labels.cls")).unwrap();
+                std::fs::write(d.join("labels.cls"), &bytes[..bytes.len() / 2]).unwrap();
+            },
+            "truncated",
+        ),
+        (
+            "missing encoder",
+            |d| std::fs::remove_file(d.join("encoder.onnx")).unwrap(),
+            "encoder.onnx",
+        ),
+        (
+            "dim mismatch",
+            |d| {
+                let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
+                std::fs::write(d.join("manifest.toml"), text.replace("dim = 16", "dim = 8"))
+                    .unwrap();
+            },
+            "embedding dim 16, the encoder produces 8",
+        ),
     ];
     for (what, corrupt, expected) in cases {
         let dir = tempfile::tempdir().unwrap();

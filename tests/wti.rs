@@ -7,10 +7,18 @@ use clipact::wti::{score_window, Interaction, LabelMatrix, WindowScorer, WtiErro
 use proptest::prelude::*;
 use support::random::{label_set, Rng};
 
-const INTERACTIONS: [Interaction; 3] =
-    [Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
+const INTERACTIONS: [Interaction; 3] = [
+    Interaction::MeanPooling,
+    Interaction::TokenWise,
+    Interaction::WeightedTokenWise,
+];
 
-fn batch_scores(labels: &LabelMatrix, frames: &[Vec<f32>], logits: &[f32], interaction: Interaction) -> Vec<f32> {
+fn batch_scores(
+    labels: &LabelMatrix,
+    frames: &[Vec<f32>],
+    logits: &[f32],
+    interaction: Interaction,
+) -> Vec<f32> {
     let flat: Vec<f32> = frames.concat();
     let mut scores = vec![0.0; labels.n_labels()];
     score_window(labels, &flat, logits, interaction, &mut scores).unwrap();
@@ -42,13 +50,34 @@ fn wti_matches_a_hand_computation() {
     let t2v = 0.25 + 0.75 * s;
     let v2t = 0.25 + 0.75 * s;
     let mut score = [0.0];
-    score_window(&labels, &frames, &logits, Interaction::WeightedTokenWise, &mut score).unwrap();
+    score_window(
+        &labels,
+        &frames,
+        &logits,
+        Interaction::WeightedTokenWise,
+        &mut score,
+    )
+    .unwrap();
     assert!((score[0] - 0.5 * (t2v + v2t)).abs() < 1e-6, "{score:?}");
     // Unweighted: t2v = (1 + s)/2, v2t = (1 + s)/2.
-    score_window(&labels, &frames, &logits, Interaction::TokenWise, &mut score).unwrap();
+    score_window(
+        &labels,
+        &frames,
+        &logits,
+        Interaction::TokenWise,
+        &mut score,
+    )
+    .unwrap();
     assert!((score[0] - 0.5 * (1.0 + s)).abs() < 1e-6, "{score:?}");
     // Mean pooling: mean of (1,0),(0,1) normalized is (s, s); cos with (0, 1) is s.
-    score_window(&labels, &frames, &logits, Interaction::MeanPooling, &mut score).unwrap();
+    score_window(
+        &labels,
+        &frames,
+        &logits,
+        Interaction::MeanPooling,
+        &mut score,
+    )
+    .unwrap();
     assert!((score[0] - s).abs() < 1e-6, "{score:?}");
 }
 
@@ -59,16 +88,30 @@ fn bad_frames_are_refused_and_the_window_is_kept() {
     let mut scorer = WindowScorer::new(labels, 4, Interaction::WeightedTokenWise).unwrap();
     let good = rng.vector(8);
     let before = scorer.push(&good, 0.1).unwrap().to_vec();
-    assert_eq!(scorer.push(&[1.0; 7], 0.0).unwrap_err(), WtiError::DimMismatch { expected: 8, found: 7 });
+    assert_eq!(
+        scorer.push(&[1.0; 7], 0.0).unwrap_err(),
+        WtiError::DimMismatch {
+            expected: 8,
+            found: 7
+        }
+    );
     let mut nan = good.clone();
     nan[3] = f32::NAN;
     assert_eq!(scorer.push(&nan, 0.0).unwrap_err(), WtiError::NonFinite);
-    assert_eq!(scorer.push(&good, f32::INFINITY).unwrap_err(), WtiError::NonFinite);
+    assert_eq!(
+        scorer.push(&good, f32::INFINITY).unwrap_err(),
+        WtiError::NonFinite
+    );
     assert_eq!(scorer.len(), 1);
     assert_eq!(scorer.scores(), &before[..]);
     let wrong_dim = LabelMatrix::new(&label_set(&mut rng, 3, 4, 16, false));
     assert!(scorer.set_labels(wrong_dim).is_err());
-    assert!(WindowScorer::new(LabelMatrix::new(&label_set(&mut rng, 1, 1, 8, false)), 0, Interaction::TokenWise).is_err());
+    assert!(WindowScorer::new(
+        LabelMatrix::new(&label_set(&mut rng, 1, 1, 8, false)),
+        0,
+        Interaction::TokenWise
+    )
+    .is_err());
 }
 
 proptest! {

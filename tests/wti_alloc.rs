@@ -37,7 +37,11 @@ fn scoring_a_frame_allocates_nothing_after_warm_up() {
     let big = LabelMatrix::new(&label_set(&mut rng, 50, 8, dim, false));
     let small = LabelMatrix::new(&label_set(&mut rng, 20, 6, dim, false));
     let frames: Vec<Vec<f32>> = (0..64).map(|_| rng.vector(dim)).collect();
-    for interaction in [Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise] {
+    for interaction in [
+        Interaction::MeanPooling,
+        Interaction::TokenWise,
+        Interaction::WeightedTokenWise,
+    ] {
         let mut scorer = WindowScorer::new(big.clone(), 8, interaction).unwrap();
         // The swap happens before counting: it may allocate, the frames after it must not.
         let small = small.clone();
@@ -52,6 +56,9 @@ fn scoring_a_frame_allocates_nothing_after_warm_up() {
         }
         let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
         assert!(checksum.is_finite());
-        assert_eq!(allocations, 0, "{interaction:?}: {allocations} allocations while scoring 64 frames");
+        assert_eq!(
+            allocations, 0,
+            "{interaction:?}: {allocations} allocations while scoring 64 frames"
+        );
     }
 }
