@@ -216,7 +216,9 @@ fn outputs_list(names: &[String]) -> String {
 /// `Encoder` is `Send`: load it anywhere, move it to the inference thread.
 #[derive(Debug)]
 pub struct Encoder {
-    plan: Arc<TypedSimplePlan>,
+    /// One run state for the encoder's lifetime: spawning a state per frame would allocate
+    /// tract's per-node bookkeeping every time.
+    state: TypedSimpleState,
     /// The input tensor, `[1,3,H,W]`, refilled in place by every `run` (tract only reads it).
     input: Arc<Tensor>,
     height: u32,
@@ -305,10 +307,10 @@ impl Encoder {
             .map_err(prepare)?;
         let model = model.into_optimized().map_err(prepare)?;
         let dim = check_outputs(&model, height, width)?;
-        let plan = model.into_runnable().map_err(prepare)?;
+        let state = model.into_runnable().and_then(|plan| plan.spawn()).map_err(prepare)?;
         let input = Arc::new(Tensor::zero::<f32>(&shape).map_err(prepare)?);
         Ok(Encoder {
-            plan,
+            state,
             input,
             height,
             width,
@@ -366,7 +368,7 @@ impl Encoder {
             .map_err(run)?;
 
         let outputs = self
-            .plan
+            .state
             .run(tvec!(self.input.clone().into_tvalue()))
             .map_err(run)?;
         let read = |ix: usize, into: &mut [f32]| -> TractResult<f32> {
