@@ -13,4 +13,5 @@ pub mod onnx;
 pub mod pattern;
 pub mod pipeline;
 pub mod preprocess;
+pub mod update;
 pub mod wti;
