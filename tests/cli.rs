@@ -11,12 +11,26 @@ fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
 }
 
+/// The `clipact` binary, started through `CLIPACT_TEST_RUNNER` when that is set: a cross-built
+/// binary cannot be exec'd directly (tools/test.sh sets it to qemu for the aarch64 leg).
+fn command() -> Command {
+    let binary = env!("CARGO_BIN_EXE_clipact");
+    let runner = std::env::var("CLIPACT_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    let mut command = match runner.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(runner).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
 fn clipact(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_clipact"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("clipact runs")
+    command().args(args).output().expect("clipact runs")
 }
 
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
@@ -51,10 +65,7 @@ fn run_with_no_arguments_detects_the_demo_scenes() {
     );
 
     // No subcommand at all is the same main job.
-    let bare = Command::new(env!("CARGO_BIN_EXE_clipact"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
+    let bare = command().output().unwrap();
     assert!(bare.status.success());
     assert_eq!(
         json_lines(&bare.stdout),

@@ -20,7 +20,9 @@ cargo test --workspace --locked --features clipact/camera
 target=aarch64-unknown-linux-gnu
 if rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"; then
   echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --all-features --target $target"
-  QEMU_CPU=cortex-a72 cargo test -p clipact --locked --all-features --target "$target"
+  # Tests that start the clipact binary go through qemu too (no binfmt_misc needed).
+  QEMU_CPU=cortex-a72 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" \
+    cargo test -p clipact --locked --all-features --target "$target"
 else
   cat >&2 <<MSG
 ################################################################################

@@ -9,8 +9,12 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::clip::Teacher;
 use crate::tokenizer::ClipTokenizer;
 
-/// Text batch size of `clip-embed` and `labels build` unless told otherwise.
+/// Text batch size of `clip-embed` unless told otherwise.
 pub const DEFAULT_TEXT_BATCH: usize = 64;
+/// Prompt batch size of `labels build`: prompts are short (~11 tokens), so large batches keep
+/// the matrix products efficient (ViT-B/32, 400 labels x 6 templates, 2-core CPU: user time
+/// 51 s at 64, 39 s at 128, 35 s at 256).
+pub const DEFAULT_LABEL_BATCH: usize = 256;
 /// Image batch size of `clip-embed`.
 pub const DEFAULT_IMAGE_BATCH: usize = 16;
 
@@ -35,6 +39,16 @@ pub struct TextFeatures {
 /// causal mask, real tokens never see later positions, so this gives the same real-token
 /// outputs as padding to 77 while skipping most of the padding's compute.
 pub fn encode_texts(teacher: &Teacher, tokens: &[Vec<u32>], batch_size: usize) -> anyhow::Result<Vec<TextFeatures>> {
+    encode_texts_with_progress(teacher, tokens, batch_size, &mut |_| {})
+}
+
+/// [`encode_texts`], calling `done` with the indices of the texts of every finished batch.
+pub fn encode_texts_with_progress(
+    teacher: &Teacher,
+    tokens: &[Vec<u32>],
+    batch_size: usize,
+    done: &mut dyn FnMut(&[usize]),
+) -> anyhow::Result<Vec<TextFeatures>> {
     let model = &teacher.model;
     let dev = &teacher.device;
     let hidden = model.config.text.hidden_size;
@@ -78,6 +92,7 @@ pub fn encode_texts(teacher: &Teacher, tokens: &[Vec<u32>], batch_size: usize) -
                 eos_position: eos[row],
             });
         }
+        done(chunk);
     }
     Ok(out.into_iter().map(|f| f.expect("every text encoded")).collect())
 }

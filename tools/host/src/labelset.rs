@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use clipact::labels::{Label, LabelSet};
 
 use crate::clip::Teacher;
-use crate::embed::{encode_texts, l2_normalize};
+use crate::embed::{encode_texts_with_progress, l2_normalize};
 use crate::tokenizer::ClipTokenizer;
 
 /// Prompt templates used without `--templates`: phrased for a description in the -ing form
@@ -191,7 +191,6 @@ pub fn build_label_set(
     let k = templates.len();
     anyhow::ensure!(k > 0, "no prompt templates");
     // Tokenize everything first so that bad input fails before any compute.
-    let mut lengths = Vec::with_capacity(specs.len());
     let mut tokens: Vec<Vec<Vec<u32>>> = Vec::with_capacity(specs.len());
     for spec in specs {
         let content = tokenizer.content_ids(&spec.description)?;
@@ -204,17 +203,12 @@ pub fn build_label_set(
                 spec.description
             );
         }
-        lengths.push(content.len());
         let per_template = templates
             .iter()
             .map(|t| tokenizer.encode(&t.replace("{}", &spec.description)).map(|x| x.ids))
             .collect::<anyhow::Result<Vec<_>>>()?;
         tokens.push(per_template);
     }
-    // Group labels of similar length so that batches carry little padding.
-    let mut order: Vec<usize> = (0..specs.len()).collect();
-    order.sort_by_key(|&i| lengths[i]);
-    let labels_per_chunk = (opts.batch_size / k).max(1);
     let bar = if opts.progress {
         indicatif::ProgressBar::new(specs.len() as u64)
     } else {
@@ -224,51 +218,57 @@ pub fn build_label_set(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} labels (eta {eta})")
             .expect("valid template"),
     );
-    let mut built: Vec<Option<Label>> = vec![None; specs.len()];
-    for chunk in order.chunks(labels_per_chunk) {
-        let texts: Vec<Vec<u32>> = chunk.iter().flat_map(|&i| tokens[i].iter().cloned()).collect();
-        let feats = encode_texts(teacher, &texts, opts.batch_size)?;
-        for (c, &li) in chunk.iter().enumerate() {
-            let spec = &specs[li];
-            let mut label_tokens = Vec::new();
-            let mut weights = Vec::new();
-            let mut pooled = vec![0f32; d];
-            for f in &feats[c * k..(c + 1) * k] {
-                let logits = match head {
-                    Some(h) => {
-                        let t = Tensor::from_slice(&f.token_embeds, (f.n_tokens, d), &teacher.device)?;
-                        h.logits(&t).map_err(|e| anyhow::anyhow!("{e}")).context("applying the head")?
-                    }
-                    None => vec![0.0; f.n_tokens],
-                };
-                weights.extend(softmax(&logits).into_iter().map(|w| w / k as f32));
-                for row in f.token_embeds.chunks_exact(d) {
-                    let mut row = row.to_vec();
-                    l2_normalize(&mut row);
-                    label_tokens.extend(row);
-                }
-                let mut e = f.pooled_embed.clone();
-                l2_normalize(&mut e);
-                pooled.iter_mut().zip(&e).for_each(|(p, x)| *p += x / k as f32);
+    // All prompts in one list, so that the encoder can batch prompts of equal length together
+    // (little padding); a label counts as done once all its K prompts are.
+    let texts: Vec<Vec<u32>> = tokens.into_iter().flatten().collect();
+    let mut pending = vec![k; specs.len()];
+    let feats = encode_texts_with_progress(teacher, &texts, opts.batch_size, &mut |finished| {
+        for &t in finished {
+            pending[t / k] -= 1;
+            if pending[t / k] == 0 {
+                bar.inc(1);
             }
-            l2_normalize(&mut pooled);
-            built[li] = Some(Label {
-                name: spec.name.clone(),
-                text: spec.description.clone(),
-                tokens: label_tokens,
-                token_weights: weights,
-                pooled,
-                threshold: spec.threshold.or(opts.default_threshold),
-            });
         }
-        bar.inc(chunk.len() as u64);
+    })?;
+    let mut built = Vec::with_capacity(specs.len());
+    for (li, spec) in specs.iter().enumerate() {
+        let mut label_tokens = Vec::new();
+        let mut weights = Vec::new();
+        let mut pooled = vec![0f32; d];
+        for f in &feats[li * k..(li + 1) * k] {
+            let logits = match head {
+                Some(h) => {
+                    let t = Tensor::from_slice(&f.token_embeds, (f.n_tokens, d), &teacher.device)?;
+                    h.logits(&t).map_err(|e| anyhow::anyhow!("{e}")).context("applying the head")?
+                }
+                None => vec![0.0; f.n_tokens],
+            };
+            weights.extend(softmax(&logits).into_iter().map(|w| w / k as f32));
+            for row in f.token_embeds.chunks_exact(d) {
+                let mut row = row.to_vec();
+                l2_normalize(&mut row);
+                label_tokens.extend(row);
+            }
+            let mut e = f.pooled_embed.clone();
+            l2_normalize(&mut e);
+            pooled.iter_mut().zip(&e).for_each(|(p, x)| *p += x / k as f32);
+        }
+        l2_normalize(&mut pooled);
+        built.push(Label {
+            name: spec.name.clone(),
+            text: spec.description.clone(),
+            tokens: label_tokens,
+            token_weights: weights,
+            pooled,
+            threshold: spec.threshold.or(opts.default_threshold),
+        });
     }
     bar.finish_and_clear();
     let set = LabelSet {
         version: opts.version,
         dim: d as u32,
         space_id: teacher.space_id.clone(),
-        labels: built.into_iter().map(|l| l.expect("every label built")).collect(),
+        labels: built,
     };
     set.validate().context("the built label set is invalid")?;
     Ok(set)

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use clipact::labels::LabelSet;
 use clipact_host::clip::Teacher;
-use clipact_host::embed::{self, DEFAULT_IMAGE_BATCH, DEFAULT_TEXT_BATCH};
+use clipact_host::embed::{self, DEFAULT_IMAGE_BATCH, DEFAULT_LABEL_BATCH, DEFAULT_TEXT_BATCH};
 use clipact_host::labelset::{self, BuildOptions, TokenWeightHead, DEFAULT_TEMPLATES};
 use clipact_host::tokenizer::ClipTokenizer;
 use clipact_host::{select_device, DeviceChoice};
@@ -171,8 +171,8 @@ struct BuildArgs {
     /// the device's default applies).
     #[arg(long, value_name = "X")]
     threshold: Option<f32>,
-    /// Prompts per text-encoder forward pass.
-    #[arg(long, default_value_t = DEFAULT_TEXT_BATCH)]
+    /// Prompts per text-encoder forward pass (prompts of similar length are batched together).
+    #[arg(long, default_value_t = DEFAULT_LABEL_BATCH)]
     batch_size: usize,
 }
 

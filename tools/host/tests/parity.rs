@@ -222,3 +222,22 @@ fn embed_err(model: &std::path::Path, tmp: &std::path::Path) -> String {
         out.to_str().unwrap(),
     ])
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.safetensors");
+    let err = host_err(&[
+        "clip-embed",
+        "--device",
+        "cuda",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--texts",
+        tiny().join("reference_texts.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--features cuda"), "{err}");
+}
