@@ -3,35 +3,17 @@
 //! Preprocessing and WTI allocate nothing after warm-up (their own tests); tract allocates the
 //! intermediate tensors of each run. This test pins that number so it cannot grow unnoticed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod support;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clipact::bundle::Bundle;
 use clipact::pattern::PatternSource;
 use clipact::pipeline::Pipeline;
-
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator, only counting calls.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
+use support::alloc::{allocations_during, Counting};
 
 #[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn the_hot_path_allocates_only_inside_tract() {
@@ -48,9 +30,10 @@ fn the_hot_path_allocates_only_inside_tract() {
     let mut total = 0;
     for _ in 0..frames {
         let (frame, _) = source.next_frame();
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
-        pipeline.process(&frame, &mut events).unwrap();
-        total += ALLOCATIONS.load(Ordering::SeqCst) - before;
+        total += allocations_during(|| {
+            pipeline.process(&frame, &mut events).unwrap();
+        })
+        .calls;
         events.clear();
     }
     let per_frame = total as f64 / frames as f64;

@@ -1,56 +1,17 @@
 //! The hot path allocates nothing once warm: a counting global allocator watches `run`.
 //! (Its own test binary because a `#[global_allocator]` applies to the whole binary.)
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+mod support;
 
 use clipact::preprocess::{Frame, PixelFormat, PreprocessConfig, Preprocessor};
-
-struct Counting;
-
-thread_local! {
-    // Per thread, so the test harness's own allocations on other threads don't count.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static BYTES: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-fn record(bytes: usize) {
-    // try_with: the allocator can run while thread-locals are being torn down.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            BYTES.with(|b| b.set(b.get() + bytes));
-        }
-    });
-}
+use support::alloc::{allocations_during, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
 /// Bytes allocated on this thread while `f` runs.
 fn allocated_by(f: impl FnOnce()) -> usize {
-    BYTES.with(|b| b.set(0));
-    COUNTING.with(|on| on.set(true));
-    f();
-    COUNTING.with(|on| on.set(false));
-    BYTES.with(|b| b.get())
+    allocations_during(f).bytes
 }
 
 #[test]

@@ -2,33 +2,12 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use clipact::wti::{Interaction, LabelMatrix, WindowScorer};
+use support::alloc::{allocations_during, Counting};
 use support::random::{label_set, Rng};
 
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator, only counting calls.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn scoring_a_frame_allocates_nothing_after_warm_up() {
@@ -49,12 +28,13 @@ fn scoring_a_frame_allocates_nothing_after_warm_up() {
             scorer.push(frame, 0.5).unwrap();
         }
         scorer.set_labels(small).unwrap();
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
         let mut checksum = 0.0;
-        for (t, frame) in frames.iter().enumerate() {
-            checksum += scorer.push(frame, t as f32 * 0.1).unwrap()[0];
-        }
-        let allocations = ALLOCATIONS.load(Ordering::SeqCst) - before;
+        let allocations = allocations_during(|| {
+            for (t, frame) in frames.iter().enumerate() {
+                checksum += scorer.push(frame, t as f32 * 0.1).unwrap()[0];
+            }
+        })
+        .calls;
         assert!(checksum.is_finite());
         assert_eq!(
             allocations, 0,
