@@ -7,7 +7,9 @@
 //! frame → [`preprocess`] → [`encoder`] → window → [`wti`] scores against a [`labels`] set.
 
 pub mod bundle;
+pub mod config;
 pub mod encoder;
+pub mod gpio;
 pub mod labels;
 pub mod onnx;
 pub mod pattern;

@@ -6,7 +6,9 @@
 pub mod clip;
 pub mod dev;
 pub mod embed;
+pub mod export;
 pub mod labelset;
+pub mod student;
 pub mod tokenizer;
 
 use candle_core::Device;
