@@ -77,13 +77,9 @@ impl PatternSource {
                 let in_block =
                     x >= block_x && x < block_x + block && y >= h / 3 && y < h / 3 + block;
                 let i = (y * w + x) * 3;
-                for c in 0..3 {
-                    let v = if in_block {
-                        base[c] as i32 / 3
-                    } else {
-                        base[c] as i32
-                    } + noise;
-                    self.pixels[i + c] = v.clamp(0, 255) as u8;
+                for (out, &channel) in self.pixels[i..i + 3].iter_mut().zip(&base) {
+                    let channel = if in_block { channel as i32 / 3 } else { channel as i32 };
+                    *out = (channel + noise).clamp(0, 255) as u8;
                 }
             }
         }
