@@ -4,7 +4,12 @@
 //! Everything that must agree bit for bit between training and deployment lives here once;
 //! the modules follow the data flow of `DESIGN.md`:
 //!
-//! frame → [`preprocess`] → [`encoder`] → window → [`wti`] scores against a [`labels`] set.
+//! frame → [`preprocess`] → [`encoder`] → window → [`wti`] scores against a [`labels`] set
+//! → [`pipeline`] decisions → [`gpio`] triggers and events.
+//!
+//! Around it: [`bundle`] (what a device loads), [`config`] (the device's TOML), [`update`]
+//! (label sets pushed to a running device), [`onnx`] (the ONNX writer exports build on) and
+//! [`pattern`] (the colour test pattern the demo bundle runs on).
 
 pub mod bundle;
 pub mod config;
