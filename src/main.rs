@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use clipact::bundle::Bundle;
+use clipact::config::Config;
 use clipact::encoder::Encoder;
 use clipact::pattern::PatternSource;
 use clipact::pipeline::{Event, Pipeline};
@@ -30,14 +31,19 @@ enum Command {
     Embed(EmbedArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 struct RunArgs {
-    /// Model bundle directory.
-    #[arg(long, default_value = "models/demo")]
-    bundle: PathBuf,
-    /// Frame source. `pattern[:seed=N]`: the colour test pattern the demo bundle knows.
-    #[arg(long, default_value = "pattern")]
-    source: String,
+    /// Device config (TOML; see boards/*.toml). Without it, the defaults: the demo bundle on the
+    /// colour test pattern, threshold 0.5, hysteresis 0.05.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Model bundle directory (overrides the config's `bundle`; default models/demo).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Frame source (overrides the config's `source`). `pattern[:seed=N]`: the colour test
+    /// pattern the demo bundle knows.
+    #[arg(long)]
+    source: Option<String>,
     /// Stop after this many seconds of stream (default for the pattern: 30).
     #[arg(long = "for", value_name = "SECONDS")]
     duration: Option<f64>,
@@ -88,11 +94,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        None => run(RunArgs {
-            bundle: "models/demo".into(),
-            source: "pattern".into(),
-            duration: None,
-        }),
+        None => run(RunArgs::default()),
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => bench(args),
         Some(Command::Embed(args)) => embed(args),
@@ -120,14 +122,42 @@ fn pattern_seed(spec: &str) -> Result<u64> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let bundle = open_bundle(&args.bundle)?;
-    let seed = pattern_seed(&args.source)?;
-    let mut pipeline = Pipeline::new(&bundle).context("building the pipeline")?;
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(bundle) = args.bundle {
+        config.bundle = bundle;
+    }
+    if let Some(source) = args.source {
+        config.source = source;
+    }
+    let bundle = open_bundle(&config.bundle)?;
+    let seed = pattern_seed(&config.source)?;
+    let names: Vec<&str> = bundle
+        .labels
+        .labels
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    for name in config.unknown_labels(&names) {
+        tracing::warn!(
+            "the config names label `{name}`, which the bundle's label set does not have"
+        );
+    }
+    let timed = |d: clipact::config::Decision| d.min_duration_ms > 0 || d.cooldown_ms > 0;
+    if names
+        .iter()
+        .any(|name| timed(config.decision_for(name, None)))
+    {
+        tracing::warn!("min_duration_ms and cooldown_ms are not applied yet by this build");
+    }
+    let mut pipeline = Pipeline::new(&bundle, &config).context("building the pipeline")?;
     let seconds = args.duration.unwrap_or(30.0);
     if !(seconds.is_finite() && seconds >= 0.0) {
         bail!("--for {seconds}: expected a non-negative number of seconds");
     }
-    tracing::info!(bundle = %args.bundle.display(), labels = bundle.labels.labels.len(), "running on the colour test pattern");
+    tracing::info!(bundle = %config.bundle.display(), labels = bundle.labels.labels.len(), "running on the colour test pattern");
     let frames = (seconds * PATTERN_FPS).round() as u64;
     let mut source = PatternSource::new(64, 48, 30, seed);
     let mut events: Vec<Event> = Vec::new();

@@ -4,12 +4,13 @@
 //! pipeline is built (or when a bigger label set is swapped in), not per frame.
 
 use crate::bundle::Bundle;
+use crate::config::{Config, Decision};
 use crate::encoder::{Encoder, EncoderError};
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PreprocessError, Preprocessor};
 use crate::wti::{LabelMatrix, WindowScorer, WtiError};
 
-/// Threshold for labels that carry none.
+/// Threshold for labels that carry none (the config's `[decision] threshold` default).
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
 /// A label that fired turns off only once its score falls this far below its threshold, so a
 /// score hovering at the threshold does not flap.
@@ -61,14 +62,17 @@ pub struct Pipeline {
     pixels: Vec<f32>,
     embedding: Vec<f32>,
     labels: LabelSet,
-    thresholds: Vec<f32>,
+    /// Where each label's decision comes from; re-read when a label set is swapped in.
+    config: Config,
+    /// Per label of the current set.
+    decisions: Vec<Decision>,
     active: Vec<bool>,
-    hysteresis: f32,
 }
 
 impl Pipeline {
-    /// Loads the bundle's encoder and label set.
-    pub fn new(bundle: &Bundle) -> Result<Self, PipelineError> {
+    /// Loads the bundle's encoder and label set; thresholds and hysteresis per label come from
+    /// `config` ([`Config::decision_for`]).
+    pub fn new(bundle: &Bundle, config: &Config) -> Result<Self, PipelineError> {
         let manifest = &bundle.manifest;
         let size = manifest.input.size;
         let encoder = Encoder::load(&bundle.encoder_path(), size, size)?;
@@ -93,20 +97,20 @@ impl Pipeline {
             encoder,
             scorer,
             labels: bundle.labels.clone(),
-            thresholds: Vec::new(),
+            config: config.clone(),
+            decisions: Vec::new(),
             active: Vec::new(),
-            hysteresis: DEFAULT_HYSTERESIS,
         };
         pipeline.reset_decisions();
         Ok(pipeline)
     }
 
     fn reset_decisions(&mut self) {
-        self.thresholds = self
+        self.decisions = self
             .labels
             .labels
             .iter()
-            .map(|l| l.threshold.unwrap_or(DEFAULT_THRESHOLD))
+            .map(|l| self.config.decision_for(&l.name, l.threshold))
             .collect();
         self.active = vec![false; self.labels.labels.len()];
     }
@@ -135,16 +139,16 @@ impl Pipeline {
         self.preprocessor.run(frame, &mut self.pixels)?;
         let weight_logit = self.encoder.run(&self.pixels, &mut self.embedding)?;
         let scores = self.scorer.push(&self.embedding, weight_logit)?;
-        for (label, ((&score, active), &threshold)) in scores
+        for (label, ((&score, active), decision)) in scores
             .iter()
             .zip(self.active.iter_mut())
-            .zip(&self.thresholds)
+            .zip(&self.decisions)
             .enumerate()
         {
             let now = if *active {
-                score >= threshold - self.hysteresis
+                score >= decision.threshold - decision.hysteresis
             } else {
-                score >= threshold
+                score >= decision.threshold
             };
             if now != *active {
                 *active = now;

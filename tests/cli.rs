@@ -74,6 +74,40 @@ fn run_with_no_arguments_detects_the_demo_scenes() {
 }
 
 #[test]
+fn run_takes_thresholds_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n",
+    )
+    .unwrap();
+    let out = clipact(&["run", "--config", config.to_str().unwrap(), "--for", "60"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = json_lines(&out.stdout);
+    let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
+    assert!(!new.is_empty());
+    for event in &new {
+        // The label set's own threshold (0.9) gives way to the config's [labels.X] only.
+        let floor = if event["label"] == "green" { 0.99 } else { 0.9 };
+        assert!(event["score"].as_f64().unwrap() >= floor, "{event}");
+    }
+    // The same run without the config fires green below 0.99 at least once.
+    let default_run = json_lines(&clipact(&["run", "--for", "60"]).stdout);
+    assert_ne!(events, default_run);
+
+    std::fs::write(&config, "[decision]\ntreshold = 0.95\n").unwrap();
+    let out = clipact(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did you mean `threshold`"), "{stderr}");
+}
+
+#[test]
 fn run_rejects_bad_arguments_clearly() {
     let out = clipact(&["run", "--source", "v4l:/dev/video9"]);
     assert!(!out.status.success());

@@ -18,7 +18,7 @@ static ALLOCATOR: Counting = Counting;
 #[test]
 fn the_hot_path_allocates_only_inside_tract() {
     let bundle = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
-    let mut pipeline = Pipeline::new(&bundle).unwrap();
+    let mut pipeline = Pipeline::new(&bundle, &Default::default()).unwrap();
     let mut source = PatternSource::new(64, 48, 30, 1);
     let mut events = Vec::with_capacity(16);
     for _ in 0..10 {
