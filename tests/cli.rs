@@ -33,6 +33,17 @@ fn clipact(args: &[&str]) -> std::process::Output {
     command().args(args).output().expect("clipact runs")
 }
 
+/// Runs `clipact` and fails the test, showing its stderr, unless it succeeds.
+fn clipact_ok(args: &[&str]) -> std::process::Output {
+    let out = clipact(args);
+    assert!(
+        out.status.success(),
+        "clipact {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
@@ -42,12 +53,7 @@ fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
 
 #[test]
 fn run_with_no_arguments_detects_the_demo_scenes() {
-    let out = clipact(&["run", "--for", "60"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = clipact_ok(&["run", "--for", "60"]);
     let events = json_lines(&out.stdout);
     let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
     // 60 s of 3 s scenes: ~20 scenes, three quarters of them coloured.
@@ -82,12 +88,7 @@ fn run_takes_thresholds_from_the_config() {
         "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n",
     )
     .unwrap();
-    let out = clipact(&["run", "--config", config.to_str().unwrap(), "--for", "60"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = clipact_ok(&["run", "--config", config.to_str().unwrap(), "--for", "60"]);
     let events = json_lines(&out.stdout);
     let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
     assert!(!new.is_empty());
@@ -130,7 +131,7 @@ fn embed_matches_the_encoder() {
     let view = TensorView::new(Dtype::F32, vec![batch, 3, size, size], &bytes).unwrap();
     safetensors::serialize_to_file([("pixel_values", view)], None, &pixels).unwrap();
     let out_path = dir.path().join("out.safetensors");
-    let out = clipact(&[
+    clipact_ok(&[
         "embed",
         "--bundle",
         "models/demo",
@@ -139,11 +140,6 @@ fn embed_matches_the_encoder() {
         "--out",
         out_path.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     let written = std::fs::read(&out_path).unwrap();
     let tensors = SafeTensors::deserialize(&written).unwrap();
@@ -179,7 +175,7 @@ fn embed_matches_the_encoder() {
 
 #[test]
 fn bench_json_has_the_contract_fields() {
-    let out = clipact(&[
+    let out = clipact_ok(&[
         "bench",
         "--bundle",
         "models/demo",
@@ -187,11 +183,6 @@ fn bench_json_has_the_contract_fields() {
         "20",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let report = &json_lines(&out.stdout)[0];
     for key in ["fps", "p50_ms", "p99_ms", "peak_rss_mb"] {
         assert!(

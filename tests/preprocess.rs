@@ -11,6 +11,24 @@ use common_preprocess::{
 };
 use proptest::prelude::*;
 
+/// Runs one frame through `p` into a fresh output buffer.
+fn try_run(
+    p: &mut Preprocessor,
+    format: PixelFormat,
+    width: u32,
+    height: u32,
+    data: &[u8],
+) -> Result<Vec<f32>, PreprocessError> {
+    let mut out = vec![f32::NAN; p.output_len()];
+    let frame = Frame {
+        format,
+        width,
+        height,
+        data,
+    };
+    p.run(&frame, &mut out).map(|()| out)
+}
+
 fn run(
     p: &mut Preprocessor,
     format: PixelFormat,
@@ -18,33 +36,12 @@ fn run(
     height: u32,
     data: &[u8],
 ) -> Vec<f32> {
-    let mut out = vec![f32::NAN; p.output_len()];
-    p.run(
-        &Frame {
-            format,
-            width,
-            height,
-            data,
-        },
-        &mut out,
-    )
-    .unwrap();
-    out
+    try_run(p, format, width, height, data).unwrap()
 }
 
 fn run_err(format: PixelFormat, width: u32, height: u32, data: &[u8]) -> PreprocessError {
     let mut p = Preprocessor::new(PreprocessConfig::default());
-    let mut out = vec![0.0; p.output_len()];
-    p.run(
-        &Frame {
-            format,
-            width,
-            height,
-            data,
-        },
-        &mut out,
-    )
-    .unwrap_err()
+    try_run(&mut p, format, width, height, data).unwrap_err()
 }
 
 #[test]
