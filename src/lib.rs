@@ -22,3 +22,4 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod update;
 pub mod wti;
+pub mod world;
