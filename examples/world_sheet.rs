@@ -19,24 +19,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         frames: 8,
     };
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--split" => split = value("--split")?.parse()?,
             "--seed" => seed = value("--seed")?.parse()?,
             "--size" => cfg.size = value("--size")?.parse()?,
             "--frames" => cfg.frames = value("--frames")?.parse()?,
             "-h" | "--help" => {
-                println!("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]");
+                println!(
+                    "usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]"
+                );
                 return Ok(());
             }
             _ if out.is_none() && !arg.starts_with('-') => out = Some(arg),
             _ => return Err(format!("unexpected argument {arg:?}").into()),
         }
     }
-    let out = out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]")?;
+    let out =
+        out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]")?;
     let side = cfg.size as usize;
     let gap = 2;
     let width = cfg.frames * (side + gap);
@@ -48,7 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (col, frame) in clip.frames.iter().enumerate() {
             for y in 0..side {
                 let dst = ((row * (side + gap) + y) * width + col * (side + gap)) * 3;
-                sheet[dst..dst + side * 3].copy_from_slice(&frame[y * side * 3..(y + 1) * side * 3]);
+                sheet[dst..dst + side * 3]
+                    .copy_from_slice(&frame[y * side * 3..(y + 1) * side * 3]);
             }
         }
         println!(

@@ -394,31 +394,31 @@ const fn spec(periodic: bool, anchor_feet: bool, stool: bool, facing: Facing) ->
 
 /// Motion properties of each action (same order as `ACTIONS`), and of the idle motion (last).
 pub(crate) const SPECS: [MotionSpec; 19] = [
-    spec(true, false, false, Facing::Front),        // 0 waving
-    spec(true, false, false, Facing::Front),        // 1 clapping
+    spec(true, false, false, Facing::Front),         // 0 waving
+    spec(true, false, false, Facing::Front),         // 1 clapping
     spec(false, false, false, Facing::ThreeQuarter), // 2 jumping
-    spec(false, true, false, Facing::Front),        // 3 falling_down
+    spec(false, true, false, Facing::Front),         // 3 falling_down
     MotionSpec {
         reverse_of: Some(3),
         ..spec(false, true, false, Facing::Front)
     }, // 4 getting_up
-    spec(false, true, true, Facing::ThreeQuarter),  // 5 sitting_down
+    spec(false, true, true, Facing::ThreeQuarter),   // 5 sitting_down
     MotionSpec {
         reverse_of: Some(5),
         ..spec(false, true, true, Facing::ThreeQuarter)
     }, // 6 standing_up
-    spec(true, false, false, Facing::Left),         // 7 walking_left
-    spec(true, false, false, Facing::Right),        // 8 walking_right
-    spec(false, true, false, Facing::ThreeQuarter), // 9 crouching
-    spec(false, false, false, Facing::Front),       // 10 raising_both_arms
-    spec(false, false, false, Facing::Front),       // 11 turning_around
-    spec(false, false, false, Facing::Front),       // 12 raising_left_arm
-    spec(false, false, false, Facing::Front),       // 13 raising_right_arm
-    spec(false, true, false, Facing::Profile),      // 14 kicking
-    spec(false, true, false, Facing::Profile),      // 15 bowing
-    spec(true, true, false, Facing::Front),         // 16 lying_down
-    spec(true, false, false, Facing::Profile),      // 17 punching
-    spec(true, false, false, Facing::Front),        // 18: idle (stream only)
+    spec(true, false, false, Facing::Left),          // 7 walking_left
+    spec(true, false, false, Facing::Right),         // 8 walking_right
+    spec(false, true, false, Facing::ThreeQuarter),  // 9 crouching
+    spec(false, false, false, Facing::Front),        // 10 raising_both_arms
+    spec(false, false, false, Facing::Front),        // 11 turning_around
+    spec(false, false, false, Facing::Front),        // 12 raising_left_arm
+    spec(false, false, false, Facing::Front),        // 13 raising_right_arm
+    spec(false, true, false, Facing::Profile),       // 14 kicking
+    spec(false, true, false, Facing::Profile),       // 15 bowing
+    spec(true, true, false, Facing::Front),          // 16 lying_down
+    spec(true, false, false, Facing::Profile),       // 17 punching
+    spec(true, false, false, Facing::Front),         // 18: idle (stream only)
 ];
 
 /// The idle motion's index in [`SPECS`] (not an action).
@@ -485,11 +485,15 @@ impl MotionParams {
 
     /// The phases of `n` frames of motion `motion` (an action index or [`IDLE`]).
     pub fn phases(&self, motion: usize, n: usize) -> Vec<f32> {
-        let (start, span) = if SPECS[motion].periodic {
+        let (mut start, span) = if SPECS[motion].periodic {
             self.periodic
         } else {
             self.once
         };
+        if SPECS[motion].reverse_of.is_some() {
+            // Mirror the window, so the frames are exactly the counterpart's in reverse order.
+            start = 1.0 - start - span;
+        }
         (0..n)
             .map(|f| {
                 let t = if n > 1 {
@@ -525,8 +529,11 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         // waving: right arm up, the forearm swings from the elbow, two waves per cycle.
         0 => {
             let w = sin(tau * 2.0 * p);
-            st.arm(RIGHT, (2.35, 0.15), (2.55 + 0.5 * w, 0.15))
-                .arm(LEFT, (0.14 - 0.03 * w, 0.0), (0.1, 0.15))
+            st.arm(RIGHT, (2.35, 0.15), (2.55 + 0.5 * w, 0.15)).arm(
+                LEFT,
+                (0.14 - 0.03 * w, 0.0),
+                (0.1, 0.15),
+            )
         }
         // clapping: forearms across the chest, hands meet three times per cycle.
         1 => {
@@ -535,19 +542,10 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         }
         // jumping: crouch, take off with arms out, land, stand.
         2 => {
-            let crouch = st
-                .legs(1.0, 1.7)
-                .pitch(0.45)
-                .arms((0.2, -0.5), (0.2, -0.3));
-            let air = st
-                .legs(0.1, 0.15)
-                .arms((1.35, 0.3), (1.45, 0.3))
-                .lift(0.2);
+            let crouch = st.legs(1.0, 1.7).pitch(0.45).arms((0.2, -0.5), (0.2, -0.3));
+            let air = st.legs(0.1, 0.15).arms((1.35, 0.3), (1.45, 0.3)).lift(0.2);
             let top = st.legs(0.35, 0.5).arms((1.2, 0.3), (1.3, 0.4)).lift(0.24);
-            let land = st
-                .legs(0.9, 1.5)
-                .pitch(0.35)
-                .arms((0.6, 0.4), (0.5, 0.6));
+            let land = st.legs(0.9, 1.5).pitch(0.35).arms((0.6, 0.4), (0.5, 0.6));
             keys(
                 p,
                 &[
@@ -572,7 +570,10 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
                 .legs(0.3, 0.4)
                 .arms((1.5, 0.1), (1.6, 0.1))
                 .roll(side * 1.25);
-            let lying = st.legs(0.05, 0.08).arms((0.35, 0.0), (0.3, 0.0)).roll(side * 1.57);
+            let lying = st
+                .legs(0.05, 0.08)
+                .arms((0.35, 0.0), (0.3, 0.0))
+                .roll(side * 1.57);
             keys(
                 p,
                 &[
@@ -587,12 +588,24 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         }
         // sitting_down: lean forward, bend hips and knees, settle upright on the stool.
         5 => {
-            let lean = st.legs(0.45, 0.55).pitch(0.45).arms((0.15, 0.4), (0.1, 0.6));
+            let lean = st
+                .legs(0.45, 0.55)
+                .pitch(0.45)
+                .arms((0.15, 0.4), (0.1, 0.6));
             let lower = st.legs(1.15, 1.25).pitch(0.5).arms((0.15, 0.5), (0.1, 0.9));
-            let seated = st.legs(1.55, 1.55).pitch(0.1).arms((0.12, 0.45), (0.1, 1.0));
+            let seated = st
+                .legs(1.55, 1.55)
+                .pitch(0.1)
+                .arms((0.12, 0.45), (0.1, 1.0));
             keys(
                 p,
-                &[(0.0, st), (0.3, lean), (0.65, lower), (0.9, seated), (1.0, seated)],
+                &[
+                    (0.0, st),
+                    (0.3, lean),
+                    (0.65, lower),
+                    (0.9, seated),
+                    (1.0, seated),
+                ],
             )
         }
         // walking left (the mirror image, walking right, comes from the facing): one stride

@@ -67,96 +67,168 @@ const fn action(
 
 /// All actions. The order is fixed forever: indices are class ids.
 pub const ACTIONS: &[Action] = &[
-    action("waving", "a person waving", &[
-        "someone waving a hand",
-        "a person waving hello with one arm raised",
-        "a figure waving its hand above the head",
-    ]),
-    action("clapping", "a person clapping", &[
-        "someone clapping their hands",
-        "a person applauding with hands together in front of the chest",
-        "a figure clapping hands",
-    ]),
-    action("jumping", "a person jumping", &[
-        "someone jumping in the air",
-        "a person crouching and jumping up",
-        "a figure leaping off the ground",
-    ]),
-    action("falling_down", "a person falling down", &[
-        "someone falling to the ground",
-        "a person tipping over and falling",
-        "a figure collapsing onto the floor",
-    ]),
-    action("getting_up", "a person getting up from the ground", &[
-        "someone getting up off the floor",
-        "a person rising from lying on the ground",
-        "a figure standing back up after lying down",
-    ]),
-    action("sitting_down", "a person sitting down", &[
-        "someone sitting down on a stool",
-        "a person lowering themselves onto a seat",
-        "a figure taking a seat",
-    ]),
-    action("standing_up", "a person standing up", &[
-        "someone standing up from a stool",
-        "a person rising from a seat",
-        "a figure getting up from sitting",
-    ]),
-    action("walking_left", "a person walking to the left", &[
-        "someone walking toward the left",
-        "a person walking leftwards",
-        "a figure facing left and walking",
-    ]),
-    action("walking_right", "a person walking to the right", &[
-        "someone walking toward the right",
-        "a person walking rightwards",
-        "a figure facing right and walking",
-    ]),
-    action("crouching", "a person crouching down", &[
-        "someone squatting down",
-        "a person bending the knees into a crouch",
-        "a figure crouching low",
-    ]),
-    action("raising_both_arms", "a person raising both arms", &[
-        "someone lifting both arms above the head",
-        "a person putting both hands up",
-        "a figure with both arms raised",
-    ]),
-    action("turning_around", "a person turning around", &[
-        "someone turning to face the other way",
-        "a person turning their back to the camera",
-        "a figure spinning half a turn",
-    ]),
-    action("raising_left_arm", "a person raising the left arm", &[
-        "someone lifting the left arm up",
-        "a person putting the left hand up",
-        "a figure with the left arm raised",
-    ]),
-    action("raising_right_arm", "a person raising the right arm", &[
-        "someone lifting the right arm up",
-        "a person putting the right hand up",
-        "a figure with the right arm raised",
-    ]),
-    action("kicking", "a person kicking", &[
-        "someone kicking with the right leg",
-        "a person kicking a leg forward",
-        "a figure doing a kick",
-    ]),
-    action("bowing", "a person bowing", &[
-        "someone bowing forward",
-        "a person bending forward at the waist and straightening up",
-        "a figure taking a bow",
-    ]),
-    action("lying_down", "a person lying on the ground", &[
-        "someone lying on the floor",
-        "a person lying down and resting",
-        "a figure stretched out on the ground",
-    ]),
-    action("punching", "a person punching", &[
-        "someone throwing punches",
-        "a person punching forward with the right fist",
-        "a figure boxing",
-    ]),
+    action(
+        "waving",
+        "a person waving",
+        &[
+            "someone waving a hand",
+            "a person waving hello with one arm raised",
+            "a figure waving its hand above the head",
+        ],
+    ),
+    action(
+        "clapping",
+        "a person clapping",
+        &[
+            "someone clapping their hands",
+            "a person applauding with hands together in front of the chest",
+            "a figure clapping hands",
+        ],
+    ),
+    action(
+        "jumping",
+        "a person jumping",
+        &[
+            "someone jumping in the air",
+            "a person crouching and jumping up",
+            "a figure leaping off the ground",
+        ],
+    ),
+    action(
+        "falling_down",
+        "a person falling down",
+        &[
+            "someone falling to the ground",
+            "a person tipping over and falling",
+            "a figure collapsing onto the floor",
+        ],
+    ),
+    action(
+        "getting_up",
+        "a person getting up from the ground",
+        &[
+            "someone getting up off the floor",
+            "a person rising from lying on the ground",
+            "a figure standing back up after lying down",
+        ],
+    ),
+    action(
+        "sitting_down",
+        "a person sitting down",
+        &[
+            "someone sitting down on a stool",
+            "a person lowering themselves onto a seat",
+            "a figure taking a seat",
+        ],
+    ),
+    action(
+        "standing_up",
+        "a person standing up",
+        &[
+            "someone standing up from a stool",
+            "a person rising from a seat",
+            "a figure getting up from sitting",
+        ],
+    ),
+    action(
+        "walking_left",
+        "a person walking to the left",
+        &[
+            "someone walking toward the left",
+            "a person walking leftwards",
+            "a figure facing left and walking",
+        ],
+    ),
+    action(
+        "walking_right",
+        "a person walking to the right",
+        &[
+            "someone walking toward the right",
+            "a person walking rightwards",
+            "a figure facing right and walking",
+        ],
+    ),
+    action(
+        "crouching",
+        "a person crouching down",
+        &[
+            "someone squatting down",
+            "a person bending the knees into a crouch",
+            "a figure crouching low",
+        ],
+    ),
+    action(
+        "raising_both_arms",
+        "a person raising both arms",
+        &[
+            "someone lifting both arms above the head",
+            "a person putting both hands up",
+            "a figure with both arms raised",
+        ],
+    ),
+    action(
+        "turning_around",
+        "a person turning around",
+        &[
+            "someone turning to face the other way",
+            "a person turning their back to the camera",
+            "a figure spinning half a turn",
+        ],
+    ),
+    action(
+        "raising_left_arm",
+        "a person raising the left arm",
+        &[
+            "someone lifting the left arm up",
+            "a person putting the left hand up",
+            "a figure with the left arm raised",
+        ],
+    ),
+    action(
+        "raising_right_arm",
+        "a person raising the right arm",
+        &[
+            "someone lifting the right arm up",
+            "a person putting the right hand up",
+            "a figure with the right arm raised",
+        ],
+    ),
+    action(
+        "kicking",
+        "a person kicking",
+        &[
+            "someone kicking with the right leg",
+            "a person kicking a leg forward",
+            "a figure doing a kick",
+        ],
+    ),
+    action(
+        "bowing",
+        "a person bowing",
+        &[
+            "someone bowing forward",
+            "a person bending forward at the waist and straightening up",
+            "a figure taking a bow",
+        ],
+    ),
+    action(
+        "lying_down",
+        "a person lying on the ground",
+        &[
+            "someone lying on the floor",
+            "a person lying down and resting",
+            "a figure stretched out on the ground",
+        ],
+    ),
+    action(
+        "punching",
+        "a person punching",
+        &[
+            "someone throwing punches",
+            "a person punching forward with the right fist",
+            "a figure boxing",
+        ],
+    ),
 ];
 
 /// Actions held out of training (class ids). Each is a composition of parts that seen actions
@@ -423,6 +495,30 @@ pub fn render_clip(split: Split, action: usize, seed: u64, cfg: &RenderConfig) -
         frames,
         captions,
     }
+}
+
+/// The ground-truth poses and projected skeletons (body units, floor at `y = 0`, the motion
+/// centred on `x = 0`) of the `frames` frames of clip `seed` of `action` in `split`: what
+/// [`render_clip`] draws, before the camera maps it to pixels.
+///
+/// # Panics
+/// If `action >= ACTIONS.len()`.
+pub fn clip_poses(
+    split: Split,
+    action: usize,
+    seed: u64,
+    frames: usize,
+) -> Vec<(body::Pose, Skeleton)> {
+    assert!(
+        action < ACTIONS.len(),
+        "action index {action} out of range: the world has {} actions",
+        ACTIONS.len()
+    );
+    let key = mix(&[seed, split.tag()]);
+    let body = appearance(split, seed).body;
+    let params = MotionParams::sample(&mut Rng::new(key, STREAM_MOTION));
+    let segment = Segment::new(action, &params, &body, frames);
+    segment.poses.into_iter().zip(segment.skeletons).collect()
 }
 
 /// Ground truth of one stream frame.

@@ -29,7 +29,10 @@ pub enum Backdrop {
 impl Backdrop {
     /// Whether this backdrop belongs to the `ood` appearance.
     pub fn is_ood(self) -> bool {
-        matches!(self, Backdrop::Checker | Backdrop::Diagonal | Backdrop::Dots)
+        matches!(
+            self,
+            Backdrop::Checker | Backdrop::Diagonal | Backdrop::Dots
+        )
     }
 }
 
@@ -398,7 +401,10 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
     let ppu = cam.ppu;
     // Contact shadow under the body, fainter when airborne.
     let (lo, hi) = sk.x_extent(body);
-    let lowest = sk.ankle[0][1].max(sk.ankle[1][1]).max(sk.hand[0][1]).max(sk.head[1]);
+    let lowest = sk.ankle[0][1]
+        .max(sk.ankle[1][1])
+        .max(sk.hand[0][1])
+        .max(sk.head[1]);
     let air = (-lowest).max(0.0);
     let alpha = 0.35 * (1.0 - air * 3.0).clamp(0.2, 1.0);
     canvas.ellipse(
@@ -430,7 +436,13 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
         segs.push(seg(sk.knee[s], sk.ankle[s], lr, ap.trousers, 0.0));
         segs.push(seg(sk.ankle[s], sk.toe[s], lr * 0.8, ap.shoes, 0.0));
         // Sleeves a shade darker than the shirt, so arms read in front of the torso.
-        segs.push(seg(sk.shoulder[s], sk.elbow[s], lr * 0.95, shade(ap.shirt, 0.8), 0.01));
+        segs.push(seg(
+            sk.shoulder[s],
+            sk.elbow[s],
+            lr * 0.95,
+            shade(ap.shirt, 0.8),
+            0.01,
+        ));
         segs.push(seg(sk.elbow[s], sk.hand[s], lr * 0.8, ap.skin, 0.01));
         segs.push(seg(sk.hand[s], sk.hand[s], lr * 1.05, ap.skin, 0.01));
     }
