@@ -17,10 +17,10 @@ fn idx(name: &str) -> usize {
     action_index(name).unwrap_or_else(|| panic!("no action {name}"))
 }
 
-/// Mean absolute difference of the 8×8-block means of two frames of side `n` (block means
-/// average the sensor noise away; where the figure is stays).
-fn block_mad(a: &[u8], b: &[u8], n: usize) -> f64 {
-    const B: usize = 8;
+/// Largest absolute difference between the 4×4-block means of two frames of side `n`: block
+/// means average the sensor noise down; a moved limb still changes some block a lot.
+fn block_max_diff(a: &[u8], b: &[u8], n: usize) -> f64 {
+    const B: usize = 4;
     let m = n / B;
     let blocks = |f: &[u8]| {
         let mut out = vec![0.0f64; m * m * 3];
@@ -35,7 +35,10 @@ fn block_mad(a: &[u8], b: &[u8], n: usize) -> f64 {
         out
     };
     let (a, b) = (blocks(a), blocks(b));
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Mean absolute difference of two equally sized byte buffers.
@@ -273,17 +276,16 @@ fn reversed_sitting_down_is_standing_up_and_reversed_falling_is_getting_up() {
         for seed in [1, 2, 3] {
             let x = render_clip(Split::Train, idx(a), seed, &c);
             let y = render_clip(Split::Train, idx(b), seed, &c);
-            let forward: f64 = (0..8)
-                .map(|i| block_mad(&x.frames[i], &y.frames[i], 32))
-                .sum::<f64>()
-                / 8.0;
-            let reversed: f64 = (0..8)
-                .map(|i| block_mad(&x.frames[7 - i], &y.frames[i], 32))
-                .sum::<f64>()
-                / 8.0;
+            let worst = |pairs: &mut dyn Iterator<Item = (usize, usize)>| {
+                pairs
+                    .map(|(i, j)| block_max_diff(&x.frames[i], &y.frames[j], 32))
+                    .fold(0.0, f64::max)
+            };
+            let forward = worst(&mut (0..8).map(|i| (i, i)));
+            let reversed = worst(&mut (0..8).map(|i| (7 - i, i)));
             assert!(
-                reversed * 3.0 < forward,
-                "{a}/{b} seed {seed}: reversed mad {reversed:.2}, forward {forward:.2}"
+                reversed < 14.0 && forward > 40.0,
+                "{a}/{b} seed {seed}: reversed {reversed:.2}, forward {forward:.2}"
             );
             // Pose level: exactly the same poses in opposite order.
             let px = clip_poses(Split::Train, idx(a), seed, 8);
@@ -400,4 +402,4 @@ fn clip_fingerprint_is_the_same_on_every_platform() {
     assert_eq!(fingerprint(&clip), GOLDEN, "got {:#x}", fingerprint(&clip));
 }
 
-const GOLDEN: u64 = 0x2254_a43f_8734_7c85;
+const GOLDEN: u64 = 0x9c11_090d_c30d_073b;

@@ -57,6 +57,10 @@ pub struct Appearance {
     pub hair: [f32; 3],
     /// Shoe colour.
     pub shoes: [f32; 3],
+    /// Sleeves down to the wrists (else short sleeves, bare forearms).
+    pub long_sleeves: bool,
+    /// Shorts (bare shins) instead of trousers.
+    pub shorts: bool,
     /// Background texture.
     pub backdrop: Backdrop,
     /// Wall colour at the top of the frame.
@@ -75,6 +79,8 @@ pub struct Appearance {
     pub noise: f32,
     /// Exposure gain.
     pub gain: f32,
+    /// Colour cast of the light, per channel (around 1).
+    pub tint: [f32; 3],
     /// Pixels per body unit, as a fraction of the frame side.
     pub scale: f32,
     /// Floor line height as a fraction of the frame side.
@@ -144,6 +150,8 @@ impl Appearance {
         let skin = SKINS[rng.below(SKINS.len())];
         let hair = HAIRS[rng.below(HAIRS.len())];
         let shoe_v = rng.range(0.1, 0.35);
+        let long_sleeves = rng.unit() < 0.4;
+        let shorts = rng.unit() < 0.25;
         let backdrop = if ood {
             [Backdrop::Checker, Backdrop::Diagonal, Backdrop::Dots][rng.below(3)]
         } else {
@@ -171,6 +179,8 @@ impl Appearance {
             skin,
             hair,
             shoes: [shoe_v, shoe_v * 0.9, shoe_v * 0.85],
+            long_sleeves,
+            shorts,
             backdrop,
             wall_top,
             wall_bottom,
@@ -180,6 +190,7 @@ impl Appearance {
             texture_offset: [rng.range(0.0, 64.0), rng.range(0.0, 64.0)],
             noise: rng.range(1.0, 6.0),
             gain: rng.range(0.85, 1.12),
+            tint: [rng.range(0.94, 1.06), 1.0, rng.range(0.94, 1.06)],
             scale: rng.range(0.64, 0.8),
             floor_y: rng.range(0.85, 0.93),
             offset_x: rng.range(-0.08, 0.08),
@@ -431,9 +442,12 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
         c,
         depth_bias,
     };
+    // Sleeves a shade darker than the shirt, so arms read in front of the torso.
+    let sleeve = shade(ap.shirt, 0.8);
     for s in [LEFT, RIGHT] {
         segs.push(seg(sk.hip[s], sk.knee[s], lr * 1.15, ap.trousers, 0.0));
-        segs.push(seg(sk.knee[s], sk.ankle[s], lr, ap.trousers, 0.0));
+        let shin = if ap.shorts { ap.skin } else { ap.trousers };
+        segs.push(seg(sk.knee[s], sk.ankle[s], lr * 0.95, shin, 0.0));
         segs.push(seg(sk.ankle[s], sk.toe[s], lr * 0.8, ap.shoes, 0.0));
         // Sleeves a shade darker than the shirt, so arms read in front of the torso.
         segs.push(seg(
@@ -443,22 +457,17 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
             shade(ap.shirt, 0.8),
             0.01,
         ));
-        segs.push(seg(sk.elbow[s], sk.hand[s], lr * 0.8, ap.skin, 0.01));
+        let forearm = if ap.long_sleeves { sleeve } else { ap.skin };
+        segs.push(seg(sk.elbow[s], sk.hand[s], lr * 0.8, forearm, 0.01));
         segs.push(seg(sk.hand[s], sk.hand[s], lr * 1.05, ap.skin, 0.01));
     }
     // Torso (shirt), pelvis band (trousers), neck and head at depth 0.
-    let hips_mid = [
-        (sk.hip[0][0] + sk.hip[1][0]) * 0.5,
-        (sk.hip[0][1] + sk.hip[1][1]) * 0.5,
-        0.0,
-    ];
     segs.push(seg(sk.hip[0], sk.hip[1], lr * 1.25, ap.trousers, -0.001));
     let torso_low = [
         sk.pelvis[0] + (sk.neck[0] - sk.pelvis[0]) * 0.15,
         sk.pelvis[1] + (sk.neck[1] - sk.pelvis[1]) * 0.15,
         0.0,
     ];
-    let _ = hips_mid;
     let torso_high = [
         sk.neck[0] + (sk.pelvis[0] - sk.neck[0]) * 0.12,
         sk.neck[1] + (sk.pelvis[1] - sk.neck[1]) * 0.12,
@@ -526,10 +535,10 @@ fn head(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Skeleton) {
 pub(crate) fn quantize(canvas: &Canvas, ap: &Appearance, rng: &mut Rng, out: &mut Vec<u8>) {
     out.clear();
     out.reserve(canvas.px.len() * 3);
-    let g = ap.gain * 255.0;
+    let g = ap.tint.map(|t| t * ap.gain * 255.0);
     for p in &canvas.px {
-        for &v in p {
-            let x = v * g + rng.normal() * ap.noise + 0.5;
+        for k in 0..3 {
+            let x = p[k] * g[k] + rng.normal() * ap.noise + 0.5;
             out.push(x.clamp(0.0, 255.0) as u8);
         }
     }
