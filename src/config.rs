@@ -151,6 +151,9 @@ pub struct Decision {
     /// After a detection ends, the label cannot fire again for this long (rate-limits
     /// triggers). Default 0.
     pub cooldown_ms: u64,
+    /// Time constant of the exponential moving average applied to the score before the
+    /// threshold (see [`crate::decision`]); 0 turns smoothing off. Default 0.
+    pub smoothing_ms: u64,
 }
 
 impl Default for Decision {
@@ -160,6 +163,7 @@ impl Default for Decision {
             hysteresis: DEFAULT_HYSTERESIS,
             min_duration_ms: 0,
             cooldown_ms: 0,
+            smoothing_ms: 0,
         }
     }
 }
@@ -193,6 +197,9 @@ pub struct LabelDecision {
     /// Overrides [`Decision::cooldown_ms`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_ms: Option<u64>,
+    /// Overrides [`Decision::smoothing_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoothing_ms: Option<u64>,
 }
 
 /// How a `[[gpio]]` output follows its label.
@@ -537,6 +544,7 @@ impl Config {
             d.hysteresis = o.hysteresis.unwrap_or(d.hysteresis);
             d.min_duration_ms = o.min_duration_ms.unwrap_or(d.min_duration_ms);
             d.cooldown_ms = o.cooldown_ms.unwrap_or(d.cooldown_ms);
+            d.smoothing_ms = o.smoothing_ms.unwrap_or(d.smoothing_ms);
         }
         d
     }

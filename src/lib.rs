@@ -13,6 +13,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod decision;
 pub mod encoder;
 pub mod gpio;
 pub mod labels;
@@ -20,6 +21,8 @@ pub mod onnx;
 pub mod pattern;
 pub mod pipeline;
 pub mod preprocess;
+pub mod runtime;
+pub mod source;
 pub mod update;
 pub mod wti;
 pub mod world;

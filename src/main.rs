@@ -1,15 +1,14 @@
 //! `clipact`: the device runtime. See `clipact --help`.
 
+mod run_command;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use clipact::bundle::Bundle;
-use clipact::config::Config;
 use clipact::encoder::Encoder;
-use clipact::pattern::PatternSource;
-use clipact::pipeline::{Event, Pipeline};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
@@ -40,13 +39,21 @@ struct RunArgs {
     /// Model bundle directory (overrides the config's `bundle`; default models/demo).
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Frame source (overrides the config's `source`). `pattern[:seed=N]`: the colour test
-    /// pattern the demo bundle knows.
+    /// Frame source (overrides the config's `source`): `pattern[:seed=N]` (the colour test
+    /// pattern the demo bundle knows), `synthetic[:seed=N,split=id|ood|zeroshot]`,
+    /// `v4l:/dev/video0[,size=WxH,format=yuyv|mjpeg]`, `pipe:WxH:rgb24|yuyv422|gray|yuv420p`
+    /// (raw frames on stdin), `y4m:FILE`, `mjpeg:FILE`, `images:DIR_OR_GLOB`.
     #[arg(long)]
     source: Option<String>,
-    /// Stop after this many seconds of stream (default for the pattern: 30).
+    /// Stop after this many seconds: of stream time for recorded and synthetic sources
+    /// (default for pattern and synthetic: 30; files run to their end), of wall time for
+    /// cameras and pipes (default: until SIGINT/SIGTERM).
     #[arg(long = "for", value_name = "SECONDS")]
     duration: Option<f64>,
+    /// At the end, print the run's counters (frames, drops, errors, fps, encoder and
+    /// pipeline ms per frame) as one JSON object on stderr.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(clap::Args)]
@@ -81,9 +88,6 @@ struct EmbedArgs {
     out: PathBuf,
 }
 
-/// Frames per second of the pattern source's clock.
-const PATTERN_FPS: f64 = 10.0;
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -105,87 +109,14 @@ fn open_bundle(dir: &Path) -> Result<Bundle> {
     Bundle::open(dir).with_context(|| format!("opening bundle {}", dir.display()))
 }
 
-/// Parses `pattern` or `pattern:seed=N`.
-fn pattern_seed(spec: &str) -> Result<u64> {
-    let Some(rest) = spec.strip_prefix("pattern") else {
-        bail!("unknown source {spec:?}: this build reads `pattern[:seed=N]` (cameras, pipes and files come with the device runtime)")
-    };
-    match rest
-        .strip_prefix(":seed=")
-        .or(if rest.is_empty() { Some("0") } else { None })
-    {
-        Some(seed) => seed
-            .parse()
-            .with_context(|| format!("source {spec:?}: seed {seed:?} is not a number")),
-        None => bail!("source {spec:?}: expected `pattern` or `pattern:seed=N`"),
-    }
-}
-
 fn run(args: RunArgs) -> Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(bundle) = args.bundle {
-        config.bundle = bundle;
-    }
-    if let Some(source) = args.source {
-        config.source = source;
-    }
-    let bundle = open_bundle(&config.bundle)?;
-    let seed = pattern_seed(&config.source)?;
-    let names: Vec<&str> = bundle
-        .labels
-        .labels
-        .iter()
-        .map(|l| l.name.as_str())
-        .collect();
-    for name in config.unknown_labels(&names) {
-        tracing::warn!(
-            "the config names label `{name}`, which the bundle's label set does not have"
-        );
-    }
-    let timed = |d: clipact::config::Decision| d.min_duration_ms > 0 || d.cooldown_ms > 0;
-    if names
-        .iter()
-        .any(|name| timed(config.decision_for(name, None)))
-    {
-        tracing::warn!("min_duration_ms and cooldown_ms are not applied yet by this build");
-    }
-    let mut pipeline = Pipeline::new(&bundle, &config).context("building the pipeline")?;
-    let seconds = args.duration.unwrap_or(30.0);
-    if !(seconds.is_finite() && seconds >= 0.0) {
-        bail!("--for {seconds}: expected a non-negative number of seconds");
-    }
-    tracing::info!(bundle = %config.bundle.display(), labels = bundle.labels.labels.len(), "running on the colour test pattern");
-    let frames = (seconds * PATTERN_FPS).round() as u64;
-    let mut source = PatternSource::new(64, 48, 30, seed);
-    let mut events: Vec<Event> = Vec::new();
-    let mut started = vec![0.0f64; bundle.labels.labels.len()];
-    for index in 0..frames {
-        let time = index as f64 / PATTERN_FPS;
-        let (frame, truth) = source.next_frame();
-        events.clear();
-        pipeline
-            .process(&frame, &mut events)
-            .with_context(|| format!("frame {index}"))?;
-        for event in &events {
-            let label = &pipeline.labels().labels[event.label].name;
-            let line = if event.active {
-                started[event.label] = time;
-                json!({"type": "new", "label": label, "score": round3(event.score), "frame": index, "time_s": time, "truth": truth})
-            } else {
-                json!({"type": "end", "label": label, "score": round3(event.score), "frame": index, "time_s": time,
-                       "duration_s": round3((time - started[event.label]) as f32), "truth": truth})
-            };
-            println!("{line}");
-        }
-    }
-    Ok(())
-}
-
-fn round3(x: f32) -> f64 {
-    (x as f64 * 1000.0).round() / 1000.0
+    run_command::run(run_command::RunRequest {
+        config: args.config,
+        bundle: args.bundle,
+        source: args.source,
+        duration: args.duration,
+        stats: args.stats,
+    })
 }
 
 fn bench(args: BenchArgs) -> Result<()> {

@@ -1,10 +1,13 @@
 //! Frame → decision: preprocessing, the encoder, incremental WTI and per-label decisions.
 //!
-//! [`Pipeline::process`] is the device's hot path. Every buffer it touches is allocated when the
+//! [`Pipeline::process_at`] is the device's hot path. Every buffer it touches is allocated when the
 //! pipeline is built (or when a bigger label set is swapped in), not per frame.
 
+use std::time::{Duration, Instant};
+
 use crate::bundle::Bundle;
-use crate::config::{Config, Decision};
+use crate::config::Config;
+use crate::decision::{LabelDecider, Transition};
 use crate::encoder::{Encoder, EncoderError};
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PreprocessError, Preprocessor};
@@ -50,8 +53,24 @@ pub struct Event {
     pub active: bool,
     /// Index of the label in the current label set.
     pub label: usize,
-    /// The label's score on this frame.
+    /// The label's smoothed score on this frame.
     pub score: f32,
+    /// When the detection started (stream time): for a new detection, when its score first
+    /// reached the threshold (before any minimum duration); for an end, its start.
+    pub since: Duration,
+    /// The highest smoothed score of the detection (for a start: this frame's score).
+    pub peak: f32,
+}
+
+/// Where the time of the last [`Pipeline::process_at`] went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FrameTimings {
+    /// Pixel conversion, resize, crop, normalization.
+    pub preprocess: Duration,
+    /// The encoder (tract).
+    pub encoder: Duration,
+    /// WTI scoring, smoothing and decisions: the per-label cost beyond the encoder.
+    pub scoring: Duration,
 }
 
 /// The device pipeline for one bundle.
@@ -65,8 +84,12 @@ pub struct Pipeline {
     /// Where each label's decision comes from; re-read when a label set is swapped in.
     config: Config,
     /// Per label of the current set.
-    decisions: Vec<Decision>,
-    active: Vec<bool>,
+    deciders: Vec<LabelDecider>,
+    /// Smoothed score per label on the last frame.
+    smoothed: Vec<f32>,
+    timings: FrameTimings,
+    /// Stream-time origin for [`Pipeline::process`].
+    created: Instant,
 }
 
 impl Pipeline {
@@ -98,21 +121,43 @@ impl Pipeline {
             scorer,
             labels: bundle.labels.clone(),
             config: config.clone(),
-            decisions: Vec::new(),
-            active: Vec::new(),
+            deciders: Vec::new(),
+            smoothed: Vec::new(),
+            timings: FrameTimings::default(),
+            created: Instant::now(),
         };
         pipeline.reset_decisions();
         Ok(pipeline)
     }
 
     fn reset_decisions(&mut self) {
-        self.decisions = self
+        self.deciders = self
             .labels
             .labels
             .iter()
-            .map(|l| self.config.decision_for(&l.name, l.threshold))
+            .map(|l| LabelDecider::new(self.config.decision_for(&l.name, l.threshold)))
             .collect();
-        self.active = vec![false; self.labels.labels.len()];
+        self.smoothed = vec![0.0; self.labels.labels.len()];
+    }
+
+    /// The deciders of the current set, one per label (their state: active, smoothed score).
+    pub fn deciders(&self) -> &[LabelDecider] {
+        &self.deciders
+    }
+
+    /// Smoothed scores of the last frame, one per label of the current set.
+    pub fn smoothed(&self) -> &[f32] {
+        &self.smoothed
+    }
+
+    /// Where the last frame's time went.
+    pub fn timings(&self) -> FrameTimings {
+        self.timings
+    }
+
+    /// The window length in frames.
+    pub fn window_frames(&self) -> usize {
+        self.scorer.window()
     }
 
     /// The label set in use.
@@ -129,36 +174,67 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs one frame through the pipeline; appends the labels that turned on or off to
-    /// `events` and returns every label's score.
+    /// Runs one frame through the pipeline with the wall-clock time since the pipeline was
+    /// built as its stream time; see [`Pipeline::process_at`].
     pub fn process(
         &mut self,
         frame: &Frame,
         events: &mut Vec<Event>,
     ) -> Result<&[f32], PipelineError> {
+        let time = self.created.elapsed();
+        self.process_at(frame, time, events)
+    }
+
+    /// Runs one frame, taken at stream time `time`, through the pipeline; appends the labels
+    /// that turned on or off to `events` and returns every label's raw WTI score (the
+    /// smoothed ones are in [`Pipeline::smoothed`]).
+    ///
+    /// Allocates nothing after warm-up outside tract (`events` must have room; it grows only
+    /// when more labels change state in one frame than it ever held).
+    pub fn process_at(
+        &mut self,
+        frame: &Frame,
+        time: Duration,
+        events: &mut Vec<Event>,
+    ) -> Result<&[f32], PipelineError> {
+        let start = Instant::now();
         self.preprocessor.run(frame, &mut self.pixels)?;
+        let preprocessed = Instant::now();
         let weight_logit = self.encoder.run(&self.pixels, &mut self.embedding)?;
+        let encoded = Instant::now();
         let scores = self.scorer.push(&self.embedding, weight_logit)?;
-        for (label, ((&score, active), decision)) in scores
+        for (label, ((&score, decider), smoothed)) in scores
             .iter()
-            .zip(self.active.iter_mut())
-            .zip(&self.decisions)
+            .zip(self.deciders.iter_mut())
+            .zip(self.smoothed.iter_mut())
             .enumerate()
         {
-            let now = if *active {
-                score >= decision.threshold - decision.hysteresis
-            } else {
-                score >= decision.threshold
-            };
-            if now != *active {
-                *active = now;
-                events.push(Event {
-                    active: now,
+            let (score, transition) = decider.update(score, time);
+            *smoothed = score;
+            match transition {
+                Some(Transition::Started { since }) => events.push(Event {
+                    active: true,
                     label,
                     score,
-                });
+                    since,
+                    peak: score,
+                }),
+                Some(Transition::Ended { since, peak }) => events.push(Event {
+                    active: false,
+                    label,
+                    score,
+                    since,
+                    peak,
+                }),
+                None => {}
             }
         }
+        let done = Instant::now();
+        self.timings = FrameTimings {
+            preprocess: preprocessed - start,
+            encoder: encoded - preprocessed,
+            scoring: done - encoded,
+        };
         Ok(scores)
     }
 }

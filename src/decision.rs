@@ -1,0 +1,193 @@
+//! Per-label decisions: a stream of scores → detections that start and end.
+//!
+//! Each label of the current set owns one [`LabelDecider`], a small state machine driven by
+//! the label's score on every frame and the frame's stream time:
+//!
+//! 1. **Smoothing.** The raw score goes through an exponential moving average whose time
+//!    constant is [`Decision::smoothing_ms`] (0: off). The weight of a new score is
+//!    `1 − exp(−Δt / τ)`, so a dropped frame (a larger Δt) counts as the time that passed,
+//!    not as one step.
+//! 2. **Threshold.** A label that is off turns on when its smoothed score reaches
+//!    [`Decision::threshold`].
+//! 3. **Minimum duration.** With [`Decision::min_duration_ms`] > 0 the score must stay at or
+//!    above the threshold that long before the detection is reported; a dip below the
+//!    threshold in between starts over (one-frame blips never fire).
+//! 4. **Hysteresis.** An active label turns off only once its score falls below
+//!    `threshold − hysteresis`.
+//! 5. **Cooldown.** After a detection ends, the label stays quiet for
+//!    [`Decision::cooldown_ms`]; scores above the threshold during that time are ignored.
+//!
+//! Times are stream times ([`Duration`] since the stream started), not wall-clock reads, so a
+//! file replays to the same detections on every machine and tests need no clock.
+
+use std::time::Duration;
+
+use crate::config::Decision;
+
+/// What a [`LabelDecider`] reports for a frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transition {
+    /// A detection started. `since` is when the score first reached the threshold (earlier
+    /// than the frame's time when a minimum duration applies).
+    Started {
+        /// When the score first reached the threshold for this detection.
+        since: Duration,
+    },
+    /// The detection ended. `since` is when it started (its [`Transition::Started::since`]).
+    Ended {
+        /// When the detection that ended had started.
+        since: Duration,
+        /// The highest smoothed score during the detection.
+        peak: f32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Idle,
+    /// Above the threshold since `since`, waiting for the minimum duration.
+    Pending { since: Duration },
+    Active { since: Duration, peak: f32 },
+    /// Quiet until `until`.
+    Cooldown { until: Duration },
+}
+
+/// The decision state of one label. Allocation-free; a few words of state.
+#[derive(Debug, Clone)]
+pub struct LabelDecider {
+    policy: Decision,
+    state: State,
+    smoothed: Option<f32>,
+    last_time: Duration,
+}
+
+impl LabelDecider {
+    /// A decider in the idle state for `policy`.
+    pub fn new(policy: Decision) -> Self {
+        Self {
+            policy,
+            state: State::Idle,
+            smoothed: None,
+            last_time: Duration::ZERO,
+        }
+    }
+
+    /// The policy this decider applies.
+    pub fn policy(&self) -> &Decision {
+        &self.policy
+    }
+
+    /// Whether a detection is in progress (reported and not yet ended).
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, State::Active { .. })
+    }
+
+    /// The smoothed score of the last frame (`None` before the first).
+    pub fn smoothed(&self) -> Option<f32> {
+        self.smoothed
+    }
+
+    /// Feeds the label's raw `score` at stream time `time` (non-decreasing from call to call;
+    /// an earlier time is treated as no time passing). Returns the smoothed score and the
+    /// transition this frame caused, if any.
+    pub fn update(&mut self, score: f32, time: Duration) -> (f32, Option<Transition>) {
+        let dt = time.saturating_sub(self.last_time);
+        self.last_time = self.last_time.max(time);
+        let smoothed = match (self.smoothed, self.policy.smoothing_ms) {
+            (Some(previous), tau_ms) if tau_ms > 0 => {
+                let alpha = 1.0 - (-(dt.as_secs_f64() * 1e3) / tau_ms as f64).exp();
+                previous + alpha as f32 * (score - previous)
+            }
+            _ => score,
+        };
+        self.smoothed = Some(smoothed);
+        (smoothed, self.step(smoothed, time))
+    }
+
+    fn step(&mut self, score: f32, time: Duration) -> Option<Transition> {
+        let p = self.policy;
+        if let State::Cooldown { until } = self.state {
+            if time < until {
+                return None;
+            }
+            self.state = State::Idle;
+        }
+        match self.state {
+            State::Idle | State::Cooldown { .. } => {
+                if score >= p.threshold {
+                    self.state = State::Pending { since: time };
+                    return self.step_pending(score, time);
+                }
+                None
+            }
+            State::Pending { .. } => self.step_pending(score, time),
+            State::Active { since, peak } => {
+                if score < p.threshold - p.hysteresis {
+                    self.state = if p.cooldown_ms > 0 {
+                        State::Cooldown {
+                            until: time + p.cooldown(),
+                        }
+                    } else {
+                        State::Idle
+                    };
+                    Some(Transition::Ended { since, peak })
+                } else {
+                    self.state = State::Active {
+                        since,
+                        peak: peak.max(score),
+                    };
+                    None
+                }
+            }
+        }
+    }
+
+    fn step_pending(&mut self, score: f32, time: Duration) -> Option<Transition> {
+        let State::Pending { since } = self.state else {
+            return None;
+        };
+        if score < self.policy.threshold {
+            self.state = State::Idle;
+            return None;
+        }
+        if time.saturating_sub(since) >= self.policy.min_duration() {
+            self.state = State::Active { since, peak: score };
+            return Some(Transition::Started { since });
+        }
+        None
+    }
+
+    /// The highest smoothed score of the detection in progress.
+    pub fn peak(&self) -> Option<f32> {
+        match self.state {
+            State::Active { peak, .. } => Some(peak),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn smoothing_weights_by_elapsed_time() {
+        let policy = Decision {
+            smoothing_ms: 100,
+            ..Decision::default()
+        };
+        let mut d = LabelDecider::new(policy);
+        assert_eq!(d.update(0.0, ms(0)).0, 0.0);
+        let one_step = d.clone().update(1.0, ms(100)).0;
+        assert!((one_step - (1.0 - (-1.0f32).exp())).abs() < 1e-6, "{one_step}");
+        // Two steps of 50 ms reach the same value as one of 100 ms.
+        let mut two = d.clone();
+        two.update(1.0, ms(50));
+        let two_steps = two.update(1.0, ms(100)).0;
+        assert!((two_steps - one_step).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,89 @@
+//! `synthetic[:seed=N,split=S,size=N,fps=F]`: the synthetic action world as a source.
+//!
+//! An endless stream of idle periods and actions ([`crate::world::WorldStream`]); every frame
+//! carries its ground truth, which `clipact run` prints beside each detection and the latency
+//! benchmark measures against.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::{FrameSource, SourceError, SourceFrame, Truth, DEFAULT_FPS};
+use crate::world::{Split, WorldStream, ACTIONS};
+
+/// Options of the synthetic source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyntheticOptions {
+    /// World seed.
+    pub seed: u64,
+    /// Split name (`train`, `id`, `ood`, `zeroshot`).
+    pub split: String,
+    /// Frame side in pixels.
+    pub size: u32,
+    /// Frames per second of the stream's clock.
+    pub fps: f64,
+}
+
+impl Default for SyntheticOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            split: "id".into(),
+            size: 64,
+            fps: DEFAULT_FPS,
+        }
+    }
+}
+
+/// Checks a split name; the error lists the valid ones.
+pub fn check_split(split: &str) -> Result<(), String> {
+    Split::from_str(split)
+        .map(|_| ())
+        .map_err(|_| format!("split {split:?}: expected train, id, ood or zeroshot"))
+}
+
+/// The synthetic world stream.
+pub struct Synthetic {
+    stream: WorldStream,
+    options: SyntheticOptions,
+    index: u64,
+}
+
+impl Synthetic {
+    /// A stream for `options` (the split must be valid, see [`check_split`]).
+    pub fn new(options: &SyntheticOptions) -> Result<Self, SourceError> {
+        let split = Split::from_str(&options.split)
+            .map_err(|_| SourceError::format("synthetic", check_split(&options.split).unwrap_err()))?;
+        Ok(Self {
+            stream: WorldStream::new(options.seed, split, options.size),
+            options: options.clone(),
+            index: 0,
+        })
+    }
+}
+
+impl FrameSource for Synthetic {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        let time = Duration::from_secs_f64(self.index as f64 / self.options.fps);
+        self.index += 1;
+        let (frame, truth) = self.stream.next_frame();
+        Ok(Some(SourceFrame {
+            frame,
+            time: Some(time),
+            truth: Some(Truth::World {
+                action: truth.action.map(|a| ACTIONS[a].name),
+                frame_in_action: truth.frame_in_action,
+            }),
+        }))
+    }
+
+    fn is_live(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "synthetic world (seed {}, split {}, {}px, {} fps)",
+            self.options.seed, self.options.split, self.options.size, self.options.fps
+        )
+    }
+}

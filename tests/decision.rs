@@ -1,0 +1,122 @@
+//! Per-label decisions: threshold, hysteresis, minimum duration, cooldown, smoothing — each
+//! rule on a score sequence whose right answer is worked out by hand.
+
+use std::time::Duration;
+
+use clipact::config::Decision;
+use clipact::decision::{LabelDecider, Transition};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Feeds `scores` at 100 ms per frame; returns (frame, started?) for every transition.
+fn run(policy: Decision, scores: &[f32]) -> Vec<(usize, bool)> {
+    let mut d = LabelDecider::new(policy);
+    scores
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &s)| {
+            d.update(s, ms(100 * i as u64))
+                .1
+                .map(|t| (i, matches!(t, Transition::Started { .. })))
+        })
+        .collect()
+}
+
+fn policy() -> Decision {
+    Decision {
+        threshold: 0.5,
+        hysteresis: 0.1,
+        ..Decision::default()
+    }
+}
+
+#[test]
+fn threshold_turns_on_at_the_threshold_not_below() {
+    assert_eq!(run(policy(), &[0.2, 0.49, 0.5, 0.9]), [(2, true)]);
+}
+
+#[test]
+fn hysteresis_keeps_a_hovering_score_on() {
+    // 0.45 is below the threshold but above threshold − hysteresis (0.4): stays on.
+    let scores = [0.6, 0.45, 0.55, 0.41, 0.39, 0.45, 0.5];
+    assert_eq!(run(policy(), &scores), [(0, true), (4, false), (6, true)]);
+    // Without hysteresis the same scores flap.
+    let flappy = Decision { hysteresis: 0.0, ..policy() };
+    assert_eq!(
+        run(flappy, &scores),
+        [(0, true), (1, false), (2, true), (3, false), (6, true)]
+    );
+}
+
+#[test]
+fn minimum_duration_filters_blips_and_reports_the_true_start() {
+    let p = Decision { min_duration_ms: 200, ..policy() };
+    // A two-frame blip (100 ms above) never fires; three frames (200 ms) do, at the third.
+    let scores = [0.9, 0.9, 0.1, 0.9, 0.9, 0.9, 0.9];
+    assert_eq!(run(p, &scores), [(5, true)]);
+    let mut d = LabelDecider::new(p);
+    let mut start = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if let (_, Some(Transition::Started { since })) = d.update(s, ms(100 * i as u64)) {
+            start = Some(since);
+        }
+    }
+    // The detection dates from when the score rose, not when it was confirmed.
+    assert_eq!(start, Some(ms(300)));
+}
+
+#[test]
+fn minimum_duration_uses_time_not_frame_count() {
+    let p = Decision { min_duration_ms: 250, ..policy() };
+    let mut d = LabelDecider::new(p);
+    assert!(d.update(0.9, ms(0)).1.is_none());
+    // One late frame (a dropped frame in between) is enough time.
+    assert!(matches!(d.update(0.9, ms(300)).1, Some(Transition::Started { .. })));
+}
+
+#[test]
+fn cooldown_silences_a_label_after_it_ends() {
+    let p = Decision { cooldown_ms: 300, ..policy() };
+    // On at 0, off at 1 (100 ms), quiet until 400 ms: frames 2..=3 ignored, 4 fires again.
+    let scores = [0.9, 0.1, 0.9, 0.9, 0.9, 0.1];
+    assert_eq!(run(p, &scores), [(0, true), (1, false), (4, true), (5, false)]);
+    let none = Decision { cooldown_ms: 0, ..policy() };
+    assert_eq!(run(none, &scores), [(0, true), (1, false), (2, true), (5, false)]);
+}
+
+#[test]
+fn cooldown_and_minimum_duration_combine() {
+    let p = Decision { cooldown_ms: 200, min_duration_ms: 100, ..policy() };
+    // Start confirmed at 1; end at 2 (cooldown to 400 ms); at 4 pending, confirmed at 5.
+    let scores = [0.9, 0.9, 0.1, 0.9, 0.9, 0.9];
+    assert_eq!(run(p, &scores), [(1, true), (2, false), (5, true)]);
+}
+
+#[test]
+fn smoothing_delays_and_steadies_decisions() {
+    // With τ = 100 ms at 100 ms per frame, each new score moves the EMA by 1 − e⁻¹ ≈ 0.632.
+    let p = Decision { smoothing_ms: 100, ..policy() };
+    // A single spike to 1.0 from 0: EMA 0.632 ≥ 0.5 fires; a spike to 0.7 (EMA 0.44) does not.
+    assert_eq!(run(p, &[0.0, 0.7, 0.0, 0.0]), []);
+    assert_eq!(run(p, &[0.0, 1.0, 0.0, 0.0]), [(1, true), (2, false)]);
+    // Without smoothing the 0.7 spike fires.
+    assert_eq!(run(policy(), &[0.0, 0.7, 0.0]), [(1, true), (2, false)]);
+    let mut d = LabelDecider::new(p);
+    d.update(0.0, ms(0));
+    let (smoothed, _) = d.update(1.0, ms(100));
+    assert!((smoothed - (1.0 - (-1.0f32).exp())).abs() < 1e-5);
+}
+
+#[test]
+fn the_end_reports_the_peak() {
+    let mut d = LabelDecider::new(policy());
+    let mut ended = None;
+    for (i, s) in [0.6, 0.95, 0.7, 0.2].into_iter().enumerate() {
+        if let (_, Some(Transition::Ended { peak, since })) = d.update(s, ms(100 * i as u64)) {
+            ended = Some((peak, since));
+        }
+    }
+    assert_eq!(ended, Some((0.95, ms(0))));
+}
