@@ -21,6 +21,7 @@ pub mod onnx;
 pub mod pattern;
 pub mod pipeline;
 pub mod preprocess;
+pub mod quantize;
 pub mod runtime;
 pub mod source;
 pub mod update;
