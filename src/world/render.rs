@@ -36,6 +36,28 @@ impl Backdrop {
     }
 }
 
+/// A flat object on the wall behind the figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PropKind {
+    /// A window with a light pane and a cross bar.
+    Window,
+    /// A framed picture.
+    Picture,
+    /// A wall shelf.
+    Shelf,
+}
+
+/// A wall object: kind, colour and rectangle (fractions of the frame side).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prop {
+    /// What it is.
+    pub kind: PropKind,
+    /// Main colour (the backdrop's hue, other saturation and value).
+    pub colour: [f32; 3],
+    /// Left, top, width, height as fractions of the frame side.
+    pub rect: [f32; 4],
+}
+
 /// Everything about how one clip looks (not how the figure moves).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Appearance {
@@ -75,6 +97,8 @@ pub struct Appearance {
     pub texture_amp: f32,
     /// Texture phase offsets.
     pub texture_offset: [f32; 2],
+    /// Objects on the wall (0 to 2).
+    pub props: Vec<Prop>,
     /// Sensor noise standard deviation in 8-bit levels.
     pub noise: f32,
     /// Exposure gain.
@@ -188,6 +212,21 @@ impl Appearance {
             texture_period: rng.range(6.0, 14.0),
             texture_amp: rng.range(0.03, 0.09),
             texture_offset: [rng.range(0.0, 64.0), rng.range(0.0, 64.0)],
+            props: (0..rng.below(3))
+                .map(|_| {
+                    let kind = [PropKind::Window, PropKind::Picture, PropKind::Shelf][rng.below(3)];
+                    let (w, h) = match kind {
+                        PropKind::Window => (rng.range(0.15, 0.28), rng.range(0.18, 0.3)),
+                        PropKind::Picture => (rng.range(0.1, 0.2), rng.range(0.08, 0.16)),
+                        PropKind::Shelf => (rng.range(0.15, 0.3), 0.025),
+                    };
+                    Prop {
+                        kind,
+                        colour: hsv(backdrop_hue, rng.range(0.1, 0.6), rng.range(0.3, 0.95)),
+                        rect: [rng.range(0.0, 1.0 - w), rng.range(0.05, 0.5), w, h],
+                    }
+                })
+                .collect(),
             noise: rng.range(1.0, 6.0),
             gain: rng.range(0.85, 1.12),
             tint: [rng.range(0.94, 1.06), 1.0, rng.range(0.94, 1.06)],
@@ -349,7 +388,45 @@ pub(crate) fn background(ap: &Appearance, size: usize) -> Canvas {
             px.push(c);
         }
     }
-    Canvas { size, px }
+    let mut canvas = Canvas { size, px };
+    for prop in &ap.props {
+        let [x, y, w, h] = prop.rect.map(|v| v * n);
+        let frame = shade(prop.colour, 0.45);
+        match prop.kind {
+            PropKind::Window => {
+                let bar = (0.012 * n).max(1.0);
+                canvas.rect(x, y, x + w, y + h, frame);
+                canvas.rect(x + bar, y + bar, x + w - bar, y + h - bar, prop.colour);
+                canvas.rect(
+                    x + w * 0.5 - bar * 0.5,
+                    y,
+                    x + w * 0.5 + bar * 0.5,
+                    y + h,
+                    frame,
+                );
+                canvas.rect(
+                    x,
+                    y + h * 0.5 - bar * 0.5,
+                    x + w,
+                    y + h * 0.5 + bar * 0.5,
+                    frame,
+                );
+            }
+            PropKind::Picture => {
+                let border = (0.015 * n).max(1.0);
+                canvas.rect(x, y, x + w, y + h, frame);
+                canvas.rect(
+                    x + border,
+                    y + border,
+                    x + w - border,
+                    y + h - border,
+                    prop.colour,
+                );
+            }
+            PropKind::Shelf => canvas.rect(x, y, x + w, y + h.max(1.0), frame),
+        }
+    }
+    canvas
 }
 
 /// Triangle wave with period 1, range 0..1.
