@@ -240,7 +240,8 @@ fn ood_appearance_never_overlaps_training_appearance() {
             .map(f)
             .fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
     };
-    let props: [(&str, fn(&Appearance) -> f32); 4] = [
+    type Measure = fn(&Appearance) -> f32;
+    let props: [(&str, Measure); 4] = [
         ("limb radius", |a| a.body.limb_r),
         ("head radius", |a| a.body.head_r),
         ("shoulder width", |a| a.body.shoulder_half),

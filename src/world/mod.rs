@@ -275,9 +275,9 @@ impl Split {
 
     fn tag(self) -> u64 {
         match self {
-            Split::Train => 0x7472_6169_6e,
+            Split::Train => 0x0074_7261_696e,
             Split::Id => 0x6964,
-            Split::Ood => 0x6f6f_64,
+            Split::Ood => 0x006f_6f64,
             Split::Zeroshot => 0x7a65_726f,
         }
     }
