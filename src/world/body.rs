@@ -538,7 +538,7 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         // clapping: forearms across the chest, hands meet three times per cycle.
         1 => {
             let open = 0.5 - 0.5 * cos(tau * 3.0 * p);
-            st.arms((0.1 + 0.5 * open, 0.7), (-1.57 + 1.1 * open, 0.9))
+            st.arms((0.1 + 0.75 * open, 0.75), (-1.57 + 1.45 * open, 1.0))
         }
         // jumping: crouch, take off with arms out, land, stand.
         2 => {
