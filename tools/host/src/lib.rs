@@ -4,6 +4,7 @@
 //! The binary `clipact-host` is a thin command-line layer over these modules.
 
 pub mod clip;
+pub mod dataset;
 pub mod dev;
 pub mod embed;
 pub mod export;
