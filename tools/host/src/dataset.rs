@@ -978,3 +978,107 @@ impl ClipSource for WorldClips {
         )
     }
 }
+
+/// Opens a dataset from a one-line spec (the `--data` flag of the training commands):
+///
+/// | spec | dataset |
+/// |---|---|
+/// | `folder:DIR` | [`VideoDataset::folder`] |
+/// | `ucf101:VIDEOS,splits=DIR[,fold=1][,part=train\|test]` | [`VideoDataset::ucf101`] |
+/// | `hmdb51:VIDEOS,splits=DIR[,fold=1][,part=train\|test]` | [`VideoDataset::hmdb51`] |
+/// | `kinetics:CSV,videos=DIR[,split=NAME]` | [`VideoDataset::kinetics`] |
+/// | `synthetic:split=train\|id\|ood\|zeroshot[,seed=N][,clips=N]` | [`WorldClips`] (`clips` per action, default 50) |
+///
+/// Paths may not contain commas. `part` defaults to `train`.
+pub fn open_source(spec: &str) -> Result<Box<dyn ClipSource + Send + Sync>, DatasetError> {
+    let invalid = |msg: String| DatasetError::Invalid(format!("data spec {spec:?}: {msg}"));
+    let (kind, rest) = spec.split_once(':').ok_or_else(|| {
+        invalid("expected KIND:..., KIND one of folder, ucf101, hmdb51, kinetics, synthetic".into())
+    })?;
+    let mut positional = None;
+    let mut options = BTreeMap::new();
+    for (n, item) in rest.split(',').map(str::trim).enumerate() {
+        match item.split_once('=') {
+            Some((k, v)) => {
+                if options
+                    .insert(k.trim().to_string(), v.trim().to_string())
+                    .is_some()
+                {
+                    return Err(invalid(format!("{k} given twice")));
+                }
+            }
+            None if n == 0 && !item.is_empty() => positional = Some(PathBuf::from(item)),
+            None if item.is_empty() => {}
+            None => return Err(invalid(format!("{item:?} is not KEY=VALUE"))),
+        }
+    }
+    let allowed: &[&str] = match kind {
+        "folder" => &[],
+        "ucf101" | "hmdb51" => &["splits", "fold", "part"],
+        "kinetics" => &["videos", "split"],
+        "synthetic" => &["split", "seed", "clips"],
+        _ => return Err(invalid(format!("unknown dataset kind {kind:?}"))),
+    };
+    if let Some(k) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(invalid(format!(
+            "unknown option {k:?} for {kind} (allowed: {})",
+            allowed.join(", ")
+        )));
+    }
+    let path = || {
+        positional
+            .clone()
+            .ok_or_else(|| invalid(format!("{kind} needs a path: {kind}:PATH,...")))
+    };
+    let required = |k: &str| {
+        options
+            .get(k)
+            .cloned()
+            .ok_or_else(|| invalid(format!("{kind} needs {k}=...")))
+    };
+    let number = |k: &str, default: u64| -> Result<u64, DatasetError> {
+        options.get(k).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| invalid(format!("{k}={v} is not a number")))
+        })
+    };
+    let part = || match options.get("part").map(String::as_str) {
+        None | Some("train") => Ok(Part::Train),
+        Some("test") => Ok(Part::Test),
+        Some(other) => Err(invalid(format!("part={other}: expected train or test"))),
+    };
+    let fold = || -> Result<u8, DatasetError> {
+        u8::try_from(number("fold", 1)?).map_err(|_| invalid("fold must be 1, 2 or 3".into()))
+    };
+    Ok(match kind {
+        "folder" => Box::new(VideoDataset::folder(&path()?)?),
+        "ucf101" => Box::new(VideoDataset::ucf101(
+            &path()?,
+            Path::new(&required("splits")?),
+            fold()?,
+            part()?,
+        )?),
+        "hmdb51" => Box::new(VideoDataset::hmdb51(
+            &path()?,
+            Path::new(&required("splits")?),
+            fold()?,
+            part()?,
+        )?),
+        "kinetics" => Box::new(VideoDataset::kinetics(
+            &path()?,
+            Path::new(&required("videos")?),
+            options.get("split").map(String::as_str),
+        )?),
+        _ => {
+            if positional.is_some() {
+                return Err(invalid("synthetic takes no path".into()));
+            }
+            let split: Split = required("split")?
+                .parse()
+                .map_err(|e: world::UnknownSplit| invalid(e.to_string()))?;
+            let clips = usize::try_from(number("clips", 50)?)
+                .map_err(|_| invalid("clips is too large".into()))?;
+            Box::new(WorldClips::new(split, number("seed", 0)?, clips))
+        }
+    })
+}

@@ -563,3 +563,41 @@ fn missing_ffmpeg_child() {
         "{err:?}"
     );
 }
+
+#[test]
+fn data_specs_open_every_kind_and_reject_bad_ones_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (videos, splits) = fake_ucf(tmp.path());
+    let spec = format!(
+        "ucf101:{},splits={},part=test",
+        videos.display(),
+        splits.display()
+    );
+    let ucf = clipact_host::dataset::open_source(&spec).unwrap();
+    assert_eq!((ucf.len(), ucf.classes()[1].as_str()), (2, "yo yo"));
+    let spec = format!("folder:{}", videos.display());
+    assert_eq!(clipact_host::dataset::open_source(&spec).unwrap().len(), 6);
+    let synthetic =
+        clipact_host::dataset::open_source("synthetic:split=ood,seed=3,clips=2").unwrap();
+    assert_eq!(synthetic.len(), 2 * world::actions_in(Split::Ood).len());
+    assert!(synthetic.describe(0).contains("ood") && synthetic.describe(0).contains("seed=3"));
+    for (spec, says) in [
+        ("webvid:/x", "unknown dataset kind"),
+        ("nocolon", "KIND:"),
+        ("synthetic:split=val", "val"),
+        ("synthetic:split=id,clips=many", "not a number"),
+        ("ucf101:/x,part=train", "needs splits"),
+        (
+            "ucf101:/x,splits=/y,colour=red",
+            "unknown option \"colour\"",
+        ),
+        ("kinetics:,videos=/v", "needs a path"),
+        ("hmdb51:/x,splits=/y,part=both", "train or test"),
+    ] {
+        let err = clipact_host::dataset::open_source(spec)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(says), "{spec}: {err}");
+    }
+}
