@@ -1,0 +1,312 @@
+//! The device runtime with real threads on the demo bundle: label swaps lose no frame, live
+//! sources drop stale frames (and count them), outputs follow detections and end safe, TCP
+//! updates reach a running loop and bad ones are refused with the reason.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clipact::bundle::Bundle;
+use clipact::config::Config;
+use clipact::labels::LabelSet;
+use clipact::pipeline::Pipeline;
+use clipact::preprocess::Frame;
+use clipact::runtime::{
+    serve_tcp_updates, BoundOutput, DetectionEvent, EventKind, EventSink, Output, Runtime,
+    RuntimeHandle, RuntimeOptions,
+};
+use clipact::source::{FrameSource, Pattern, SourceError, SourceFrame, Truth};
+use clipact::update::{PreSharedKey, PushOptions, Sender};
+
+fn demo() -> Bundle {
+    Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap()
+}
+
+/// Records every event and label set it sees.
+#[derive(Clone, Default)]
+struct Recorder {
+    events: Arc<Mutex<Vec<DetectionEvent>>>,
+    label_sets: Arc<Mutex<Vec<u64>>>,
+    closed: Arc<Mutex<bool>>,
+}
+
+impl EventSink for Recorder {
+    fn event(&mut self, event: &DetectionEvent) {
+        self.events.lock().unwrap().push(event.clone());
+    }
+    fn labels_changed(&mut self, labels: &Arc<LabelSet>) {
+        self.label_sets.lock().unwrap().push(labels.version);
+    }
+    fn close(&mut self) {
+        *self.closed.lock().unwrap() = true;
+    }
+}
+
+/// The demo set renamed (`red` → `red_v2`, ...) with a newer version.
+fn renamed(set: &LabelSet) -> LabelSet {
+    let mut set = set.clone();
+    set.version += 1;
+    for l in &mut set.labels {
+        l.name.push_str("_v2");
+    }
+    set
+}
+
+fn runtime(bundle: &Bundle, labels_path: PathBuf, key: Option<PreSharedKey>, duration: Option<Duration>) -> Runtime {
+    let config = Config::default();
+    let pipeline = Pipeline::new(bundle, &config).unwrap();
+    let options = RuntimeOptions {
+        duration,
+        ..RuntimeOptions::default()
+    };
+    Runtime::new(pipeline, bundle, &config, labels_path, key, options)
+}
+
+/// The pattern, submitting a label set through the handle when it produces frame `at`
+/// (an update arriving from another thread while frames flow).
+struct SwapAt {
+    inner: Pattern,
+    at: u64,
+    produced: u64,
+    handle: Arc<Mutex<Option<(RuntimeHandle, LabelSet)>>>,
+}
+
+impl FrameSource for SwapAt {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        if self.produced == self.at {
+            if let Some((handle, set)) = self.handle.lock().unwrap().take() {
+                handle.submit_labels(set).unwrap();
+            }
+        }
+        self.produced += 1;
+        self.inner.next_frame()
+    }
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn describe(&self) -> String {
+        "pattern with a swap".into()
+    }
+}
+
+#[test]
+fn a_label_swap_in_the_middle_loses_no_frame() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&bundle, dir.path().join("labels.cls"), None, Some(Duration::from_secs(30)));
+    let recorder = Recorder::default();
+    rt.add_sink(Box::new(recorder.clone()));
+    let new_set = renamed(&bundle.labels);
+    let slot = Arc::new(Mutex::new(Some((rt.handle(), new_set.clone()))));
+    let source = SwapAt { inner: Pattern::new(1), at: 150, produced: 0, handle: slot };
+    let summary = rt.run(Box::new(source)).unwrap();
+    let s = summary.stats;
+    // 30 s at 10 fps: every frame produced is processed, none dropped, across the swap.
+    assert_eq!(s.frames_captured, 300);
+    assert_eq!(s.frames_processed, 300);
+    assert_eq!(s.frames_dropped, 0);
+    assert_eq!(s.frame_errors, 0);
+    assert_eq!(s.label_updates, 1);
+    assert_eq!(s.label_set_version, new_set.version);
+    assert_eq!(*recorder.label_sets.lock().unwrap(), [bundle.labels.version, new_set.version]);
+    assert!(*recorder.closed.lock().unwrap());
+    let events = recorder.events.lock().unwrap();
+    // Frames are contiguous in the events' frame numbers; the old names before the swap,
+    // the new ones after, and the new names still detect the right scenes.
+    let (before, after): (Vec<_>, Vec<_>) = events.iter().partition(|e| !e.label.ends_with("_v2"));
+    assert!(!before.is_empty() && !after.is_empty(), "{events:?}");
+    let last_old = before.iter().map(|e| e.frame).max().unwrap();
+    let first_new = after.iter().map(|e| e.frame).min().unwrap();
+    // The capture thread runs at most a queue's length ahead of the loop.
+    assert!(last_old < first_new, "old until {last_old}, new from {first_new}");
+    assert!((145..=152).contains(&first_new), "new names from frame {first_new}");
+    for e in after.iter().filter(|e| e.kind == EventKind::New) {
+        let Some(Truth::Scene(scene)) = e.truth else { panic!("{e:?}") };
+        assert_eq!(scene, e.label.trim_end_matches("_v2"), "{e:?}");
+    }
+}
+
+/// A live source producing frames as fast as it can, until `limit`.
+struct Firehose {
+    inner: Pattern,
+    left: u64,
+}
+
+impl FrameSource for Firehose {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let f = self.inner.next_frame()?.unwrap();
+        Ok(Some(SourceFrame { time: None, ..f }))
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        "firehose".into()
+    }
+}
+
+#[test]
+fn a_live_source_faster_than_the_encoder_drops_stale_frames_and_counts_them() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let summary = rt.run(Box::new(Firehose { inner: Pattern::new(2), left: 3000 })).unwrap();
+    let s = summary.stats;
+    assert_eq!(s.frames_captured, 3000);
+    assert!(s.frames_dropped > 0, "{s:?}");
+    // Every frame is processed or dropped; at most a queue's worth is left when the source ends.
+    assert!(s.frames_processed + s.frames_dropped <= 3000);
+    assert!(s.frames_processed + s.frames_dropped + 2 >= 3000, "{s:?}");
+}
+
+/// Records what the loop drives, with the safe state.
+#[derive(Clone, Default)]
+struct MockOutput(Arc<Mutex<Vec<&'static str>>>);
+
+impl Output for MockOutput {
+    fn on_event(&mut self, active: bool, _now: Instant) -> Result<(), String> {
+        self.0.lock().unwrap().push(if active { "on" } else { "off" });
+        Ok(())
+    }
+    fn poll(&mut self, _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
+    fn safe_state(&mut self) -> Result<(), String> {
+        self.0.lock().unwrap().push("safe");
+        Ok(())
+    }
+}
+
+#[test]
+fn outputs_follow_their_label_and_end_in_the_safe_state() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&bundle, dir.path().join("labels.cls"), None, Some(Duration::from_secs(60)));
+    let red = MockOutput::default();
+    rt.add_outputs(vec![BoundOutput { label: "red".into(), name: "mock".into(), output: Box::new(red.clone()) }]);
+    let recorder = Recorder::default();
+    rt.add_sink(Box::new(recorder.clone()));
+    rt.run(Box::new(Pattern::new(5))).unwrap();
+    let calls = red.0.lock().unwrap().clone();
+    let expected: Vec<&str> = recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| &*e.label == "red")
+        .map(|e| if e.kind == EventKind::New { "on" } else { "off" })
+        .chain(["safe"])
+        .collect();
+    assert!(expected.len() >= 3, "red never fired: {expected:?}");
+    assert_eq!(calls, expected);
+}
+
+#[test]
+fn stop_ends_an_endless_live_run_promptly() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let handle = rt.handle();
+    let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(2), left: u64::MAX })));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    handle.stop();
+    let summary = runner.join().unwrap().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(summary.stats.frames_processed > 0);
+    assert!(handle.submit_labels(bundle.labels.clone()).is_err(), "a stopped runtime takes no sets");
+}
+
+#[test]
+fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let key = PreSharedKey::new(*b"a key of enough bytes").unwrap();
+    let labels_path = dir.path().join("labels.cls");
+    let rt = runtime(&bundle, labels_path.clone(), Some(key.clone()), None);
+    let handle = rt.handle();
+    let io = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let listener = io.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    io.spawn(serve_tcp_updates(listener, handle.clone()));
+    let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(3), left: u64::MAX })));
+
+    let push = |set: &LabelSet, key: &PreSharedKey| {
+        io.block_on(async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            Sender::for_set(set, false, Some(key)).unwrap().push(&mut stream, &PushOptions::default()).await
+        })
+    };
+    let frames_at = |h: &RuntimeHandle| h.metrics().frames_processed.load(std::sync::atomic::Ordering::Relaxed);
+
+    // A set for another embedding space: refused with the reason, the old set keeps running.
+    let mut foreign = renamed(&bundle.labels);
+    foreign.space_id = "someone-elses-space".into();
+    let err = push(&foreign, &key).unwrap_err().to_string();
+    assert!(err.contains("someone-elses-space"), "{err}");
+    // A wrong key: refused.
+    let err = push(&renamed(&bundle.labels), &PreSharedKey::new(*b"not the right key!!").unwrap()).unwrap_err().to_string();
+    assert!(err.contains("authentication failed"), "{err}");
+    assert_eq!(handle.labels().version, bundle.labels.version);
+    assert!(!labels_path.exists(), "a refused set must not be persisted");
+    let before = frames_at(&handle);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(frames_at(&handle) > before, "the loop stopped after a bad update");
+
+    // A good one: persisted, then in use within a few frames.
+    let good = renamed(&bundle.labels);
+    assert_eq!(push(&good, &key).unwrap(), good.version);
+    assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.labels().version != good.version {
+        assert!(Instant::now() < deadline, "the set was never swapped in");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(handle.label_states().iter().all(|s| s.name.ends_with("_v2")));
+    // Not newer than the set in use: refused.
+    let err = push(&good, &key).unwrap_err().to_string();
+    assert!(err.contains("not newer") || err.contains("newer"), "{err}");
+
+    handle.stop();
+    let summary = runner.join().unwrap().unwrap();
+    assert_eq!(summary.stats.label_updates, 1);
+}
+
+#[test]
+fn frames_reach_the_pipeline_as_the_source_gave_them() {
+    // Sanity of the copy into recycled buffers: a source whose frame size changes mid-stream.
+    struct Sizes {
+        i: u32,
+        data: Vec<u8>,
+    }
+    impl FrameSource for Sizes {
+        fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+            if self.i == 40 {
+                return Ok(None);
+            }
+            let (w, h) = if self.i % 2 == 0 { (32, 24) } else { (40, 40) };
+            self.i += 1;
+            self.data = vec![(self.i * 5) as u8; (w * h * 3) as usize];
+            Ok(Some(SourceFrame {
+                frame: Frame { format: clipact::preprocess::PixelFormat::Rgb8, width: w, height: h, data: &self.data },
+                time: Some(Duration::from_millis(100 * self.i as u64)),
+                truth: None,
+            }))
+        }
+        fn is_live(&self) -> bool {
+            false
+        }
+        fn describe(&self) -> String {
+            "sizes".into()
+        }
+    }
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let s = rt.run(Box::new(Sizes { i: 0, data: Vec::new() })).unwrap().stats;
+    assert_eq!((s.frames_processed, s.frame_errors), (40, 0));
+}
