@@ -134,7 +134,7 @@ pub fn run(request: RunRequest) -> Result<()> {
                 .block_on(tokio::net::TcpListener::bind(addr))
                 .with_context(|| format!("[updates] tcp_listen: cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
-            tracing::info!(%local, "accepting label-set updates over TCP");
+            tracing::info!("accepting label-set updates over TCP on {local}");
             io.spawn(runtime::serve_tcp_updates(listener, handle.clone()));
         }
         if let Some(port) = &updates.serial_port {

@@ -110,9 +110,14 @@ fn run_takes_thresholds_from_the_config() {
 
 #[test]
 fn run_rejects_bad_arguments_clearly() {
-    let out = clipact(&["run", "--source", "v4l:/dev/video9"]);
+    let out = clipact(&["run", "--source", "rtsp://camera/stream"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown source \"v4l:/dev/video9\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown source"));
+    let out = clipact(&["run", "--source", "v4l:/dev/video99"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/dev/video99 does not exist"));
+    let out = clipact(&["run", "--source", "pipe:640x480:nv12"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected rgb24, yuyv422, gray or yuv420p"));
     let out = clipact(&["run", "--source", "pattern:seed=x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("seed \"x\" is not a number"));
     let out = clipact(&["run", "--bundle", "/nonexistent"]);
@@ -250,4 +255,138 @@ fn broken_bundles_are_refused_with_the_reason() {
         let msg = format!("{err:#}");
         assert!(msg.contains(expected), "{what}: {msg}");
     }
+}
+
+/// Raw frames on stdin (what `rpicam-vid --codec yuv420 -o -` writes) and a Y4M file detect the
+/// same scenes as the pattern they were made from.
+#[test]
+fn run_reads_pipes_and_files() {
+    use std::io::Write;
+    // 120 pattern frames as I420, through the pipe source.
+    let mut pattern = clipact::pattern::PatternSource::new(64, 48, 30, 4);
+    let mut i420 = Vec::new();
+    let mut truths = Vec::new();
+    for _ in 0..120 {
+        let (frame, truth) = pattern.next_frame();
+        truths.push(truth);
+        let rgb = frame.data;
+        let (w, h) = (64usize, 48usize);
+        let mut y = vec![0u8; w * h];
+        let mut u = vec![0u8; w * h / 4];
+        let mut v = vec![0u8; w * h / 4];
+        for r in 0..h {
+            for c in 0..w {
+                let p = &rgb[(r * w + c) * 3..(r * w + c) * 3 + 3];
+                let (rf, gf, bf) = (p[0] as f32, p[1] as f32, p[2] as f32);
+                y[r * w + c] = (16.0 + 0.257 * rf + 0.504 * gf + 0.098 * bf).round() as u8;
+                if r % 2 == 0 && c % 2 == 0 {
+                    let k = (r / 2) * (w / 2) + c / 2;
+                    u[k] = (128.0 - 0.148 * rf - 0.291 * gf + 0.439 * bf).round() as u8;
+                    v[k] = (128.0 + 0.439 * rf - 0.368 * gf - 0.071 * bf).round() as u8;
+                }
+            }
+        }
+        i420.extend(y.iter().chain(&u).chain(&v));
+    }
+    let mut child = command()
+        .args(["run", "--source", "pipe:64x48:i420,fps=10,live=false"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&i420));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events = json_lines(&out.stdout);
+    let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
+    assert!(new.len() >= 3, "{events:?}");
+    for e in &new {
+        let frame = e["frame"].as_u64().unwrap() as usize;
+        assert_eq!(e["label"], truths[frame], "{e}");
+        assert!(e["truth"].is_null(), "a pipe has no ground truth: {e}");
+    }
+}
+
+/// A running `clipact run` takes a label set pushed over TCP, refuses a bad one with the
+/// reason and keeps running on its set, and exits cleanly on SIGTERM.
+#[test]
+fn run_takes_tcp_updates_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use clipact::labels::LabelSet;
+    use clipact::update::{PreSharedKey, PushOptions, Sender};
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("update.key");
+    std::fs::write(&key_file, "0123456789abcdef-test-key\n").unwrap();
+    let labels_path = dir.path().join("labels.cls");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_name = \"test-dev\"\n[updates]\ntcp_listen = \"127.0.0.1:0\"\nkey_file = {:?}\nlabels_path = {:?}\n",
+            key_file, labels_path
+        ),
+    )
+    .unwrap();
+    let mut child = command()
+        .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
+        .env("RUST_LOG", "clipact=info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listener's address is in the log.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before listening");
+        const MARK: &str = "updates over TCP on ";
+        if let Some(at) = line.find(MARK) {
+            let rest = &line[at + MARK.len()..];
+            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(rest.len());
+            break rest[..end].to_owned();
+        }
+    };
+    let log = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    let key = PreSharedKey::new(*b"0123456789abcdef-test-key").unwrap();
+    let bundle = Bundle::open(&demo()).unwrap();
+    let io = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let push = |set: &LabelSet| {
+        io.block_on(async {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            Sender::for_set(set, false, Some(&key)).unwrap().push(&mut stream, &PushOptions::default()).await
+        })
+    };
+    let mut bad = bundle.labels.clone();
+    bad.version += 1;
+    bad.space_id = "another-teacher-v9".into();
+    let err = push(&bad).unwrap_err().to_string();
+    assert!(err.contains("another-teacher-v9"), "{err}");
+    assert!(!labels_path.exists(), "a refused set is not persisted");
+    let mut good = bundle.labels.clone();
+    good.version += 1;
+    for l in &mut good.labels {
+        l.name = format!("{}_pushed", l.name);
+    }
+    assert_eq!(push(&good).unwrap(), good.version);
+    assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SIGTERM: a clean exit.
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let log = log.join().unwrap();
+    assert!(out.status.success(), "exit {:?}: {log}", out.status);
+    assert!(log.contains("SIGTERM"), "{log}");
+    let events = json_lines(&out.stdout);
+    assert!(events.iter().any(|e| e["label"].as_str().unwrap().ends_with("_pushed")), "the pushed set never fired");
+    assert!(events.iter().all(|e| e["device"] == "test-dev"));
 }
