@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! bundle = "models/demo"           # bundle directory
-//! source = "pattern"               # source spec
+//! source = "pattern"               # source spec: pattern, synthetic:..., v4l:/dev/video0,
+//!                                  # pipe:WxH:FMT, y4m:FILE, mjpeg:FILE, images:DIR (crate::source)
 //! device_name = "barn-cam-1"       # MQTT topics, logs; [a-zA-Z0-9_-]+
 //!
 //! [decision]                       # defaults for every label
@@ -10,6 +11,7 @@
 //! hysteresis = 0.05
 //! min_duration_ms = 0
 //! cooldown_ms = 0
+//! smoothing_ms = 0                 # EMA time constant of the scores; 0: off
 //!
 //! [labels.falls_down]              # per-label overrides of [decision], all optional
 //! threshold = 0.3

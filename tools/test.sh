@@ -14,6 +14,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Independent ONNX references for the host tests (tools/onnx_check.py): the ONNX checker and
+# onnxruntime. Pinned to versions checked on this setup.
+echo "==> python: onnx, onnxruntime, numpy, safetensors (test references)"
+python3 -m pip install --quiet --disable-pip-version-check \
+  onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 safetensors==0.8.0
+
 echo "==> x86-64: cargo test --workspace --features clipact/camera"
 cargo test --workspace --locked --features clipact/camera
 

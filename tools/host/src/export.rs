@@ -342,3 +342,484 @@ impl Net<'_, '_> {
         Ok(out)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bundles
+// ---------------------------------------------------------------------------------------------
+
+/// File name of the f32 encoder inside a bundle.
+pub const ENCODER_FILE: &str = "encoder.onnx";
+/// File name of the int8 encoder inside a bundle.
+pub const INT8_ENCODER_FILE: &str = "encoder.int8.onnx";
+/// `logit_scale` written for a student when nothing else is known: `ln 100`, the value
+/// openai's CLIP checkpoints train to (their temperature is clamped at 100).
+pub const DEFAULT_LOGIT_SCALE: f32 = 4.605_170_2;
+
+/// The vision tower a bundle is made from.
+#[derive(Debug, Clone)]
+pub enum Tower {
+    /// A student saved by `Student::save` (`student.json`, `model.safetensors`).
+    Student(std::path::PathBuf),
+    /// A CLIP teacher checkpoint (Hugging Face layout), optionally with a trained `f_v`.
+    Teacher {
+        /// The checkpoint folder.
+        dir: std::path::PathBuf,
+        /// A safetensors file with `frame_weight.{0,2}.{weight,bias}`.
+        head: Option<std::path::PathBuf>,
+    },
+}
+
+/// How [`write_bundle`] builds a bundle.
+#[derive(Debug, Clone)]
+pub struct BundleOptions {
+    /// The bundle's name (manifest `name`).
+    pub name: String,
+    /// The label set to ship (`labels.cls`); checked against the encoder's dim and space id.
+    pub labels: Option<std::path::PathBuf>,
+    /// The embedding-space id; default: the label set's (student) or the teacher's own.
+    pub space_id: Option<String>,
+    /// Frames per WTI window (`T`).
+    pub window_frames: u32,
+    /// Encode every `stride`-th camera frame.
+    pub stride: u32,
+    /// `exp(logit_scale)` scales scores into logits; default: the teacher's, else
+    /// [`DEFAULT_LOGIT_SCALE`].
+    pub logit_scale: Option<f32>,
+    /// The interaction head (`wti`, `ti`, `mean`).
+    pub interaction: String,
+    /// Also write [`INT8_ENCODER_FILE`].
+    pub int8: bool,
+    /// How to quantize.
+    pub quantize: clipact::quantize::QuantizeOptions,
+    /// Smallest accepted cosine of int8 vs f32 embeddings on the check frames.
+    pub min_cosine: f32,
+    /// Frames the int8 file is checked on (see [`crate::quantize::world_frames`]).
+    pub check_frames: usize,
+    /// Provenance: what the teacher was (default: the teacher folder, or "unknown").
+    pub teacher: Option<String>,
+    /// Provenance: the training data.
+    pub data: String,
+    /// Provenance: the command line that made the bundle.
+    pub command: String,
+    /// Replace the files of an existing bundle in the output folder.
+    pub force: bool,
+}
+
+impl Default for BundleOptions {
+    fn default() -> Self {
+        Self {
+            name: "clipact".into(),
+            labels: None,
+            space_id: None,
+            window_frames: 8,
+            stride: 1,
+            logit_scale: None,
+            interaction: "wti".into(),
+            int8: false,
+            quantize: clipact::quantize::QuantizeOptions::default(),
+            min_cosine: crate::quantize::DEFAULT_MIN_COSINE,
+            check_frames: crate::quantize::DEFAULT_CHECK_FRAMES,
+            teacher: None,
+            data: String::new(),
+            command: String::new(),
+            force: false,
+        }
+    }
+}
+
+/// What [`write_bundle`] wrote.
+#[derive(Debug, Clone)]
+pub struct BundleSummary {
+    /// The manifest as written.
+    pub manifest: clipact::bundle::Manifest,
+    /// Size of `encoder.onnx` in bytes.
+    pub f32_bytes: usize,
+    /// Size of `encoder.int8.onnx` in bytes, when written.
+    pub int8_bytes: Option<usize>,
+    /// The quantization report and agreement, when an int8 file was written.
+    pub int8: Option<(clipact::quantize::QuantizeReport, Vec<clipact::quantize::OutputAgreement>)>,
+    /// Whether `labels.cls` was shipped.
+    pub has_labels: bool,
+}
+
+/// A TOML basic string: quoted, with `\\`, `"` and control characters escaped.
+fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A TOML float that reads back as the same `f32` (Rust's shortest round-trip form, always
+/// with a decimal point or exponent).
+fn toml_f32(v: f32) -> String {
+    let s = format!("{v:?}");
+    if s.contains(['.', 'e', 'E']) || !v.is_finite() {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+/// `manifest.toml` for `m`, laid out like the shipped demo bundle's (the root crate parses it,
+/// this crate does not depend on a TOML writer for one small file).
+pub fn manifest_toml(m: &clipact::bundle::Manifest) -> String {
+    let floats = |v: &[f32; 3]| v.iter().map(|x| toml_f32(*x)).collect::<Vec<_>>().join(", ");
+    let mut t = String::new();
+    t += &format!("format = {}\n", m.format);
+    t += &format!("name = {}\n", toml_str(&m.name));
+    t += &format!("dim = {}\n", m.dim);
+    t += &format!("space_id = {}\n", toml_str(&m.space_id));
+    t += &format!("logit_scale = {}\n", toml_f32(m.logit_scale));
+    t += &format!("interaction = {}\n", toml_str(&m.interaction));
+    t += &format!("\n[input]\nsize = {}\nmean = [{}]\nstd = [{}]\n", m.input.size, floats(&m.input.mean), floats(&m.input.std));
+    t += &format!("\n[window]\nframes = {}\nstride = {}\n", m.window.frames, m.window.stride);
+    t += &format!("\n[encoder]\nfile = {}\nprecision = {}\n", toml_str(&m.encoder.file), toml_str(&m.encoder.precision));
+    if let Some(f) = &m.encoder.int8_file {
+        t += &format!("int8_file = {}\n", toml_str(f));
+    }
+    let p = &m.provenance;
+    t += &format!(
+        "\n[provenance]\nteacher = {}\ndata = {}\ncommand = {}\ncommit = {}\n",
+        toml_str(&p.teacher),
+        toml_str(&p.data),
+        toml_str(&p.command),
+        toml_str(&p.commit)
+    );
+    t
+}
+
+/// The current source commit (`git rev-parse HEAD`, `-dirty` with uncommitted changes), or
+/// an empty string outside a git checkout.
+pub fn source_commit() -> String {
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success());
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        return String::new();
+    };
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|o| !o.stdout.is_empty());
+    if dirty {
+        format!("{head}-dirty")
+    } else {
+        head
+    }
+}
+
+/// This process's command line, quoted so that it can be pasted into a shell.
+pub fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes a bundle directory (`DESIGN.md` § Bundle) for `tower` into `out`: `encoder.onnx`,
+/// `encoder.int8.onnx` when asked, `labels.cls` when given, and `manifest.toml` last (a
+/// folder without a manifest is not a bundle, so an interrupted export never looks complete).
+/// The result is opened again with [`clipact::bundle::Bundle::open`] (when it has labels) and
+/// every encoder file is loaded and run once with the device's own loader.
+pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
+    use clipact::bundle::{EncoderSpec, InputSpec, Manifest, Provenance, WindowSpec, LABELS_FILE, MANIFEST_FILE, MANIFEST_FORMAT};
+    use clipact::labels::LabelSet;
+
+    ensure!(opts.window_frames > 0 && opts.stride > 0, "--window-frames and --stride must be positive");
+    opts.interaction
+        .parse::<clipact::wti::Interaction>()
+        .map_err(|e| anyhow::anyhow!("--interaction {}: {e}", opts.interaction))?;
+    if out.join(MANIFEST_FILE).exists() && !opts.force {
+        anyhow::bail!("{} already holds a bundle (manifest.toml); pass --force to replace it", out.display());
+    }
+    // Labels first: a wrong label set should fail before minutes of export.
+    let labels = opts
+        .labels
+        .as_deref()
+        .map(|p| LabelSet::load(p).with_context(|| format!("loading label set {}", p.display())))
+        .transpose()?;
+
+    let (graph, dim, size, own_space, teacher, logit_scale) = match tower {
+        Tower::Student(dir) => {
+            let (student, _) = Student::load(dir, &Device::Cpu).with_context(|| format!("loading student {}", dir.display()))?;
+            let c = student.config();
+            let graph = student_graph(&student)?;
+            (graph, c.projection_dim, c.image_size, None, opts.teacher.clone().unwrap_or_else(|| "unknown".into()), None)
+        }
+        Tower::Teacher { dir, head } => {
+            let config = ClipConfig::from_dir(dir)?;
+            let weights = CheckpointWeights::open(dir)?;
+            let space = crate::clip::space_id(&config, &weights)?;
+            let logit_scale = weights
+                .contains("logit_scale")
+                .then(|| weights.load("logit_scale", &().into(), DType::F32, &Device::Cpu))
+                .and_then(|r| r.ok())
+                .and_then(|t| t.flatten_all().ok()?.to_vec1::<f32>().ok()?.first().copied())
+                .unwrap_or(config.logit_scale_init_value as f32);
+            let graph = teacher_graph(dir, head.as_deref())?;
+            let teacher = opts.teacher.clone().unwrap_or_else(|| dir.display().to_string());
+            (graph, config.projection_dim, config.vision.image_size, Some(space), teacher, Some(logit_scale))
+        }
+    };
+    let space_id = match (&opts.space_id, &labels, own_space) {
+        (Some(s), _, _) => s.clone(),
+        (None, _, Some(s)) => s,
+        (None, Some(l), None) => l.space_id.clone(),
+        (None, None, None) => anyhow::bail!(
+            "the student's embedding space is unknown: give --labels (a label set built with the \
+             student's teacher) or --space-id (the teacher's id, as `clipact-host labels show` prints it)"
+        ),
+    };
+    if let (Some(l), Some(p)) = (&labels, &opts.labels) {
+        l.check_compatible(dim as u32, &space_id, None, true)
+            .with_context(|| format!("label set {} does not fit this encoder", p.display()))?;
+    }
+
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let f32_bytes = graph.to_bytes();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = out.join(name);
+        clipact::labels::write_atomic(&p, bytes).with_context(|| format!("writing {}", p.display()))
+    };
+    write(ENCODER_FILE, &f32_bytes)?;
+    tracing::info!("wrote {} ({:.1} MiB)", out.join(ENCODER_FILE).display(), f32_bytes.len() as f64 / 1048576.0);
+
+    let mut int8 = None;
+    let mut int8_bytes = None;
+    if opts.int8 {
+        let frames = crate::quantize::world_frames(size as u32, opts.check_frames, 0x5eed)?;
+        let (bytes, report, agreement) = crate::quantize::quantize_checked(&f32_bytes, &opts.quantize, &frames, opts.min_cosine)?;
+        write(INT8_ENCODER_FILE, &bytes)?;
+        tracing::info!(
+            "wrote {} ({:.1} MiB, {:.1} % of f32): {report}\n{}",
+            out.join(INT8_ENCODER_FILE).display(),
+            bytes.len() as f64 / 1048576.0,
+            100.0 * bytes.len() as f64 / f32_bytes.len() as f64,
+            crate::quantize::describe_agreement(&agreement, frames.len())
+        );
+        int8_bytes = Some(bytes.len());
+        int8 = Some((report, agreement));
+    } else if out.join(INT8_ENCODER_FILE).exists() {
+        // A stale int8 file from an earlier export would not match the new encoder.
+        std::fs::remove_file(out.join(INT8_ENCODER_FILE))
+            .with_context(|| format!("removing stale {}", out.join(INT8_ENCODER_FILE).display()))?;
+    }
+    if let (Some(l), Some(p)) = (&labels, &opts.labels) {
+        write(LABELS_FILE, &l.encode()?).with_context(|| format!("copying {}", p.display()))?;
+    } else {
+        tracing::warn!(
+            "no --labels: the bundle has no {LABELS_FILE}; `clipact run` needs one (build it with \
+             `clipact-host labels build` and copy it into {}, or push one to the device)",
+            out.display()
+        );
+    }
+
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: opts.name.clone(),
+        dim: dim as u32,
+        space_id,
+        input: InputSpec {
+            size: size as u32,
+            mean: clipact::preprocess::CLIP_MEAN,
+            std: clipact::preprocess::CLIP_STD,
+        },
+        window: WindowSpec { frames: opts.window_frames, stride: opts.stride },
+        encoder: EncoderSpec {
+            file: ENCODER_FILE.into(),
+            precision: "f32".into(),
+            int8_file: opts.int8.then(|| INT8_ENCODER_FILE.into()),
+        },
+        logit_scale: opts.logit_scale.or(logit_scale).unwrap_or(DEFAULT_LOGIT_SCALE),
+        interaction: opts.interaction.clone(),
+        provenance: Provenance {
+            teacher,
+            data: opts.data.clone(),
+            command: opts.command.clone(),
+            commit: source_commit(),
+        },
+    };
+    let text = manifest_toml(&manifest);
+    // The hand-written TOML must read back as exactly this manifest.
+    let parsed = Manifest::parse(&text, &out.join(MANIFEST_FILE))?;
+    ensure!(parsed == manifest, "internal error: the manifest does not round-trip:\n{text}");
+    write(MANIFEST_FILE, text.as_bytes())?;
+
+    // Read back what a device reads.
+    if labels.is_some() {
+        clipact::bundle::Bundle::open(out).with_context(|| format!("the written bundle {} does not open", out.display()))?;
+    }
+    let files = std::iter::once(ENCODER_FILE).chain(opts.int8.then_some(INT8_ENCODER_FILE));
+    for file in files {
+        let path = out.join(file);
+        let mut encoder = clipact::encoder::Encoder::load(&path, size as u32, size as u32)
+            .with_context(|| format!("the device cannot load {}", path.display()))?;
+        ensure!(encoder.dim() == dim, "{} emits {} values, the manifest says dim {dim}", path.display(), encoder.dim());
+        let pixels = vec![0f32; encoder.input_len()];
+        let mut embedding = vec![0f32; dim];
+        let w = encoder.run(&pixels, &mut embedding).with_context(|| format!("running {}", path.display()))?;
+        ensure!(
+            w.is_finite() && embedding.iter().all(|v| v.is_finite()),
+            "{} gives non-finite outputs on a grey frame",
+            path.display()
+        );
+    }
+    Ok(BundleSummary {
+        manifest,
+        f32_bytes: f32_bytes.len(),
+        int8_bytes,
+        int8,
+        has_labels: labels.is_some(),
+    })
+}
+
+/// `clipact-host export` arguments.
+#[derive(Debug, clap::Args)]
+#[command(
+    group(clap::ArgGroup::new("tower").required(true).args(["student", "teacher"])),
+    about = "Write a bundle directory (manifest, encoder.onnx, optional int8 file, labels) from a student or the teacher's vision tower",
+    long_about = "Write a bundle directory, the folder a device loads (`clipact run --bundle DIR`):\n\n  \
+        manifest.toml      format, dim D, input size and CLIP mean/std, window T and stride, encoder \
+files and precision, logit scale, interaction head, provenance (teacher, data, this command line, \
+git commit)\n  \
+        encoder.onnx       pixels f32[1,3,S,S] → embedding f32[1,D] (unnormalized), weight_logit f32[1,1] \
+(opset 17)\n  \
+        encoder.int8.onnx  the same with int8 matmuls (with --int8; see `clipact-host quantize --help`)\n  \
+        labels.cls         the label set (with --labels)\n\n\
+        The encoder is either a trained student (--student: a folder with student.json and \
+model.safetensors, as distillation saves it) or the CLIP teacher's own vision tower (--teacher: a \
+Hugging Face checkpoint folder; for boards that can afford it, e.g. a Jetson). The teacher has no \
+trained frame-weight head f_v unless you give one with --head; without it every frame weighs the \
+same (weight_logit = 0).\n\n\
+        The label set must live in the encoder's embedding space: its dim must be D and its space id \
+the teacher's (`clipact-host labels show` prints both). A student's space is its teacher's: it is \
+taken from --labels, or give --space-id. At the end the bundle is opened the way a device opens it \
+and every encoder file is run once.",
+    after_help = "Examples:\n  \
+        clipact-host export --student runs/student --labels labels.cls --int8 --out bundles/kitchen\n  \
+        clipact-host export --teacher ~/models/clip-vit-base-patch32 --labels labels.cls --out bundles/teacher-b32\n  \
+        clipact run --bundle bundles/kitchen"
+)]
+pub struct ExportArgs {
+    /// A trained student folder (student.json, model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub student: Option<std::path::PathBuf>,
+    /// A CLIP teacher checkpoint folder: export its vision tower instead of a student.
+    #[arg(long, value_name = "DIR")]
+    pub teacher: Option<std::path::PathBuf>,
+    /// With --teacher: a trained frame-weight head f_v (safetensors with
+    /// frame_weight.{0,2}.{weight,bias}).
+    #[arg(long, value_name = "FILE", requires = "teacher")]
+    pub head: Option<std::path::PathBuf>,
+    /// The bundle folder to write (created if needed).
+    #[arg(long, value_name = "BUNDLE_DIR")]
+    pub out: std::path::PathBuf,
+    /// The label set to ship as labels.cls (checked against the encoder's dim and space id).
+    #[arg(long, value_name = "labels.cls")]
+    pub labels: Option<std::path::PathBuf>,
+    /// Also write encoder.int8.onnx (checked against the f32 encoder on synthetic frames).
+    #[arg(long)]
+    pub int8: bool,
+    /// Frames per scoring window (T).
+    #[arg(long, default_value_t = 8, value_name = "T")]
+    pub window_frames: u32,
+    /// Encode every N-th camera frame.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub stride: u32,
+    /// The bundle's name (default: the output folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The embedding-space id (default: the label set's, or the teacher's own).
+    #[arg(long, value_name = "ID")]
+    pub space_id: Option<String>,
+    /// log of the logit temperature inverse (default: the teacher's, or ln 100 for a student).
+    #[arg(long, value_name = "X")]
+    pub logit_scale: Option<f32>,
+    /// Interaction head: wti, ti (uniform weights) or mean (CLIP's mean-pooling baseline).
+    #[arg(long, default_value = "wti")]
+    pub interaction: String,
+    /// Provenance: the teacher the student was distilled from (free text, e.g. a model id).
+    #[arg(long, value_name = "TEXT")]
+    pub teacher_name: Option<String>,
+    /// Provenance: the training data (free text).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub data: String,
+    /// With --int8: refuse if the int8 embedding's cosine vs f32 is below this on any frame.
+    #[arg(long, default_value_t = crate::quantize::DEFAULT_MIN_COSINE, value_name = "X")]
+    pub min_cosine: f32,
+    /// With --int8: 7-bit weights (for onnxruntime on x86 without VNNI; not needed for tract).
+    #[arg(long)]
+    pub reduce_range: bool,
+    /// Replace an existing bundle in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `clipact-host export`.
+pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
+    let tower = match (&a.student, &a.teacher) {
+        (Some(s), None) => Tower::Student(s.clone()),
+        (None, Some(t)) => Tower::Teacher { dir: t.clone(), head: a.head.clone() },
+        _ => anyhow::bail!("give exactly one of --student and --teacher"),
+    };
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.out
+            .canonicalize()
+            .unwrap_or_else(|_| a.out.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "clipact".into())
+    });
+    let opts = BundleOptions {
+        name,
+        labels: a.labels.clone(),
+        space_id: a.space_id.clone(),
+        window_frames: a.window_frames,
+        stride: a.stride,
+        logit_scale: a.logit_scale,
+        interaction: a.interaction.clone(),
+        int8: a.int8,
+        quantize: clipact::quantize::QuantizeOptions { reduce_range: a.reduce_range, ..Default::default() },
+        min_cosine: a.min_cosine,
+        teacher: a.teacher_name.clone(),
+        data: a.data.clone(),
+        command: command_line(),
+        force: a.force,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let s = write_bundle(&tower, &a.out, &opts)?;
+    let m = &s.manifest;
+    println!("bundle:    {}", a.out.display());
+    println!("name:      {}", m.name);
+    println!("encoder:   {} ({:.2} MiB), dim {}, input {}x{}", ENCODER_FILE, s.f32_bytes as f64 / 1048576.0, m.dim, m.input.size, m.input.size);
+    if let (Some(bytes), Some((report, agreement))) = (s.int8_bytes, &s.int8) {
+        let cos = agreement.iter().find(|x| x.name == EMBEDDING).map_or(f32::NAN, |x| x.min_cosine);
+        println!(
+            "int8:      {} ({:.2} MiB, {:.1} % of f32), {} layers quantized, embedding cosine vs f32 ≥ {:.4}",
+            INT8_ENCODER_FILE,
+            bytes as f64 / 1048576.0,
+            100.0 * bytes as f64 / s.f32_bytes as f64,
+            report.layers.len(),
+            cos
+        );
+    }
+    println!("space id:  {}", m.space_id);
+    println!("labels:    {}", if s.has_labels { "labels.cls" } else { "none (add labels.cls before running)" });
+    println!("window:    {} frames, stride {}", m.window.frames, m.window.stride);
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod dev;
 pub mod embed;
 pub mod export;
 pub mod labelset;
+pub mod quantize;
 pub mod student;
 pub mod tokenizer;
 

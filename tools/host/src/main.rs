@@ -66,6 +66,9 @@ enum Command {
     /// Build label sets from a list of actions, or show one.
     #[command(subcommand)]
     Labels(LabelsCommand),
+    // `quantize` and `export` take their help texts from their argument structs.
+    Quantize(clipact_host::quantize::QuantizeArgs),
+    Export(clipact_host::export::ExportArgs),
     /// Developer helpers (random checkpoints for benchmarks).
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
@@ -218,6 +221,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ClipEmbed(a) => clip_embed(a, cli.device),
         Command::Labels(LabelsCommand::Build(a)) => labels_build(a, cli.device),
         Command::Labels(LabelsCommand::Show { file }) => labels_show(&file),
+        Command::Quantize(a) => clipact_host::quantize::run_quantize(&a),
+        Command::Export(a) => clipact_host::export::run_export(&a),
         Command::Dev(DevCommand::RandomClip { out, tokenizer, config, seed, f16 }) => {
             let config = match config {
                 Some(p) => serde_json::from_str(
