@@ -551,6 +551,17 @@ pub struct WorldStream {
     pixels: Vec<u8>,
 }
 
+impl fmt::Debug for WorldStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorldStream")
+            .field("split", &self.split)
+            .field("size", &self.size)
+            .field("frame_index", &self.frame_index)
+            .field("truth", &self.peek_truth())
+            .finish_non_exhaustive()
+    }
+}
+
 impl WorldStream {
     /// Frames per second the stream's motion is timed for.
     pub const FPS: u32 = 10;
