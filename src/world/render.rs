@@ -331,8 +331,9 @@ pub(crate) fn background(ap: &Appearance, size: usize) -> Canvas {
             let fx = x as f32 + 0.5;
             let c = if fy < floor_px {
                 let t = fy / floor_px;
-                let c: [f32; 3] =
-                    std::array::from_fn(|k| ap.wall_top[k] + (ap.wall_bottom[k] - ap.wall_top[k]) * t);
+                let c: [f32; 3] = std::array::from_fn(|k| {
+                    ap.wall_top[k] + (ap.wall_bottom[k] - ap.wall_top[k]) * t
+                });
                 let u = (fx + ox) / period;
                 let v = (fy + oy) / period;
                 let tex = match ap.backdrop {
