@@ -215,6 +215,17 @@ fn decisions_resolve_in_order() {
 }
 
 #[test]
+fn smoothing_is_a_decision_key_with_per_label_overrides() {
+    let config = parse("[decision]\nsmoothing_ms = 300\n[labels.a]\nsmoothing_ms = 0\n").unwrap();
+    assert_eq!(config.decision_for("b", None).smoothing_ms, 300);
+    assert_eq!(config.decision_for("a", None).smoothing_ms, 0);
+    assert_eq!(parse("").unwrap().decision.smoothing_ms, 0);
+    let (message, key) = error("[labels.a]\nsmothing_ms = 1\n");
+    assert_contains(&message, &["did you mean `smoothing_ms`?"]);
+    assert_eq!(key.as_deref(), Some("labels.a.smothing_ms"));
+}
+
+#[test]
 fn a_misspelt_key_gets_a_suggestion() {
     let (message, key) = error("[decision]\ntreshold = 0.3\n");
     assert_contains(
