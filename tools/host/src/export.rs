@@ -499,10 +499,21 @@ pub fn manifest_toml(m: &clipact::bundle::Manifest) -> String {
     t
 }
 
-/// The current source commit (`git rev-parse HEAD`, `-dirty` with uncommitted changes), or
-/// an empty string outside a git checkout.
+/// The source commit this tool was built from (`git rev-parse HEAD` in the checkout it was
+/// compiled in, `-dirty` with uncommitted changes to tracked files), or an empty string when
+/// that checkout is gone or is no git repository (an installed binary).
 pub fn source_commit() -> String {
-    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success());
+    let checkout = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(checkout)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
     let Some(head) = git(&["rev-parse", "HEAD"]) else {
         return String::new();
     };

@@ -70,6 +70,9 @@ fn export_writes_a_bundle_the_device_opens() {
     assert_eq!(m.provenance.teacher, "openai/clip-vit-base-patch32");
     assert_eq!(m.provenance.data, "synthetic world, seed 1");
     assert!(m.provenance.command.contains("export --student"), "{}", m.provenance.command);
+    // Built from this checkout: the commit is HEAD's (40 hex digits, maybe `-dirty`).
+    let commit = m.provenance.commit.trim_end_matches("-dirty");
+    assert!(commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit()), "{:?}", m.provenance.commit);
     assert_eq!(bundle.labels, LabelSet::load(Path::new(&labels)).unwrap());
     let (f32_len, int8_len) = (
         std::fs::metadata(out.join("encoder.onnx")).unwrap().len(),
