@@ -5,6 +5,7 @@
 //! source = "pattern"               # source spec: pattern, synthetic:..., v4l:/dev/video0,
 //!                                  # pipe:WxH:FMT, y4m:FILE, mjpeg:FILE, images:DIR (crate::source)
 //! device_name = "barn-cam-1"       # MQTT topics, logs; [a-zA-Z0-9_-]+
+//! precision = "auto"              # encoder: "auto" | "f32" | "f16" | "int8"
 //!
 //! [decision]                       # defaults for every label
 //! threshold = 0.5
@@ -87,6 +88,10 @@ pub struct Config {
     /// [`DEFAULT_DEVICE_NAME`]).
     #[serde(default = "default_device_name")]
     pub device_name: String,
+    /// The encoder's precision: `"auto"` (the default: measured once on this CPU and cached,
+    /// see [`crate::precision`]), `"f32"`, `"f16"` or `"int8"`.
+    #[serde(default)]
+    pub precision: crate::precision::PrecisionChoice,
     /// The decision policy of every label, unless the label overrides it.
     #[serde(default)]
     pub decision: Decision,
@@ -126,6 +131,7 @@ impl Default for Config {
             bundle: default_bundle(),
             source: default_source(),
             device_name: default_device_name(),
+            precision: crate::precision::PrecisionChoice::Auto,
             decision: Decision::default(),
             labels: BTreeMap::new(),
             gpio: Vec::new(),

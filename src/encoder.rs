@@ -17,14 +17,18 @@
 //! model once; [`Encoder::run`] then costs one inference and no allocation of the input
 //! (tract allocates its intermediate tensors itself).
 //!
-//! Threads: the plan runs on tract's default (single-threaded) executor. Multi-threaded
-//! matmuls need `tract-linalg`'s `multithread-mm` feature and
-//! `RunOptions { executor: Some(Executor::multithread(n)), .. }` passed to
-//! `into_runnable_with_options`; that is left for later (TRAPS.md: two threads help little on
-//! small models).
+//! Threads: by default the plan runs on tract's single-threaded executor; with
+//! [`EncoderOptions::threads`] > 1 it gets its own pool of that many threads
+//! (`tract-linalg`'s `multithread-mm`), which parallelises the matmuls only (TRAPS.md: two
+//! threads help little on small models).
 //!
-//! Precision: the model runs as written (f32). The f16 variant (a transform of the
-//! decluttered, not yet optimised model, TRAPS.md) and `encoder.int8.onnx` are for later.
+//! Precision ([`Precision`]): `f32` runs the file as written; `int8` is the same, for a file
+//! whose matmuls are `MatMulInteger` (the bundle's `int8_file`); `f16` applies tract's
+//! `f32_to_f16` transform to the decluttered, not yet optimised model (TRAPS.md: after
+//! optimisation it fails with "tensor is F16, accessed as F32"). The f16 model still takes and
+//! returns f32 through [`Encoder::run`]; the conversions happen at its edges. f16 only pays
+//! on CPUs with FP16 arithmetic (`asimdhp`: Pi 5, Orin); elsewhere tract emulates it, many
+//! times slower than f32, and loading says so in a warning.
 //!
 //! ```no_run
 //! use clipact::encoder::Encoder;
@@ -50,6 +54,78 @@ pub const EMBEDDING_OUTPUT: &str = "embedding";
 pub const WEIGHT_LOGIT_OUTPUT: &str = "weight_logit";
 /// The name of the encoder input the bundle format specifies (not enforced).
 pub const PIXELS_INPUT: &str = "pixels";
+
+/// The arithmetic an encoder runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The f32 file as written.
+    F32,
+    /// The f32 file, converted to f16 at load time (for CPUs with FP16 arithmetic).
+    F16,
+    /// The bundle's int8 file (`MatMulInteger` matmuls).
+    Int8,
+}
+
+impl Precision {
+    /// Every precision, in the order `auto` measures them.
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::F16, Precision::Int8];
+
+    /// The name used on the command line, in configs and in manifests: `f32`, `f16`, `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown precision name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown precision `{0}`: expected `f32`, `f16` or `int8`")]
+pub struct UnknownPrecision(pub String);
+
+impl std::str::FromStr for Precision {
+    type Err = UnknownPrecision;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownPrecision(s.to_owned()))
+    }
+}
+
+/// How to prepare an encoder: its precision and the number of threads its matmuls use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncoderOptions {
+    /// The arithmetic; [`Precision::Int8`] expects a file with integer matmuls.
+    pub precision: Precision,
+    /// Threads for the matmuls (1: tract's single-threaded executor, no pool).
+    pub threads: usize,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        Self {
+            precision: Precision::F32,
+            threads: 1,
+        }
+    }
+}
+
+/// Whether this CPU has FP16 arithmetic that tract's f16 kernels use (arm64 `asimdhp`).
+/// Always false on x86-64: tract emulates f16 there.
+pub fn cpu_has_fp16() -> bool {
+    tract_linalg::has_fp16()
+}
 
 /// Where a model came from, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,6 +266,9 @@ pub enum EncoderError {
         /// The buffer's length.
         got: usize,
     },
+    /// Zero threads were asked for.
+    #[error("the encoder needs at least 1 thread, got 0")]
+    InvalidThreads,
     /// tract failed during inference.
     #[error("encoder inference failed")]
     Run {
@@ -224,6 +303,8 @@ pub struct Encoder {
     height: u32,
     width: u32,
     dim: usize,
+    options: EncoderOptions,
+    macs: Option<u64>,
 }
 
 impl Encoder {
@@ -231,6 +312,17 @@ impl Encoder {
     ///
     /// External tensor data (if the model uses it) is resolved relative to the file's folder.
     pub fn load(path: &Path, height: u32, width: u32) -> Result<Self, EncoderError> {
+        Self::load_with(path, height, width, &EncoderOptions::default())
+    }
+
+    /// Like [`load`](Self::load), in the given precision and thread count. For
+    /// [`Precision::Int8`], `path` is the int8 file.
+    pub fn load_with(
+        path: &Path,
+        height: u32,
+        width: u32,
+        options: &EncoderOptions,
+    ) -> Result<Self, EncoderError> {
         let bytes = std::fs::read(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 EncoderError::NotFound {
@@ -253,12 +345,23 @@ impl Encoder {
             dir,
             height,
             width,
+            options,
         )
     }
 
     /// Like [`load`](Self::load), from the bytes of an `.onnx` file.
     pub fn from_bytes(bytes: &[u8], height: u32, width: u32) -> Result<Self, EncoderError> {
-        Self::from_encoded(bytes, ModelOrigin::Bytes, None, height, width)
+        Self::from_bytes_with(bytes, height, width, &EncoderOptions::default())
+    }
+
+    /// Like [`load_with`](Self::load_with), from the bytes of an `.onnx` file.
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        height: u32,
+        width: u32,
+        options: &EncoderOptions,
+    ) -> Result<Self, EncoderError> {
+        Self::from_encoded(bytes, ModelOrigin::Bytes, None, height, width, options)
     }
 
     fn from_encoded(
@@ -267,9 +370,13 @@ impl Encoder {
         model_dir: Option<&str>,
         height: u32,
         width: u32,
+        options: &EncoderOptions,
     ) -> Result<Self, EncoderError> {
         if height == 0 || width == 0 {
             return Err(EncoderError::InvalidSize { height, width });
+        }
+        if options.threads == 0 {
+            return Err(EncoderError::InvalidThreads);
         }
         let invalid = |source: anyhow::Error| EncoderError::InvalidModel {
             origin: origin.clone(),
@@ -305,17 +412,56 @@ impl Encoder {
         model
             .set_input_fact(0, f32::fact(shape).into())
             .map_err(prepare)?;
-        let model = model.into_optimized().map_err(prepare)?;
+        let model = match options.precision {
+            Precision::F32 | Precision::Int8 => model.into_optimized().map_err(prepare)?,
+            Precision::F16 => {
+                if !cpu_has_fp16() {
+                    tracing::warn!(
+                        "this CPU has no FP16 arithmetic: the f16 encoder is emulated and much slower than f32"
+                    );
+                }
+                to_f16(model).map_err(prepare)?
+            }
+        };
         let dim = check_outputs(&model, height, width)?;
-        let state = model.into_runnable().and_then(|plan| plan.spawn()).map_err(prepare)?;
-        let input = Arc::new(Tensor::zero::<f32>(&shape).map_err(prepare)?);
+        let macs = count_macs(&model);
+        let run_options = RunOptions {
+            executor: (options.threads > 1)
+                .then(|| multithread::Executor::multithread(options.threads)),
+            ..RunOptions::default()
+        };
+        let input_type = model.input_fact(0).map_err(prepare)?.datum_type;
+        let state = model
+            .into_runnable_with_options(&run_options)
+            .and_then(|plan| plan.spawn())
+            .map_err(prepare)?;
+        let input = Arc::new(Tensor::zero_dt(input_type, &shape).map_err(prepare)?);
         Ok(Encoder {
             state,
             input,
             height,
             width,
             dim,
+            options: *options,
+            macs,
         })
+    }
+
+    /// Multiply-accumulates per frame, as tract's cost model counts them on the optimised
+    /// graph (matmuls and convolutions; `None` if some operator could not say). Twice this
+    /// is the frame's FLOP count, from which `clipact bench` reports GFLOP/s.
+    pub fn macs_per_frame(&self) -> Option<u64> {
+        self.macs
+    }
+
+    /// The precision the encoder runs in.
+    pub fn precision(&self) -> Precision {
+        self.options.precision
+    }
+
+    /// The number of threads its matmuls use.
+    pub fn threads(&self) -> usize {
+        self.options.threads
     }
 
     /// The embedding dimension D (the length of the `embedding` output).
@@ -356,13 +502,20 @@ impl Encoder {
         // again; should anything still hold it, start a fresh one rather than write under it.
         if Arc::get_mut(&mut self.input).is_none() {
             let shape = [1, 3, self.height as usize, self.width as usize];
-            self.input = Arc::new(Tensor::zero::<f32>(&shape).map_err(run)?);
+            let dt = self.input.datum_type();
+            self.input = Arc::new(Tensor::zero_dt(dt, &shape).map_err(run)?);
         }
         let input = Arc::get_mut(&mut self.input).expect("the input tensor is not shared");
         input
             .try_as_plain_ram_mut()
             .and_then(|mut view| {
-                view.as_slice_mut::<f32>()?.copy_from_slice(pixels);
+                if view.datum_type() == f16::datum_type() {
+                    for (to, &from) in view.as_slice_mut::<f16>()?.iter_mut().zip(pixels) {
+                        *to = f16::from_f32(from);
+                    }
+                } else {
+                    view.as_slice_mut::<f32>()?.copy_from_slice(pixels);
+                }
                 Ok(())
             })
             .map_err(run)?;
@@ -373,22 +526,59 @@ impl Encoder {
             .map_err(run)?;
         let read = |ix: usize, into: &mut [f32]| -> TractResult<f32> {
             let plain = outputs[ix].try_as_plain_ram()?;
-            let values = plain.as_slice::<f32>()?;
+            let len = plain.len();
             anyhow::ensure!(
-                values.len() == into.len().max(1),
-                "output {ix} has {} values, expected {}",
-                values.len(),
+                len == into.len().max(1),
+                "output {ix} has {len} values, expected {}",
                 into.len().max(1)
             );
-            if !into.is_empty() {
-                into.copy_from_slice(values);
+            if plain.datum_type() == f16::datum_type() {
+                let values = plain.as_slice::<f16>()?;
+                for (to, from) in into.iter_mut().zip(values) {
+                    *to = from.to_f32();
+                }
+                Ok(values[0].to_f32())
+            } else {
+                let values = plain.as_slice::<f32>()?;
+                if !into.is_empty() {
+                    into.copy_from_slice(values);
+                }
+                Ok(values[0])
             }
-            Ok(values[0])
         };
         read(0, embedding).map_err(run)?;
         let weight_logit = read(1, &mut []).map_err(run)?;
         Ok(weight_logit)
     }
+}
+
+/// Sums the multiply-accumulates tract's cost model reports for every node.
+fn count_macs(model: &TypedModel) -> Option<u64> {
+    let mut total = 0u64;
+    for node in model.nodes() {
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|o| model.outlet_fact(*o))
+            .collect::<TractResult<TVec<_>>>()
+            .ok()?;
+        for (cost, count) in node.op.cost(&inputs).ok()? {
+            if let tract_onnx::tract_core::ops::Cost::FMA(_) = cost {
+                total = total.checked_add(u64::try_from(count.to_i64().ok()?).ok()?)?;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// Declutters the model, converts its f32 arithmetic to f16 and optimises it (in that order:
+/// the transform must see the decluttered graph, TRAPS.md).
+fn to_f16(model: InferenceModel) -> TractResult<TypedModel> {
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    let transform = tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
+        .ok_or_else(|| anyhow::anyhow!("this tract build has no f32_to_f16 transform"))?;
+    transform.transform(&mut typed)?;
+    typed.into_optimized()
 }
 
 /// Checks that the model has a single input whose declared type and shape can take
@@ -479,9 +669,12 @@ fn find_outputs(model: &InferenceModel) -> Result<(OutletId, OutletId), EncoderE
 }
 
 /// Checks the optimised model's outputs (`[embedding, weight_logit]`, in that order) and
-/// returns D.
+/// returns D. f16 outputs (of an f16-converted model) count as f32: `run` converts them.
 fn check_outputs(model: &TypedModel, height: u32, width: u32) -> Result<usize, EncoderError> {
     let describe = |fact: &TypedFact| format!("{:?}{}", fact.datum_type, shape_string(fact));
+    let float = |fact: &TypedFact| {
+        fact.datum_type == f32::datum_type() || fact.datum_type == f16::datum_type()
+    };
     let fact = |ix: usize| {
         model
             .output_fact(ix)
@@ -494,7 +687,7 @@ fn check_outputs(model: &TypedModel, height: u32, width: u32) -> Result<usize, E
 
     let emb = fact(0)?;
     let dim = match emb.shape.as_concrete() {
-        Some(&[1, d]) if d > 0 && emb.datum_type == f32::datum_type() => d,
+        Some(&[1, d]) if d > 0 && float(emb) => d,
         _ => {
             return Err(EncoderError::OutputShape {
                 name: EMBEDDING_OUTPUT,
@@ -508,7 +701,7 @@ fn check_outputs(model: &TypedModel, height: u32, width: u32) -> Result<usize, E
         .shape
         .as_concrete()
         .is_some_and(|s| s.iter().product::<usize>() == 1);
-    if !single || wl.datum_type != f32::datum_type() {
+    if !single || !float(wl) {
         return Err(EncoderError::OutputShape {
             name: WEIGHT_LOGIT_OUTPUT,
             expected: "a single f32 value (f32[1,1])",

@@ -20,6 +20,7 @@ pub mod labels;
 pub mod onnx;
 pub mod pattern;
 pub mod pipeline;
+pub mod precision;
 pub mod preprocess;
 pub mod quantize;
 pub mod runtime;

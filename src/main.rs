@@ -8,7 +8,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use clipact::bundle::Bundle;
-use clipact::encoder::Encoder;
+use clipact::encoder::{Encoder, EncoderOptions, Precision};
+use clipact::pattern::PatternSource;
+use clipact::precision::{self, PrecisionCache, PrecisionChoice, Selection};
+use clipact::preprocess::Preprocessor;
+use clipact::wti::{LabelMatrix, WindowScorer};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
@@ -61,16 +65,18 @@ struct BenchArgs {
     /// Model bundle directory.
     #[arg(long)]
     bundle: PathBuf,
-    /// Encoder precision; this build runs `f32`.
+    /// Encoder precision: `f32`, `f16` (converted at load), `int8` (the bundle's int8 file) or
+    /// `auto` (what `clipact run` would pick: measured once on this CPU, then cached).
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Frames to time, after 5 warm-up frames.
     #[arg(long, default_value_t = 100)]
     frames: usize,
-    /// Inference threads; this build runs 1.
+    /// Threads for the encoder's matmuls.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object (`fps`, `p50_ms`, `p99_ms`, `peak_rss_mb`, `precision`,
+    /// `threads`, ...) instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -86,6 +92,9 @@ struct EmbedArgs {
     /// Output safetensors file: `embedding` f32[B,D], `weight_logit` f32[B,1].
     #[arg(long)]
     out: PathBuf,
+    /// Encoder precision: `f32`, `f16` or `int8` (the bundle's int8 file).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 fn main() -> Result<()> {
@@ -120,29 +129,32 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    if args.precision != "f32" {
-        bail!(
-            "--precision {}: this build runs f32 encoders only",
-            args.precision
-        );
-    }
-    if args.threads != 1 {
-        bail!(
-            "--threads {}: this build runs the encoder on 1 thread",
-            args.threads
-        );
-    }
     if args.frames == 0 {
         bail!("--frames must be at least 1");
     }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let choice: PrecisionChoice = args.precision.parse().map_err(anyhow::Error::msg)?;
     let bundle = open_bundle(&args.bundle)?;
-    let size = bundle.manifest.input.size;
-    let mut encoder = Encoder::load(&bundle.encoder_path(), size, size)?;
-    let pixels: Vec<f32> = (0..encoder.input_len())
-        .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
-        .collect();
+    let cache = PrecisionCache::default_location();
+    let load_start = Instant::now();
+    let (mut encoder, selection) =
+        precision::open_encoder(&bundle, choice, args.threads, cache.as_ref())
+            .with_context(|| format!("loading the encoder of {}", args.bundle.display()))?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let how = match &selection {
+        Selection::Fixed(_) => "fixed",
+        Selection::Cached(_) => "auto (cached)",
+        Selection::Measured(_) => "auto (measured now)",
+    };
+
+    // The encoder alone: WARM_UP frames, then `frames` timed one by one.
+    let pixels = precision::bench_pixels(encoder.input_len());
     let mut embedding = vec![0.0; encoder.dim()];
-    for _ in 0..5 {
+    const WARM_UP: usize = 5;
+    tracing::info!(precision = %encoder.precision(), threads = args.threads, frames = args.frames, "timing the encoder");
+    for _ in 0..WARM_UP {
         encoder.run(&pixels, &mut embedding)?;
     }
     let mut latencies_ms = Vec::with_capacity(args.frames);
@@ -153,27 +165,153 @@ fn bench(args: BenchArgs) -> Result<()> {
         latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let fps = args.frames as f64 / start.elapsed().as_secs_f64();
-    latencies_ms.sort_by(f64::total_cmp);
-    let percentile = |p: f64| latencies_ms[((latencies_ms.len() - 1) as f64 * p).round() as usize];
+    let encoder_stats = Percentiles::of(&mut latencies_ms);
+    let gflops = encoder
+        .macs_per_frame()
+        .map(|macs| 2.0 * macs as f64 * fps / 1e9);
+
+    // The rest of the pipeline on a VGA camera frame: preprocessing, then WTI scoring and
+    // the per-label threshold decisions against the bundle's label set.
+    let beyond = pipeline_beyond_encoder(&bundle, &mut encoder, args.frames.min(200))?;
     let peak_rss_mb = peak_rss_mb().unwrap_or(f64::NAN);
+    let precision = encoder.precision();
     if args.json {
         println!(
             "{}",
-            json!({"fps": fps, "p50_ms": percentile(0.5), "p99_ms": percentile(0.99), "peak_rss_mb": peak_rss_mb,
-                   "precision": args.precision, "threads": args.threads, "frames": args.frames,
-                   "bundle": args.bundle.display().to_string()})
+            json!({
+                "fps": fps, "p50_ms": encoder_stats.p50, "p99_ms": encoder_stats.p99,
+                "mean_ms": encoder_stats.mean, "peak_rss_mb": peak_rss_mb,
+                "precision": precision.name(), "selection": how, "threads": args.threads,
+                "frames": args.frames, "load_ms": load_ms,
+                "macs_per_frame": encoder.macs_per_frame(), "gflops": gflops,
+                "pipeline": {
+                    "frame": format!("{}x{} rgb8", BENCH_FRAME.0, BENCH_FRAME.1),
+                    "labels": bundle.labels.labels.len(),
+                    "label_tokens": bundle.labels.total_tokens(),
+                    "preprocess_p50_ms": beyond.preprocess.p50,
+                    "scoring_p50_ms": beyond.scoring.p50,
+                    "beyond_encoder_p50_ms": beyond.total.p50,
+                    "beyond_encoder_p99_ms": beyond.total.p99,
+                    "fps_with_encoder": 1e3 / (beyond.total.mean + encoder_stats.mean),
+                },
+                "cpu": precision::cpu_description().split("; flags").next().unwrap_or(""),
+                "bundle": args.bundle.display().to_string(),
+            })
         );
     } else {
+        println!("bundle     {} ({} encoder, {how})", args.bundle.display(), precision);
         println!(
-            "{}: {fps:.1} fps, p50 {:.3} ms, p99 {:.3} ms, peak RSS {peak_rss_mb:.1} MB ({}, {} thread)",
-            args.bundle.display(),
-            percentile(0.5),
-            percentile(0.99),
-            args.precision,
-            args.threads
+            "encoder    {fps:.1} fps, p50 {:.3} ms, p99 {:.3} ms, mean {:.3} ms ({} thread{}, {} frames)",
+            encoder_stats.p50,
+            encoder_stats.p99,
+            encoder_stats.mean,
+            args.threads,
+            if args.threads == 1 { "" } else { "s" },
+            args.frames
         );
+        if let (Some(macs), Some(gflops)) = (encoder.macs_per_frame(), gflops) {
+            println!(
+                "compute    {:.3} GMAC/frame, {gflops:.1} GFLOP/s",
+                macs as f64 / 1e9
+            );
+        }
+        println!(
+            "pipeline   beyond the encoder p50 {:.3} ms (preprocess {}x{} {:.3} ms, WTI + decisions over {} labels {:.3} ms); {:.1} fps with the encoder",
+            beyond.total.p50,
+            BENCH_FRAME.0,
+            BENCH_FRAME.1,
+            beyond.preprocess.p50,
+            bundle.labels.labels.len(),
+            beyond.scoring.p50,
+            1e3 / (beyond.total.mean + encoder_stats.mean)
+        );
+        println!("memory     peak RSS {peak_rss_mb:.1} MB (load {load_ms:.0} ms)");
     }
     Ok(())
+}
+
+/// The camera frame size `bench` preprocesses (VGA, what a UVC webcam gives by default).
+const BENCH_FRAME: (u32, u32) = (640, 480);
+
+/// Median, 99th percentile and mean of a set of latencies (ms).
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+impl Percentiles {
+    fn of(values: &mut [f64]) -> Self {
+        values.sort_by(f64::total_cmp);
+        let at = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
+        Self {
+            p50: at(0.5),
+            p99: at(0.99),
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+        }
+    }
+}
+
+/// Per-frame cost of the pipeline beyond the encoder (ms).
+struct BeyondEncoder {
+    preprocess: Percentiles,
+    scoring: Percentiles,
+    total: Percentiles,
+}
+
+/// Times preprocessing of a [`BENCH_FRAME`] RGB frame and WTI scoring with per-label
+/// threshold decisions, `frames` times; the encoder runs between them (untimed) so the
+/// window holds real embeddings.
+fn pipeline_beyond_encoder(
+    bundle: &Bundle,
+    encoder: &mut Encoder,
+    frames: usize,
+) -> Result<BeyondEncoder> {
+    let manifest = &bundle.manifest;
+    let mut preprocessor = Preprocessor::new(manifest.preprocess_config());
+    let interaction = manifest.interaction().map_err(anyhow::Error::msg)?;
+    let mut scorer = WindowScorer::new(
+        LabelMatrix::new(&bundle.labels),
+        manifest.window.frames as usize,
+        interaction,
+    )?;
+    let thresholds: Vec<f32> = bundle
+        .labels
+        .labels
+        .iter()
+        .map(|l| l.threshold.unwrap_or(clipact::pipeline::DEFAULT_THRESHOLD))
+        .collect();
+    let mut active = vec![false; thresholds.len()];
+    let mut source = PatternSource::new(BENCH_FRAME.0, BENCH_FRAME.1, 30, 1);
+    let mut pixels = vec![0.0f32; preprocessor.output_len()];
+    let mut embedding = vec![0.0f32; encoder.dim()];
+    let (mut pre, mut scoring, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..frames {
+        let (frame, _) = source.next_frame();
+        let t0 = Instant::now();
+        preprocessor.run(&frame, &mut pixels)?;
+        let t1 = Instant::now();
+        let logit = encoder.run(&pixels, &mut embedding)?;
+        let t2 = Instant::now();
+        let scores = scorer.push(&embedding, logit)?;
+        let mut changed = 0usize;
+        for ((&score, &threshold), on) in scores.iter().zip(&thresholds).zip(active.iter_mut()) {
+            let now = score >= threshold;
+            changed += usize::from(now != *on);
+            *on = now;
+        }
+        std::hint::black_box(changed);
+        let t3 = Instant::now();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        pre.push(ms(t1 - t0));
+        scoring.push(ms(t3 - t2));
+        total.push(ms(t1 - t0) + ms(t3 - t2));
+    }
+    Ok(BeyondEncoder {
+        preprocess: Percentiles::of(&mut pre),
+        scoring: Percentiles::of(&mut scoring),
+        total: Percentiles::of(&mut total),
+    })
 }
 
 /// Peak resident set size of this process (`VmHWM`), in MiB.
@@ -203,7 +341,12 @@ fn embed(args: EmbedArgs) -> Result<()> {
         );
     }
     let (batch, height, width) = (shape[0], shape[2] as u32, shape[3] as u32);
-    let mut encoder = Encoder::load(&bundle.encoder_path(), height, width)?;
+    let path = precision::encoder_path(&bundle, args.precision)?;
+    let options = EncoderOptions {
+        precision: args.precision,
+        threads: 1,
+    };
+    let mut encoder = Encoder::load_with(&path, height, width, &options)?;
     let values: Vec<f32> = pixels
         .data()
         .chunks_exact(4)
