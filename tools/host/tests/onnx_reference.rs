@@ -54,6 +54,19 @@ pub fn label_set(dim: usize, space: &str) -> LabelSet {
     }
 }
 
+/// Whether onnxruntime's u8×s8 int8 kernels may saturate here: an x86 CPU without VNNI
+/// (TRAPS.md). `CLIPACT_ASSUME_NO_VNNI=1` takes that path on any machine.
+fn saturating_onnxruntime() -> bool {
+    if std::env::var_os("CLIPACT_ASSUME_NO_VNNI").is_some() {
+        return true;
+    }
+    if !cfg!(target_arch = "x86_64") {
+        return false;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    !(cpuinfo.contains("avx512_vnni") || cpuinfo.contains("avx_vnni"))
+}
+
 fn python_check(args: &[&str]) -> serde_json::Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../onnx_check.py");
     let out = Command::new("python3").arg(script).args(args).output().unwrap_or_else(|e| {
@@ -121,12 +134,35 @@ fn exported_bundle_passes_onnx_checker_and_onnxruntime() {
         "--atol",
         "1e-4",
         "--min-cosine",
-        "0.99",
+        if saturating_onnxruntime() { "-1" } else { "0.99" },
     ]);
     assert_eq!(report["f32"]["checker"], "ok");
     assert_eq!(report["int8"]["checker"], "ok");
     assert!(report["f32"]["embedding_max_abs_err"].as_f64().unwrap() <= 1e-4, "{report}");
-    assert!(report["int8"]["embedding_min_cosine"].as_f64().unwrap() >= 0.99, "{report}");
+    let int8_cosine = report["int8"]["embedding_min_cosine"].as_f64().unwrap();
+    if saturating_onnxruntime() {
+        // TRAPS.md: onnxruntime's u8×s8 kernels saturate on x86 without VNNI, so the 8-bit
+        // file only has to load and run there; 7-bit weights (`reduce_range`) cannot
+        // saturate, so that variant must agree.
+        eprintln!("x86 CPU without VNNI: 8-bit int8 file cosine {int8_cosine:.5} (not asserted); checking the 7-bit variant");
+        assert!(int8_cosine.is_finite(), "{report}");
+        let reduced = dir.path().join("encoder.int8.reduced.onnx");
+        let opts = clipact::quantize::QuantizeOptions { reduce_range: true, ..Default::default() };
+        clipact::quantize::quantize_file(&bundle.join(export::ENCODER_FILE), &reduced, &opts).unwrap();
+        let report = python_check(&[
+            "--model",
+            &path(&bundle.join(export::ENCODER_FILE)),
+            "--int8",
+            &path(&reduced),
+            "--pixels",
+            &path(&px),
+            "--expect",
+            &path(&expect),
+        ]);
+        assert!(report["int8"]["embedding_min_cosine"].as_f64().unwrap() >= 0.99, "{report}");
+    } else {
+        assert!(int8_cosine >= 0.99, "{report}");
+    }
     let ops: Vec<&str> = report["int8"]["ops"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     for op in ["MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"] {
         assert!(ops.contains(&op), "{op} missing from the int8 file: {ops:?}");
