@@ -404,3 +404,19 @@ fn clip_fingerprint_is_the_same_on_every_platform() {
 }
 
 const GOLDEN: u64 = 0x51cc_d1eb_4df7_9e3d;
+
+#[test]
+fn odd_sizes_and_frame_counts_render() {
+    for (size, frames) in [(1u32, 1usize), (2, 3), (7, 2), (33, 1), (16, 0)] {
+        let clip = render_clip(Split::Ood, idx("falling_down"), 1, &cfg(size, frames));
+        assert_eq!(clip.frames.len(), frames);
+        assert_eq!(clip.captions.len(), frames);
+        assert!(clip
+            .frames
+            .iter()
+            .all(|f| f.len() == (size * size * 3) as usize));
+    }
+    let mut stream = WorldStream::new(0, Split::Train, 5);
+    assert_eq!(stream.next_frame().0.data.len(), 5 * 5 * 3);
+    assert!(format!("{stream:?}").contains("frame_index: 1"));
+}
