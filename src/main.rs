@@ -32,6 +32,39 @@ enum Command {
     Bench(BenchArgs),
     /// Run the bundle's encoder on `pixel_values` from a safetensors file.
     Embed(EmbedArgs),
+    /// Accuracy (top-1, top-5, per class) of a bundle on labelled clips of the synthetic world.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    clipact eval --bundle models/world-demo --source synthetic:seed=1,split=id --clips 150\n  \
+    clipact eval --bundle models/world-demo --source synthetic:split=zeroshot --json")]
+struct EvalArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Labelled clips: `synthetic:seed=N,split=id|ood|zeroshot` (the synthetic action world;
+    /// `id`/`ood` hold the trained actions in seen/unseen appearance, `zeroshot` held-out ones).
+    #[arg(long)]
+    source: String,
+    /// Number of clips, spread evenly over the split's actions (one window of the bundle's
+    /// `window.frames` frames each).
+    #[arg(long, default_value_t = 100)]
+    clips: usize,
+    /// Interaction head: `wti` (the bundle's default), `ti` or `mean`.
+    #[arg(long)]
+    interaction: Option<String>,
+    /// Candidate labels: `split` (the split's actions; zeroshot: only the held-out actions) or
+    /// `all` (every label of the set, as a running device chooses).
+    #[arg(long, default_value = "split")]
+    labels: String,
+    /// Encoder precision: `f32` or `int8` (the bundle's int8 file).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Print one JSON object (`top1`, `top5`, `per_class`, ...) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Default)]
@@ -111,6 +144,7 @@ fn main() -> Result<()> {
         Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => bench(args),
         Some(Command::Embed(args)) => embed(args),
+        Some(Command::Eval(args)) => eval(args),
     }
 }
 
@@ -376,5 +410,54 @@ fn embed(args: EmbedArgs) -> Result<()> {
     ];
     safetensors::serialize_to_file(views, None, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use clipact::eval::{evaluate, Candidates, EvalOptions, SyntheticSource};
+    let source: SyntheticSource = args.source.parse()?;
+    let candidates = match args.labels.as_str() {
+        "split" => Candidates::Split,
+        "all" => Candidates::All,
+        other => bail!("--labels {other}: expected `split` or `all`"),
+    };
+    anyhow::ensure!(args.clips > 0, "--clips must be at least 1");
+    let int8 = match args.precision.as_str() {
+        "f32" => false,
+        "int8" => true,
+        other => bail!("--precision {other}: expected f32 or int8"),
+    };
+    let bundle = Bundle::open(&args.bundle).with_context(|| format!("opening bundle {}", args.bundle.display()))?;
+    let interaction = match &args.interaction {
+        Some(i) => i.parse().map_err(|e: String| anyhow::anyhow!("--interaction: {e}"))?,
+        None => bundle.manifest.interaction().map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    let opts = EvalOptions { source, clips: args.clips, interactions: vec![interaction], candidates, int8 };
+    let start = Instant::now();
+    let report = evaluate(&bundle, &opts, &mut |done, total| {
+        if done % 50 == 0 || done == total {
+            tracing::info!("{done}/{total} clips");
+        }
+    })?
+    .remove(0);
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["per_class"] = report.per_class.iter().map(|c| (c.label.clone(), json!(c.top1))).collect::<serde_json::Map<_, _>>().into();
+        v["seconds"] = json!(start.elapsed().as_secs_f64());
+        println!("{v}");
+    } else {
+        println!(
+            "{} split, {} clips, {} ({}): top-1 {:.1} %, top-5 {:.1} %",
+            report.split,
+            report.clips,
+            report.interaction,
+            report.precision,
+            report.top1 * 100.0,
+            report.top5 * 100.0
+        );
+        for c in &report.per_class {
+            println!("  {:<20} {:>4} clips  {:>5.1} %", c.label, c.clips, c.top1 * 100.0);
+        }
+    }
     Ok(())
 }

@@ -3,15 +3,21 @@
 //!
 //! The binary `clipact-host` is a thin command-line layer over these modules.
 
+pub mod adapt;
 pub mod clip;
 pub mod dataset;
 pub mod dev;
+pub mod distill;
 pub mod embed;
+pub mod eval;
 pub mod export;
 pub mod labelset;
+pub mod pretrain;
 pub mod quantize;
 pub mod student;
 pub mod tokenizer;
+pub mod train;
+pub mod wti_train;
 
 use candle_core::Device;
 

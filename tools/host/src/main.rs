@@ -69,6 +69,16 @@ enum Command {
     // `quantize` and `export` take their help texts from their argument structs.
     Quantize(clipact_host::quantize::QuantizeArgs),
     Export(clipact_host::export::ExportArgs),
+    /// Pre-train a small CLIP teacher on the synthetic action world (contrastive image-text).
+    Pretrain(clipact_host::train::cli::PretrainArgs),
+    /// Distil a small student image encoder from the teacher's image embeddings.
+    Distill(clipact_host::train::cli::DistillArgs),
+    /// Train the WTI head (f_t, f_v, logit scale) on cached student embeddings.
+    Train(clipact_host::train::cli::TrainArgs),
+    /// Cross-modal few-shot adaptation of a label set (texts and K clips per label).
+    Adapt(clipact_host::train::cli::AdaptArgs),
+    /// Evaluate a bundle on the synthetic world: accuracy, confusion matrices, ablation report.
+    Eval(clipact_host::train::cli::EvalArgs),
     /// Developer helpers (random checkpoints for benchmarks).
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
@@ -221,6 +231,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ClipEmbed(a) => clip_embed(a, cli.device),
         Command::Labels(LabelsCommand::Build(a)) => labels_build(a, cli.device),
         Command::Labels(LabelsCommand::Show { file }) => labels_show(&file),
+        Command::Pretrain(a) => clipact_host::train::cli::run_pretrain(&a, cli.device),
+        Command::Distill(a) => clipact_host::train::cli::run_distill(&a, cli.device),
+        Command::Train(a) => clipact_host::train::cli::run_train(&a, cli.device),
+        Command::Adapt(a) => clipact_host::train::cli::run_adapt(&a, cli.device),
+        Command::Eval(a) => clipact_host::train::cli::run_eval(&a),
         Command::Quantize(a) => clipact_host::quantize::run_quantize(&a),
         Command::Export(a) => clipact_host::export::run_export(&a),
         Command::Dev(DevCommand::RandomClip { out, tokenizer, config, seed, f16 }) => {

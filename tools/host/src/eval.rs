@@ -1,0 +1,174 @@
+//! `eval`: accuracy of an exported bundle on the synthetic world, with the ablation report.
+//!
+//! The numbers come from [`clipact::eval`], the same code `clipact eval` runs on a device:
+//! the bundle's ONNX encoder in tract, the device's preprocessing and [`clipact::wti`]. So
+//! what this reports is what the shipped files do, not what the training graph did.
+//!
+//! Report (`--out`): `eval.json` (every number), `EVAL.md` (tables: per split top-1/top-5
+//! for mean pooling, TI and WTI; shipped precision vs f32; per-class accuracy; the temporal
+//! extension and the K-shot ablation when `train`/`adapt` reports are given),
+//! `confusion_<split>.png`, `ablation_interaction.png`, `adapt_kshot.png`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use clipact::bundle::Bundle;
+use clipact::eval::{evaluate, Candidates, EvalOptions, EvalReport, SyntheticSource};
+use clipact::world::Split;
+use clipact::wti::Interaction;
+use serde::Serialize;
+
+use crate::adapt::AdaptPoint;
+use crate::train::plot;
+use crate::wti_train::TrainReport;
+
+/// Settings of `eval`.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    /// Seed of the evaluation clips.
+    pub seed: u64,
+    /// Splits to evaluate.
+    pub splits: Vec<Split>,
+    /// Clips per split.
+    pub clips: usize,
+    /// Also evaluate with every label as a candidate (the device's view).
+    pub all_labels: bool,
+}
+
+/// Everything `eval` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FullReport {
+    /// The bundle.
+    pub bundle: String,
+    /// Per split, per interaction, f32.
+    pub results: Vec<EvalReport>,
+    /// WTI with every label as candidate, per split (when asked).
+    pub all_labels: Vec<EvalReport>,
+    /// WTI in the shipped precision (int8) per split, when the bundle has one.
+    pub shipped: Vec<EvalReport>,
+    /// `train`'s ablation (from its report), if given.
+    pub train: Option<TrainReport>,
+    /// `adapt`'s K-shot ablation, if given.
+    pub adapt: Option<Vec<AdaptPoint>>,
+}
+
+fn run(bundle: &Bundle, split: Split, seed: u64, clips: usize, interactions: Vec<Interaction>, candidates: Candidates, int8: bool, progress: bool) -> anyhow::Result<Vec<EvalReport>> {
+    let bar = if progress { crate::train::progress_bar(clips as u64, &format!("eval {split}{}", if int8 { " int8" } else { "" })) } else { indicatif::ProgressBar::hidden() };
+    let opts = EvalOptions { source: SyntheticSource { seed, split }, clips, interactions, candidates, int8 };
+    let r = evaluate(bundle, &opts, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok(r)
+}
+
+/// Runs the evaluation of `bundle_dir` and writes the report into `out`.
+pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path>, adapt: Option<&Path>, progress: bool) -> anyhow::Result<FullReport> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let bundle = Bundle::open(bundle_dir).with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let train: Option<TrainReport> = train
+        .map(|p| -> anyhow::Result<_> { Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?) })
+        .transpose()?;
+    let adapt: Option<Vec<AdaptPoint>> = adapt
+        .map(|p| -> anyhow::Result<_> { Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?) })
+        .transpose()?;
+    let mut report = FullReport { bundle: bundle_dir.display().to_string(), results: vec![], all_labels: vec![], shipped: vec![], train, adapt };
+    let all = vec![Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
+    for &split in &s.splits {
+        let r = run(&bundle, split, s.seed, s.clips, all.clone(), Candidates::Split, false, progress)?;
+        let wti = r.iter().find(|x| x.interaction == "wti").expect("wti evaluated");
+        let png = out.join(format!("confusion_{split}.png"));
+        plot::warn_on_error(&png, plot::plot_confusion(&png, &format!("{split}: WTI, top-1 {:.1} %", wti.top1 * 100.0), &wti.labels, &wti.confusion));
+        tracing::info!("{split}: mean {:.1} %, TI {:.1} %, WTI {:.1} %", r[0].top1 * 100.0, r[1].top1 * 100.0, r[2].top1 * 100.0);
+        report.results.extend(r);
+        if s.all_labels {
+            report.all_labels.extend(run(&bundle, split, s.seed, s.clips, vec![Interaction::WeightedTokenWise], Candidates::All, false, progress)?);
+        }
+        if bundle.manifest.encoder.int8_file.is_some() {
+            report.shipped.extend(run(&bundle, split, s.seed, s.clips, vec![Interaction::WeightedTokenWise], Candidates::Split, true, progress)?);
+        }
+    }
+    // Charts.
+    let cats: Vec<String> = s.splits.iter().map(|x| x.to_string()).collect();
+    let series: Vec<(String, Vec<f64>)> = ["mean", "ti", "wti"]
+        .iter()
+        .map(|i| {
+            let name = match *i { "mean" => "mean pooling", "ti" => "TI (unweighted)", _ => "WTI" };
+            (name.to_string(), s.splits.iter().map(|sp| report.results.iter().find(|r| r.interaction == *i && r.split == sp.to_string()).map_or(0.0, |r| r.top1)).collect())
+        })
+        .collect();
+    let png = out.join("ablation_interaction.png");
+    plot::warn_on_error(&png, plot::plot_bars(&png, "top-1 of the shipped bundle by interaction head", "top-1", &cats, &series));
+    if let Some(points) = &report.adapt {
+        let png = out.join("adapt_kshot.png");
+        let series = vec![
+            ("vision-only".to_string(), points.iter().map(|p| (p.shots as f64, p.vision_only)).collect()),
+            ("cross-modal".to_string(), points.iter().map(|p| (p.shots as f64, p.cross_modal)).collect()),
+        ];
+        plot::warn_on_error(&png, plot::plot_lines(&png, "few-shot adaptation (zero-shot actions)", "shots per label (K)", "top-1", &series));
+    }
+    std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+    std::fs::write(out.join("EVAL.md"), markdown(&report, s))?;
+    Ok(report)
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1} %", x * 100.0)
+}
+
+/// The report as markdown.
+pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "# Evaluation of `{}`\n", r.bundle);
+    let _ = writeln!(
+        m,
+        "Synthetic world, seed {}, {} clips per split (one window per clip), candidates = the split's actions. \
+         Computed by `clipact::eval` (tract encoder + device WTI), the code `clipact eval` runs.\n",
+        s.seed, s.clips
+    );
+    let _ = writeln!(m, "## Top-1 / top-5 by interaction head (f32)\n");
+    let _ = writeln!(m, "| split | mean pooling | TI (unweighted) | WTI | WTI top-5 |");
+    let _ = writeln!(m, "|---|---|---|---|---|");
+    for split in &s.splits {
+        let get = |i: &str| r.results.iter().find(|x| x.interaction == i && x.split == split.to_string());
+        if let (Some(a), Some(b), Some(c)) = (get("mean"), get("ti"), get("wti")) {
+            let _ = writeln!(m, "| {split} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(c.top5));
+        }
+    }
+    if !r.all_labels.is_empty() {
+        let _ = writeln!(m, "\n## WTI with every label as candidate (what a running device chooses among)\n");
+        let _ = writeln!(m, "| split | top-1 | top-5 |\n|---|---|---|");
+        for x in &r.all_labels {
+            let _ = writeln!(m, "| {} | {} | {} |", x.split, pct(x.top1), pct(x.top5));
+        }
+    }
+    if !r.shipped.is_empty() {
+        let _ = writeln!(m, "\n## Shipped precision vs f32 (WTI)\n");
+        let _ = writeln!(m, "| split | f32 | int8 | difference |\n|---|---|---|---|");
+        for x in &r.shipped {
+            if let Some(f) = r.results.iter().find(|y| y.interaction == "wti" && y.split == x.split) {
+                let _ = writeln!(m, "| {} | {} | {} | {:+.1} points |", x.split, pct(f.top1), pct(x.top1), (x.top1 - f.top1) * 100.0);
+            }
+        }
+    }
+    if let Some(t) = &r.train {
+        let _ = writeln!(m, "\n## Temporal extension (host-side, `train`'s id clips, candle head)\n");
+        let _ = writeln!(m, "| head | id top-1 |\n|---|---|");
+        for (v, a) in &t.id_top1 {
+            let _ = writeln!(m, "| {} | {} |", v.name(), pct(*a));
+        }
+        let _ = writeln!(m, "\nTraining loss of the WTI head: {:.3} (first 10 steps) → {:.3} (last 10).", t.loss_first_last.0, t.loss_first_last.1);
+    }
+    if let Some(points) = &r.adapt {
+        let _ = writeln!(m, "\n## Few-shot adaptation on the held-out actions (K clips per label)\n");
+        let _ = writeln!(m, "| K | vision-only | cross-modal |\n|---|---|---|");
+        for p in points {
+            let _ = writeln!(m, "| {} | {} | {} |", p.shots, pct(p.vision_only), pct(p.cross_modal));
+        }
+    }
+    let _ = writeln!(m, "\n## Per-class top-1 (WTI, f32)\n");
+    for x in r.results.iter().filter(|x| x.interaction == "wti") {
+        let _ = writeln!(m, "**{}**: {}\n", x.split, x.per_class.iter().map(|c| format!("{} {}", c.label, pct(c.top1))).collect::<Vec<_>>().join(", "));
+    }
+    let _ = writeln!(m, "Confusion matrices: `confusion_<split>.png`; interaction ablation: `ablation_interaction.png`; K-shot curve: `adapt_kshot.png`.");
+    m
+}

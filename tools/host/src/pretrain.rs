@@ -1,0 +1,488 @@
+//! `pretrain`: a small CLIP teacher trained contrastively on the synthetic world's frames and
+//! captions, written in Hugging Face layout (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) so that every other command loads it as it would a downloaded CLIP.
+//!
+//! A real user skips this and starts from a downloaded CLIP; it exists because no CLIP
+//! weights can be downloaded where clipact is developed and tested, and because it lets the
+//! whole recipe (teacher → label sets → student → head → bundle) run end to end in minutes.
+//!
+//! Data: every frame of the world's training clips is paired with a text, either its
+//! compositional pose caption ("a person standing, the right arm raised, facing left") or,
+//! with probability `--action-text-prob`, a prompt of its clip's action ("a video of a person
+//! waving", or a paraphrase). Held-out (zero-shot) actions never appear, neither as clips nor as
+//! texts: the teacher must compose them from the parts the captions taught it.
+//!
+//! Loss: CLIP's symmetric InfoNCE with identical texts in a batch merged into one class (a
+//! batch often holds the same caption twice; treating the copies as negatives of each other
+//! would push apart what should match).
+//!
+//! Tokenizer: a word-level `tokenizer.json` over the world's vocabulary (lower-cased,
+//! whitespace/punctuation split) with CLIP's special tokens, `<|startoftext|>` = V−2 and
+//! `<|endoftext|>` = V−1: the EOT is the largest id, as in OpenAI's vocabulary, and the config's
+//! `eos_token_id` names it, so pooling finds the first EOT with either rule of `clip.rs`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use clipact::world::{self, RenderConfig, Split};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{ClipConfig, ClipModel, CONFIG_FILE, WEIGHTS_FILE};
+use crate::tokenizer::{ClipTokenizer, TOKENIZER_FILE};
+use crate::train::checkpoint::{self, CheckpointMeta};
+use crate::train::data::{self, WORLD_TEMPLATES};
+use crate::train::head::l2_normalize;
+use crate::train::optim::{decay_groups, warmup_cosine, AdamConfig, AdamW};
+use crate::train::plot::{self, EvalPoint, History, StepPoint};
+use crate::train::rng::Rng;
+
+/// Geometry and recipe of `pretrain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainOptions {
+    /// Seed of the data, the initialisation and the batch order.
+    pub seed: u64,
+    /// Training clips per seen action.
+    pub clips_per_action: usize,
+    /// Frames per clip.
+    pub frames: usize,
+    /// Frame side in pixels (the model's `image_size`).
+    pub image_size: usize,
+    /// Vision patch side.
+    pub patch_size: usize,
+    /// Vision width.
+    pub vision_width: usize,
+    /// Vision depth.
+    pub vision_layers: usize,
+    /// Text width.
+    pub text_width: usize,
+    /// Text depth.
+    pub text_layers: usize,
+    /// Attention heads (both towers).
+    pub heads: usize,
+    /// Joint embedding dimension `D`.
+    pub projection_dim: usize,
+    /// Text context length (SOT and EOT included).
+    pub context_length: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Frames per batch.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// AdamW decay of the matrices.
+    pub weight_decay: f64,
+    /// Gradient clipping (global norm).
+    pub max_grad_norm: f64,
+    /// Probability that a frame is paired with its action's prompt instead of its caption.
+    pub action_text_prob: f64,
+    /// Stop after this many steps as if interrupted (the checkpoint resumes to the full
+    /// `steps`); not part of the run's settings.
+    #[serde(skip)]
+    pub stop_after: Option<u64>,
+}
+
+impl Default for PretrainOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            clips_per_action: 40,
+            frames: 8,
+            image_size: 32,
+            patch_size: 8,
+            vision_width: 64,
+            vision_layers: 3,
+            text_width: 64,
+            text_layers: 2,
+            heads: 2,
+            projection_dim: 64,
+            context_length: 32,
+            steps: 500,
+            batch_size: 64,
+            lr: 1e-3,
+            warmup: 50,
+            weight_decay: 0.1,
+            max_grad_norm: 1.0,
+            action_text_prob: 0.3,
+            stop_after: None,
+        }
+    }
+}
+
+const UNK: &str = "<|unk|>";
+const SOT: &str = "<|startoftext|>";
+const EOT: &str = "<|endoftext|>";
+
+/// Splits text as the generated tokenizer does: lower case, runs of word characters, runs of
+/// other non-space characters.
+pub fn words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut cur_word: Option<bool> = None;
+    for ch in text.to_lowercase().chars() {
+        if ch.is_whitespace() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            cur_word = None;
+            continue;
+        }
+        let is_word = ch.is_alphanumeric() || ch == '_';
+        if cur_word.is_some_and(|w| w != is_word) && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        cur.push(ch);
+        cur_word = Some(is_word);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// A word-level CLIP-style `tokenizer.json` over `vocabulary` (deduplicated, sorted): id 0 is
+/// `<|unk|>`, then the words, then `<|startoftext|>` and `<|endoftext|>` (the largest id).
+pub fn word_level_tokenizer_json(vocabulary: &BTreeSet<String>) -> serde_json::Value {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert(UNK.into(), 0.into());
+    for (i, w) in vocabulary.iter().enumerate() {
+        vocab.insert(w.clone(), (i + 1).into());
+    }
+    let sot = vocabulary.len() + 1;
+    let eot = vocabulary.len() + 2;
+    vocab.insert(SOT.into(), sot.into());
+    vocab.insert(EOT.into(), eot.into());
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, UNK), special(sot, SOT), special(eot, EOT)],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK}
+    })
+}
+
+/// The HF `config.json` of the teacher.
+pub fn teacher_config_json(o: &PretrainOptions, vocab_size: usize) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": o.projection_dim,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {
+            "vocab_size": vocab_size, "hidden_size": o.text_width, "intermediate_size": 4 * o.text_width,
+            "num_hidden_layers": o.text_layers, "num_attention_heads": o.heads,
+            "max_position_embeddings": o.context_length, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1
+        },
+        "vision_config": {
+            "hidden_size": o.vision_width, "intermediate_size": 4 * o.vision_width,
+            "num_hidden_layers": o.vision_layers, "num_attention_heads": o.heads, "num_channels": 3,
+            "image_size": o.image_size, "patch_size": o.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+        },
+        "clipact": {"made_by": "clipact-host pretrain", "data": "clipact::world (synthetic)"}
+    })
+}
+
+/// Initial value of a CLIP parameter (transformers' `CLIPPreTrainedModel._init_weights`).
+fn init_param(name: &str, shape: &[usize], c: &ClipConfig, rng: &mut Rng, dev: &Device) -> anyhow::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let (width, layers) = if name.starts_with("text_model") || name == "text_projection.weight" {
+        (c.text.hidden_size as f64, c.text.num_hidden_layers as f64)
+    } else {
+        (c.vision.hidden_size as f64, c.vision.num_hidden_layers as f64)
+    };
+    let is_norm = ["layer_norm", "layernorm", "layrnorm"].iter().any(|k| name.contains(k));
+    let std = if name.ends_with(".bias") {
+        0.0
+    } else if is_norm {
+        return Ok(Tensor::ones(shape, DType::F32, dev)?);
+    } else if name.ends_with("token_embedding.weight") {
+        0.02
+    } else if name.ends_with("position_embedding.weight") {
+        if name.starts_with("text") { 0.01 } else { 0.02 }
+    } else if name.ends_with("class_embedding") || name.ends_with("projection.weight") {
+        width.powf(-0.5)
+    } else if name.contains("patch_embedding") {
+        0.02
+    } else if name.contains("self_attn") || name.ends_with("fc2.weight") {
+        width.powf(-0.5) * (2.0 * layers).powf(-0.5)
+    } else if name.ends_with("fc1.weight") {
+        (2.0 * width).powf(-0.5)
+    } else {
+        anyhow::bail!("no initialisation rule for `{name}`")
+    };
+    Ok(Tensor::from_vec(rng.normals(n, std), shape, dev)?)
+}
+
+/// One training pair: frame `frame` of clip `clip`, and its text.
+struct Pair {
+    clip: usize,
+    frame: usize,
+    text: usize,
+}
+
+/// Runs `pretrain` into `out` (resuming from its checkpoint when `resume`). Returns the history.
+pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
+    ensure!(o.image_size % o.patch_size == 0, "--image-size {} is not a multiple of --patch-size {}", o.image_size, o.patch_size);
+    ensure!(o.vision_width % o.heads == 0 && o.text_width % o.heads == 0, "widths must be multiples of --heads {}", o.heads);
+    ensure!(o.batch_size >= 2 && o.steps > 0 && o.clips_per_action > 0, "need --batch-size >= 2, --steps > 0 and clips");
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let cfg = RenderConfig { size: o.image_size as u32, frames: o.frames };
+    let seen = world::actions_in(Split::Train);
+    tracing::info!("rendering {} clips of {} seen actions", seen.len() * o.clips_per_action, seen.len());
+    let clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.seed, &cfg, progress);
+
+    // Texts: every distinct caption, then every action prompt and paraphrase of seen actions.
+    let mut texts: Vec<String> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut intern = |t: &str, texts: &mut Vec<String>| -> usize {
+        *index.entry(t.to_owned()).or_insert_with(|| {
+            texts.push(t.to_owned());
+            texts.len() - 1
+        })
+    };
+    let mut caption_ids = Vec::new();
+    for c in &clips {
+        caption_ids.push(c.captions.iter().map(|t| intern(t, &mut texts)).collect::<Vec<_>>());
+    }
+    let mut action_texts: HashMap<usize, Vec<usize>> = HashMap::new();
+    for &a in &seen {
+        let act = &world::ACTIONS[a];
+        let mut ids = Vec::new();
+        for t in WORLD_TEMPLATES {
+            ids.push(intern(&t.replace("{}", act.description), &mut texts));
+        }
+        for p in act.paraphrases {
+            ids.push(intern(p, &mut texts));
+        }
+        action_texts.insert(a, ids);
+    }
+
+    // Vocabulary: every word of every text the world can produce for training or labels (the
+    // held-out actions' descriptions included: their words exist, their sentences were never
+    // trained on).
+    let mut vocabulary: BTreeSet<String> = BTreeSet::new();
+    for t in &texts {
+        vocabulary.extend(words(t));
+    }
+    for act in world::ACTIONS {
+        vocabulary.extend(words(act.description));
+        for p in act.paraphrases {
+            vocabulary.extend(words(p));
+        }
+    }
+    for t in WORLD_TEMPLATES.iter().chain(crate::labelset::DEFAULT_TEMPLATES) {
+        vocabulary.extend(words(&t.replace("{}", "")));
+    }
+    let vocab_size = vocabulary.len() + 3;
+    let tokenizer_path = out.join(TOKENIZER_FILE);
+    std::fs::write(&tokenizer_path, serde_json::to_string_pretty(&word_level_tokenizer_json(&vocabulary))?)
+        .with_context(|| format!("writing {}", tokenizer_path.display()))?;
+    let config_json = teacher_config_json(o, vocab_size);
+    let config_path = out.join(CONFIG_FILE);
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config_json)? + "\n")?;
+    let config = ClipConfig::from_dir(out)?;
+    let tokenizer = ClipTokenizer::from_dir(out, o.context_length)?;
+    let text_ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t).map(|x| x.ids)).collect::<anyhow::Result<_>>()?;
+    tracing::info!("{} distinct texts, vocabulary of {vocab_size} tokens", texts.len());
+
+    // Pairs: each frame with its caption, plus (with probability p) with an action prompt.
+    let mut rng = Rng::new(o.seed, 0xDA7A);
+    let mut pairs = Vec::new();
+    for (ci, c) in clips.iter().enumerate() {
+        for f in 0..c.frames.len() {
+            let text = if rng.uniform() < o.action_text_prob {
+                let ids = &action_texts[&c.action];
+                ids[rng.below(ids.len())]
+            } else {
+                caption_ids[ci][f]
+            };
+            pairs.push(Pair { clip: ci, frame: f, text });
+        }
+    }
+
+    // The model on a VarMap.
+    let varmap = VarMap::new();
+    let mut init_rng = Rng::new(o.seed, 0x1417);
+    let mut named_vars = Vec::new();
+    for (name, shape) in crate::dev::parameter_shapes(&config) {
+        if name == "logit_scale" {
+            continue;
+        }
+        let t = init_param(&name, &shape, &config, &mut init_rng, device)?;
+        let var = Var::from_tensor(&t)?;
+        varmap.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?.insert(name.clone(), var.clone());
+        named_vars.push((name, var));
+    }
+    let logit_scale = Var::from_tensor(&Tensor::new(&[(1.0f32 / 0.07).ln()], device)?)?;
+    named_vars.push(("logit_scale".into(), logit_scale.clone()));
+    let model = ClipModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let mut opt = AdamW::new(decay_groups(named_vars.clone(), o.weight_decay), AdamConfig::default())?;
+    let settings = serde_json::to_value(o)?;
+    let mut history = History::default();
+    let ckpt = out.join("checkpoint");
+    if resume && checkpoint::exists(&ckpt) {
+        let meta = checkpoint::restore(&ckpt, "pretrain", &settings, &mut opt, device)?;
+        tracing::info!("resuming pretrain at step {}", meta.step);
+        history = meta.history;
+    }
+
+    let bar = if progress { crate::train::progress_bar(o.steps, "pretrain") } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(opt.steps());
+    let per_epoch = pairs.len() / o.batch_size;
+    ensure!(per_epoch > 0, "{} pairs are fewer than one batch of {}", pairs.len(), o.batch_size);
+    let mut order: Vec<usize> = Vec::new();
+    let mut order_epoch = u64::MAX;
+    let mut window = (0f64, 0f64, 0usize);
+    while opt.steps() < o.steps && o.stop_after.is_none_or(|s| opt.steps() < s) {
+        let step = opt.steps();
+        let epoch = step / per_epoch as u64;
+        if epoch != order_epoch {
+            order = (0..pairs.len()).collect();
+            Rng::new(o.seed, 0xE90C + epoch).shuffle(&mut order);
+            order_epoch = epoch;
+        }
+        let start = (step % per_epoch as u64) as usize * o.batch_size;
+        let batch: Vec<&Pair> = order[start..start + o.batch_size].iter().map(|&i| &pairs[i]).collect();
+        let frames: Vec<&[u8]> = batch.iter().map(|p| clips[p.clip].frames[p.frame].as_slice()).collect();
+        let px = data::pixels(&frames, o.image_size as u32, device)?;
+        // Distinct texts of the batch and each frame's index among them.
+        let mut uniq: Vec<usize> = Vec::new();
+        let mut target = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let pos = uniq.iter().position(|&u| u == p.text).unwrap_or_else(|| {
+                uniq.push(p.text);
+                uniq.len() - 1
+            });
+            target.push(pos as u32);
+        }
+        let (loss, acc) = clip_loss(&model, &logit_scale, &px, &uniq.iter().map(|&u| text_ids[u].clone()).collect::<Vec<_>>(), &target, &tokenizer, device)?;
+        let grads = loss.backward()?;
+        let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
+        opt.step(&grads, lr, Some(o.max_grad_norm))?;
+        // CLIP clamps the temperature at 100.
+        let ls = logit_scale.as_tensor().clamp(0f32, 100f32.ln())?;
+        logit_scale.set(&ls)?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        history.steps.push(StepPoint { step: step + 1, loss: loss_v, lr });
+        window = (window.0 + loss_v, window.1 + acc, window.2 + 1);
+        bar.inc(1);
+        let every = (o.steps / 20).max(1);
+        if (step + 1) % every == 0 || step + 1 == o.steps {
+            let (l, a) = (window.0 / window.2 as f64, window.1 / window.2 as f64);
+            history.evals.push(EvalPoint { step: step + 1, metric: "batch text retrieval acc".into(), value: a });
+            bar.set_message(format!("loss {l:.3} acc {a:.3}"));
+            tracing::debug!("step {} loss {l:.4} acc {a:.3} lr {lr:.2e}", step + 1);
+            window = (0.0, 0.0, 0);
+            let meta = CheckpointMeta {
+                command: "pretrain".into(),
+                step: opt.steps(),
+                total_steps: o.steps,
+                seed: o.seed,
+                settings: settings.clone(),
+                history: history.clone(),
+            };
+            checkpoint::save(&ckpt, &opt, &meta)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // The checkpoint in HF layout.
+    let mut tensors: HashMap<String, Tensor> = named_vars
+        .iter()
+        .filter(|(n, _)| n != "logit_scale")
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.insert("logit_scale".into(), logit_scale.as_tensor().reshape(())?);
+    let weights = out.join(WEIGHTS_FILE);
+    candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("writing {}", weights.display()))?;
+    std::fs::write(out.join("history.json"), serde_json::to_string(&history)?)?;
+    let png = out.join("pretrain_curves.png");
+    plot::warn_on_error(&png, plot::plot_history(&png, "pretrain: contrastive image-text on the synthetic world", &history));
+    Ok(history)
+}
+
+/// The symmetric contrastive loss of images `px` against distinct texts `texts`, where image
+/// `b`'s text is `target[b]`; returns the loss and the image→text accuracy.
+fn clip_loss(
+    model: &ClipModel,
+    logit_scale: &Var,
+    px: &Tensor,
+    texts: &[Vec<u32>],
+    target: &[u32],
+    tokenizer: &ClipTokenizer,
+    device: &Device,
+) -> anyhow::Result<(Tensor, f64)> {
+    let img = model.visual_projection.forward(&model.vision_model.forward(px)?.pooled)?;
+    let len = texts.iter().map(Vec::len).max().unwrap_or(2);
+    let (ids, mask): (Vec<Vec<u32>>, Vec<Vec<u32>>) = texts.iter().map(|t| tokenizer.pad(t, len)).unzip();
+    let txt = model.text_projection.forward(&model.text_model.forward(&ids, &mask, device)?.pooled)?;
+    let logits = l2_normalize(&img)?
+        .matmul(&l2_normalize(&txt)?.t()?)?
+        .broadcast_mul(&logit_scale.as_tensor().exp()?)?; // [B, U]
+    let (b, u) = logits.dims2()?;
+    let tgt = Tensor::from_vec(target.to_vec(), b, device)?;
+    let i2t = candle_nn::loss::cross_entropy(&logits, &tgt)?;
+    // Text → image: each distinct text against all images, its own images as (equal) positives.
+    let mut pos = vec![0f32; u * b];
+    let mut counts = vec![0f32; u];
+    for (bi, &t) in target.iter().enumerate() {
+        pos[t as usize * b + bi] = 1.0;
+        counts[t as usize] += 1.0;
+    }
+    for (row, &c) in pos.chunks_exact_mut(b).zip(&counts) {
+        row.iter_mut().for_each(|x| *x /= c);
+    }
+    let pos = Tensor::from_vec(pos, (u, b), device)?;
+    let logp = candle_nn::ops::log_softmax(&logits.t()?, D::Minus1)?;
+    let t2i = (logp.mul(&pos)?.sum_all()?.neg()? / u as f64)?;
+    let loss = ((i2t + t2i)? * 0.5)?;
+    let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let acc = pred.iter().zip(target).filter(|(p, t)| p == t).count() as f64 / b as f64;
+    Ok((loss, acc))
+}
+
+/// Where `pretrain` writes by default.
+pub fn default_out() -> PathBuf {
+    PathBuf::from("runs/teacher")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_split_like_the_whitespace_pre_tokenizer() {
+        assert_eq!(words("A person, arms raised."), vec!["a", "person", ",", "arms", "raised", "."]);
+        assert_eq!(words("  it's "), vec!["it", "'", "s"]);
+    }
+
+    #[test]
+    fn generated_tokenizer_gives_clip_framing() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let vocab: BTreeSet<String> = ["a", "person", "waving", "."].iter().map(|s| s.to_string()).collect();
+        std::fs::write(dir.path().join(TOKENIZER_FILE), word_level_tokenizer_json(&vocab).to_string())?;
+        let tok = ClipTokenizer::from_dir(dir.path(), 8)?;
+        assert_eq!((tok.sot, tok.eot), (5, 6));
+        let ids = tok.encode("A person waving.")?.ids;
+        // ".": 1, "a": 2, "person": 3, "waving": 4 (sorted), unk 0.
+        assert_eq!(ids, vec![5, 2, 3, 4, 1, 6]);
+        assert_eq!(tok.encode("a person jumping")?.ids, vec![5, 2, 3, 0, 6]);
+        // EOT is the largest id and the config's eos: both pooling rules find the first EOT.
+        let (padded, _) = tok.pad(&ids, 8);
+        assert_eq!(crate::clip::eos_position(&padded, 6), 5);
+        Ok(())
+    }
+}

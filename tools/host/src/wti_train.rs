@@ -1,0 +1,273 @@
+//! `train`: the WTI head (`f_t`, `f_v`, logit scale; optionally the temporal extension) on
+//! windows of cached student frame embeddings, with one cross-entropy over the WTI logits of
+//! every seen action (`DESIGN.md` § WTI).
+//!
+//! The student is frozen here: each training clip is encoded once, then every epoch reuses
+//! the `[clips, T, D]` embeddings, which is what makes head training take seconds on a CPU.
+//! The label side is the teacher's text tokens of each action under [`WORLD_TEMPLATES`],
+//! combined exactly as `labels build --head` combines them.
+//!
+//! Outputs in `--out`: `head.safetensors` (`f_t.*` for `labels build --head`, `frame_weight.*`,
+//! `logit_scale`, `temporal.weight`), `student/` (the student with the trained `f_v`, ready to
+//! export), `train_report.json` (the ablation on `id` clips: mean pooling, TI, WTI, WTI +
+//! temporal), curves and a checkpoint that resumes.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context};
+use candle_core::{Device, Tensor, D};
+use clipact::world::{self, RenderConfig, Split};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::Teacher;
+use crate::student::Student;
+use crate::tokenizer::ClipTokenizer;
+use crate::train::checkpoint::{self, CheckpointMeta};
+use crate::train::data::{self, WORLD_TEMPLATES};
+use crate::train::head::{LabelTokens, Variant, WtiHead};
+use crate::train::optim::{decay_groups, warmup_cosine, AdamConfig, AdamW};
+use crate::train::plot::{self, EvalPoint, History, StepPoint};
+use crate::train::rng::Rng;
+
+/// Settings of `train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Seed of data, initialisation and batch order.
+    pub seed: u64,
+    /// Training clips per seen action.
+    pub clips_per_action: usize,
+    /// Evaluation (`id`) clips per seen action.
+    pub eval_clips_per_action: usize,
+    /// Frames per window.
+    pub frames: usize,
+    /// Optimizer steps per trained variant.
+    pub steps: u64,
+    /// Windows per batch.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// AdamW decay of the matrices.
+    pub weight_decay: f64,
+    /// Gradient clipping (global norm).
+    pub max_grad_norm: f64,
+    /// Also train and measure the temporal extension.
+    pub temporal: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            clips_per_action: 30,
+            eval_clips_per_action: 10,
+            frames: 8,
+            steps: 300,
+            batch_size: 64,
+            lr: 2e-3,
+            warmup: 20,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            temporal: true,
+        }
+    }
+}
+
+/// What `train` measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Top-1 on `id` clips per variant (scored on the seen actions).
+    pub id_top1: Vec<(Variant, f64)>,
+    /// Training loss, first and last 10 steps of the shipped (WTI) head.
+    pub loss_first_last: (f64, f64),
+    /// Number of training and evaluation windows.
+    pub clips: (usize, usize),
+    /// The trained `logit_scale` (log of the inverse temperature) of the shipped head.
+    pub logit_scale: f64,
+}
+
+/// Everything a head run needs, cached.
+pub struct HeadData {
+    /// Training windows `[N, T, D]` and their class (index into the label rows).
+    pub train: (Tensor, Vec<u32>),
+    /// Evaluation windows and classes.
+    pub eval: (Tensor, Vec<u32>),
+    /// The label side.
+    pub labels: LabelTokens,
+}
+
+/// Top-1 accuracy of `logits` `[B, C]` against `classes`.
+pub fn top1(logits: &Tensor, classes: &[u32]) -> anyhow::Result<f64> {
+    let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    Ok(pred.iter().zip(classes).filter(|(p, c)| p == c).count() as f64 / classes.len().max(1) as f64)
+}
+
+/// Scores every window of `frames` in chunks (bounded memory), `[N, C]`.
+pub fn score_all(head: &WtiHead, frames: &Tensor, labels: &LabelTokens, tokens: &Tensor, variant: Variant) -> anyhow::Result<Tensor> {
+    let n = frames.dim(0)?;
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let k = 256.min(n - i);
+        parts.push(head.scores(&frames.narrow(0, i, k)?, labels, tokens, variant)?.detach());
+        i += k;
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Trains `head` (the variables of `variant`) on `data` for `o.steps`, checkpointing into
+/// `ckpt`; returns the history.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_head(
+    head: &WtiHead,
+    data: &HeadData,
+    variant: Variant,
+    o: &TrainOptions,
+    ckpt: &Path,
+    settings: &serde_json::Value,
+    resume: bool,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<History> {
+    let mut opt = AdamW::new(decay_groups(head.trainable(variant), o.weight_decay), AdamConfig::default())?;
+    let mut history = History::default();
+    if resume && checkpoint::exists(ckpt) {
+        history = checkpoint::restore(ckpt, "train", settings, &mut opt, device)?.history;
+        tracing::info!("resuming train ({}) at step {}", variant.name(), opt.steps());
+    }
+    let (frames, classes) = &data.train;
+    let n = classes.len();
+    let bs = o.batch_size.min(n).max(1);
+    let per_epoch = (n / bs).max(1);
+    let bar = if progress { crate::train::progress_bar(o.steps, variant.name()) } else { indicatif::ProgressBar::hidden() };
+    bar.set_position(opt.steps());
+    let mut order = Vec::new();
+    let mut order_epoch = u64::MAX;
+    while opt.steps() < o.steps {
+        let step = opt.steps();
+        let epoch = step / per_epoch as u64;
+        if epoch != order_epoch {
+            order = (0..n).collect::<Vec<usize>>();
+            Rng::new(o.seed, 0x7EAD + epoch).shuffle(&mut order);
+            order_epoch = epoch;
+        }
+        let start = (step % per_epoch as u64) as usize * bs;
+        let idx = &order[start..start + bs];
+        let index = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?;
+        let target = Tensor::from_vec(idx.iter().map(|&i| classes[i]).collect::<Vec<_>>(), bs, device)?;
+        let x = frames.index_select(&index, 0)?;
+        let logits = head.logits(&head.scores(&x, &data.labels, &data.labels.tokens, variant)?)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+        let grads = loss.backward()?;
+        let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
+        opt.step(&grads, lr, Some(o.max_grad_norm))?;
+        history.steps.push(StepPoint { step: step + 1, loss: loss.to_scalar::<f32>()? as f64, lr });
+        bar.inc(1);
+        let every = (o.steps / 10).max(1);
+        if (step + 1) % every == 0 || step + 1 == o.steps {
+            let s = score_all(head, &data.eval.0, &data.labels, &data.labels.tokens, variant)?;
+            let acc = top1(&s, &data.eval.1)?;
+            history.evals.push(EvalPoint { step: step + 1, metric: "id top-1".into(), value: acc });
+            let tr = top1(&logits, &idx.iter().map(|&i| classes[i]).collect::<Vec<_>>())?;
+            history.evals.push(EvalPoint { step: step + 1, metric: "batch top-1".into(), value: tr });
+            bar.set_message(format!("id top-1 {acc:.3}"));
+            let meta = CheckpointMeta {
+                command: "train".into(),
+                step: opt.steps(),
+                total_steps: o.steps,
+                seed: o.seed,
+                settings: settings.clone(),
+                history: history.clone(),
+            };
+            checkpoint::save(ckpt, &opt, &meta)?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(history)
+}
+
+/// Renders and encodes the data of a head run: `seen` actions' training and `id` clips.
+pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<HeadData> {
+    let size = student.config().image_size as u32;
+    let cfg = RenderConfig { size, frames: o.frames };
+    let seen = world::actions_in(Split::Train);
+    let train_clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.seed ^ 0x7EA1, &cfg, progress);
+    let eval_clips = data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
+    let class_of = |a: usize| seen.iter().position(|&s| s == a).expect("seen action") as u32;
+    tracing::info!("encoding {} + {} clips with the student", train_clips.len(), eval_clips.len());
+    let train = data::student_embeddings(student, &train_clips, size, 128, device, progress)?;
+    let eval = data::student_embeddings(student, &eval_clips, size, 128, device, progress)?;
+    let texts = data::encode_label_texts(teacher, tokenizer, seen.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
+    let labels = LabelTokens::new(&texts.tokens, &texts.pooled, student.config().projection_dim, device)?;
+    Ok(HeadData {
+        train: (train, train_clips.iter().map(|c| class_of(c.action)).collect()),
+        eval: (eval, eval_clips.iter().map(|c| class_of(c.action)).collect()),
+        labels,
+    })
+}
+
+/// Runs `train` into `out`.
+pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<TrainReport> {
+    ensure!(o.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let teacher = Teacher::load(teacher_dir, device)?;
+    let tokenizer = ClipTokenizer::from_dir(teacher_dir, teacher.model.config.text.max_position_embeddings)?;
+    let (student, student_vars) = Student::load(student_dir, device)?;
+    ensure!(
+        student.config().projection_dim == teacher.model.dim(),
+        "student D = {} but the teacher's is {}",
+        student.config().projection_dim,
+        teacher.model.dim()
+    );
+    let data = head_data(&teacher, &tokenizer, &student, o, device, progress)?;
+    let settings = serde_json::json!({"options": o, "teacher": teacher.space_id});
+    let init: HashMap<String, Tensor> = HashMap::new();
+    let d = teacher.model.dim();
+    let mut report = Vec::new();
+    // Baselines without trained weights.
+    let plain = WtiHead::new(d, o.seed, &init, device)?;
+    for v in [Variant::Mean, Variant::Ti] {
+        let s = score_all(&plain, &data.eval.0, &data.labels, &data.labels.tokens, v)?;
+        report.push((v, top1(&s, &data.eval.1)?));
+    }
+    let head = WtiHead::new(d, o.seed, &init, device)?;
+    let history = fit_head(&head, &data, Variant::Wti, o, &out.join("checkpoint-wti"), &settings, resume, device, progress)?;
+    let s = score_all(&head, &data.eval.0, &data.labels, &data.labels.tokens, Variant::Wti)?;
+    report.push((Variant::Wti, top1(&s, &data.eval.1)?));
+    let png = out.join("train_curves.png");
+    plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI head on cached student embeddings", &history));
+    if o.temporal {
+        let temporal = WtiHead::new(d, o.seed, &init, device)?;
+        let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress)?;
+        let s = score_all(&temporal, &data.eval.0, &data.labels, &data.labels.tokens, Variant::WtiTemporal)?;
+        report.push((Variant::WtiTemporal, top1(&s, &data.eval.1)?));
+        candle_core::safetensors::save(&temporal.tensors(), out.join("head_temporal.safetensors"))?;
+        let png = out.join("train_curves_temporal.png");
+        plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI + temporal difference tokens", &h));
+    }
+    // The shipped head: f_t for label sets, f_v into the student.
+    candle_core::safetensors::save(&head.tensors(), out.join("head.safetensors"))?;
+    let student_out = out.join("student");
+    for (name, var) in &head.vars {
+        if name.starts_with("frame_weight.") {
+            let target = student.parameter(name).with_context(|| format!("student has no `{name}`"))?;
+            // The student's parameters are its VarMap's variables: write through them.
+            let v = student_vars.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?.get(name).cloned();
+            match v {
+                Some(v) => v.set(var.as_tensor())?,
+                None => anyhow::bail!("student variable `{name}` missing ({:?})", target.dims()),
+            }
+        }
+    }
+    student.save(&student_out)?;
+    let loss_first_last = history.loss_first_last(10).unwrap_or((f64::NAN, f64::NAN));
+    let logit_scale = head.logit_scale.as_tensor().flatten_all()?.to_vec1::<f32>()?[0] as f64;
+    let report = TrainReport { id_top1: report, loss_first_last, clips: (data.train.1.len(), data.eval.1.len()), logit_scale };
+    std::fs::write(out.join("train_report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+    for (v, a) in &report.id_top1 {
+        tracing::info!("id top-1 {:<16} {:.1} %", v.name(), a * 100.0);
+    }
+    Ok(report)
+}
