@@ -96,9 +96,19 @@ impl Pipeline {
     /// Loads the bundle's encoder and label set; thresholds and hysteresis per label come from
     /// `config` ([`Config::decision_for`]).
     pub fn new(bundle: &Bundle, config: &Config) -> Result<Self, PipelineError> {
-        let manifest = &bundle.manifest;
-        let size = manifest.input.size;
+        let size = bundle.manifest.input.size;
         let encoder = Encoder::load(&bundle.encoder_path(), size, size)?;
+        Self::with_encoder(bundle, config, encoder)
+    }
+
+    /// [`Pipeline::new`] with an encoder loaded by the caller (another precision, more
+    /// threads); it must take the bundle's input size and emit its dim.
+    pub fn with_encoder(
+        bundle: &Bundle,
+        config: &Config,
+        encoder: Encoder,
+    ) -> Result<Self, PipelineError> {
+        let manifest = &bundle.manifest;
         if encoder.dim() != manifest.dim as usize {
             return Err(PipelineError::DimMismatch {
                 path: bundle.encoder_path().display().to_string(),

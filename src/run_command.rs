@@ -112,6 +112,13 @@ pub fn run(request: RunRequest) -> Result<()> {
         source_name: config.source.clone(),
         ..RuntimeOptions::default()
     };
+    // I/O on a small tokio runtime: signals, update listeners, event servers.
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("clipact-io")
+        .enable_all()
+        .build()
+        .context("starting the I/O runtime")?;
     let mut rt = Runtime::new(pipeline, &bundle, &config, labels_path, key, options);
     rt.add_outputs(outputs);
     rt.add_sink(Box::new(JsonLinesSink::new(
@@ -120,13 +127,6 @@ pub fn run(request: RunRequest) -> Result<()> {
     )));
     let handle = rt.handle();
 
-    // I/O on a small tokio runtime: signals and update listeners.
-    let io = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("clipact-io")
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")?;
     io.spawn(runtime::stop_on_signal(handle.clone()));
     if let Some(updates) = &updates {
         if let Some(addr) = updates.tcp_listen {
