@@ -35,11 +35,11 @@
 //! use clipact::quantize::{quantize_bytes, QuantizeOptions};
 //!
 //! let mut g = GraphBuilder::new("linear");
-//! g.input("pixels", &[1, 8]);
-//! let w: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
-//! let w = g.initializer("w", &[8, 4], &w);
+//! g.input("pixels", &[1, 16]);
+//! let w: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let w = g.initializer("w", &[16, 16], &w); // at least `min_weight_elements` (256)
 //! g.node("MatMul", &["pixels", &w], &["embedding"], []);
-//! g.output("embedding", &[1, 4]);
+//! g.output("embedding", &[1, 16]);
 //! let (int8, report) = quantize_bytes(&g.to_bytes(), &QuantizeOptions::default()).unwrap();
 //! assert_eq!(report.layers.len(), 1);
 //! assert!(!int8.is_empty());
