@@ -209,6 +209,24 @@ enum DevCommand {
         #[arg(long)]
         f16: bool,
     },
+    /// Write a student folder (student.json, model.safetensors) with random weights, plus a
+    /// random label set of its dimension (labels.cls), for speed measurements:
+    /// `clipact-host export --student DIR --labels DIR/labels.cls --int8 --out BUNDLE`.
+    RandomStudent {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// The student geometry (StudentConfig JSON); default ViT-Tiny-class: 224 px, patch 16,
+        /// width 192, depth 12, 3 heads, D 512.
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        /// Seed of the weights and labels.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Labels in labels.cls (8 tokens each).
+        #[arg(long, default_value_t = 20)]
+        labels: usize,
+    },
 }
 
 fn main() {
@@ -249,6 +267,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dtype = if f16 { candle_core::DType::F16 } else { candle_core::DType::F32 };
             clipact_host::dev::write_random_checkpoint(&out, &config, &tokenizer, seed, dtype)?;
             tracing::info!("wrote random CLIP checkpoint {}", out.display());
+            Ok(())
+        }
+        Command::Dev(DevCommand::RandomStudent { out, config, seed, labels }) => {
+            let config: clipact_host::student::StudentConfig = serde_json::from_str(config.as_deref().unwrap_or(
+                r#"{"image_size": 224, "patch_size": 16, "width": 192, "depth": 12, "heads": 3, "projection_dim": 512}"#,
+            ))
+            .context("--config: not a student geometry (StudentConfig JSON)")?;
+            let (student, _) = clipact_host::student::Student::random(&config, &candle_core::Device::Cpu, seed)?;
+            student.save(&out)?;
+            let set = random_label_set(labels, config.projection_dim, seed);
+            set.save_atomic(&out.join("labels.cls"))?;
+            tracing::info!("wrote random student {} with {labels} random labels", out.display());
             Ok(())
         }
     }
@@ -343,4 +373,33 @@ fn labels_show(file: &Path) -> anyhow::Result<()> {
         println!("{:<name_w$}  {:>6}  {:>9}  {}", l.name, l.n_tokens(), th, l.text);
     }
     Ok(())
+}
+
+/// `n` labels of 8 random unit tokens of dimension `dim`, uniform token weights, space id
+/// `random-student` (for `dev random-student`: speed measurements, not recognition).
+fn random_label_set(n: usize, dim: usize, seed: u64) -> LabelSet {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut unit = || {
+        let v: Vec<f32> = (0..dim)
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
+    };
+    let labels = (0..n)
+        .map(|c| clipact::labels::Label {
+            name: format!("action_{c}"),
+            text: format!("a person doing action {c}"),
+            tokens: (0..8).flat_map(|_| unit()).collect(),
+            token_weights: vec![1.0 / 8.0; 8],
+            pooled: unit(),
+            threshold: None,
+        })
+        .collect();
+    LabelSet { version: 1, dim: dim as u32, space_id: "random-student".into(), labels }
 }
