@@ -27,6 +27,7 @@
 //!
 //! [mqtt]                           # optional
 //! host = "broker.local"
+//! stats_interval_s = 60            # clipact/<device>/stats every minute
 //!
 //! [http]                           # optional
 //! listen = "0.0.0.0:8080"
@@ -34,6 +35,7 @@
 //! [updates]                        # optional
 //! tcp_listen = "0.0.0.0:7878"
 //! key_file = "/etc/clipact/update.key"
+//! http = false                     # also take signed sets by POST /labels
 //! ```
 //!
 //! Every table rejects unknown keys, so a typo never passes silently: the error names the key
@@ -69,6 +71,8 @@ pub const DEFAULT_DEVICE_NAME: &str = "clipact";
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
 /// The HTTP listen address when `[http]` gives none.
 pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:8080";
+/// Seconds between two MQTT `stats` messages when `[mqtt]` gives none.
+pub const DEFAULT_MQTT_STATS_INTERVAL_S: u64 = 60;
 /// The serial update line's baud rate when `[updates]` gives none.
 pub const DEFAULT_SERIAL_BAUD: u32 = 115_200;
 
@@ -283,6 +287,14 @@ pub struct Mqtt {
     /// world-readable). Needs `username`: MQTT 3.1.1 allows no password without a user name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Seconds between two `clipact/<device>/stats` messages (default
+    /// [`DEFAULT_MQTT_STATS_INTERVAL_S`]); > 0.
+    #[serde(default = "default_mqtt_stats_interval_s")]
+    pub stats_interval_s: u64,
+}
+
+fn default_mqtt_stats_interval_s() -> u64 {
+    DEFAULT_MQTT_STATS_INTERVAL_S
 }
 
 fn default_mqtt_port() -> u16 {
@@ -331,6 +343,11 @@ pub struct Updates {
     /// writable: under systemd, inside `ReadWritePaths`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels_path: Option<PathBuf>,
+    /// Also accept signed label sets by `POST /labels` on the `[http]` server (default false).
+    /// Needs `key_file`. (Over MQTT, `clipact/<device>/labels/set`, signed sets are accepted
+    /// whenever `[mqtt]` and `key_file` are both set.)
+    #[serde(default)]
+    pub http: bool,
 }
 
 fn default_serial_baud() -> u32 {
@@ -470,6 +487,12 @@ impl Config {
                     "must not be empty; leave it out for `clipact-<device_name>`",
                 ));
             }
+            if mqtt.stats_interval_s == 0 {
+                return Err(invalid(
+                    "mqtt.stats_interval_s",
+                    "must be at least 1 (seconds between two stats messages)",
+                ));
+            }
             if mqtt.password_file.is_some() && mqtt.username.is_none() {
                 return Err(invalid(
                     "mqtt.password_file",
@@ -482,6 +505,18 @@ impl Config {
                 return Err(invalid(
                     "updates.tcp_listen",
                     "needs `key_file`: updates arriving over a network must be authenticated",
+                ));
+            }
+            if updates.http && updates.key_file.is_none() {
+                return Err(invalid(
+                    "updates.http",
+                    "needs `key_file`: updates arriving over a network must be authenticated",
+                ));
+            }
+            if updates.http && self.http.is_none() {
+                return Err(invalid(
+                    "updates.http",
+                    "needs an `[http]` table: the server that takes POST /labels",
                 ));
             }
             if updates.serial_baud == 0 {

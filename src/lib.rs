@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod config;
 pub mod decision;
 pub mod encoder;
+pub mod events;
 pub mod eval;
 pub mod gpio;
 pub mod labels;

@@ -1,0 +1,31 @@
+//! Events out, label sets in, over the network: MQTT ([`mqtt`]), HTTP ([`http`]) and
+//! label-set updates that arrive as one message ([`remote`]).
+//!
+//! Both servers read the running device through one seam, [`DeviceView`]: its status, the
+//! label set in use, its metrics, and where a signed label-set update goes. The runtime
+//! implements it; the servers know nothing else about the pipeline.
+
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
+pub mod remote;
+mod wiring;
+
+pub use metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
+pub use remote::{apply_update, encode_transfer, UpdateReply};
+pub use wiring::{start, EventsError};
+
+/// What the MQTT and HTTP servers read from the running device. Called from async tasks and
+/// worker threads: every method must be quick, except [`DeviceView::apply_update`], which
+/// runs on a blocking thread.
+pub trait DeviceView: Send + Sync + 'static {
+    /// The device at a glance (`GET /status`, MQTT `stats`).
+    fn status(&self) -> Status;
+    /// The label set in use with thresholds and scores (`GET /labels`).
+    fn labels(&self) -> LabelsDoc;
+    /// Counters and gauges for `GET /metrics`.
+    fn metrics(&self) -> MetricsSnapshot;
+    /// Applies a signed whole-transfer update ([`remote::apply_update`]) and, when accepted,
+    /// hands the new set to the pipeline. Blocking (it persists the set).
+    fn apply_update(&self, payload: &[u8]) -> UpdateReply;
+}
