@@ -100,7 +100,13 @@ pub fn run(request: RunRequest) -> Result<()> {
         }
         None => None,
     };
-    let pipeline = Pipeline::new(&bundle, &config).context("building the pipeline")?;
+    // The config's precision (`auto`: measured once on this CPU and cached).
+    let cache = clipact::precision::PrecisionCache::default_location();
+    let (encoder, selection) =
+        clipact::precision::open_encoder(&bundle, config.precision, 1, cache.as_ref())
+            .context("loading the encoder")?;
+    let pipeline =
+        Pipeline::with_encoder(&bundle, &config, encoder).context("building the pipeline")?;
     let outputs = runtime::open_gpio(&config)
         .map_err(anyhow::Error::msg)
         .context("opening GPIO outputs")?;
@@ -110,6 +116,7 @@ pub fn run(request: RunRequest) -> Result<()> {
     let options = RuntimeOptions {
         duration: seconds.map(Duration::from_secs_f64),
         source_name: config.source.clone(),
+        precision: selection.precision().to_string(),
         ..RuntimeOptions::default()
     };
     // I/O on a small tokio runtime: signals, update listeners, event servers.

@@ -627,8 +627,9 @@ mod tests {
             sizes: Sizes::Stepwise { min: (16, 16), max: (1920, 1080), step: (16, 8) },
         }];
         assert_eq!(negotiate(&offers, &request()).unwrap().width, 320);
-        let r = CameraRequest { size: Some((400, 300)), ..request() };
-        assert_eq!(negotiate(&offers, &r).unwrap().height, 300);
+        // On the grid: 16 + 24·16 by 16 + 36·8.
+        let r = CameraRequest { size: Some((400, 304)), ..request() };
+        assert_eq!(negotiate(&offers, &r).unwrap().height, 304);
         let r = CameraRequest { size: Some((401, 300)), ..request() };
         assert!(negotiate(&offers, &r).is_err());
     }
