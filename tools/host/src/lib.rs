@@ -13,6 +13,7 @@ pub mod eval;
 pub mod export;
 pub mod labelset;
 pub mod pretrain;
+pub mod push;
 pub mod quantize;
 pub mod student;
 pub mod tokenizer;

@@ -69,6 +69,8 @@ enum Command {
     // `quantize` and `export` take their help texts from their argument structs.
     Quantize(clipact_host::quantize::QuantizeArgs),
     Export(clipact_host::export::ExportArgs),
+    /// Send a label set to a running device (TCP, serial line or MQTT) and print its verdict.
+    Push(clipact_host::push::PushArgs),
     /// Pre-train a small CLIP teacher on the synthetic action world (contrastive image-text).
     Pretrain(clipact_host::train::cli::PretrainArgs),
     /// Distil a small student image encoder from the teacher's image embeddings.
@@ -256,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => clipact_host::train::cli::run_eval(&a),
         Command::Quantize(a) => clipact_host::quantize::run_quantize(&a),
         Command::Export(a) => clipact_host::export::run_export(&a),
+        Command::Push(a) => clipact_host::push::run_push(&a),
         Command::Dev(DevCommand::RandomClip { out, tokenizer, config, seed, f16 }) => {
             let config = match config {
                 Some(p) => serde_json::from_str(
