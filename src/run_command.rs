@@ -133,6 +133,12 @@ pub fn run(request: RunRequest) -> Result<()> {
         config.device_name.clone(),
     )));
     let handle = rt.handle();
+    // MQTT and HTTP, when the config has them.
+    for sink in clipact::events::start(&config, &handle, io.handle())
+        .context("starting MQTT/HTTP events")?
+    {
+        rt.add_sink(sink);
+    }
 
     io.spawn(runtime::stop_on_signal(handle.clone()));
     if let Some(updates) = &updates {

@@ -1,0 +1,134 @@
+//! `clipact run` end to end with its network outputs: the real binary on the demo bundle, a real
+//! mosquitto broker and the HTTP server, as a user deploys them from a config file.
+
+mod support;
+#[path = "support/mosquitto.rs"]
+mod mosquitto;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mosquitto::Mosquitto;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+/// Kills the device process when the test ends, however it ends.
+struct Device(Child);
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `clipact run` (through `CLIPACT_TEST_RUNNER` when set, as tests/cli.rs does).
+fn start_device(config: &std::path::Path) -> Device {
+    let binary = env!("CARGO_BIN_EXE_clipact");
+    let runner = std::env::var("CLIPACT_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    let mut command = match runner.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(runner).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let child = command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
+        .env("RUST_LOG", "clipact=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("clipact starts");
+    Device(child)
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+#[test]
+fn run_publishes_events_over_mqtt_and_serves_metrics() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_name = \"barn\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nstats_interval_s = 1\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n",
+            broker.port()
+        ),
+    )
+    .unwrap();
+
+    // Subscribe before the device starts, so nothing it publishes is missed.
+    let mut options = MqttOptions::new("run-events-test", "127.0.0.1", broker.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 64);
+    client.subscribe("clipact/barn/#", QoS::AtLeastOnce).unwrap();
+
+    let mut device = start_device(&config);
+    let mut stderr = BufReader::new(device.0.stderr.take().unwrap());
+    let mut line = String::new();
+    let http = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before serving HTTP");
+        if line.contains("HTTP: serving") {
+            let at = line.find("local=").expect("the log names the HTTP address") + "local=".len();
+            let rest = &line[at..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            break rest[..end].to_owned();
+        }
+    };
+    // Keep draining the log so the device never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+
+    let (mut online, mut new_event, mut state_on, mut stats) = (false, false, false, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for notification in connection.iter() {
+        assert!(Instant::now() < deadline, "online {online}, event {new_event}, ON {state_on}, stats {stats}");
+        let Ok(Event::Incoming(Packet::Publish(p))) = notification else { continue };
+        let payload = String::from_utf8_lossy(&p.payload).into_owned();
+        match p.topic.as_str() {
+            "clipact/barn/available" => online |= payload == "online",
+            "clipact/barn/events" => {
+                let event: serde_json::Value = serde_json::from_str(&payload).unwrap();
+                new_event |= event["type"] == "new" && event["after"]["label"].is_string();
+            }
+            "clipact/barn/stats" => stats = true,
+            topic if topic.starts_with("clipact/barn/") && payload == "ON" => state_on = true,
+            _ => {}
+        }
+        if online && new_event && state_on && stats {
+            break;
+        }
+    }
+
+    let metrics = http_get(&http, "/metrics");
+    let frames: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("clipact_frames_total "))
+        .unwrap_or_else(|| panic!("no clipact_frames_total in {metrics}"))
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(frames > 0.0, "{metrics}");
+    let status = http_get(&http, "/status");
+    assert!(status.contains("\"barn\""), "{status}");
+    drop(device);
+    drop(broker);
+}
