@@ -44,6 +44,19 @@ fn clipact_ok(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// Kills a long-running `clipact run` if its test fails before stopping it, so no process outlives
+/// the test.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout)
         .lines()
@@ -330,14 +343,17 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = command()
-        .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
-        .env("RUST_LOG", "clipact=info")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(Some(
+        command()
+            .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
+            .env("RUST_LOG", "clipact=info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let child = guard.0.as_mut().unwrap();
     // The listener's address is in the log.
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -382,7 +398,7 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
     // SIGTERM: a clean exit.
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = guard.0.take().unwrap().wait_with_output().unwrap();
     let log = log.join().unwrap();
     assert!(out.status.success(), "exit {:?}: {log}", out.status);
     assert!(log.contains("SIGTERM"), "{log}");

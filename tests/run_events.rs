@@ -119,10 +119,10 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     let metrics = http_get(&http, "/metrics");
     let frames: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("clipact_frames_total "))
+        .find(|l| l.starts_with("clipact_frames_total{") || l.starts_with("clipact_frames_total "))
         .unwrap_or_else(|| panic!("no clipact_frames_total in {metrics}"))
-        .split_whitespace()
-        .nth(1)
+        .rsplit(' ')
+        .next()
         .unwrap()
         .parse()
         .unwrap();
