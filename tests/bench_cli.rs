@@ -4,7 +4,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use clipact::quantize::{quantize_file, QuantizeOptions};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -17,19 +17,7 @@ fn demo() -> PathBuf {
 /// The `clipact` binary, through `CLIPACT_TEST_RUNNER` (qemu in tools/test.sh's aarch64 leg)
 /// when set; `auto`'s cache goes to `cache_dir`.
 fn clipact(args: &[&str], cache_dir: &Path) -> Output {
-    let binary = env!("CARGO_BIN_EXE_clipact");
-    let runner = std::env::var("CLIPACT_TEST_RUNNER").unwrap_or_default();
-    let mut runner = runner.split_whitespace();
-    let mut command = match runner.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(runner).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    };
-    command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    support::clipact_command()
         .env("CLIPACT_CACHE_DIR", cache_dir)
         .args(args)
         .output()

@@ -1,5 +1,7 @@
 //! The `clipact` binary on the shipped demo bundle: the command-line contracts of DESIGN.md.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,22 +13,8 @@ fn demo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
 }
 
-/// The `clipact` binary, started through `CLIPACT_TEST_RUNNER` when that is set: a cross-built
-/// binary cannot be exec'd directly (tools/test.sh sets it to qemu for the aarch64 leg).
 fn command() -> Command {
-    let binary = env!("CARGO_BIN_EXE_clipact");
-    let runner = std::env::var("CLIPACT_TEST_RUNNER").unwrap_or_default();
-    let mut runner = runner.split_whitespace();
-    let mut command = match runner.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(runner).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    };
-    command.current_dir(env!("CARGO_MANIFEST_DIR"));
-    command
+    support::clipact_command()
 }
 
 fn clipact(args: &[&str]) -> std::process::Output {

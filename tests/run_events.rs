@@ -7,7 +7,7 @@ mod mosquitto;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use mosquitto::Mosquitto;
@@ -25,19 +25,7 @@ impl Drop for Device {
 
 /// Starts `clipact run` (through `CLIPACT_TEST_RUNNER` when set, as tests/cli.rs does).
 fn start_device(config: &std::path::Path) -> Device {
-    let binary = env!("CARGO_BIN_EXE_clipact");
-    let runner = std::env::var("CLIPACT_TEST_RUNNER").unwrap_or_default();
-    let mut runner = runner.split_whitespace();
-    let mut command = match runner.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(runner).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    };
-    let child = command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let child = support::clipact_command()
         .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
         .env("RUST_LOG", "clipact=info")
         .env("NO_COLOR", "1")
