@@ -394,3 +394,33 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
     assert!(events.iter().any(|e| e["label"].as_str().unwrap().ends_with("_pushed")), "the pushed set never fired");
     assert!(events.iter().all(|e| e["device"] == "test-dev"));
 }
+
+#[test]
+fn eval_reports_accuracy_consistent_with_its_confusion_matrix() {
+    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/world-demo");
+    let out = clipact_ok(&[
+        "eval",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--source",
+        "synthetic:seed=5,split=zeroshot",
+        "--clips",
+        "6",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let labels = report["labels"].as_array().unwrap();
+    assert_eq!(labels.len(), 3, "the zero-shot split's actions: {report}");
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(report["confusion"].clone()).unwrap();
+    let total: u64 = confusion.iter().flatten().sum();
+    let correct: u64 = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+    assert_eq!(total, 6, "{report}");
+    let top1 = report["top1"].as_f64().unwrap();
+    assert!((top1 - correct as f64 / 6.0).abs() < 1e-9, "{report}");
+    assert!(report["top5"].as_f64().unwrap() >= top1);
+    assert_eq!(report["per_class"].as_object().unwrap().len(), labels.len());
+
+    let out = clipact(&["eval", "--bundle", bundle.to_str().unwrap(), "--source", "synthetic:split=bogus"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown split \"bogus\""));
+}
