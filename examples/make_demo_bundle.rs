@@ -156,6 +156,7 @@ pub fn write_bundle(dir: &Path) -> Result<()> {
         },
         logit_scale: 100f32.ln(),
         interaction: "wti".into(),
+        temporal: None,
         provenance: Provenance {
             teacher: "none (hand-built colour encoder)".into(),
             data: "colour test pattern (clipact::pattern)".into(),

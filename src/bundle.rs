@@ -5,7 +5,20 @@
 //!   manifest.toml   what the files are and how to feed them
 //!   encoder.onnx    pixels f32[1,3,H,W] → embedding f32[1,D], weight_logit f32[1,1]
 //!   labels.cls      the label set (see [`crate::labels`])
+//!   temporal.onnx   optional: delta f32[1,D] → embedding f32[1,D], weight_logit f32[1,1]
 //! ```
+//!
+//! The temporal head ([`crate::temporal`]) is optional: a manifest with
+//! `interaction = "wti-temporal"` names it in a `[temporal]` section
+//!
+//! ```toml
+//! interaction = "wti-temporal"
+//!
+//! [temporal]
+//! file = "temporal.onnx"
+//! ```
+//!
+//! and [`Bundle::open`] loads it once to check it; bundles without the section open as before.
 
 use std::path::{Path, PathBuf};
 
@@ -39,9 +52,12 @@ pub struct Manifest {
     /// `exp(logit_scale)` turns scores into training logits.
     #[serde(default)]
     pub logit_scale: f32,
-    /// Interaction head: `wti` (default), `ti` or `mean`.
+    /// Interaction head: `wti` (default), `ti`, `mean` or `wti-temporal` (needs `temporal`).
     #[serde(default = "default_interaction")]
     pub interaction: String,
+    /// The temporal head of `wti-temporal` (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporal: Option<TemporalSpec>,
     /// Where the bundle came from.
     #[serde(default)]
     pub provenance: Provenance,
@@ -102,6 +118,14 @@ pub struct EncoderSpec {
     pub int8_file: Option<String>,
 }
 
+/// The temporal head file (`[temporal]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemporalSpec {
+    /// The ONNX file, relative to the bundle (`temporal.onnx`).
+    pub file: String,
+}
+
 fn f32_name() -> String {
     "f32".into()
 }
@@ -143,6 +167,15 @@ pub enum BundleError {
         path: PathBuf,
         /// What is wrong (names the key).
         message: String,
+    },
+    /// The temporal head named in the manifest is not a usable temporal head.
+    #[error("temporal head {path} ([temporal] file in the manifest): {source}")]
+    Temporal {
+        /// The temporal head file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::temporal::TemporalError,
     },
     /// The label set is unreadable or does not fit the encoder.
     #[error("label set {path}: {source}")]
@@ -204,9 +237,23 @@ impl Manifest {
                 manifest.input.std
             )));
         }
-        manifest
+        let interaction = manifest
             .interaction()
             .map_err(|e| bad(format!("interaction: {e}")))?;
+        if interaction.is_temporal() && manifest.temporal.is_none() {
+            return Err(bad(format!(
+                "interaction = \"{}\" needs the temporal head: add a [temporal] section with file = \"{}\"",
+                manifest.interaction,
+                crate::temporal::TEMPORAL_FILE
+            )));
+        }
+        if manifest
+            .temporal
+            .as_ref()
+            .is_some_and(|t| t.file.trim().is_empty())
+        {
+            return Err(bad("temporal.file must name a file".into()));
+        }
         Ok(manifest)
     }
 
@@ -244,6 +291,21 @@ impl Bundle {
                 ),
             });
         }
+        if let Some(path) = temporal_path(dir, &manifest) {
+            if !path.is_file() {
+                return Err(BundleError::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "temporal head file named in the manifest ([temporal] file) is missing",
+                    ),
+                });
+            }
+            // Small (two D×D matrices): loading it here means a broken file fails when the
+            // bundle is opened, not at the second frame.
+            crate::temporal::TemporalHead::load(&path, manifest.dim as usize)
+                .map_err(|source| BundleError::Temporal { path, source })?;
+        }
         let labels_path = dir.join(LABELS_FILE);
         let labels_error = |source| BundleError::Labels {
             path: labels_path.clone(),
@@ -264,4 +326,13 @@ impl Bundle {
     pub fn encoder_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.encoder.file)
     }
+
+    /// Path of the temporal head, when the bundle ships one.
+    pub fn temporal_path(&self) -> Option<PathBuf> {
+        temporal_path(&self.dir, &self.manifest)
+    }
+}
+
+fn temporal_path(dir: &Path, manifest: &Manifest) -> Option<PathBuf> {
+    manifest.temporal.as_ref().map(|t| dir.join(&t.file))
 }

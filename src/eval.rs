@@ -8,6 +8,10 @@
 //! the best-scoring label; a clip counts for top-1 when that label's name is the clip's action,
 //! for top-5 when the action is among the five best.
 //!
+//! `wti-temporal` ([`Interaction::WeightedTokenWiseTemporal`]) runs the bundle's temporal head
+//! ([`crate::temporal::TemporalHead`]) on the differences of consecutive frames and scores the
+//! window with [`crate::wti::score_window_temporal`]; it needs a bundle that ships the head.
+//!
 //! Candidate labels: by default the labels of the split's own actions (`id`/`ood`: the seen
 //! actions, `zeroshot`: the held-out ones — the usual zero-shot protocol), or with
 //! [`Candidates::All`] every label of the set (what a device running that set would choose
@@ -22,7 +26,8 @@ use crate::encoder::Encoder;
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PixelFormat, Preprocessor};
 use crate::world::{self, RenderConfig, Split};
-use crate::wti::{score_window, Interaction, LabelMatrix};
+use crate::temporal::TemporalHead;
+use crate::wti::{score_window, score_window_temporal, Interaction, LabelMatrix};
 
 /// Why an evaluation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +118,7 @@ pub struct EvalOptions {
 /// Accuracy of one interaction head.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
-    /// `mean`, `ti` or `wti`.
+    /// `mean`, `ti`, `wti` or `wti-temporal`.
     pub interaction: String,
     /// `id`, `ood` or `zeroshot`.
     pub split: String,
@@ -146,11 +151,7 @@ pub struct ClassAccuracy {
 
 /// The name of an interaction in reports.
 pub fn interaction_name(i: Interaction) -> &'static str {
-    match i {
-        Interaction::MeanPooling => "mean",
-        Interaction::TokenWise => "ti",
-        Interaction::WeightedTokenWise => "wti",
-    }
+    i.name()
 }
 
 /// The candidate label set: the labels of `split`'s actions, or all of them.
@@ -189,6 +190,20 @@ pub fn evaluate(bundle: &Bundle, opts: &EvalOptions, progress: &mut dyn FnMut(us
     let mut encoder = Encoder::load(&path, size, size).map_err(|e| EvalError::Encoder(format!("{}: {e}", path.display())))?;
     let mut pre = Preprocessor::new(bundle.manifest.preprocess_config());
     let dim = encoder.dim();
+    let mut temporal = if opts.interactions.iter().any(|i| i.is_temporal()) {
+        let path = bundle.temporal_path().ok_or_else(|| {
+            EvalError::Pipeline(format!(
+                "wti-temporal needs a temporal head, and bundle {} has none (manifest [temporal] file)",
+                bundle.dir.display()
+            ))
+        })?;
+        Some(TemporalHead::load(&path, dim).map_err(|e| EvalError::Pipeline(e.to_string()))?)
+    } else {
+        None
+    };
+    let mut delta = vec![0f32; dim];
+    let mut differences = vec![0f32; frames.saturating_sub(1) * dim];
+    let mut difference_logits = vec![0f32; frames.saturating_sub(1)];
     let mut pixels = vec![0f32; pre.output_len()];
     let mut window = vec![0f32; frames * dim];
     let mut logits = vec![0f32; frames];
@@ -207,9 +222,23 @@ pub fn evaluate(bundle: &Bundle, opts: &EvalOptions, progress: &mut dyn FnMut(us
                 .run(&pixels, &mut window[f * dim..(f + 1) * dim])
                 .map_err(|e| EvalError::Encoder(e.to_string()))?;
         }
+        if let Some(head) = temporal.as_mut() {
+            for j in 0..frames.saturating_sub(1) {
+                let (now, next) = (&window[j * dim..(j + 1) * dim], &window[(j + 1) * dim..(j + 2) * dim]);
+                delta.iter_mut().zip(next.iter().zip(now)).for_each(|(d, (b, a))| *d = b - a);
+                difference_logits[j] = head
+                    .run(&delta, &mut differences[j * dim..(j + 1) * dim])
+                    .map_err(|e| EvalError::Pipeline(e.to_string()))?;
+            }
+        }
         let truth = names.iter().position(|n| n == world::ACTIONS[action].name).expect("action has a label");
         for (k, &interaction) in opts.interactions.iter().enumerate() {
-            score_window(&matrix, &window, &logits, interaction, &mut scores).map_err(|e| EvalError::Pipeline(e.to_string()))?;
+            if interaction.is_temporal() {
+                score_window_temporal(&matrix, &window, &logits, &differences, &difference_logits, &mut scores)
+            } else {
+                score_window(&matrix, &window, &logits, interaction, &mut scores)
+            }
+            .map_err(|e| EvalError::Pipeline(e.to_string()))?;
             let mut order: Vec<usize> = (0..n_labels).collect();
             order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
             confusion[k][truth][order[0]] += 1;

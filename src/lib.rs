@@ -5,6 +5,7 @@
 //! the modules follow the data flow of `DESIGN.md`:
 //!
 //! frame → [`preprocess`] → [`encoder`] → window → [`wti`] scores against a [`labels`] set
+//! (optionally with [`temporal`] difference columns)
 //! → [`pipeline`] decisions → [`gpio`] triggers and events.
 //!
 //! Around it: [`bundle`] (what a device loads), [`config`] (the device's TOML), [`update`]
@@ -27,6 +28,7 @@ pub mod preprocess;
 pub mod quantize;
 pub mod runtime;
 pub mod source;
+pub mod temporal;
 pub mod update;
 pub mod wti;
 pub mod world;

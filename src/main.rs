@@ -12,7 +12,8 @@ use clipact::encoder::{Encoder, EncoderOptions, Precision};
 use clipact::pattern::PatternSource;
 use clipact::precision::{self, PrecisionCache, PrecisionChoice, Selection};
 use clipact::preprocess::Preprocessor;
-use clipact::wti::{LabelMatrix, WindowScorer};
+use clipact::temporal::BundleScorer;
+use clipact::wti::LabelMatrix;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::json;
 
@@ -52,7 +53,8 @@ struct EvalArgs {
     /// `window.frames` frames each).
     #[arg(long, default_value_t = 100)]
     clips: usize,
-    /// Interaction head: `wti` (the bundle's default), `ti` or `mean`.
+    /// Interaction head: the bundle's (`wti` unless its manifest says otherwise), `wti`, `ti`,
+    /// `mean`, or `wti-temporal` (bundles with a temporal head).
     #[arg(long)]
     interaction: Option<String>,
     /// Candidate labels: `split` (the split's actions; zeroshot: only the held-out actions) or
@@ -303,12 +305,8 @@ fn pipeline_beyond_encoder(
 ) -> Result<BeyondEncoder> {
     let manifest = &bundle.manifest;
     let mut preprocessor = Preprocessor::new(manifest.preprocess_config());
-    let interaction = manifest.interaction().map_err(anyhow::Error::msg)?;
-    let mut scorer = WindowScorer::new(
-        LabelMatrix::new(&bundle.labels),
-        manifest.window.frames as usize,
-        interaction,
-    )?;
+    // The bundle's interaction, with its temporal head when it ships one.
+    let mut scorer = BundleScorer::new(bundle, LabelMatrix::new(&bundle.labels))?;
     let thresholds: Vec<f32> = bundle
         .labels
         .labels

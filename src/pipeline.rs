@@ -11,7 +11,8 @@ use crate::decision::{LabelDecider, Transition};
 use crate::encoder::{Encoder, EncoderError};
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PreprocessError, Preprocessor};
-use crate::wti::{LabelMatrix, WindowScorer, WtiError};
+use crate::temporal::{BundleScorer, ScorerError};
+use crate::wti::{LabelMatrix, WtiError};
 
 /// Threshold for labels that carry none (the config's `[decision] threshold` default).
 pub const DEFAULT_THRESHOLD: f32 = 0.5;
@@ -44,6 +45,19 @@ pub enum PipelineError {
     /// The manifest names an unknown interaction.
     #[error("{0}")]
     Interaction(String),
+    /// The bundle's temporal head could not be loaded or run.
+    #[error(transparent)]
+    Temporal(#[from] crate::temporal::TemporalError),
+}
+
+impl From<ScorerError> for PipelineError {
+    fn from(e: ScorerError) -> Self {
+        match e {
+            ScorerError::Wti(e) => Self::Wti(e),
+            ScorerError::Temporal(e) => Self::Temporal(e),
+            ScorerError::Interaction(e) => Self::Interaction(e),
+        }
+    }
 }
 
 /// A label turning on or off.
@@ -69,7 +83,8 @@ pub struct FrameTimings {
     pub preprocess: Duration,
     /// The encoder (tract).
     pub encoder: Duration,
-    /// WTI scoring, smoothing and decisions: the per-label cost beyond the encoder.
+    /// WTI scoring (with the temporal head's difference column for `wti-temporal` bundles),
+    /// smoothing and decisions: the per-label cost beyond the encoder.
     pub scoring: Duration,
 }
 
@@ -77,7 +92,7 @@ pub struct FrameTimings {
 pub struct Pipeline {
     preprocessor: Preprocessor,
     encoder: Encoder,
-    scorer: WindowScorer,
+    scorer: BundleScorer,
     pixels: Vec<f32>,
     embedding: Vec<f32>,
     labels: LabelSet,
@@ -116,12 +131,7 @@ impl Pipeline {
                 found: encoder.dim(),
             });
         }
-        let interaction = manifest.interaction().map_err(PipelineError::Interaction)?;
-        let scorer = WindowScorer::new(
-            LabelMatrix::new(&bundle.labels),
-            manifest.window.frames as usize,
-            interaction,
-        )?;
+        let scorer = BundleScorer::new(bundle, LabelMatrix::new(&bundle.labels))?;
         let preprocessor = Preprocessor::new(manifest.preprocess_config());
         let mut pipeline = Self {
             pixels: vec![0.0; preprocessor.output_len()],

@@ -14,6 +14,25 @@
 //! [`score_window`] computes this for a whole window at once (training, evaluation, tests);
 //! [`WindowScorer`] computes the same numbers for a sliding window, one matrix–vector product
 //! per new frame and no allocation after warm-up (the device's hot path).
+//!
+//! # The temporal extension
+//!
+//! Plain WTI is order-blind: a window and its reverse score the same, so "sitting down" and
+//! "standing up" cannot be told apart. [`Interaction::WeightedTokenWiseTemporal`] adds one
+//! *difference column* per pair of consecutive frames, `d_j = W_d (v_{j+1} − v_j)` with its
+//! weight logit `f_v(d_j)` (the bundle's optional `temporal.onnx`, see
+//! [`crate::temporal`]), and scores all `2T − 1` columns as WTI scores frames:
+//!
+//! ```text
+//! columns  = v_1 … v_T, d_1 … d_{T−1}      logits u_1 … u_T, f_v(d_1) … f_v(d_{T−1})
+//! w[k]     = softmax_k over all 2T−1 logits
+//! t2v[c]   = Σ_i w_t[c,i] · max_k S[c,i,k]   v2t[c] = Σ_k w[k] · max_i S[c,i,k]
+//! ```
+//!
+//! The columns are computed outside this module (the difference needs the temporal head);
+//! [`score_window_temporal`] takes them for a whole window, [`WindowScorer::push_with_difference`]
+//! one frame and its difference at a time. On the device that costs one `D×D` product and one
+//! small MLP per frame on top of plain WTI.
 
 use crate::labels::LabelSet;
 
@@ -27,6 +46,37 @@ pub enum Interaction {
     /// Token-wise interaction weighted by `w_t` and `w_v` (the paper's head).
     #[default]
     WeightedTokenWise,
+    /// [`Interaction::WeightedTokenWise`] over the window's frames plus one difference column
+    /// per pair of consecutive frames (module docs, § The temporal extension): sees the order
+    /// of frames. Needs the bundle's temporal head.
+    WeightedTokenWiseTemporal,
+}
+
+impl Interaction {
+    /// The name used in manifests, on the command line and in reports: `mean`, `ti`, `wti`,
+    /// `wti-temporal`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MeanPooling => "mean",
+            Self::TokenWise => "ti",
+            Self::WeightedTokenWise => "wti",
+            Self::WeightedTokenWiseTemporal => "wti-temporal",
+        }
+    }
+
+    /// Whether this interaction scores difference columns besides the frames.
+    pub fn is_temporal(self) -> bool {
+        self == Self::WeightedTokenWiseTemporal
+    }
+
+    /// Whether frames (and tokens) are weighted by their trained heads (softmax of the weight
+    /// logits, `w_t`) rather than uniformly.
+    fn is_weighted(self) -> bool {
+        matches!(
+            self,
+            Self::WeightedTokenWise | Self::WeightedTokenWiseTemporal
+        )
+    }
 }
 
 impl std::str::FromStr for Interaction {
@@ -37,8 +87,9 @@ impl std::str::FromStr for Interaction {
             "mean" | "mean-pooling" => Ok(Self::MeanPooling),
             "ti" | "token-wise" => Ok(Self::TokenWise),
             "wti" | "weighted-token-wise" => Ok(Self::WeightedTokenWise),
+            "wti-temporal" | "weighted-token-wise-temporal" => Ok(Self::WeightedTokenWiseTemporal),
             other => Err(format!(
-                "unknown interaction {other:?} (expected mean, ti or wti)"
+                "unknown interaction {other:?} (expected mean, ti, wti or wti-temporal)"
             )),
         }
     }
@@ -64,6 +115,10 @@ pub enum WtiError {
     /// Mismatched lengths in a batch call.
     #[error("{0}")]
     Shape(String),
+    /// A difference column given or missing where the temporal interaction expects the
+    /// opposite (every frame but the first of a window brings one).
+    #[error("{0}")]
+    Difference(String),
 }
 
 /// A label set laid out for scoring: every label's tokens in one row-major matrix.
@@ -126,9 +181,10 @@ impl LabelMatrix {
     }
 
     fn token_weights(&self, interaction: Interaction) -> &[f32] {
-        match interaction {
-            Interaction::WeightedTokenWise => &self.weights,
-            _ => &self.uniform,
+        if interaction.is_weighted() {
+            &self.weights
+        } else {
+            &self.uniform
         }
     }
 
@@ -158,6 +214,9 @@ impl LabelMatrix {
 
 /// Scores a whole window of `frames` (`[T, D]` unnormalized embeddings, with their weight
 /// logits `[T]`) against every label; writes `scores[c]`.
+///
+/// [`Interaction::WeightedTokenWiseTemporal`] needs the window's difference columns too: call
+/// [`score_window_temporal`] for it (here it is an error).
 pub fn score_window(
     labels: &LabelMatrix,
     frames: &[f32],
@@ -165,16 +224,72 @@ pub fn score_window(
     interaction: Interaction,
     scores: &mut [f32],
 ) -> Result<(), WtiError> {
-    let dim = labels.dim;
+    if interaction.is_temporal() {
+        return Err(WtiError::Difference(
+            "wti-temporal scores frames together with their difference columns: use score_window_temporal".into(),
+        ));
+    }
+    check_window(labels, frames, weight_logits, "frame", scores)?;
+    if weight_logits.is_empty() {
+        return Err(WtiError::EmptyWindow);
+    }
+    score_columns(labels, frames, weight_logits, interaction, scores)
+}
+
+/// Scores a whole window with the temporal extension: `frames` `[T, D]` and their weight
+/// logits `[T]` as in [`score_window`], plus the window's `T − 1` difference columns
+/// `differences` `[T − 1, D]` (`d_j = W_d (v_{j+1} − v_j)`, unnormalized, in frame order) and
+/// their weight logits `difference_logits` `[T − 1]` (`f_v(d_j)`). Writes `scores[c]`.
+pub fn score_window_temporal(
+    labels: &LabelMatrix,
+    frames: &[f32],
+    weight_logits: &[f32],
+    differences: &[f32],
+    difference_logits: &[f32],
+    scores: &mut [f32],
+) -> Result<(), WtiError> {
+    check_window(labels, frames, weight_logits, "frame", scores)?;
+    check_window(labels, differences, difference_logits, "difference", scores)?;
     let n_frames = weight_logits.len();
     if n_frames == 0 {
         return Err(WtiError::EmptyWindow);
     }
-    if frames.len() != n_frames * dim {
-        return Err(WtiError::Shape(format!(
-            "{} frame values for {n_frames} weight logits of dim {dim}",
-            frames.len()
+    if difference_logits.len() != n_frames - 1 {
+        return Err(WtiError::Difference(format!(
+            "a window of {n_frames} frames has {} difference columns, got {}",
+            n_frames - 1,
+            difference_logits.len()
         )));
+    }
+    let columns = [frames, differences].concat();
+    let logits = [weight_logits, difference_logits].concat();
+    score_columns(
+        labels,
+        &columns,
+        &logits,
+        Interaction::WeightedTokenWiseTemporal,
+        scores,
+    )
+}
+
+/// Checks the lengths and values of one kind of column (`what`: frame or difference).
+fn check_window(
+    labels: &LabelMatrix,
+    columns: &[f32],
+    weight_logits: &[f32],
+    what: &str,
+    scores: &[f32],
+) -> Result<(), WtiError> {
+    let dim = labels.dim;
+    let n = weight_logits.len();
+    if columns.len() != n * dim {
+        return Err(WtiError::Shape(format!(
+            "{} {what} values for {n} weight logits of dim {dim}",
+            columns.len()
+        )));
+    }
+    if columns.iter().chain(weight_logits).any(|x| !x.is_finite()) {
+        return Err(WtiError::NonFinite);
     }
     if scores.len() != labels.n_labels() {
         return Err(WtiError::Shape(format!(
@@ -183,9 +298,19 @@ pub fn score_window(
             labels.n_labels()
         )));
     }
-    if frames.iter().chain(weight_logits).any(|x| !x.is_finite()) {
-        return Err(WtiError::NonFinite);
-    }
+    Ok(())
+}
+
+/// The interaction over checked, unnormalized columns `[n, D]` with their logits `[n]`.
+fn score_columns(
+    labels: &LabelMatrix,
+    frames: &[f32],
+    weight_logits: &[f32],
+    interaction: Interaction,
+    scores: &mut [f32],
+) -> Result<(), WtiError> {
+    let dim = labels.dim;
+    let n_frames = weight_logits.len();
     let normalized: Vec<f32> = frames.chunks_exact(dim).flat_map(normalized).collect();
 
     if interaction == Interaction::MeanPooling {
@@ -242,24 +367,36 @@ pub fn score_window(
 /// Each new frame costs one product of the token matrix with `v̂_new` (`O(tokens × D)`) plus
 /// `O(tokens × T)` bookkeeping; the frame that leaves the window is simply overwritten. All
 /// buffers are allocated up front, so [`WindowScorer::push`] never allocates.
+///
+/// With [`Interaction::WeightedTokenWiseTemporal`] the scorer also keeps the last `T − 1`
+/// difference columns (one more product per frame); frames then come through
+/// [`WindowScorer::push_with_difference`].
 #[derive(Debug, Clone)]
 pub struct WindowScorer {
     labels: LabelMatrix,
     interaction: Interaction,
+    /// The window length `T`: frame columns live in slots `0..T`.
     capacity: usize,
+    /// Difference columns kept (`T − 1` for the temporal interaction, else 0); they live in
+    /// slots `T..T + difference_capacity`.
+    difference_capacity: usize,
     /// Frames pushed so far, saturating at `capacity`.
     len: usize,
-    /// Ring slot the next frame goes to.
+    /// Frame slot the next frame goes to.
     next: usize,
-    /// `[capacity, dim]` normalized frames, kept to rebuild columns on a label swap.
+    /// Difference columns held, saturating at `difference_capacity`.
+    difference_len: usize,
+    /// Difference ring index (relative to `capacity`) the next difference goes to.
+    difference_next: usize,
+    /// `[slots, dim]` normalized columns, kept to rebuild similarities on a label swap.
     frames: Vec<f32>,
-    /// `[capacity]` frame weight logits.
+    /// `[slots]` weight logits.
     logits: Vec<f32>,
-    /// `[capacity, total_tokens]` similarity columns `S[:, j]`.
+    /// `[slots, total_tokens]` similarity columns `S[:, k]`.
     columns: Vec<f32>,
-    /// `[capacity, n_labels]` per-column label maxima `max_{i∈c} S[c,i,j]`.
+    /// `[slots, n_labels]` per-column label maxima `max_{i∈c} S[c,i,k]`.
     column_maxima: Vec<f32>,
-    /// Scratch: softmax of the window's logits, `[capacity]`.
+    /// Scratch: softmax of the window's logits, `[slots]`.
     frame_weights: Vec<f32>,
     /// Scratch: mean frame for mean pooling, `[dim]`.
     mean: Vec<f32>,
@@ -277,17 +414,26 @@ impl WindowScorer {
             return Err(WtiError::EmptyWindow);
         }
         let dim = labels.dim;
+        let difference_capacity = if interaction.is_temporal() {
+            window - 1
+        } else {
+            0
+        };
+        let slots = window + difference_capacity;
         let mut scorer = Self {
             labels,
             interaction,
             capacity: window,
+            difference_capacity,
             len: 0,
             next: 0,
-            frames: vec![0.0; window * dim],
-            logits: vec![0.0; window],
+            difference_len: 0,
+            difference_next: 0,
+            frames: vec![0.0; slots * dim],
+            logits: vec![0.0; slots],
             columns: Vec::new(),
             column_maxima: Vec::new(),
-            frame_weights: vec![0.0; window],
+            frame_weights: vec![0.0; slots],
             mean: vec![0.0; dim],
             scores: Vec::new(),
         };
@@ -295,17 +441,26 @@ impl WindowScorer {
         Ok(scorer)
     }
 
+    fn slots(&self) -> usize {
+        self.capacity + self.difference_capacity
+    }
+
     fn size_label_buffers(&mut self) {
-        self.columns
-            .resize(self.capacity * self.labels.total_tokens(), 0.0);
+        let slots = self.slots();
+        self.columns.resize(slots * self.labels.total_tokens(), 0.0);
         self.column_maxima
-            .resize(self.capacity * self.labels.n_labels(), 0.0);
+            .resize(slots * self.labels.n_labels(), 0.0);
         self.scores.resize(self.labels.n_labels(), 0.0);
     }
 
     /// The label matrix in use.
     pub fn labels(&self) -> &LabelMatrix {
         &self.labels
+    }
+
+    /// The interaction the scorer computes.
+    pub fn interaction(&self) -> Interaction {
+        self.interaction
     }
 
     /// Frames currently in the window (at most `T`).
@@ -327,6 +482,8 @@ impl WindowScorer {
     pub fn clear(&mut self) {
         self.len = 0;
         self.next = 0;
+        self.difference_len = 0;
+        self.difference_next = 0;
     }
 
     /// Swaps in a new label set between two frames. The frames in the window are kept and
@@ -352,25 +509,74 @@ impl WindowScorer {
 
     /// Adds a frame (unnormalized embedding and weight logit, as the encoder emits them) and
     /// returns the scores of the window ending at it, one per label.
+    ///
+    /// For [`Interaction::WeightedTokenWiseTemporal`] every frame after the first brings a
+    /// difference column: use [`push_with_difference`](Self::push_with_difference).
     pub fn push(&mut self, embedding: &[f32], weight_logit: f32) -> Result<&[f32], WtiError> {
+        self.push_with_difference(embedding, weight_logit, None)
+    }
+
+    /// Adds a frame and, for the temporal interaction, the difference column it closes:
+    /// `difference = (d, f_v(d))` with `d = W_d (v_new − v_previous)` unnormalized (the
+    /// temporal head's outputs, see [`crate::temporal`]). The first frame of a window (after
+    /// [`new`](Self::new) or [`clear`](Self::clear)) has no previous frame and takes `None`;
+    /// every later one takes `Some`. Other interactions ignore `difference`.
+    ///
+    /// Returns the scores of the window ending at the frame. A refused frame leaves the window
+    /// as it was.
+    pub fn push_with_difference(
+        &mut self,
+        embedding: &[f32],
+        weight_logit: f32,
+        difference: Option<(&[f32], f32)>,
+    ) -> Result<&[f32], WtiError> {
         let dim = self.labels.dim;
-        if embedding.len() != dim {
-            return Err(WtiError::DimMismatch {
-                expected: dim,
-                found: embedding.len(),
-            });
-        }
-        if !weight_logit.is_finite() || embedding.iter().any(|x| !x.is_finite()) {
-            return Err(WtiError::NonFinite);
-        }
+        let check = |column: &[f32], logit: f32| {
+            if column.len() != dim {
+                return Err(WtiError::DimMismatch {
+                    expected: dim,
+                    found: column.len(),
+                });
+            }
+            if !logit.is_finite() || column.iter().any(|x| !x.is_finite()) {
+                return Err(WtiError::NonFinite);
+            }
+            Ok(())
+        };
+        check(embedding, weight_logit)?;
+        let difference = if self.interaction.is_temporal() {
+            match (difference, self.len) {
+                (None, 0) => None,
+                (Some(_), 0) => {
+                    return Err(WtiError::Difference(
+                        "the first frame of a window has no previous frame to differ from".into(),
+                    ))
+                }
+                (None, _) => {
+                    return Err(WtiError::Difference(
+                        "wti-temporal needs the difference column of every frame after the first"
+                            .into(),
+                    ))
+                }
+                (Some((column, logit)), _) => {
+                    check(column, logit)?;
+                    Some((column, logit))
+                }
+            }
+        } else {
+            None
+        };
+
         let slot = self.next;
-        let frame = &mut self.frames[slot * dim..(slot + 1) * dim];
-        frame.copy_from_slice(embedding);
-        normalize_in_place(frame);
-        self.logits[slot] = weight_logit;
-        self.refresh_column(slot);
+        self.store_column(slot, embedding, weight_logit);
         self.next = (slot + 1) % self.capacity;
         self.len = (self.len + 1).min(self.capacity);
+        if let (Some((column, logit)), true) = (difference, self.difference_capacity > 0) {
+            let slot = self.capacity + self.difference_next;
+            self.store_column(slot, column, logit);
+            self.difference_next = (self.difference_next + 1) % self.difference_capacity;
+            self.difference_len = (self.difference_len + 1).min(self.difference_capacity);
+        }
         self.compute_scores();
         Ok(&self.scores)
     }
@@ -380,9 +586,19 @@ impl WindowScorer {
         &self.scores
     }
 
-    /// Ring slots holding frames. Order does not matter: WTI is order-blind over frames.
-    fn filled_slots(&self) -> std::ops::Range<usize> {
-        0..self.len
+    fn store_column(&mut self, slot: usize, embedding: &[f32], weight_logit: f32) {
+        let dim = self.labels.dim;
+        let frame = &mut self.frames[slot * dim..(slot + 1) * dim];
+        frame.copy_from_slice(embedding);
+        normalize_in_place(frame);
+        self.logits[slot] = weight_logit;
+        self.refresh_column(slot);
+    }
+
+    /// Slots holding columns: frames, then differences. Order does not matter: WTI is
+    /// order-blind over its columns (the order lives in the difference columns themselves).
+    fn filled_slots(&self) -> std::iter::Chain<std::ops::Range<usize>, std::ops::Range<usize>> {
+        (0..self.len).chain(self.capacity..self.capacity + self.difference_len)
     }
 
     fn refresh_column(&mut self, slot: usize) {
@@ -420,29 +636,37 @@ impl WindowScorer {
                 .mean_pooling_scores(&self.mean, &mut self.scores);
             return;
         }
-        let frame_weights = &mut self.frame_weights[..n];
-        frame_weights.copy_from_slice(&self.logits[..n]);
+        // Frame columns are slots 0..n, difference columns T..T + n_diff: two contiguous runs.
+        let (first, n_diff) = (self.capacity, self.difference_len);
+        let n_cols = n + n_diff;
+        let frame_weights = &mut self.frame_weights[..n_cols];
+        frame_weights[..n].copy_from_slice(&self.logits[..n]);
+        frame_weights[n..].copy_from_slice(&self.logits[first..first + n_diff]);
         frame_weights_in_place(self.interaction, frame_weights);
+        let runs = [(0, n), (first, n_diff)];
 
-        // v2t: each frame takes its best word.
+        // v2t: each column takes its best word.
         self.scores.fill(0.0);
-        for (maxima, w) in self.column_maxima[..n * n_labels]
-            .chunks_exact(n_labels)
-            .zip(frame_weights.iter())
-        {
+        let maxima = runs.iter().flat_map(|&(start, count)| {
+            self.column_maxima[start * n_labels..(start + count) * n_labels].chunks_exact(n_labels)
+        });
+        for (maxima, w) in maxima.zip(frame_weights.iter()) {
             for (score, m) in self.scores.iter_mut().zip(maxima) {
                 *score += w * m;
             }
         }
-        // t2v: each word takes its best frame.
-        let columns = &self.columns[..n * total];
+        // t2v: each word takes its best column.
         let token_weights = self.labels.token_weights(self.interaction);
         for (c, score) in self.scores.iter_mut().enumerate() {
             let mut t2v = 0.0;
             for i in self.labels.offsets[c]..self.labels.offsets[c + 1] {
                 let mut best = f32::NEG_INFINITY;
-                for column in columns.chunks_exact(total) {
-                    best = best.max(column[i]);
+                for &(start, count) in &runs {
+                    for column in
+                        self.columns[start * total..(start + count) * total].chunks_exact(total)
+                    {
+                        best = best.max(column[i]);
+                    }
                 }
                 t2v += token_weights[i] * best;
             }
@@ -453,7 +677,7 @@ impl WindowScorer {
 
 /// Turns weight logits into frame weights in place: softmax for WTI, uniform otherwise.
 fn frame_weights_in_place(interaction: Interaction, logits: &mut [f32]) {
-    if interaction != Interaction::WeightedTokenWise {
+    if !interaction.is_weighted() {
         let uniform = 1.0 / logits.len() as f32;
         logits.fill(uniform);
         return;

@@ -3,7 +3,9 @@
 mod support;
 
 use clipact::labels::{Label, LabelSet};
-use clipact::wti::{score_window, Interaction, LabelMatrix, WindowScorer, WtiError};
+use clipact::wti::{
+    score_window, score_window_temporal, Interaction, LabelMatrix, WindowScorer, WtiError,
+};
 use proptest::prelude::*;
 use support::random::{label_set, Rng};
 
@@ -158,5 +160,105 @@ proptest! {
             }
         }
         sets.clear();
+    }
+}
+
+/// The temporal variant's error paths: a difference column where none can be, none where one
+/// is needed, and `score_window` pointing to `score_window_temporal`.
+#[test]
+fn temporal_scorer_checks_its_difference_columns() {
+    let mut rng = Rng::new(9);
+    let labels = LabelMatrix::new(&label_set(&mut rng, 3, 4, 6, false));
+    let mut scorer =
+        WindowScorer::new(labels.clone(), 3, Interaction::WeightedTokenWiseTemporal).unwrap();
+    let (a, b) = (rng.vector(6), rng.vector(6));
+    assert!(matches!(
+        scorer.push_with_difference(&a, 0.0, Some((&b, 0.0))),
+        Err(WtiError::Difference(_))
+    ));
+    assert!(scorer.is_empty(), "a refused frame leaves the window as it was");
+    scorer.push(&a, 0.0).unwrap();
+    assert!(matches!(scorer.push(&b, 0.0), Err(WtiError::Difference(_))));
+    assert_eq!(
+        scorer
+            .push_with_difference(&b, 0.0, Some((&a[..5], 0.0)))
+            .unwrap_err(),
+        WtiError::DimMismatch { expected: 6, found: 5 }
+    );
+    assert_eq!(
+        scorer
+            .push_with_difference(&b, 0.0, Some((&a, f32::NAN)))
+            .unwrap_err(),
+        WtiError::NonFinite
+    );
+    assert_eq!(scorer.len(), 1);
+    scorer.push_with_difference(&b, 0.0, Some((&a, 0.0))).unwrap();
+    // Plain interactions ignore a difference column.
+    let mut plain = WindowScorer::new(labels.clone(), 3, Interaction::WeightedTokenWise).unwrap();
+    plain.push_with_difference(&a, 0.0, Some((&b, 0.0))).unwrap();
+    let mut scores = vec![0.0; 3];
+    let err = score_window(&labels, &a, &[0.0], Interaction::WeightedTokenWiseTemporal, &mut scores);
+    assert!(matches!(err, Err(WtiError::Difference(_))));
+    let err = score_window_temporal(&labels, &[a.clone(), b.clone()].concat(), &[0.0, 0.0], &[], &[], &mut scores);
+    assert!(matches!(err, Err(WtiError::Difference(_))), "{err:?}");
+    assert_eq!("wti-temporal".parse::<Interaction>(), Ok(Interaction::WeightedTokenWiseTemporal));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// wti-temporal: every window of a random stream (frames and the difference columns their
+    /// successors bring), with label sets swapped in and the window cleared at random frames.
+    #[test]
+    fn incremental_temporal_equals_batch(
+        seed in any::<u64>(),
+        dim in 2usize..20,
+        window in 1usize..7,
+        stream_len in 1usize..25,
+        swap_at in 0usize..25,
+        clear_at in 0usize..40,
+    ) {
+        let mut rng = Rng::new(seed);
+        let (n_first, n_second) = (1 + rng.below(5), 1 + rng.below(5));
+        let first = LabelMatrix::new(&label_set(&mut rng, n_first, 5, dim, false));
+        let second = LabelMatrix::new(&label_set(&mut rng, n_second, 5, dim, false));
+        let mut current = first.clone();
+        let mut scorer = WindowScorer::new(first, window, Interaction::WeightedTokenWiseTemporal).unwrap();
+        // (frame, logit, the difference column it closes and its logit)
+        let mut history: Vec<(Vec<f32>, f32, Vec<f32>, f32)> = Vec::new();
+        for t in 0..stream_len {
+            if t == swap_at {
+                current = second.clone();
+                scorer.set_labels(current.clone()).unwrap();
+            }
+            if t == clear_at {
+                scorer.clear();
+                history.clear();
+            }
+            let frame: Vec<f32> = rng.vector(dim).iter().map(|x| x * 5.0).collect();
+            let logit = 3.0 * rng.signed();
+            // The scorer does not care where differences come from: any column will do.
+            let diff: Vec<f32> = rng.vector(dim).iter().map(|x| x * 2.0).collect();
+            let diff_logit = 3.0 * rng.signed();
+            let incremental = if history.is_empty() {
+                scorer.push(&frame, logit).unwrap().to_vec()
+            } else {
+                scorer.push_with_difference(&frame, logit, Some((&diff, diff_logit))).unwrap().to_vec()
+            };
+            history.push((frame, logit, diff, diff_logit));
+            let start = history.len().saturating_sub(window);
+            let win = &history[start..];
+            let frames: Vec<f32> = win.iter().flat_map(|h| h.0.clone()).collect();
+            let logits: Vec<f32> = win.iter().map(|h| h.1).collect();
+            // The first frame's difference (to a frame outside the window) is not scored.
+            let diffs: Vec<f32> = win[1..].iter().flat_map(|h| h.2.clone()).collect();
+            let diff_logits: Vec<f32> = win[1..].iter().map(|h| h.3).collect();
+            let mut expected = vec![0.0; current.n_labels()];
+            score_window_temporal(&current, &frames, &logits, &diffs, &diff_logits, &mut expected).unwrap();
+            prop_assert_eq!(incremental.len(), expected.len());
+            for (c, (a, b)) in incremental.iter().zip(&expected).enumerate() {
+                prop_assert!((a - b).abs() <= 1e-5, "t={} label {}: incremental {} batch {}", t, c, a, b);
+            }
+        }
     }
 }

@@ -656,6 +656,7 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         },
         logit_scale: opts.logit_scale.or(logit_scale).unwrap_or(DEFAULT_LOGIT_SCALE),
         interaction: opts.interaction.clone(),
+        temporal: None,
         provenance: Provenance {
             teacher,
             data: opts.data.clone(),
