@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Shape, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -911,7 +911,8 @@ pub fn eos_position(ids: &[u32], eos_token_id: u32) -> usize {
 #[derive(Debug, Clone)]
 pub struct ClipVisionEmbeddings {
     class_embedding: Tensor,
-    patch_embedding: Conv2d,
+    /// `[hidden, channels, patch, patch]`: a stride-`patch` convolution, computed as a matmul.
+    patch_embedding: Tensor,
     position_embedding: Tensor,
 }
 
@@ -921,16 +922,30 @@ impl ClipVisionEmbeddings {
         let w = vb
             .pp("patch_embedding")
             .get((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), "weight")?;
-        let cfg = Conv2dConfig { stride: c.patch_size, ..Default::default() };
         let position_embedding =
             vb.pp("position_embedding").get((c.num_positions(), c.hidden_size), "weight")?;
-        Ok(Self { class_embedding, patch_embedding: Conv2d::new(w, None, cfg), position_embedding })
+        Ok(Self { class_embedding, patch_embedding: w, position_embedding })
+    }
+
+    /// The patch convolution (kernel = stride = patch, no padding) as one matmul over
+    /// non-overlapping patches, `[B, patches, hidden]`. Same result as `conv2d`, but candle's CPU
+    /// `conv2d` backward is a slow transposed convolution, and training spends its time here.
+    fn patchify(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let (hidden, _, p, _) = self.patch_embedding.dims4()?;
+        let (gh, gw) = (h / p, w / p);
+        let patches = pixels
+            .reshape(vec![b, c, gh, p, gw, p])?
+            .permute(vec![0, 2, 4, 1, 3, 5])?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        patches.broadcast_matmul(&self.patch_embedding.reshape((hidden, c * p * p))?.t()?)
     }
 
     fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixels.dim(0)?;
         let hidden = self.class_embedding.dim(0)?;
-        let patches = self.patch_embedding.forward(pixels)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self.patchify(pixels)?;
         let class = self.class_embedding.reshape((1, 1, hidden))?.broadcast_as((b, 1, hidden))?;
         Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)
     }
