@@ -5,8 +5,9 @@
 //! what this reports is what the shipped files do, not what the training graph did.
 //!
 //! Report (`--out`): `eval.json` (every number), `EVAL.md` (tables: per split top-1/top-5
-//! for mean pooling, TI and WTI; shipped precision vs f32; per-class accuracy; the temporal
-//! extension and the K-shot ablation when `train`/`adapt` reports are given),
+//! for mean pooling, TI and WTI, and WTI + temporal when the bundle ships the temporal head;
+//! shipped precision vs f32; per-class accuracy; the host-side temporal ablation and the
+//! K-shot ablation when `train`/`adapt` reports are given),
 //! `confusion_<split>.png`, `ablation_interaction.png`, `adapt_kshot.png`.
 
 use std::fmt::Write as _;
@@ -43,9 +44,11 @@ pub struct FullReport {
     pub bundle: String,
     /// Per split, per interaction, f32.
     pub results: Vec<EvalReport>,
-    /// WTI with every label as candidate, per split (when asked).
+    /// The bundle's interaction (`wti`, or `wti-temporal` with a temporal head) with every
+    /// label as candidate, per split (when asked).
     pub all_labels: Vec<EvalReport>,
-    /// WTI in the shipped precision (int8) per split, when the bundle has one.
+    /// The bundle's interaction in the shipped precision (int8) per split, when the bundle has
+    /// an int8 encoder.
     pub shipped: Vec<EvalReport>,
     /// `train`'s ablation (from its report), if given.
     pub train: Option<TrainReport>,
@@ -72,28 +75,36 @@ pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path
         .map(|p| -> anyhow::Result<_> { Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?) })
         .transpose()?;
     let mut report = FullReport { bundle: bundle_dir.display().to_string(), results: vec![], all_labels: vec![], shipped: vec![], train, adapt };
-    let all = vec![Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
+    let mut all = vec![Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
+    // The head the device runs: plain WTI, or WTI + temporal when the bundle ships the head.
+    let device_head = if bundle.temporal_path().is_some() {
+        all.push(Interaction::WeightedTokenWiseTemporal);
+        Interaction::WeightedTokenWiseTemporal
+    } else {
+        Interaction::WeightedTokenWise
+    };
     for &split in &s.splits {
         let r = run(&bundle, split, s.seed, s.clips, all.clone(), Candidates::Split, false, progress)?;
-        let wti = r.iter().find(|x| x.interaction == "wti").expect("wti evaluated");
+        let head = r.iter().find(|x| x.interaction == device_head.name()).expect("the device's head evaluated");
         let png = out.join(format!("confusion_{split}.png"));
-        plot::warn_on_error(&png, plot::plot_confusion(&png, &format!("{split}: WTI, top-1 {:.1} %", wti.top1 * 100.0), &wti.labels, &wti.confusion));
-        tracing::info!("{split}: mean {:.1} %, TI {:.1} %, WTI {:.1} %", r[0].top1 * 100.0, r[1].top1 * 100.0, r[2].top1 * 100.0);
+        plot::warn_on_error(&png, plot::plot_confusion(&png, &format!("{split}: {}, top-1 {:.1} %", head_title(&head.interaction), head.top1 * 100.0), &head.labels, &head.confusion));
+        let line: Vec<String> = r.iter().map(|x| format!("{} {:.1} %", head_title(&x.interaction), x.top1 * 100.0)).collect();
+        tracing::info!("{split}: {}", line.join(", "));
         report.results.extend(r);
         if s.all_labels {
-            report.all_labels.extend(run(&bundle, split, s.seed, s.clips, vec![Interaction::WeightedTokenWise], Candidates::All, false, progress)?);
+            report.all_labels.extend(run(&bundle, split, s.seed, s.clips, vec![device_head], Candidates::All, false, progress)?);
         }
         if bundle.manifest.encoder.int8_file.is_some() {
-            report.shipped.extend(run(&bundle, split, s.seed, s.clips, vec![Interaction::WeightedTokenWise], Candidates::Split, true, progress)?);
+            report.shipped.extend(run(&bundle, split, s.seed, s.clips, vec![device_head], Candidates::Split, true, progress)?);
         }
     }
     // Charts.
     let cats: Vec<String> = s.splits.iter().map(|x| x.to_string()).collect();
-    let series: Vec<(String, Vec<f64>)> = ["mean", "ti", "wti"]
+    let series: Vec<(String, Vec<f64>)> = all
         .iter()
         .map(|i| {
-            let name = match *i { "mean" => "mean pooling", "ti" => "TI (unweighted)", _ => "WTI" };
-            (name.to_string(), s.splits.iter().map(|sp| report.results.iter().find(|r| r.interaction == *i && r.split == sp.to_string()).map_or(0.0, |r| r.top1)).collect())
+            let i = i.name();
+            (head_title(i).to_string(), s.splits.iter().map(|sp| report.results.iter().find(|r| r.interaction == i && r.split == sp.to_string()).map_or(0.0, |r| r.top1)).collect())
         })
         .collect();
     let png = out.join("ablation_interaction.png");
@@ -111,6 +122,17 @@ pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path
     Ok(report)
 }
 
+/// The report title of an interaction name.
+fn head_title(interaction: &str) -> &'static str {
+    match interaction {
+        "mean" => "mean pooling",
+        "ti" => "TI (unweighted)",
+        "wti" => "WTI",
+        "wti-temporal" => "WTI + temporal",
+        _ => "?",
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1} %", x * 100.0)
 }
@@ -125,27 +147,49 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
          Computed by `clipact::eval` (tract encoder + device WTI), the code `clipact eval` runs.\n",
         s.seed, s.clips
     );
+    let temporal = r.results.iter().any(|x| x.interaction == "wti-temporal");
     let _ = writeln!(m, "## Top-1 / top-5 by interaction head (f32)\n");
-    let _ = writeln!(m, "| split | mean pooling | TI (unweighted) | WTI | WTI top-5 |");
-    let _ = writeln!(m, "|---|---|---|---|---|");
+    if temporal {
+        let _ = writeln!(m, "| split | mean pooling | TI (unweighted) | WTI | WTI + temporal | WTI + temporal top-5 |");
+        let _ = writeln!(m, "|---|---|---|---|---|---|");
+    } else {
+        let _ = writeln!(m, "| split | mean pooling | TI (unweighted) | WTI | WTI top-5 |");
+        let _ = writeln!(m, "|---|---|---|---|---|");
+    }
     for split in &s.splits {
         let get = |i: &str| r.results.iter().find(|x| x.interaction == i && x.split == split.to_string());
         if let (Some(a), Some(b), Some(c)) = (get("mean"), get("ti"), get("wti")) {
-            let _ = writeln!(m, "| {split} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(c.top5));
+            match get("wti-temporal") {
+                Some(t) => {
+                    let _ = writeln!(m, "| {split} | {} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(t.top1), pct(t.top5));
+                }
+                None => {
+                    let _ = writeln!(m, "| {split} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(c.top5));
+                }
+            }
         }
     }
+    if temporal {
+        let _ = writeln!(
+            m,
+            "\nThe bundle ships the temporal head (`temporal.onnx`): WTI + temporal is what the device runs; \
+             the WTI column scores the same encoder without the difference columns (its f_v and f_t were \
+             trained with them)."
+        );
+    }
+    let device_head = if temporal { "wti-temporal" } else { "wti" };
     if !r.all_labels.is_empty() {
-        let _ = writeln!(m, "\n## WTI with every label as candidate (what a running device chooses among)\n");
+        let _ = writeln!(m, "\n## {} with every label as candidate (what a running device chooses among)\n", head_title(device_head));
         let _ = writeln!(m, "| split | top-1 | top-5 |\n|---|---|---|");
         for x in &r.all_labels {
             let _ = writeln!(m, "| {} | {} | {} |", x.split, pct(x.top1), pct(x.top5));
         }
     }
     if !r.shipped.is_empty() {
-        let _ = writeln!(m, "\n## Shipped precision vs f32 (WTI)\n");
+        let _ = writeln!(m, "\n## Shipped precision vs f32 ({})\n", head_title(device_head));
         let _ = writeln!(m, "| split | f32 | int8 | difference |\n|---|---|---|---|");
         for x in &r.shipped {
-            if let Some(f) = r.results.iter().find(|y| y.interaction == "wti" && y.split == x.split) {
+            if let Some(f) = r.results.iter().find(|y| y.interaction == x.interaction && y.split == x.split) {
                 let _ = writeln!(m, "| {} | {} | {} | {:+.1} points |", x.split, pct(f.top1), pct(x.top1), (x.top1 - f.top1) * 100.0);
             }
         }
@@ -165,8 +209,8 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
             let _ = writeln!(m, "| {} | {} | {} |", p.shots, pct(p.vision_only), pct(p.cross_modal));
         }
     }
-    let _ = writeln!(m, "\n## Per-class top-1 (WTI, f32)\n");
-    for x in r.results.iter().filter(|x| x.interaction == "wti") {
+    let _ = writeln!(m, "\n## Per-class top-1 ({}, f32)\n", head_title(device_head));
+    for x in r.results.iter().filter(|x| x.interaction == device_head) {
         let _ = writeln!(m, "**{}**: {}\n", x.split, x.per_class.iter().map(|c| format!("{} {}", c.label, pct(c.top1))).collect::<Vec<_>>().join(", "));
     }
     let _ = writeln!(m, "Confusion matrices: `confusion_<split>.png`; interaction ablation: `ablation_interaction.png`; K-shot curve: `adapt_kshot.png`.");

@@ -403,6 +403,9 @@ pub struct BundleOptions {
     pub command: String,
     /// Replace the files of an existing bundle in the output folder.
     pub force: bool,
+    /// Ship the temporal head of this `head_temporal.safetensors` as `temporal.onnx`
+    /// (`interaction = "wti-temporal"`; see [`crate::export_temporal`]).
+    pub temporal_head: Option<std::path::PathBuf>,
 }
 
 impl Default for BundleOptions {
@@ -423,6 +426,7 @@ impl Default for BundleOptions {
             data: String::new(),
             command: String::new(),
             force: false,
+            temporal_head: None,
         }
     }
 }
@@ -440,6 +444,8 @@ pub struct BundleSummary {
     pub int8: Option<(clipact::quantize::QuantizeReport, Vec<clipact::quantize::OutputAgreement>)>,
     /// Whether `labels.cls` was shipped.
     pub has_labels: bool,
+    /// Size of `temporal.onnx` in bytes, when shipped.
+    pub temporal_bytes: Option<usize>,
 }
 
 /// A TOML basic string: quoted, with `\\`, `"` and control characters escaped.
@@ -487,6 +493,9 @@ pub fn manifest_toml(m: &clipact::bundle::Manifest) -> String {
     t += &format!("\n[encoder]\nfile = {}\nprecision = {}\n", toml_str(&m.encoder.file), toml_str(&m.encoder.precision));
     if let Some(f) = &m.encoder.int8_file {
         t += &format!("int8_file = {}\n", toml_str(f));
+    }
+    if let Some(temporal) = &m.temporal {
+        t += &format!("\n[temporal]\nfile = {}\n", toml_str(&temporal.file));
     }
     let p = &m.provenance;
     t += &format!(
@@ -550,9 +559,14 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
     use clipact::labels::LabelSet;
 
     ensure!(opts.window_frames > 0 && opts.stride > 0, "--window-frames and --stride must be positive");
-    opts.interaction
+    let interaction = opts
+        .interaction
         .parse::<clipact::wti::Interaction>()
         .map_err(|e| anyhow::anyhow!("--interaction {}: {e}", opts.interaction))?;
+    ensure!(
+        !interaction.is_temporal() || opts.temporal_head.is_some(),
+        "--interaction wti-temporal needs the temporal head: add --temporal-head <train out>/head_temporal.safetensors"
+    );
     if out.join(MANIFEST_FILE).exists() && !opts.force {
         anyhow::bail!("{} already holds a bundle (manifest.toml); pass --force to replace it", out.display());
     }
@@ -628,6 +642,16 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         std::fs::remove_file(out.join(INT8_ENCODER_FILE))
             .with_context(|| format!("removing stale {}", out.join(INT8_ENCODER_FILE).display()))?;
     }
+    let temporal = match &opts.temporal_head {
+        Some(head) => Some(crate::export_temporal::ship_temporal(tower, head, dim, out)?),
+        None => {
+            let stale = out.join(clipact::temporal::TEMPORAL_FILE);
+            if stale.exists() {
+                std::fs::remove_file(&stale).with_context(|| format!("removing stale {}", stale.display()))?;
+            }
+            None
+        }
+    };
     if let (Some(l), Some(p)) = (&labels, &opts.labels) {
         write(LABELS_FILE, &l.encode()?).with_context(|| format!("copying {}", p.display()))?;
     } else {
@@ -654,9 +678,18 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
             precision: "f32".into(),
             int8_file: opts.int8.then(|| INT8_ENCODER_FILE.into()),
         },
-        logit_scale: opts.logit_scale.or(logit_scale).unwrap_or(DEFAULT_LOGIT_SCALE),
-        interaction: opts.interaction.clone(),
-        temporal: None,
+        logit_scale: opts
+            .logit_scale
+            .or(temporal.as_ref().and_then(|t| t.logit_scale))
+            .or(logit_scale)
+            .unwrap_or(DEFAULT_LOGIT_SCALE),
+        // Shipping the temporal head makes it the bundle's head (unless mean/ti was asked for).
+        interaction: if temporal.is_some() && interaction == clipact::wti::Interaction::WeightedTokenWise {
+            clipact::wti::Interaction::WeightedTokenWiseTemporal.name().into()
+        } else {
+            opts.interaction.clone()
+        },
+        temporal: temporal.as_ref().map(|_| clipact::bundle::TemporalSpec { file: clipact::temporal::TEMPORAL_FILE.into() }),
         provenance: Provenance {
             teacher,
             data: opts.data.clone(),
@@ -695,6 +728,7 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         int8_bytes,
         int8,
         has_labels: labels.is_some(),
+        temporal_bytes: temporal.map(|t| t.bytes),
     })
 }
 
@@ -778,6 +812,13 @@ pub struct ExportArgs {
     /// Replace an existing bundle in --out.
     #[arg(long)]
     pub force: bool,
+    /// Ship the temporal extension (wti-temporal): temporal.onnx from this
+    /// head_temporal.safetensors of `train`. The encoder's f_v and the label set's f_t must be
+    /// the same head's: --student <train out>/student_temporal, labels built with
+    /// `labels build --head <train out>/head_temporal.safetensors`. Sets interaction =
+    /// wti-temporal and (without --logit-scale) the head's logit scale.
+    #[arg(long, value_name = "FILE")]
+    pub temporal_head: Option<std::path::PathBuf>,
 }
 
 /// Runs `clipact-host export`.
@@ -810,6 +851,7 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
         data: a.data.clone(),
         command: command_line(),
         force: a.force,
+        temporal_head: a.temporal_head.clone(),
         ..Default::default()
     };
     let start = std::time::Instant::now();
@@ -828,6 +870,9 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
             report.layers.len(),
             cos
         );
+    }
+    if let Some(bytes) = s.temporal_bytes {
+        println!("temporal:  {} ({:.1} KiB), interaction {}", clipact::temporal::TEMPORAL_FILE, bytes as f64 / 1024.0, m.interaction);
     }
     println!("space id:  {}", m.space_id);
     println!("labels:    {}", if s.has_labels { "labels.cls" } else { "none (add labels.cls before running)" });

@@ -11,6 +11,7 @@ pub mod distill;
 pub mod embed;
 pub mod eval;
 pub mod export;
+pub mod export_temporal;
 pub mod labelset;
 pub mod pretrain;
 pub mod push;

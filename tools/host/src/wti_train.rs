@@ -11,6 +11,17 @@
 //! `logit_scale`, `temporal.weight`), `student/` (the student with the trained `f_v`, ready to
 //! export), `train_report.json` (the ablation on `id` clips: mean pooling, TI, WTI, WTI +
 //! temporal), curves and a checkpoint that resumes.
+//!
+//! With the temporal extension (the default) also `head_temporal.safetensors` (the temporal
+//! head: its own `f_t.*`, `frame_weight.*`, `logit_scale`, `temporal.weight`) and
+//! `student_temporal/` (the student with that head's `f_v`). A `wti-temporal` bundle is made
+//! from these three together (see [`crate::export_temporal`]):
+//!
+//! ```text
+//! clipact-host labels build ... --head OUT/head_temporal.safetensors -o labels_temporal.cls
+//! clipact-host export --student OUT/student_temporal --labels labels_temporal.cls \
+//!     --temporal-head OUT/head_temporal.safetensors --out BUNDLE
+//! ```
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -86,6 +97,29 @@ pub struct TrainReport {
     pub clips: (usize, usize),
     /// The trained `logit_scale` (log of the inverse temperature) of the shipped head.
     pub logit_scale: f64,
+    /// The temporal head's `logit_scale`, when it was trained.
+    #[serde(default)]
+    pub logit_scale_temporal: Option<f64>,
+}
+
+/// Saves `student` into `dir` with `head`'s `f_v` (`frame_weight.*`) written into it.
+fn save_student_with_head(student: &Student, student_vars: &candle_nn::VarMap, head: &WtiHead, dir: &Path) -> anyhow::Result<()> {
+    for (name, var) in &head.vars {
+        if name.starts_with("frame_weight.") {
+            let target = student.parameter(name).with_context(|| format!("student has no `{name}`"))?;
+            // The student's parameters are its VarMap's variables: write through them.
+            let v = student_vars.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?.get(name).cloned();
+            match v {
+                Some(v) => v.set(var.as_tensor())?,
+                None => anyhow::bail!("student variable `{name}` missing ({:?})", target.dims()),
+            }
+        }
+    }
+    student.save(dir)
+}
+
+fn scalar(var: &candle_core::Var) -> anyhow::Result<f64> {
+    Ok(var.as_tensor().flatten_all()?.to_vec1::<f32>()?[0] as f64)
 }
 
 /// Everything a head run needs, cached.
@@ -238,33 +272,25 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
     report.push((Variant::Wti, top1(&s, &data.eval.1)?));
     let png = out.join("train_curves.png");
     plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI head on cached student embeddings", &history));
+    let mut logit_scale_temporal = None;
     if o.temporal {
         let temporal = WtiHead::new(d, o.seed, &init, device)?;
         let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress)?;
         let s = score_all(&temporal, &data.eval.0, &data.labels, &data.labels.tokens, Variant::WtiTemporal)?;
         report.push((Variant::WtiTemporal, top1(&s, &data.eval.1)?));
         candle_core::safetensors::save(&temporal.tensors(), out.join("head_temporal.safetensors"))?;
+        // The student a wti-temporal bundle exports: f_v must be the temporal head's.
+        save_student_with_head(&student, &student_vars, &temporal, &out.join("student_temporal"))?;
+        logit_scale_temporal = Some(scalar(&temporal.logit_scale)?);
         let png = out.join("train_curves_temporal.png");
         plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI + temporal difference tokens", &h));
     }
     // The shipped head: f_t for label sets, f_v into the student.
     candle_core::safetensors::save(&head.tensors(), out.join("head.safetensors"))?;
-    let student_out = out.join("student");
-    for (name, var) in &head.vars {
-        if name.starts_with("frame_weight.") {
-            let target = student.parameter(name).with_context(|| format!("student has no `{name}`"))?;
-            // The student's parameters are its VarMap's variables: write through them.
-            let v = student_vars.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?.get(name).cloned();
-            match v {
-                Some(v) => v.set(var.as_tensor())?,
-                None => anyhow::bail!("student variable `{name}` missing ({:?})", target.dims()),
-            }
-        }
-    }
-    student.save(&student_out)?;
+    save_student_with_head(&student, &student_vars, &head, &out.join("student"))?;
     let loss_first_last = history.loss_first_last(10).unwrap_or((f64::NAN, f64::NAN));
-    let logit_scale = head.logit_scale.as_tensor().flatten_all()?.to_vec1::<f32>()?[0] as f64;
-    let report = TrainReport { id_top1: report, loss_first_last, clips: (data.train.1.len(), data.eval.1.len()), logit_scale };
+    let logit_scale = scalar(&head.logit_scale)?;
+    let report = TrainReport { id_top1: report, loss_first_last, clips: (data.train.1.len(), data.eval.1.len()), logit_scale, logit_scale_temporal };
     std::fs::write(out.join("train_report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
     for (v, a) in &report.id_top1 {
         tracing::info!("id top-1 {:<16} {:.1} %", v.name(), a * 100.0);

@@ -138,7 +138,10 @@ pub struct DistillArgs {
         Writes into --out: head.safetensors (f_t.* for `labels build --head`, frame_weight.*, \
         logit_scale), student/ (the student with the trained f_v, for `export`), train_report.json, \
         train_curves*.png, world_labels.txt and world_templates.txt (the world's actions and prompt \
-        templates, for `labels build`).",
+        templates, for `labels build`). With the temporal run also head_temporal.safetensors (its own \
+        f_t, f_v, logit_scale and temporal.weight) and student_temporal/ (the student with that f_v): \
+        together they make a wti-temporal bundle (`labels build --head OUT/head_temporal.safetensors`, \
+        then `export --student OUT/student_temporal --temporal-head OUT/head_temporal.safetensors`).",
     after_help = "Example:\n  clipact-host train --teacher runs/teacher --student runs/student --out runs/head"
 )]
 pub struct TrainArgs {
