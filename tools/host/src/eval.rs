@@ -195,7 +195,7 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
         }
     }
     if let Some(t) = &r.train {
-        let _ = writeln!(m, "\n## Temporal extension (host-side, `train`'s id clips, candle head)\n");
+        let _ = writeln!(m, "\n## Training-time ablation incl. the temporal extension (`train`'s id clips, candle head)\n");
         let _ = writeln!(m, "| head | id top-1 |\n|---|---|");
         for (v, a) in &t.id_top1 {
             let _ = writeln!(m, "| {} | {} |", v.name(), pct(*a));

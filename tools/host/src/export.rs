@@ -612,6 +612,12 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         l.check_compatible(dim as u32, &space_id, None, true)
             .with_context(|| format!("label set {} does not fit this encoder", p.display()))?;
     }
+    // A temporal head of another training run must fail before anything is written too.
+    let temporal = opts
+        .temporal_head
+        .as_deref()
+        .map(|head| crate::export_temporal::prepare_temporal(tower, head, dim))
+        .transpose()?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let f32_bytes = graph.to_bytes();
@@ -642,8 +648,8 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         std::fs::remove_file(out.join(INT8_ENCODER_FILE))
             .with_context(|| format!("removing stale {}", out.join(INT8_ENCODER_FILE).display()))?;
     }
-    let temporal = match &opts.temporal_head {
-        Some(head) => Some(crate::export_temporal::ship_temporal(tower, head, dim, out)?),
+    let temporal = match temporal {
+        Some(prepared) => Some(prepared.write(out)?),
         None => {
             let stale = out.join(clipact::temporal::TEMPORAL_FILE);
             if stale.exists() {

@@ -95,19 +95,28 @@ pub fn write_temporal_onnx(weights: &TemporalWeights, path: &Path) -> anyhow::Re
     Ok(bytes.len())
 }
 
-/// What [`ship_temporal`] wrote.
+/// A temporal head checked against the encoder, ready to write ([`prepare_temporal`]).
 #[derive(Debug, Clone)]
-pub struct ShippedTemporal {
-    /// Size of `temporal.onnx` in bytes.
-    pub bytes: usize,
+pub struct PreparedTemporal {
+    /// The head's `temporal.onnx` weights.
+    pub weights: TemporalWeights,
     /// The head's `logit_scale` (the bundle's unless `--logit-scale` overrides it).
     pub logit_scale: Option<f32>,
 }
 
-/// Writes `out/temporal.onnx` from the temporal head file `head_path` after checking that
-/// `tower`'s `f_v` is the head's (a student: its `frame_weight.*`; the teacher: its `--head`
-/// file, which must then hold the same `f_v`).
-pub fn ship_temporal(tower: &crate::export::Tower, head_path: &Path, dim: usize, out: &Path) -> anyhow::Result<ShippedTemporal> {
+/// What [`PreparedTemporal::write`] wrote.
+#[derive(Debug, Clone)]
+pub struct ShippedTemporal {
+    /// Size of `temporal.onnx` in bytes.
+    pub bytes: usize,
+    /// The head's `logit_scale`.
+    pub logit_scale: Option<f32>,
+}
+
+/// Loads the temporal head file `head_path` and checks that `tower`'s `f_v` is the head's (a
+/// student: its `frame_weight.*`; the teacher: its `--head` file, which must then hold the
+/// same `f_v`). Writes nothing, so a mismatch fails before any file of the bundle is written.
+pub fn prepare_temporal(tower: &crate::export::Tower, head_path: &Path, dim: usize) -> anyhow::Result<PreparedTemporal> {
     use crate::export::Tower;
     let (weights, tensors) = load_temporal_head(head_path, dim)?;
     match tower {
@@ -125,8 +134,15 @@ pub fn ship_temporal(tower: &crate::export::Tower, head_path: &Path, dim: usize,
             head_path.display()
         ),
     }
-    let path = out.join(clipact::temporal::TEMPORAL_FILE);
-    let bytes = write_temporal_onnx(&weights, &path)?;
-    tracing::info!("wrote {} ({:.1} KiB)", path.display(), bytes as f64 / 1024.0);
-    Ok(ShippedTemporal { bytes, logit_scale: head_logit_scale(&tensors) })
+    Ok(PreparedTemporal { weights, logit_scale: head_logit_scale(&tensors) })
+}
+
+impl PreparedTemporal {
+    /// Writes `out/temporal.onnx` and loads it back with the device's loader.
+    pub fn write(&self, out: &Path) -> anyhow::Result<ShippedTemporal> {
+        let path = out.join(clipact::temporal::TEMPORAL_FILE);
+        let bytes = write_temporal_onnx(&self.weights, &path)?;
+        tracing::info!("wrote {} ({:.1} KiB)", path.display(), bytes as f64 / 1024.0);
+        Ok(ShippedTemporal { bytes, logit_scale: self.logit_scale })
+    }
 }

@@ -185,6 +185,13 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
     candle_core::safetensors::save(&other, &other_path).unwrap();
     let e = host_err(&args(&["--force", "--temporal-head", other_path.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("student_temporal") && e.contains("frame_weight.0.bias"), "{e}");
+    let fresh = dir.path().join("never");
+    let e = host_err(&[
+        "export", "--student", &student_path, "--labels", labels_path.to_str().unwrap(), "--out", fresh.to_str().unwrap(),
+        "--temporal-head", other_path.to_str().unwrap(),
+    ]);
+    assert!(e.contains("student_temporal"), "{e}");
+    assert!(!fresh.exists(), "a refused export writes nothing");
     // head.safetensors of plain WTI training has temporal.weight too, but a head file without
     // it is named.
     other.remove("temporal.weight");
