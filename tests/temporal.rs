@@ -205,3 +205,30 @@ fn temporal_scores_see_the_order_of_frames() {
     let err = BundleScorer::from_parts(labels, 5, Interaction::WeightedTokenWiseTemporal, None).unwrap_err();
     assert!(err.to_string().contains("temporal head"), "{err}");
 }
+
+/// `clipact bench` runs a temporal bundle (its pipeline part scores with the temporal head),
+/// and `clipact run` refuses a bundle whose temporal head is broken, naming the file.
+#[test]
+fn the_binary_runs_and_refuses_temporal_bundles() {
+    let mut rng = Rng::new(13);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = bundle_dir(tmp.path(), Some(&random_weights(&mut rng, 16)));
+    let bundle = dir.to_str().unwrap();
+    let out = support::clipact_command()
+        .env("CLIPACT_CACHE_DIR", tmp.path())
+        .args(["bench", "--bundle", bundle, "--precision", "f32", "--frames", "12", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["pipeline"]["scoring_p50_ms"].as_f64().unwrap() > 0.0, "{report}");
+
+    std::fs::write(dir.join(TEMPORAL_FILE), b"\x08\x01garbage").unwrap();
+    let out = support::clipact_command()
+        .env("CLIPACT_CACHE_DIR", tmp.path())
+        .args(["run", "--bundle", bundle, "--for", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("temporal.onnx"), "{stderr}");
+}
