@@ -12,9 +12,11 @@
 //! waving", or a paraphrase). Held-out (zero-shot) actions never appear, neither as clips nor as
 //! texts: the teacher must compose them from the parts the captions taught it.
 //!
-//! Loss: CLIP's symmetric InfoNCE with identical texts in a batch merged into one class (a
-//! batch often holds the same caption twice; treating the copies as negatives of each other
-//! would push apart what should match).
+//! Loss: CLIP's symmetric InfoNCE with several positives per frame. Identical texts in a batch
+//! are merged into one class, and every text that is true of a frame counts as its positive:
+//! its own caption and every prompt of its clip's action. With one positive per frame, a waving
+//! frame paired with its pose caption would be pushed away from "a video of a person waving",
+//! which another frame of the batch holds: the action words would never be grounded.
 //!
 //! Tokenizer: a word-level `tokenizer.json` over the world's vocabulary (lower-cased,
 //! whitespace/punctuation split) with CLIP's special tokens, `<|startoftext|>` = V−2 and
@@ -233,6 +235,15 @@ struct Pair {
     text: usize,
 }
 
+/// `positive[b][u]`: whether distinct text `uniq[u]` is true of frame `b` of the batch: the
+/// frame's own text, or a prompt of its clip's action (`text_action`).
+fn positives(batch: &[&Pair], uniq: &[usize], clip_action: impl Fn(usize) -> usize, text_action: &[Option<usize>]) -> Vec<Vec<bool>> {
+    batch
+        .iter()
+        .map(|p| uniq.iter().map(|&u| u == p.text || text_action[u] == Some(clip_action(p.clip))).collect())
+        .collect()
+}
+
 /// Runs `pretrain` into `out` (resuming from its checkpoint when `resume`). Returns the history.
 pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
     ensure!(o.image_size % o.patch_size == 0, "--image-size {} is not a multiple of --patch-size {}", o.image_size, o.patch_size);
@@ -258,6 +269,7 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         caption_ids.push(c.captions.iter().map(|t| intern(t, &mut texts)).collect::<Vec<_>>());
     }
     let mut action_texts: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut text_action: Vec<Option<usize>> = Vec::new();
     for &a in &seen {
         let act = &world::ACTIONS[a];
         let mut ids = Vec::new();
@@ -267,8 +279,13 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         for p in act.paraphrases {
             ids.push(intern(p, &mut texts));
         }
+        text_action.resize(texts.len(), None);
+        for &id in &ids {
+            text_action[id] = Some(a);
+        }
         action_texts.insert(a, ids);
     }
+    text_action.resize(texts.len(), None);
 
     // Vocabulary: every word of every text the world can produce for training or labels (the
     // held-out actions' descriptions included: their words exist, their sentences were never
@@ -358,17 +375,15 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         let batch: Vec<&Pair> = order[start..start + o.batch_size].iter().map(|&i| &pairs[i]).collect();
         let frames: Vec<&[u8]> = batch.iter().map(|p| clips[p.clip].frames[p.frame].as_slice()).collect();
         let px = data::pixels(&frames, o.image_size as u32, device)?;
-        // Distinct texts of the batch and each frame's index among them.
+        // Distinct texts of the batch and which of them are true of each frame.
         let mut uniq: Vec<usize> = Vec::new();
-        let mut target = Vec::with_capacity(batch.len());
         for p in &batch {
-            let pos = uniq.iter().position(|&u| u == p.text).unwrap_or_else(|| {
+            if !uniq.contains(&p.text) {
                 uniq.push(p.text);
-                uniq.len() - 1
-            });
-            target.push(pos as u32);
+            }
         }
-        let (loss, acc) = clip_loss(&model, &logit_scale, &px, &uniq.iter().map(|&u| text_ids[u].clone()).collect::<Vec<_>>(), &target, &tokenizer, device)?;
+        let positive = positives(&batch, &uniq, |c| clips[c].action, &text_action);
+        let (loss, acc) = clip_loss(&model, &logit_scale, &px, &uniq.iter().map(|&u| text_ids[u].clone()).collect::<Vec<_>>(), &positive, &tokenizer, device)?;
         let grads = loss.backward()?;
         let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
         opt.step(&grads, lr, Some(o.max_grad_norm))?;
@@ -414,14 +429,16 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     Ok(history)
 }
 
-/// The symmetric contrastive loss of images `px` against distinct texts `texts`, where image
-/// `b`'s text is `target[b]`; returns the loss and the image→text accuracy.
+/// The symmetric contrastive loss of images `px` against distinct texts `texts`, where
+/// `positive[b][u]` says whether text `u` is true of image `b` (every image has at least one).
+/// Each direction's target spreads evenly over the positives. Returns the loss and the share
+/// of images whose best text is one of their positives.
 fn clip_loss(
     model: &ClipModel,
     logit_scale: &Var,
     px: &Tensor,
     texts: &[Vec<u32>],
-    target: &[u32],
+    positive: &[Vec<bool>],
     tokenizer: &ClipTokenizer,
     device: &Device,
 ) -> anyhow::Result<(Tensor, f64)> {
@@ -433,25 +450,41 @@ fn clip_loss(
         .matmul(&l2_normalize(&txt)?.t()?)?
         .broadcast_mul(&logit_scale.as_tensor().exp()?)?; // [B, U]
     let (b, u) = logits.dims2()?;
-    let tgt = Tensor::from_vec(target.to_vec(), b, device)?;
-    let i2t = candle_nn::loss::cross_entropy(&logits, &tgt)?;
-    // Text → image: each distinct text against all images, its own images as (equal) positives.
-    let mut pos = vec![0f32; u * b];
-    let mut counts = vec![0f32; u];
-    for (bi, &t) in target.iter().enumerate() {
-        pos[t as usize * b + bi] = 1.0;
-        counts[t as usize] += 1.0;
-    }
-    for (row, &c) in pos.chunks_exact_mut(b).zip(&counts) {
-        row.iter_mut().for_each(|x| *x /= c);
-    }
-    let pos = Tensor::from_vec(pos, (u, b), device)?;
-    let logp = candle_nn::ops::log_softmax(&logits.t()?, D::Minus1)?;
-    let t2i = (logp.mul(&pos)?.sum_all()?.neg()? / u as f64)?;
+    let (image_targets, text_targets) = target_distributions(positive, u);
+    let image_targets = Tensor::from_vec(image_targets, (b, u), device)?;
+    let text_targets = Tensor::from_vec(text_targets, (u, b), device)?;
+    let soft_ce = |logits: &Tensor, targets: &Tensor, rows: usize| -> candle_core::Result<Tensor> {
+        candle_nn::ops::log_softmax(logits, D::Minus1)?.mul(targets)?.sum_all()?.neg()? / rows as f64
+    };
+    let i2t = soft_ce(&logits, &image_targets, b)?;
+    let t2i = soft_ce(&logits.t()?, &text_targets, u)?;
     let loss = ((i2t + t2i)? * 0.5)?;
     let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-    let acc = pred.iter().zip(target).filter(|(p, t)| p == t).count() as f64 / b as f64;
+    let acc = pred.iter().zip(positive).filter(|(&p, pos)| pos[p as usize]).count() as f64 / b as f64;
     Ok((loss, acc))
+}
+
+/// Row-normalized targets of both directions from `positive` (`[B][U]`): image → text `[B, U]`
+/// and text → image `[U, B]`, each row spread evenly over its positives (a text without a
+/// positive image in the batch cannot occur: every text is some image's own).
+fn target_distributions(positive: &[Vec<bool>], u: usize) -> (Vec<f32>, Vec<f32>) {
+    let b = positive.len();
+    let mut image = vec![0f32; b * u];
+    let mut text = vec![0f32; u * b];
+    for (bi, row) in positive.iter().enumerate() {
+        let n = row.iter().filter(|&&p| p).count().max(1) as f32;
+        for (ui, _) in row.iter().enumerate().filter(|(_, &p)| p) {
+            image[bi * u + ui] = 1.0 / n;
+            text[ui * b + bi] = 1.0;
+        }
+    }
+    for row in text.chunks_exact_mut(b) {
+        let n: f32 = row.iter().sum();
+        if n > 0.0 {
+            row.iter_mut().for_each(|x| *x /= n);
+        }
+    }
+    (image, text)
 }
 
 /// Where `pretrain` writes by default.
@@ -462,6 +495,16 @@ pub fn default_out() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_spread_over_every_true_text() {
+        // Image 0: its caption (text 0) and its action's prompt (text 1); image 1: text 1 only;
+        // image 2: text 2 only.
+        let positive = vec![vec![true, true, false], vec![false, true, false], vec![false, false, true]];
+        let (image, text) = target_distributions(&positive, 3);
+        assert_eq!(image, vec![0.5, 0.5, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(text, vec![1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0]);
+    }
 
     #[test]
     fn words_split_like_the_whitespace_pre_tokenizer() {
