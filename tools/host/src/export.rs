@@ -10,13 +10,18 @@
 //! - patch embedding: `Conv` (kernel = stride = patch, no bias) → `Reshape` → `Transpose`;
 //!   class token `Concat`, position `Add`;
 //! - LayerNorm: the ONNX `LayerNormalization` op (opset 17). tract expands it into the same
-//!   reduce/sub/rsqrt/mul primitives as a hand-written decomposition, so it costs nothing on
-//!   the device, while onnxruntime (e.g. on a Jetson) runs it as one fused kernel;
+//!   reduce/sub/rsqrt/mul primitives as a hand-written decomposition, while onnxruntime (e.g.
+//!   on a Jetson) runs it as one fused kernel. Inside the blocks the LayerNorm's scale `γ` and
+//!   shift `β` are folded into the linear layer that follows (q/k/v, fc1), so the graph only
+//!   normalizes (scale 1, which tract drops) and saves two passes over the tokens per norm;
 //! - linear layers: `MatMul` with the transposed weight, then `Add` of the bias (not `Gemm`:
 //!   activations are 3-D, and `MatMul` is what a later int8 pass rewrites to `MatMulInteger`);
+//!   the query, key and value projections are one `MatMul` of `3·W` columns, `Split` into the
+//!   three after the head transpose (one packing of the activations instead of three);
 //! - attention: `MatMul`/`Softmax`/`Reshape`/`Transpose`, with the `1/√head_dim` scale folded
 //!   into the query weights and bias (one `Mul` over every `[heads, L, L]` score tensor less);
-//! - QuickGELU as `x * Sigmoid(1.702 x)` (TRAPS.md: runs fine in tract), GELU with `Erf`
+//! - QuickGELU `x·σ(1.702 x)` as `y·σ(y)` with `y = 1.702 x` (the 1.702 folded into fc1, its
+//!   inverse into fc2's weights): tract fuses `y·σ(y)` into one SiLU kernel. GELU with `Erf`
 //!   (pattern-matched by tract), the tanh approximation and ReLU written out;
 //! - only the class token goes through `post_layernorm`, the projection and `f_v`.
 
@@ -71,7 +76,6 @@ pub fn tower_graph(spec: &TowerSpec, weights: &WeightSource, head: WeightHead) -
 
     // Shape constants, shared by every Reshape.
     let patches_shape = net.g.initializer_i64("shape.patches", &[1, w, grid * grid]);
-    let heads_shape = net.g.initializer_i64("shape.heads", &[1, tokens, heads, w / heads]);
     let tokens_shape = net.g.initializer_i64("shape.tokens", &[1, tokens, w]);
     let cls_shape = net.g.initializer_i64("shape.cls", &[1, w]);
 
@@ -92,34 +96,45 @@ pub fn tower_graph(spec: &TowerSpec, weights: &WeightSource, head: WeightHead) -
     let mut x = net.layer_norm("embeddings.out", "pre_layrnorm", v.layer_norm_eps)?;
 
     let scale = (v.hidden_size as f64 / v.num_attention_heads as f64).powf(-0.5) as f32;
+    let heads3_shape = net.g.initializer_i64("shape.heads3", &[1, tokens, 3 * heads, w / heads]);
+    let split_sizes = net.g.initializer_i64("split.qkv", &[heads, heads, heads]);
     for l in 0..v.num_hidden_layers {
         let p = format!("encoder.layers.{l}");
-        // Attention block (pre-LN, residual).
-        let h = net.layer_norm(&x, &format!("{p}.layer_norm1"), v.layer_norm_eps)?;
+        // Attention block (pre-LN, residual). layer_norm1's scale and shift live in the fused
+        // q/k/v weights; the query part also carries the 1/√head_dim score scale.
+        let h = net.normalize(&x, &format!("{p}.layer_norm1"), v.layer_norm_eps)?;
         let a = format!("{p}.self_attn");
-        let q = net.linear(&h, &format!("{a}.q_proj"), scale)?;
-        let k = net.linear(&h, &format!("{a}.k_proj"), 1.0)?;
-        let vv = net.linear(&h, &format!("{a}.v_proj"), 1.0)?;
-        for t in [&q, &k, &vv] {
-            net.g.node("Reshape", &[t.as_str(), &heads_shape], &[&format!("{t}.heads")], []);
-        }
-        // q, v: [1, heads, L, dh]; k: [1, heads, dh, L] (transposed for the score MatMul).
-        net.g.node("Transpose", &[&format!("{q}.heads")], &[&format!("{a}.q_t")], [perm(&[0, 2, 1, 3])]);
-        net.g.node("Transpose", &[&format!("{k}.heads")], &[&format!("{a}.k_t")], [perm(&[0, 2, 3, 1])]);
-        net.g.node("Transpose", &[&format!("{vv}.heads")], &[&format!("{a}.v_t")], [perm(&[0, 2, 1, 3])]);
-        net.g.node("MatMul", &[&format!("{a}.q_t"), &format!("{a}.k_t")], &[&format!("{a}.scores")], []);
+        let ln1 = Some(format!("{p}.layer_norm1"));
+        let qkv = net.fused_linear(
+            &h,
+            &format!("{a}.qkv"),
+            &[(format!("{a}.q_proj"), scale), (format!("{a}.k_proj"), 1.0), (format!("{a}.v_proj"), 1.0)],
+            ln1.as_deref(),
+            1.0,
+        )?;
+        // [1, L, 3W] → [1, L, 3·heads, dh] → [1, 3·heads, L, dh] → q, k, v: [1, heads, L, dh].
+        net.g.node("Reshape", &[&qkv, &heads3_shape], &[&format!("{a}.qkv.heads")], []);
+        net.g.node("Transpose", &[&format!("{a}.qkv.heads")], &[&format!("{a}.qkv.t")], [perm(&[0, 2, 1, 3])]);
+        let (q_t, k_h, v_t) = (format!("{a}.q_t"), format!("{a}.k_heads"), format!("{a}.v_t"));
+        net.g.node("Split", &[&format!("{a}.qkv.t"), &split_sizes], &[&q_t, &k_h, &v_t], [Attribute::int("axis", 1)]);
+        // k: [1, heads, dh, L] for the score MatMul.
+        net.g.node("Transpose", &[&k_h], &[&format!("{a}.k_t")], [perm(&[0, 1, 3, 2])]);
+        net.g.node("MatMul", &[&q_t, &format!("{a}.k_t")], &[&format!("{a}.scores")], []);
         net.g.node("Softmax", &[&format!("{a}.scores")], &[&format!("{a}.probs")], [Attribute::int("axis", -1)]);
-        net.g.node("MatMul", &[&format!("{a}.probs"), &format!("{a}.v_t")], &[&format!("{a}.context")], []);
+        net.g.node("MatMul", &[&format!("{a}.probs"), &v_t], &[&format!("{a}.context")], []);
         net.g.node("Transpose", &[&format!("{a}.context")], &[&format!("{a}.context_t")], [perm(&[0, 2, 1, 3])]);
         net.g.node("Reshape", &[&format!("{a}.context_t"), &tokens_shape], &[&format!("{a}.merged")], []);
         let o = net.linear(&format!("{a}.merged"), &format!("{a}.out_proj"), 1.0)?;
         let x1 = format!("{p}.residual1");
         net.g.node("Add", &[&x, &o], &[&x1], []);
-        // MLP block (pre-LN, residual).
-        let h = net.layer_norm(&x1, &format!("{p}.layer_norm2"), v.layer_norm_eps)?;
-        let f = net.linear(&h, &format!("{p}.mlp.fc1"), 1.0)?;
-        let f = net.activation(&f, v.hidden_act)?;
-        let f = net.linear(&f, &format!("{p}.mlp.fc2"), 1.0)?;
+        // MLP block (pre-LN, residual); layer_norm2's scale and shift live in fc1, and the
+        // activation's input/output scales (see `Net::mlp_activation`) in fc1 and fc2.
+        let h = net.normalize(&x1, &format!("{p}.layer_norm2"), v.layer_norm_eps)?;
+        let (in_scale, out_scale) = mlp_scales(v.hidden_act);
+        let fc1 = format!("{p}.mlp.fc1");
+        let f = net.fused_linear(&h, &fc1, &[(fc1.clone(), in_scale)], Some(&format!("{p}.layer_norm2")), 1.0)?;
+        let f = net.mlp_activation(&f, v.hidden_act)?;
+        let f = net.linear_scaled_weight(&f, &format!("{p}.mlp.fc2"), out_scale)?;
         let x2 = format!("{p}.out");
         net.g.node("Add", &[&x1, &f], &[&x2], []);
         x = x2;
@@ -220,6 +235,18 @@ pub fn export_teacher(dir: &Path, head: Option<&Path>, path: &Path) -> anyhow::R
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The scales the MLP's fc1 (weights and bias) and fc2 (weights) take around the activation
+/// `act` so that [`Net::mlp_activation`] can compute it in the form tract runs fastest.
+fn mlp_scales(act: Activation) -> (f32, f32) {
+    match act {
+        Activation::QuickGelu => (QUICK_GELU_ALPHA, 1.0 / QUICK_GELU_ALPHA),
+        _ => (1.0, 1.0),
+    }
+}
+
+/// QuickGELU's `α` in `x·σ(α x)`.
+const QUICK_GELU_ALPHA: f32 = 1.702;
+
 fn perm(p: &[i64]) -> Attribute {
     Attribute::ints("perm", p.iter().copied())
 }
@@ -276,6 +303,91 @@ impl Net<'_, '_> {
         Ok(out)
     }
 
+    /// `x @ Wᵀ + b` for the weights of `prefix`, with `scale` applied to `W` only (not to `b`).
+    fn linear_scaled_weight(&mut self, x: &str, prefix: &str, scale: f32) -> anyhow::Result<String> {
+        let w = self.transposed(&format!("{prefix}.weight"), scale)?;
+        let b = self.param(&format!("{prefix}.bias"), None)?;
+        let mm = format!("{prefix}.matmul");
+        let out = format!("{prefix}.out");
+        self.g.node("MatMul", &[x, &w], &[&mm], []);
+        self.g.node("Add", &[&mm, &b], &[&out], []);
+        Ok(out)
+    }
+
+    /// One `MatMul` + `Add` computing the linear layers `parts` (`(prefix, scale)`: the
+    /// layer's weight and bias both times `scale`) side by side on the same input, their
+    /// outputs concatenated along the last axis in `parts`' order. With `norm` (a LayerNorm
+    /// prefix), `x` is the *unscaled* normalized input and the LayerNorm's scale `γ` and shift
+    /// `β` are folded in: `(n·γ + β) Wᵀ + b = n (γ ∘ Wᵀ) + (W β + b)`.
+    fn fused_linear(
+        &mut self,
+        x: &str,
+        name: &str,
+        parts: &[(String, f32)],
+        norm: Option<&str>,
+        scale: f32,
+    ) -> anyhow::Result<String> {
+        let affine = match norm {
+            Some(ln) => Some((self.read(&format!("{ln}.weight"))?.1, self.read(&format!("{ln}.bias"))?.1)),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(parts.len());
+        for (prefix, s) in parts {
+            let (shape, w) = self.read(&format!("{prefix}.weight"))?;
+            let (_, b) = self.read(&format!("{prefix}.bias"))?;
+            layers.push((shape[0], shape[1], w, b, s * scale));
+        }
+        let inputs = layers[0].1;
+        ensure!(layers.iter().all(|l| l.1 == inputs), "{name}: the fused layers take inputs of different widths");
+        if let Some((g, b)) = &affine {
+            ensure!(g.len() == inputs && b.len() == inputs, "{name}: the LayerNorm's width is not the layers' input width");
+        }
+        let outputs: usize = layers.iter().map(|l| l.0).sum();
+        // [in, out_total], row-major: column j of the fused weight is output feature j.
+        let mut weight = vec![0f32; inputs * outputs];
+        let mut bias = Vec::with_capacity(outputs);
+        let mut col = 0;
+        for (o, i, w, b, s) in &layers {
+            for r in 0..*o {
+                let row = &w[r * i..(r + 1) * i];
+                let mut shifted = b[r] as f64;
+                for (c, &wv) in row.iter().enumerate() {
+                    let (gamma, beta) = affine.as_ref().map_or((1.0, 0.0), |(g, b)| (g[c], b[c]));
+                    weight[c * outputs + col + r] = wv * gamma * s;
+                    shifted += wv as f64 * beta as f64;
+                }
+                bias.push(shifted as f32 * s);
+            }
+            col += o;
+        }
+        let w = self.g.initializer(&format!("{name}.weight_t"), &[inputs as i64, outputs as i64], &weight);
+        let b = self.g.initializer(&format!("{name}.bias"), &[outputs as i64], &bias);
+        let (mm, out) = (format!("{name}.matmul"), format!("{name}.out"));
+        self.g.node("MatMul", &[x, &w], &[&mm], []);
+        self.g.node("Add", &[&mm, &b], &[&out], []);
+        Ok(out)
+    }
+
+    /// `LayerNormalization` over the last axis without its affine part (scale 1, no shift):
+    /// the following linear layer carries `γ` and `β` (see [`fused_linear`](Self::fused_linear)).
+    /// tract drops the multiplication by a uniform 1.
+    fn normalize(&mut self, x: &str, prefix: &str, eps: f64) -> anyhow::Result<String> {
+        let width = self.shapes.get(&format!("{prefix}.weight")).with_context(|| format!("`{prefix}` is not a LayerNorm"))?[0];
+        let ones = format!("const.ones.{width}");
+        if !self.shapes.contains_key(&ones) {
+            self.shapes.insert(ones.clone(), vec![]);
+            self.g.initializer(&ones, &[width as i64], &vec![1.0; width]);
+        }
+        let out = format!("{prefix}.normalized");
+        self.g.node(
+            "LayerNormalization",
+            &[x, &ones],
+            &[&out],
+            [Attribute::int("axis", -1), Attribute::float("epsilon", eps as f32)],
+        );
+        Ok(out)
+    }
+
     /// `LayerNormalization` over the last axis.
     fn layer_norm(&mut self, x: &str, prefix: &str, eps: f64) -> anyhow::Result<String> {
         let w = self.param(&format!("{prefix}.weight"), None)?;
@@ -300,6 +412,22 @@ impl Net<'_, '_> {
             self.g.initializer(&name, &[], &[value]);
         }
         name
+    }
+
+    /// The MLP activation on `y = s_in · x` (fc1 already scaled by `s_in`, see [`mlp_scales`]),
+    /// returning `s_out⁻¹ · act(x)` (fc2's weights carry `s_out`). QuickGELU
+    /// `x·σ(1.702 x)` becomes `y·σ(y)` (`s_in` = 1.702, `s_out` = 1/1.702): the form tract
+    /// fuses into one SiLU kernel instead of a Mul, a Sigmoid and a Mul.
+    fn mlp_activation(&mut self, y: &str, act: Activation) -> anyhow::Result<String> {
+        match act {
+            Activation::QuickGelu => {
+                let out = format!("{y}.act");
+                self.g.node("Sigmoid", &[y], &[&format!("{y}.gate")], []);
+                self.g.node("Mul", &[y, &format!("{y}.gate")], &[&out], []);
+                Ok(out)
+            }
+            other => self.activation(y, other),
+        }
     }
 
     /// The MLP activation, from primitive ops (see the module docs).
