@@ -7,8 +7,10 @@
 //! exists. The graph is written with [`clipact::onnx::GraphBuilder`] (opset 17, static shapes,
 //! batch 1) in the plain form PyTorch's exporter produces, which tract optimises well:
 //!
-//! - patch embedding: `Conv` (kernel = stride = patch, no bias) → `Reshape` → `Transpose`;
-//!   class token `Concat`, position `Add`;
+//! - patch embedding: the patch `Conv` written as `Reshape` → `Transpose` → `Reshape` of the
+//!   pixels into `[1, g², C·p²]` patches and one `MatMul` (tokens come out as rows, so tract
+//!   keeps the residual stream `[L, W]` and normalizes along contiguous rows); class token
+//!   `Concat`, position `Add`;
 //! - LayerNorm: the ONNX `LayerNormalization` op (opset 17). tract expands it into the same
 //!   reduce/sub/rsqrt/mul primitives as a hand-written decomposition, while onnxruntime (e.g.
 //!   on a Jetson) runs it as one fused kernel. Inside the blocks the LayerNorm's scale `γ` and
@@ -75,20 +77,30 @@ pub fn tower_graph(spec: &TowerSpec, weights: &WeightSource, head: WeightHead) -
     net.g.input(PIXELS, &[1, v.num_channels as i64, side, side]);
 
     // Shape constants, shared by every Reshape.
-    let patches_shape = net.g.initializer_i64("shape.patches", &[1, w, grid * grid]);
     let tokens_shape = net.g.initializer_i64("shape.tokens", &[1, tokens, w]);
     let cls_shape = net.g.initializer_i64("shape.cls", &[1, w]);
 
-    // Embeddings: Conv → [1, W, g, g] → [1, g², W]; class token first; positions added.
-    let conv_w = net.param("embeddings.patch_embedding.weight", None)?;
-    net.g.node(
-        "Conv",
-        &[PIXELS, &conv_w],
-        &["embeddings.patches"],
-        [Attribute::ints("kernel_shape", [patch, patch]), Attribute::ints("strides", [patch, patch])],
-    );
-    net.g.node("Reshape", &["embeddings.patches", &patches_shape], &["embeddings.patches_flat"], []);
-    net.g.node("Transpose", &["embeddings.patches_flat"], &["embeddings.patch_tokens"], [perm(&[0, 2, 1])]);
+    // Embeddings: the patch Conv (kernel = stride = patch, no bias) as a patchify + MatMul,
+    // [1,C,S,S] → [1,C,g,p,g,p] → [1,g,g,C,p,p] → [1,g²,C·p²] → @ [C·p², W] → [1,g²,W], so the
+    // tokens come out as [L, W] rows. (A Conv gives [1,W,g²]; the Transpose to tokens that
+    // follows it is pushed by tract's optimiser down the whole residual stream, which then
+    // runs every LayerNorm across a strided axis.)
+    let channels = v.num_channels as i64;
+    let grid_shape = net.g.initializer_i64("shape.patch_grid", &[1, channels, grid, patch, grid, patch]);
+    let patches_shape = net.g.initializer_i64("shape.patches", &[1, grid * grid, channels * patch * patch]);
+    net.g.node("Reshape", &[PIXELS, &grid_shape], &["embeddings.grid"], []);
+    net.g.node("Transpose", &["embeddings.grid"], &["embeddings.grid_t"], [perm(&[0, 2, 4, 1, 3, 5])]);
+    net.g.node("Reshape", &["embeddings.grid_t", &patches_shape], &["embeddings.patches"], []);
+    let (conv_shape, conv) = net.read("embeddings.patch_embedding.weight")?;
+    let (out_ch, fan_in) = (conv_shape[0], conv_shape[1..].iter().product::<usize>());
+    let mut conv_t = vec![0f32; fan_in * out_ch];
+    for o in 0..out_ch {
+        for i in 0..fan_in {
+            conv_t[i * out_ch + o] = conv[o * fan_in + i];
+        }
+    }
+    let conv_w = net.g.initializer("embeddings.patch_embedding.weight_t", &[fan_in as i64, out_ch as i64], &conv_t);
+    net.g.node("MatMul", &["embeddings.patches", &conv_w], &["embeddings.patch_tokens"], []);
     let cls = net.param("embeddings.class_embedding", Some(&[1, 1, w]))?;
     net.g.node("Concat", &[&cls, "embeddings.patch_tokens"], &["embeddings.tokens"], [Attribute::int("axis", 1)]);
     let pos = net.param("embeddings.position_embedding.weight", Some(&[1, tokens, w]))?;
