@@ -11,11 +11,23 @@
 //!
 //! The encoder itself is timed by `clipact bench --bundle DIR` (it prints its GFLOP/s from
 //! tract's own MAC count), which is the number compared against these.
+//!
+//! Per-node profile of an encoder file (where tract spends a frame's time, on the graph
+//! `into_optimized` leaves), instead of the criterion groups:
+//!
+//! ```text
+//! cargo bench --bench encoder --no-run
+//! CLIPACT_PROFILE=/tmp/vit_tiny_bundle/encoder.onnx target/release/deps/encoder-<hash>
+//! ```
+//!
+//! `CLIPACT_PROFILE_FRAMES` (default 20) frames are timed after 3 warm-up frames; the report
+//! lists time per operator kind and the slowest nodes, with their shapes
+//! (`CLIPACT_PROFILE_NODES=all`: every node, in evaluation order).
 
 use std::hint::black_box;
 
 use clipact::onnx::GraphBuilder;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use tract_onnx::prelude::*;
 
 /// FMAs in flight per chain step: 12 accumulators × 8 lanes.
@@ -98,5 +110,93 @@ fn peak(c: &mut Criterion) {
     group.finish();
 }
 
+/// Times every node of the optimised encoder at `path` over `frames` frames and prints the
+/// totals per operator kind and the 25 slowest nodes.
+fn profile(path: &str, frames: usize) -> TractResult<()> {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    use tract_onnx::tract_core::plan::{eval, SimplePlan};
+    use tract_onnx::tract_hir::infer::Factoid;
+
+    let model = tract_onnx::onnx().model_for_path(path)?;
+    let (h, w) = {
+        let fact = model.input_fact(0)?;
+        let dims: Vec<_> = fact.shape.dims().filter_map(|d| d.concretize()?.to_i64().ok()).collect();
+        anyhow::ensure!(dims.len() == 4, "input shape {:?} is not a static [1,3,H,W]", fact.shape);
+        (dims[2] as usize, dims[3] as usize)
+    };
+    let model = model.with_input_fact(0, f32::fact([1, 3, h, w]).into())?.into_optimized()?;
+    let plan = SimplePlan::new(model)?;
+    let mut state = plan.spawn()?;
+    let pixels = Tensor::from_shape(&[1, 3, h, w], &clipact::precision::bench_pixels(3 * h * w))?;
+    let mut times: HashMap<usize, Duration> = HashMap::new();
+    let mut total = Duration::ZERO;
+    for round in 0..frames + 3 {
+        let start = Instant::now();
+        let mut frame: HashMap<usize, Duration> = HashMap::new();
+        state.run_plan_with_eval(tvec!(pixels.clone().into_tvalue()), |ctx, op_state, node, inputs| {
+            let t = Instant::now();
+            let out = eval(ctx, op_state, node, inputs);
+            *frame.entry(node.id).or_default() += t.elapsed();
+            out
+        })?;
+        if round >= 3 {
+            total += start.elapsed();
+            for (id, t) in frame {
+                *times.entry(id).or_default() += t;
+            }
+        }
+    }
+    let model = plan.model();
+    let per_frame = |d: Duration| d.as_secs_f64() * 1e3 / frames as f64;
+    let mut by_kind: HashMap<String, (Duration, usize)> = HashMap::new();
+    for (&id, &t) in &times {
+        let e = by_kind.entry(model.node(id).op().name().to_string()).or_default();
+        e.0 += t;
+        e.1 += 1;
+    }
+    let mut kinds: Vec<_> = by_kind.into_iter().collect();
+    kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    println!("{path}: {:.2} ms per frame, {} nodes", per_frame(total), model.nodes().len());
+    for (kind, (t, n)) in kinds {
+        println!("{:>8.3} ms {:>5.1} %  {kind} ({n} nodes)", per_frame(t), 100.0 * t.as_secs_f64() / total.as_secs_f64());
+    }
+    // CLIPACT_PROFILE_NODES=all: every node in evaluation order instead of the 25 slowest.
+    let all = std::env::var("CLIPACT_PROFILE_NODES").is_ok_and(|v| v == "all");
+    let mut nodes: Vec<_> = times.into_iter().collect();
+    if all {
+        nodes.sort_by_key(|n| plan.order_without_consts().iter().position(|&id| id == n.0));
+    } else {
+        nodes.sort_by(|a, b| b.1.cmp(&a.1));
+        nodes.truncate(25);
+    }
+    for (id, t) in nodes {
+        let node = model.node(id);
+        let inputs: Vec<String> =
+            node.inputs.iter().map(|o| model.outlet_fact(*o).map(|f| format!("{:?}", f.shape)).unwrap_or_default()).collect();
+        println!(
+            "{:>8.3} ms  #{id} {} {} {:?} <- {}",
+            per_frame(t),
+            node.op().name(),
+            node.name,
+            node.op().info().unwrap_or_default(),
+            inputs.join(", ")
+        );
+    }
+    Ok(())
+}
+
 criterion_group!(benches, peak);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(path) = std::env::var("CLIPACT_PROFILE") {
+        let frames = std::env::var("CLIPACT_PROFILE_FRAMES").ok().and_then(|f| f.parse().ok()).unwrap_or(20);
+        if let Err(e) = profile(&path, frames) {
+            eprintln!("error: {e:?}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -323,6 +323,7 @@ impl Encoder {
         width: u32,
         options: &EncoderOptions,
     ) -> Result<Self, EncoderError> {
+        let _memory = LoadMemory::begin();
         let bytes = std::fs::read(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 EncoderError::NotFound {
@@ -335,18 +336,16 @@ impl Encoder {
                 }
             }
         })?;
+        let origin = ModelOrigin::File(path.to_owned());
+        let proto = decode(&bytes, &origin)?;
+        // The file's bytes are not needed once decoded: dropping them here keeps one copy of
+        // the weights fewer alive while tract parses and optimises (peak RSS).
+        drop(bytes);
         let dir = path
             .parent()
             .and_then(Path::to_str)
             .map(|d| if d.is_empty() { "." } else { d });
-        Self::from_encoded(
-            &bytes,
-            ModelOrigin::File(path.to_owned()),
-            dir,
-            height,
-            width,
-            options,
-        )
+        Self::from_proto(proto, origin, dir, height, width, options)
     }
 
     /// Like [`load`](Self::load), from the bytes of an `.onnx` file.
@@ -361,11 +360,16 @@ impl Encoder {
         width: u32,
         options: &EncoderOptions,
     ) -> Result<Self, EncoderError> {
-        Self::from_encoded(bytes, ModelOrigin::Bytes, None, height, width, options)
+        let _memory = LoadMemory::begin();
+        let proto = decode(bytes, &ModelOrigin::Bytes)?;
+        Self::from_proto(proto, ModelOrigin::Bytes, None, height, width, options)
     }
 
-    fn from_encoded(
-        bytes: &[u8],
+    /// Parses, checks, optimises and plans a decoded model. The proto is consumed: it is
+    /// dropped as soon as tract has its own copy of the weights, before optimisation packs
+    /// them into a third (memory: at most two copies of the weights are alive at any time).
+    fn from_proto(
+        proto: pb::ModelProto,
         origin: ModelOrigin,
         model_dir: Option<&str>,
         height: u32,
@@ -382,14 +386,13 @@ impl Encoder {
             origin: origin.clone(),
             source,
         };
-        let proto = pb::ModelProto::decode(bytes)
-            .map_err(|e| invalid(anyhow::Error::new(e).context("protobuf decoding failed")))?;
         if proto.graph.is_none() {
             return Err(invalid(anyhow::anyhow!("the model holds no graph")));
         }
         let parsed = tract_onnx::onnx()
             .parse(&proto, model_dir)
             .map_err(invalid)?;
+        drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
             return Err(invalid(anyhow::anyhow!(
                 "nodes read values that nothing defines: {:?}",
@@ -550,6 +553,63 @@ impl Encoder {
         let weight_logit = read(1, &mut []).map_err(run)?;
         Ok(weight_logit)
     }
+}
+
+/// Keeps a load's transient copies of the weights from staying resident (peak RSS).
+///
+/// Loading holds the weights up to three times in turn (the file's bytes, the decoded proto,
+/// tract's tensors, its packed copies), each freed as the next is made. glibc's allocator
+/// serves large blocks with `mmap` and returns them on `free`, but raises its `mmap` threshold
+/// to the size of every such block freed: after the file's bytes are freed, every weight
+/// lands in the heap, whose freed middle is never returned, so the process keeps the high
+/// water mark of all copies. While a guard lives, blocks from 128 KiB up are `mmap`ed and
+/// returned on `free`; when it drops, the threshold goes to glibc's dynamic maximum (32 MiB)
+/// so the per-frame activations are served from the heap, as they would be otherwise after
+/// the first frames. Elsewhere (musl, other OSes) this does nothing.
+struct LoadMemory;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    extern "C" {
+        /// glibc's `int mallopt(int param, int value)` (malloc.h).
+        pub fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    /// `M_MMAP_THRESHOLD` in malloc.h.
+    pub const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+}
+
+impl LoadMemory {
+    const DURING_LOAD: i32 = 128 * 1024;
+    const AFTER_LOAD: i32 = 32 * 1024 * 1024;
+
+    fn begin() -> Self {
+        Self::set_mmap_threshold(Self::DURING_LOAD);
+        LoadMemory
+    }
+
+    #[allow(unused_variables)]
+    fn set_mmap_threshold(bytes: i32) {
+        // SAFETY: mallopt only adjusts allocator tuning parameters; it is thread-safe and
+        // valid at any time (it takes the arena locks itself).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            glibc::mallopt(glibc::M_MMAP_THRESHOLD, bytes);
+        }
+    }
+}
+
+impl Drop for LoadMemory {
+    fn drop(&mut self) {
+        Self::set_mmap_threshold(Self::AFTER_LOAD);
+    }
+}
+
+/// Decodes the protobuf of an `.onnx` file.
+fn decode(bytes: &[u8], origin: &ModelOrigin) -> Result<pb::ModelProto, EncoderError> {
+    pb::ModelProto::decode(bytes).map_err(|e| EncoderError::InvalidModel {
+        origin: origin.clone(),
+        source: anyhow::Error::new(e).context("protobuf decoding failed"),
+    })
 }
 
 /// Sums the multiply-accumulates tract's cost model reports for every node.
