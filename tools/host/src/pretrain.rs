@@ -235,6 +235,52 @@ struct Pair {
     text: usize,
 }
 
+/// What pretrain's held-out check measures (a history metric name).
+pub const HELD_OUT_METRIC: &str = "id clip top-1 (mean pooling, zero-shot prompts)";
+
+/// Clips the teacher never trains on (`id` split), classified zero-shot as the device's mean
+/// pooling would: the mean of a clip's frame embeddings against each seen action's prompts.
+/// The in-batch retrieval accuracy only says the training frames are learnt; this says
+/// whether what is learnt carries over to new clips.
+struct HeldOut {
+    pixels: Tensor,
+    frames: usize,
+    classes: Vec<u32>,
+    /// Every seen action's prompts, padded: token ids and attention masks.
+    prompts: (Vec<Vec<u32>>, Vec<Vec<u32>>),
+    prompts_per_action: usize,
+}
+
+impl HeldOut {
+    fn new(seen: &[usize], o: &PretrainOptions, tokenizer: &ClipTokenizer, device: &Device) -> anyhow::Result<Self> {
+        let cfg = RenderConfig { size: o.image_size as u32, frames: o.frames };
+        let clips = data::render_clips(Split::Id, seen, 4, o.seed ^ 0x1D0, &cfg, false);
+        let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
+        let classes = clips.iter().map(|c| seen.iter().position(|&a| a == c.action).unwrap_or(0) as u32).collect();
+        let prompt_ids: Vec<Vec<u32>> = seen
+            .iter()
+            .flat_map(|&a| data::prompts(a, WORLD_TEMPLATES))
+            .map(|t| tokenizer.encode(&t).map(|e| e.ids))
+            .collect::<anyhow::Result<_>>()?;
+        let len = prompt_ids.iter().map(Vec::len).max().unwrap_or(2);
+        let prompts = prompt_ids.iter().map(|t| tokenizer.pad(t, len)).unzip();
+        Ok(Self { pixels: data::pixels(&frames, cfg.size, device)?, frames: o.frames, classes, prompts, prompts_per_action: WORLD_TEMPLATES.len() })
+    }
+
+    fn top1(&self, model: &ClipModel) -> anyhow::Result<f64> {
+        let device = self.pixels.device();
+        let img = model.visual_projection.forward(&model.vision_model.forward(&self.pixels)?.pooled)?.detach();
+        let clips = self.classes.len();
+        let video = l2_normalize(&l2_normalize(&img)?.reshape((clips, self.frames, ()))?.mean(1)?)?;
+        let (ids, mask) = &self.prompts;
+        let txt = model.text_projection.forward(&model.text_model.forward(ids, mask, device)?.pooled)?.detach();
+        let actions = ids.len() / self.prompts_per_action;
+        let labels = l2_normalize(&l2_normalize(&txt)?.reshape((actions, self.prompts_per_action, ()))?.mean(1)?)?;
+        let pred = video.matmul(&labels.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        Ok(pred.iter().zip(&self.classes).filter(|(p, c)| p == c).count() as f64 / clips as f64)
+    }
+}
+
 /// `positive[b][u]`: whether distinct text `uniq[u]` is true of frame `b` of the batch: the
 /// frame's own text, or a prompt of its clip's action (`text_action`).
 fn positives(batch: &[&Pair], uniq: &[usize], clip_action: impl Fn(usize) -> usize, text_action: &[Option<usize>]) -> Vec<Vec<bool>> {
@@ -356,6 +402,7 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         history = meta.history;
     }
 
+    let held_out = HeldOut::new(&seen, o, &tokenizer, device)?;
     let bar = if progress { crate::train::progress_bar(o.steps, "pretrain") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(opt.steps());
     let per_epoch = pairs.len() / o.batch_size;
@@ -398,8 +445,10 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         if (step + 1) % every == 0 || step + 1 == o.steps {
             let (l, a) = (window.0 / window.2 as f64, window.1 / window.2 as f64);
             history.evals.push(EvalPoint { step: step + 1, metric: "batch text retrieval acc".into(), value: a });
-            bar.set_message(format!("loss {l:.3} acc {a:.3}"));
-            tracing::debug!("step {} loss {l:.4} acc {a:.3} lr {lr:.2e}", step + 1);
+            let id = held_out.top1(&model)?;
+            history.evals.push(EvalPoint { step: step + 1, metric: HELD_OUT_METRIC.into(), value: id });
+            bar.set_message(format!("loss {l:.3} acc {a:.3} id {id:.3}"));
+            tracing::debug!("step {} loss {l:.4} acc {a:.3} id top-1 {id:.3} lr {lr:.2e}", step + 1);
             window = (0.0, 0.0, 0);
             let meta = CheckpointMeta {
                 command: "pretrain".into(),
