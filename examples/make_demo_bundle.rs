@@ -1,8 +1,11 @@
-//! Writes the pipeline demo bundle (`models/demo`): a hand-built colour encoder and a label set
-//! of the colour test pattern's scenes. It exercises the whole device pipeline (preprocessing,
-//! tract, WTI, decisions, events) until the trained action student replaces it.
+//! Writes the colour test-pattern bundle (`models/colour-demo`): a hand-built colour encoder and a
+//! label set of the colour test pattern's scenes (`--source pattern`). It exercises the whole device
+//! pipeline (preprocessing, tract, WTI, decisions, events) with a 16-d "encoder" that costs
+//! microseconds, so tests (under qemu too) stay fast and their detections are exact. The shipped
+//! demo, `models/demo`, is the action student trained on the synthetic world
+//! (`tools/make_demo_bundle.sh`).
 //!
-//! `cargo run --example make_demo_bundle -- models/demo` (deterministic: same bytes every run).
+//! `cargo run --example make_demo_bundle -- models/colour-demo` (deterministic: same bytes every run).
 
 use std::path::{Path, PathBuf};
 
@@ -160,7 +163,7 @@ pub fn write_bundle(dir: &Path) -> Result<()> {
         provenance: Provenance {
             teacher: "none (hand-built colour encoder)".into(),
             data: "colour test pattern (clipact::pattern)".into(),
-            command: "cargo run --example make_demo_bundle -- models/demo".into(),
+            command: "cargo run --example make_demo_bundle -- models/colour-demo".into(),
             commit: String::new(),
         },
     };
@@ -177,7 +180,7 @@ fn main() -> Result<()> {
     let dir: PathBuf = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| "models/demo".into());
+        .unwrap_or_else(|| "models/colour-demo".into());
     write_bundle(&dir)?;
     println!("wrote {}", dir.display());
     Ok(())

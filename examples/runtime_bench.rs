@@ -3,15 +3,18 @@
 //! ```text
 //! # Per-frame cost beyond the encoder with N labels (preprocess, encoder, WTI + decisions):
 //! cargo run --release --example runtime_bench -- overhead --bundle DIR --labels 100 --frames 300
-//! # Latency from an action's start in the synthetic world to its `new` event:
-//! cargo run --release --example runtime_bench -- latency --bundle models/world-demo --seconds 600
+//! # Latency from an action's start in the synthetic world to its `new` event (the shipped
+//! # demo bundle by default), with the detection rate:
+//! cargo run --release -p clipact --example runtime_bench -- latency
+//! # ... at other decision thresholds (one JSON object each):
+//! cargo run --release -p clipact --example runtime_bench -- latency --threshold 0.5,0.6,0.7
 //! ```
 //!
 //! `overhead` pads the bundle's label set with random labels (8 tokens each, in the bundle's
 //! embedding space) up to `--labels`, so any bundle measures the 100-label case. Both print
-//! one JSON object.
+//! one JSON object (per threshold).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,24 +46,41 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         frames: usize,
     },
-    /// Action start → `new` event latency on the synthetic world.
+    /// Action start → `new` event latency on the synthetic world, and how many actions were
+    /// detected at all.
     Latency {
-        #[arg(long)]
+        /// A bundle trained on the synthetic world (its labels named after the world's actions).
+        #[arg(long, default_value = clipact::config::DEFAULT_BUNDLE)]
         bundle: PathBuf,
-        /// Stream seconds to run (10 fps).
-        #[arg(long, default_value_t = 600.0)]
+        /// Stream seconds to run (10 fps; an action plus the idle stretch after it is ~3.8 s).
+        #[arg(long, default_value_t = 3600.0)]
         seconds: f64,
         #[arg(long, default_value = "id")]
         split: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Decision thresholds for labels whose set gives none (the config's `[decision]
+        /// threshold`), comma-separated: one run and one JSON object each. Default: the
+        /// config's default.
+        #[arg(long, value_delimiter = ',')]
+        threshold: Vec<f32>,
     },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Overhead { bundle, labels, frames } => overhead(bundle, labels, frames),
-        Command::Latency { bundle, seconds, split, seed } => latency(bundle, seconds, &split, seed),
+        Command::Latency { bundle, seconds, split, seed, threshold } => {
+            let thresholds = if threshold.is_empty() {
+                vec![Config::default().decision.threshold]
+            } else {
+                threshold
+            };
+            for t in thresholds {
+                latency(&bundle, seconds, &split, seed, t)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -117,7 +137,7 @@ fn overhead(dir: PathBuf, n_labels: usize, frames: usize) -> Result<()> {
     let set = padded(&bundle.labels, n_labels);
     let total_tokens = set.total_tokens();
     pipeline.set_labels(set)?;
-    let mut source = Synthetic::new(&SyntheticOptions { size: 64, ..SyntheticOptions::default() })?;
+    let mut source = Synthetic::new(&SyntheticOptions { size: Some(64), ..SyntheticOptions::default() }, None)?;
     let mut events = Vec::with_capacity(256);
     let (mut pre, mut enc, mut score) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..frames + 10 {
@@ -185,9 +205,10 @@ impl EventSink for Events {
     }
 }
 
-fn latency(dir: PathBuf, seconds: f64, split: &str, seed: u64) -> Result<()> {
-    let bundle = Bundle::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
-    let config = Config::default();
+fn latency(dir: &Path, seconds: f64, split: &str, seed: u64, threshold: f32) -> Result<()> {
+    let bundle = Bundle::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let mut config = Config::default();
+    config.decision.threshold = threshold;
     let pipeline = Pipeline::new(&bundle, &config)?;
     let options = RuntimeOptions { duration: Some(Duration::from_secs_f64(seconds)), ..RuntimeOptions::default() };
     let labels_path = std::env::temp_dir().join("clipact-latency-labels.cls");
@@ -195,8 +216,10 @@ fn latency(dir: PathBuf, seconds: f64, split: &str, seed: u64) -> Result<()> {
     let events = Events::default();
     rt.add_sink(Box::new(events.clone()));
     let truths = Arc::new(Mutex::new(Vec::new()));
+    let synthetic = SyntheticOptions { seed, split: split.into(), ..SyntheticOptions::default() };
     let source = Recording {
-        inner: Synthetic::new(&SyntheticOptions { seed, split: split.into(), ..SyntheticOptions::default() })?,
+        // Frames at the bundle's input side, as `clipact run --source synthetic` draws them.
+        inner: Synthetic::new(&synthetic, Some(bundle.manifest.input.size))?,
         truths: truths.clone(),
     };
     let started = Instant::now();
@@ -228,43 +251,64 @@ fn latency(dir: PathBuf, seconds: f64, split: &str, seed: u64) -> Result<()> {
             names.join(", ")
         );
     }
+    // Whether `label` was on (a `new` not yet ended) just before stream time `t`.
+    let active_at = |label: &str, t: f64| {
+        events
+            .iter()
+            .filter(|e| &*e.label == label && e.time_s < t - 1e-9)
+            .last()
+            .is_some_and(|e| e.kind == EventKind::New)
+    };
+    // An event may come up to one window after the action's last frame (the window still
+    // holds it).
+    let slack = Duration::from_secs_f64(bundle.manifest.window.frames as f64 / 10.0);
     let mut latencies_ms = Vec::new();
-    let mut missed = 0;
+    let (mut missed, mut already_on) = (0, 0);
     for (action, start, end) in &known {
         // The first `new` of the action's label from its start until a window after its end.
-        let slack = Duration::from_secs_f64(bundle.manifest.window.frames as f64 / 10.0);
         let hit = events.iter().find(|e| {
             e.kind == EventKind::New
                 && &*e.label == *action
-                && e.time_s >= start.as_secs_f64()
+                && e.time_s >= start.as_secs_f64() - 1e-9
                 && e.time_s <= (*end + slack).as_secs_f64()
         });
         match hit {
             Some(e) => latencies_ms.push((e.time_s - start.as_secs_f64() + e.latency_s) * 1e3),
+            // On since before the action began: no onset to time.
+            None if active_at(action, start.as_secs_f64()) => already_on += 1,
             None => missed += 1,
         }
     }
-    let false_starts = events
+    // `new` events whose label is not the action shown at their frame or during the window
+    // before it.
+    let window = bundle.manifest.window.frames as usize;
+    let new_events: Vec<_> = events.iter().filter(|e| e.kind == EventKind::New).collect();
+    let false_starts = new_events
         .iter()
-        .filter(|e| e.kind == EventKind::New)
         .filter(|e| {
             let frame = truths.iter().position(|t| t.0.as_secs_f64() >= e.time_s - 1e-9).unwrap_or(0);
-            truths[frame].1 != Some(&*e.label)
+            let from = frame.saturating_sub(window.saturating_sub(1));
+            !truths[from..=frame.min(truths.len() - 1)].iter().any(|t| t.1 == Some(&*e.label))
         })
         .count();
     latencies_ms.sort_by(f64::total_cmp);
+    let round = |x: f64| (x * 10.0).round() / 10.0;
     println!(
         "{}",
         json!({
             "bundle": dir.display().to_string(), "split": split, "seed": seed,
-            "stream_seconds": seconds, "wall_seconds": wall,
-            "frames": summary.stats.frames_processed,
+            "threshold": (threshold as f64 * 1e3).round() / 1e3, "precision": "f32",
+            "stream_seconds": seconds, "wall_seconds": round(wall),
+            "frames": summary.stats.frames_processed, "frames_dropped": summary.stats.frames_dropped,
             "actions": known.len(), "detected": latencies_ms.len(), "missed": missed,
-            "new_events": events.iter().filter(|e| e.kind == EventKind::New).count(),
+            "already_on": already_on,
+            "detection_rate": latencies_ms.len() as f64 / known.len() as f64,
+            "new_events": new_events.len(),
             "new_events_not_matching_truth": false_starts,
-            "latency_ms_p50": percentile(&latencies_ms, 0.5),
-            "latency_ms_p99": percentile(&latencies_ms, 0.99),
-            "latency_ms_min": latencies_ms.first(),
+            "latency_ms_p50": round(percentile(&latencies_ms, 0.5)),
+            "latency_ms_p99": round(percentile(&latencies_ms, 0.99)),
+            "latency_ms_min": latencies_ms.first().copied().map(round),
+            "latency_ms_max": latencies_ms.last().copied().map(round),
             "window_frames": bundle.manifest.window.frames,
             "fps_stream": 10.0,
         })

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! bundle = "models/demo"           # bundle directory
-//! source = "pattern"               # source spec: pattern, synthetic:..., v4l:/dev/video0,
+//! source = "synthetic"             # source spec: synthetic[:...], pattern, v4l:/dev/video0,
 //!                                  # pipe:WxH:FMT, y4m:FILE, mjpeg:FILE, images:DIR (crate::source)
 //! device_name = "barn-cam-1"       # MQTT topics, logs; [a-zA-Z0-9_-]+
 //! precision = "auto"              # encoder: "auto" | "f32" | "f16" | "int8"
@@ -61,10 +61,12 @@ use serde::{Deserialize, Serialize};
 use crate::gpio::{ChipSelector, LineRef, LineSelector, Mode};
 use crate::pipeline::{DEFAULT_HYSTERESIS, DEFAULT_THRESHOLD};
 
-/// Bundle run when the config names none (the shipped demo).
+/// Bundle run when the config names none (the shipped demo: the action student trained on the
+/// synthetic world).
 pub const DEFAULT_BUNDLE: &str = "models/demo";
-/// Source used when the config names none (the synthetic pattern).
-pub const DEFAULT_SOURCE: &str = "pattern";
+/// Source used when the config names none: the synthetic action world (`id` split, seed 0),
+/// whose ground truth `clipact run` prints beside each detection.
+pub const DEFAULT_SOURCE: &str = "synthetic";
 /// Device name used when the config gives none.
 pub const DEFAULT_DEVICE_NAME: &str = "clipact";
 /// The MQTT broker port when `[mqtt]` gives none (plain MQTT).

@@ -39,8 +39,8 @@ enum Command {
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
-    clipact eval --bundle models/world-demo --source synthetic:seed=1,split=id --clips 150\n  \
-    clipact eval --bundle models/world-demo --source synthetic:split=zeroshot --json")]
+    clipact eval --bundle models/demo --source synthetic:seed=1,split=id --clips 150\n  \
+    clipact eval --bundle models/demo --source synthetic:split=zeroshot --json")]
 struct EvalArgs {
     /// Model bundle directory.
     #[arg(long)]
@@ -72,14 +72,15 @@ struct EvalArgs {
 #[derive(clap::Args, Default)]
 struct RunArgs {
     /// Device config (TOML; see boards/*.toml). Without it, the defaults: the demo bundle on the
-    /// colour test pattern, threshold 0.5, hysteresis 0.05.
+    /// synthetic action world, threshold 0.5, hysteresis 0.05.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Model bundle directory (overrides the config's `bundle`; default models/demo).
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Frame source (overrides the config's `source`): `pattern[:seed=N]` (the colour test
-    /// pattern the demo bundle knows), `synthetic[:seed=N,split=id|ood|zeroshot]`,
+    /// Frame source (overrides the config's `source`): `synthetic[:seed=N,split=id|ood|zeroshot]`
+    /// (the default: the synthetic action world, its ground truth in every event),
+    /// `pattern[:seed=N]` (the colour test pattern of `models/colour-demo`),
     /// `v4l:/dev/video0[,size=WxH,format=yuyv|mjpeg]`, `pipe:WxH:rgb24|yuyv422|gray|yuv420p`
     /// (raw frames on stdin), `y4m:FILE`, `mjpeg:FILE`, `images:DIR_OR_GLOB`.
     #[arg(long)]

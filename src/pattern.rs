@@ -1,7 +1,9 @@
 //! A colour test-pattern source: scenes of a dominant colour with moving blocks and noise.
 //!
-//! It feeds the pipeline demo (`models/demo`, a hand-built colour encoder) with frames whose
-//! ground truth is known, so `clipact run` shows detections on a machine without a camera.
+//! It feeds the colour test-pattern bundle (`models/colour-demo`, a hand-built colour encoder)
+//! with frames whose ground truth is known and whose detections are exact, which is what the
+//! pipeline's tests need (`clipact run --bundle models/colour-demo --source pattern`); the shipped
+//! demo runs on the synthetic action world instead ([`crate::source::synthetic`]).
 //! Reproducible from a seed.
 
 use crate::preprocess::{Frame, PixelFormat};

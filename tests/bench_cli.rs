@@ -1,5 +1,5 @@
 //! `clipact bench` and `clipact embed --precision` (DESIGN.md § Command-line contracts) on the
-//! demo bundle and on a copy of it with an int8 encoder.
+//! colour bundle (`models/colour-demo`) and on a copy of it with an int8 encoder.
 
 mod support;
 
@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::Value;
 
 fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo")
 }
 
 /// The `clipact` binary, through `CLIPACT_TEST_RUNNER` (qemu in tools/test.sh's aarch64 leg)
@@ -133,7 +133,7 @@ fn bench_threads_and_auto() {
 #[test]
 fn bench_text_report_names_its_parts() {
     let dir = tempfile::tempdir().unwrap();
-    let out = clipact_ok(&["bench", "--bundle", "models/demo", "--frames", "5"], dir.path());
+    let out = clipact_ok(&["bench", "--bundle", "models/colour-demo", "--frames", "5"], dir.path());
     let text = String::from_utf8_lossy(&out.stdout);
     for part in ["encoder", "fps", "p50", "p99", "pipeline", "preprocess", "peak RSS", "f32"] {
         assert!(text.contains(part), "`{part}` missing from:\n{text}");
@@ -144,13 +144,13 @@ fn bench_text_report_names_its_parts() {
 fn bench_refuses_bad_arguments_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let err = clipact_err(&["bench", "--bundle", "models/demo", "--precision", "int8"], d);
-    assert!(err.contains("int8_file") && err.contains("models/demo"), "{err}");
-    let err = clipact_err(&["bench", "--bundle", "models/demo", "--precision", "fp16"], d);
+    let err = clipact_err(&["bench", "--bundle", "models/colour-demo", "--precision", "int8"], d);
+    assert!(err.contains("int8_file") && err.contains("models/colour-demo"), "{err}");
+    let err = clipact_err(&["bench", "--bundle", "models/colour-demo", "--precision", "fp16"], d);
     assert!(err.contains("fp16") && err.contains("f16"), "{err}");
-    let err = clipact_err(&["bench", "--bundle", "models/demo", "--threads", "0"], d);
+    let err = clipact_err(&["bench", "--bundle", "models/colour-demo", "--threads", "0"], d);
     assert!(err.contains("--threads"), "{err}");
-    let err = clipact_err(&["bench", "--bundle", "models/demo", "--frames", "0"], d);
+    let err = clipact_err(&["bench", "--bundle", "models/colour-demo", "--frames", "0"], d);
     assert!(err.contains("--frames"), "{err}");
     let err = clipact_err(&["bench", "--bundle", "no/such/bundle"], d);
     assert!(err.contains("no/such/bundle"), "{err}");
@@ -195,7 +195,7 @@ fn embed_runs_in_every_precision_close_to_f32() {
         }
     }
     let err = clipact_err(
-        &["embed", "--bundle", "models/demo", "--pixels", input.to_str().unwrap(), "--out", "x.safetensors", "--precision", "int8"],
+        &["embed", "--bundle", "models/colour-demo", "--pixels", input.to_str().unwrap(), "--out", "x.safetensors", "--precision", "int8"],
         dir.path(),
     );
     assert!(err.contains("int8_file"), "{err}");

@@ -1,4 +1,6 @@
-//! The `clipact` binary on the shipped demo bundle: the command-line contracts of DESIGN.md.
+//! The `clipact` binary: the command-line contracts of DESIGN.md. The default run uses the shipped
+//! demo bundle (`models/demo`, the action student) on the synthetic world; the other tests use the
+//! colour bundle (`models/colour-demo`), whose detections on the colour pattern are exact.
 
 mod support;
 
@@ -9,8 +11,16 @@ use clipact::bundle::Bundle;
 use clipact::encoder::Encoder;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-fn demo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+/// The colour test-pattern bundle (16-d hand-built encoder, exact on `--source pattern`).
+fn colour() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo")
+}
+
+/// `--bundle models/colour-demo --source pattern` followed by `rest`.
+fn on_colour<'a>(rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--bundle", "models/colour-demo", "--source", "pattern"];
+    args.extend_from_slice(rest);
+    args
 }
 
 fn command() -> Command {
@@ -52,9 +62,59 @@ fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `clipact run` with no arguments: the shipped demo bundle on the synthetic action world, each
+/// event with the world's ground truth beside it (DESIGN.md § Command-line contracts; the README's
+/// first command).
 #[test]
-fn run_with_no_arguments_detects_the_demo_scenes() {
-    let out = clipact_ok(&["run", "--for", "60"]);
+fn run_with_no_arguments_runs_the_demo_bundle_on_the_synthetic_world() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = command()
+            .args(args)
+            .env("CLIPACT_CACHE_DIR", cache.path())
+            .output()
+            .expect("clipact runs");
+        assert!(out.status.success(), "clipact {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        (json_lines(&out.stdout), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (events, log) = run(&["run", "--for", "30"]); // the README's first command
+    assert!(log.contains("models/demo") && log.contains("synthetic"), "{log}");
+    let demo = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
+    let labels: Vec<&str> = demo.labels.labels.iter().map(|l| l.name.as_str()).collect();
+    let actions: Vec<&str> = clipact::world::ACTIONS.iter().map(|a| a.name).collect();
+    assert!(
+        events.iter().any(|e| e["type"] == "new"),
+        "no detection in 30 s of the synthetic world: {events:?}"
+    );
+    let mut seen_actions = 0;
+    for e in &events {
+        assert!(labels.contains(&e["label"].as_str().unwrap()), "{e}");
+        // The world's state at the event's frame: the action being shown (null while the figure
+        // is idle) and how many frames of it have been shown.
+        let truth = e["truth"].as_object().unwrap_or_else(|| panic!("no ground truth in {e}"));
+        assert!(truth["frame_in_action"].is_u64(), "{e}");
+        match &truth["action"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(a) => {
+                assert!(actions.contains(&a.as_str()), "{e}");
+                seen_actions += 1;
+            }
+            other => panic!("truth.action {other} in {e}"),
+        }
+        assert!(e["time_s"].as_f64().unwrap() <= 30.0, "{e}");
+    }
+    assert!(seen_actions > 0, "no event while an action was shown: {events:?}");
+
+    // No subcommand at all is the same main job (a replayed source: the same events).
+    let (bare, _) = run(&[]);
+    let (plain, _) = run(&["run"]);
+    assert_eq!(bare, plain);
+    assert!(plain.len() >= events.len());
+}
+
+#[test]
+fn run_on_the_colour_pattern_detects_its_scenes() {
+    let out = clipact_ok(&["run", "--bundle", "models/colour-demo", "--source", "pattern", "--for", "60"]);
     let events = json_lines(&out.stdout);
     let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
     // 60 s of 3 s scenes: ~20 scenes, three quarters of them coloured.
@@ -70,14 +130,6 @@ fn run_with_no_arguments_detects_the_demo_scenes() {
         "{ends} ends for {} starts",
         new.len()
     );
-
-    // No subcommand at all is the same main job.
-    let bare = command().output().unwrap();
-    assert!(bare.status.success());
-    assert_eq!(
-        json_lines(&bare.stdout),
-        json_lines(&clipact(&["run"]).stdout)
-    );
 }
 
 #[test]
@@ -89,7 +141,8 @@ fn run_takes_thresholds_from_the_config() {
         "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n",
     )
     .unwrap();
-    let out = clipact_ok(&["run", "--config", config.to_str().unwrap(), "--for", "60"]);
+    let with_config = on_colour(&["--config", config.to_str().unwrap(), "--for", "60"]);
+    let out = clipact_ok(&[&["run"], &with_config[..]].concat());
     let events = json_lines(&out.stdout);
     let new: Vec<_> = events.iter().filter(|e| e["type"] == "new").collect();
     assert!(!new.is_empty());
@@ -99,7 +152,7 @@ fn run_takes_thresholds_from_the_config() {
         assert!(event["score"].as_f64().unwrap() >= floor, "{event}");
     }
     // The same run without the config fires green below 0.99 at least once.
-    let default_run = json_lines(&clipact(&["run", "--for", "60"]).stdout);
+    let default_run = json_lines(&clipact(&[&["run"], &on_colour(&["--for", "60"])[..]].concat()).stdout);
     assert_ne!(events, default_run);
 
     std::fs::write(&config, "[decision]\ntreshold = 0.95\n").unwrap();
@@ -140,7 +193,7 @@ fn embed_matches_the_encoder() {
     clipact_ok(&[
         "embed",
         "--bundle",
-        "models/demo",
+        "models/colour-demo",
         "--pixels",
         pixels.to_str().unwrap(),
         "--out",
@@ -164,7 +217,7 @@ fn embed_matches_the_encoder() {
     let (shape, logits) = floats("weight_logit");
     assert_eq!(shape, vec![batch, 1]);
 
-    let bundle = Bundle::open(&demo()).unwrap();
+    let bundle = Bundle::open(&colour()).unwrap();
     let mut encoder = Encoder::load(&bundle.encoder_path(), 32, 32).unwrap();
     let mut expected = vec![0.0; 16];
     for b in 0..batch {
@@ -184,7 +237,7 @@ fn bench_json_has_the_contract_fields() {
     let out = clipact_ok(&[
         "bench",
         "--bundle",
-        "models/demo",
+        "models/colour-demo",
         "--frames",
         "20",
         "--json",
@@ -199,12 +252,12 @@ fn bench_json_has_the_contract_fields() {
     assert!(report["p99_ms"].as_f64() >= report["p50_ms"].as_f64());
     assert_eq!(report["precision"], "f32");
     assert_eq!(report["threads"], 1);
-    let out = clipact(&["bench", "--bundle", "models/demo", "--precision", "int8"]);
+    let out = clipact(&["bench", "--bundle", "models/colour-demo", "--precision", "int8"]);
     assert!(!out.status.success());
 }
 
-fn copy_demo(to: &Path) {
-    for entry in std::fs::read_dir(demo()).unwrap() {
+fn copy_colour(to: &Path) {
+    for entry in std::fs::read_dir(colour()).unwrap() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
@@ -250,7 +303,7 @@ fn broken_bundles_are_refused_with_the_reason() {
     ];
     for (what, corrupt, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
-        copy_demo(dir.path());
+        copy_colour(dir.path());
         corrupt(dir.path());
         let err = Bundle::open(dir.path()).unwrap_err();
         let msg = format!("{err:#}");
@@ -290,7 +343,7 @@ fn run_reads_pipes_and_files() {
         i420.extend(y.iter().chain(&u).chain(&v));
     }
     let mut child = command()
-        .args(["run", "--source", "pipe:64x48:i420,fps=10,live=false"])
+        .args(["run", "--bundle", "models/colour-demo", "--source", "pipe:64x48:i420,fps=10,live=false"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -326,8 +379,8 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "device_name = \"test-dev\"\n[updates]\ntcp_listen = \"127.0.0.1:0\"\nkey_file = {:?}\nlabels_path = {:?}\n",
-            key_file, labels_path
+            "bundle = {:?}\nsource = \"pattern\"\ndevice_name = \"test-dev\"\n[updates]\ntcp_listen = \"127.0.0.1:0\"\nkey_file = {:?}\nlabels_path = {:?}\n",
+            colour(), key_file, labels_path
         ),
     )
     .unwrap();
@@ -361,7 +414,7 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
         rest
     });
     let key = PreSharedKey::new(*b"0123456789abcdef-test-key").unwrap();
-    let bundle = Bundle::open(&demo()).unwrap();
+    let bundle = Bundle::open(&colour()).unwrap();
     let io = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let push = |set: &LabelSet| {
         io.block_on(async {
@@ -397,7 +450,7 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
 
 #[test]
 fn eval_reports_accuracy_consistent_with_its_confusion_matrix() {
-    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/world-demo");
+    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
     let out = clipact_ok(&[
         "eval",
         "--bundle",

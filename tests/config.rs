@@ -87,7 +87,7 @@ fn the_schema_example_parses() {
     let config = parse(
         r#"
 bundle = "models/demo"
-source = "pattern"
+source = "synthetic"
 device_name = "barn-cam-1"
 [decision]
 threshold = 0.5
@@ -161,7 +161,7 @@ fn an_empty_config_is_the_default_run() {
     let config = parse("").unwrap();
     assert_eq!(config, Config::default());
     assert_eq!(config.bundle, PathBuf::from("models/demo"));
-    assert_eq!(config.source, "pattern");
+    assert_eq!(config.source, "synthetic");
     assert_eq!(config.device_name, "clipact");
     assert_eq!(config.decision, Decision::default());
     assert_eq!(

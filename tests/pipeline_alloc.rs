@@ -1,4 +1,4 @@
-//! Allocations per frame on the device's hot path, with the demo bundle.
+//! Allocations per frame on the device's hot path, with the colour bundle (`models/colour-demo`).
 //!
 //! Preprocessing and WTI allocate nothing after warm-up (their own tests); tract allocates the
 //! intermediate tensors of each run. This test pins that number so it cannot grow unnoticed.
@@ -17,7 +17,7 @@ static ALLOCATOR: Counting = Counting;
 
 #[test]
 fn the_hot_path_allocates_only_inside_tract() {
-    let bundle = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
+    let bundle = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo")).unwrap();
     let mut pipeline = Pipeline::new(&bundle, &Default::default()).unwrap();
     let mut source = PatternSource::new(64, 48, 30, 1);
     let mut events = Vec::with_capacity(16);

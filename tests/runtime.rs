@@ -1,6 +1,6 @@
-//! The device runtime with real threads on the demo bundle: label swaps lose no frame, live
-//! sources drop stale frames (and count them), outputs follow detections and end safe, TCP
-//! updates reach a running loop and bad ones are refused with the reason.
+//! The device runtime with real threads on the colour bundle (`models/colour-demo`): label swaps
+//! lose no frame, live sources drop stale frames (and count them), outputs follow detections and
+//! end safe, TCP updates reach a running loop and bad ones are refused with the reason.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use clipact::source::{FrameSource, Pattern, SourceError, SourceFrame, Truth};
 use clipact::update::{PreSharedKey, PushOptions, Sender};
 
 fn demo() -> Bundle {
-    Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap()
+    Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo")).unwrap()
 }
 
 /// Records every event and label set it sees.

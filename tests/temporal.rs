@@ -66,10 +66,10 @@ fn temporal_graph_computes_its_definition() {
     assert!(err.contains("frame_weight.0.bias"), "{err}");
 }
 
-/// A copy of the demo bundle (dim 16, window 4) in `dir`, with a temporal head when `weights`
+/// A copy of the colour bundle (dim 16, window 4) in `dir`, with a temporal head when `weights`
 /// is given (the manifest then says `wti-temporal`).
 fn bundle_dir(dir: &Path, weights: Option<&TemporalWeights>) -> PathBuf {
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo");
     for file in ["encoder.onnx", "labels.cls", "manifest.toml"] {
         std::fs::copy(demo.join(file), dir.join(file)).unwrap();
     }

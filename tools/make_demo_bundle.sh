@@ -6,7 +6,7 @@
 #   → adapt (K-shot ablation on the held-out actions) → eval (report) → MODEL_CARD.md
 #
 # Usage: tools/make_demo_bundle.sh [OUT_BUNDLE_DIR] [WORK_DIR]
-#   OUT_BUNDLE_DIR  default models/world-demo
+#   OUT_BUNDLE_DIR  default models/demo (the bundle `clipact run` runs with no arguments)
 #   WORK_DIR        default runs/world-demo (teacher, student, head, reports; not shipped)
 # Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 150), QUICK=1 for a
 # smoke run with fewer steps (minutes; numbers not representative).
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${1:-models/world-demo}
+OUT=${1:-models/demo}
 WORK=${2:-runs/world-demo}
 SEED=${SEED:-1}
 EVAL_CLIPS=${EVAL_CLIPS:-150}

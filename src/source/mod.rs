@@ -10,8 +10,8 @@
 //!
 //! | spec | source |
 //! |---|---|
-//! | `pattern[:seed=N]` | the colour test pattern of the demo bundle ([`crate::pattern`]) |
-//! | `synthetic[:seed=N,split=id\|ood\|zeroshot\|train,size=64,fps=10]` | the synthetic action world, with its ground truth |
+//! | `synthetic[:seed=N,split=id\|ood\|zeroshot\|train,size=N,fps=10]` | the synthetic action world, with its ground truth (the default; `size`: the bundle's input side unless given) |
+//! | `pattern[:seed=N]` | the colour test pattern of the tests' colour bundle `models/colour-demo` ([`crate::pattern`]) |
 //! | `v4l:/dev/video0[,size=640x480,format=yuyv\|mjpeg,fps=30]` | a UVC camera (feature `camera`), reconnecting when unplugged |
 //! | `pipe:WxH:FMT[,fps=N,live=false]` | raw frames on stdin: `rgb24`, `yuyv422`, `gray`, `yuv420p` (`i420`, what `rpicam-vid --codec yuv420` writes) |
 //! | `y4m:FILE` | a YUV4MPEG2 file (4:2:0, 4:2:2, 4:4:4, mono) |
@@ -355,7 +355,7 @@ impl SourceSpec {
                     if !(8..=1024).contains(&size) {
                         return Err(err(spec, format!("size {size} must be 8..=1024 pixels")));
                     }
-                    options.size = size;
+                    options.size = Some(size);
                 }
                 options.fps = args.fps(DEFAULT_FPS)?;
                 Ok(Self::Synthetic(options))
@@ -473,11 +473,12 @@ impl SourceSpec {
     }
 
     /// Opens the source. `model_side` is the encoder's input side: a camera picks the
-    /// smallest mode that covers it.
+    /// smallest mode that covers it; the synthetic world renders at it unless the spec gives
+    /// a `size`.
     pub fn open(&self, model_side: u32) -> Result<Box<dyn FrameSource>, SourceError> {
         Ok(match self {
             Self::Pattern { seed } => Box::new(Pattern::new(*seed)),
-            Self::Synthetic(options) => Box::new(synthetic::Synthetic::new(options)?),
+            Self::Synthetic(options) => Box::new(synthetic::Synthetic::new(options, Some(model_side))?),
             Self::Camera(request) => {
                 let mut request = request.clone();
                 request.min_side = model_side;

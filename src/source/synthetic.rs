@@ -17,8 +17,10 @@ pub struct SyntheticOptions {
     pub seed: u64,
     /// Split name (`train`, `id`, `ood`, `zeroshot`).
     pub split: String,
-    /// Frame side in pixels.
-    pub size: u32,
+    /// Frame side in pixels; `None`: the bundle's input side, so the frames are drawn the way
+    /// the bundle was trained and evaluated on them (`clipact eval` renders at that side too)
+    /// rather than resampled.
+    pub size: Option<u32>,
     /// Frames per second of the stream's clock.
     pub fps: f64,
 }
@@ -28,7 +30,7 @@ impl Default for SyntheticOptions {
         Self {
             seed: 0,
             split: "id".into(),
-            size: 64,
+            size: None,
             fps: DEFAULT_FPS,
         }
     }
@@ -41,21 +43,29 @@ pub fn check_split(split: &str) -> Result<(), String> {
         .map_err(|_| format!("split {split:?}: expected train, id, ood or zeroshot"))
 }
 
+/// Frame side when neither the spec nor the bundle gives one.
+pub const FALLBACK_SIZE: u32 = 64;
+
 /// The synthetic world stream.
 pub struct Synthetic {
     stream: WorldStream,
     options: SyntheticOptions,
+    size: u32,
     index: u64,
 }
 
 impl Synthetic {
-    /// A stream for `options` (the split must be valid, see [`check_split`]).
-    pub fn new(options: &SyntheticOptions) -> Result<Self, SourceError> {
+    /// A stream for `options` (the split must be valid, see [`check_split`]); frames are
+    /// `options.size` pixels square, else `model_side` (the bundle's input side), else
+    /// [`FALLBACK_SIZE`].
+    pub fn new(options: &SyntheticOptions, model_side: Option<u32>) -> Result<Self, SourceError> {
         let split = Split::from_str(&options.split)
             .map_err(|_| SourceError::format("synthetic", check_split(&options.split).unwrap_err()))?;
+        let size = options.size.or(model_side).unwrap_or(FALLBACK_SIZE);
         Ok(Self {
-            stream: WorldStream::new(options.seed, split, options.size),
+            stream: WorldStream::new(options.seed, split, size),
             options: options.clone(),
+            size,
             index: 0,
         })
     }
@@ -83,7 +93,7 @@ impl FrameSource for Synthetic {
     fn describe(&self) -> String {
         format!(
             "synthetic world (seed {}, split {}, {}px, {} fps)",
-            self.options.seed, self.options.split, self.options.size, self.options.fps
+            self.options.seed, self.options.split, self.size, self.options.fps
         )
     }
 }

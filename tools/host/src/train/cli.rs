@@ -235,7 +235,7 @@ pub struct AdaptArgs {
         --train-report/--adapt-report it adds the temporal-extension and K-shot tables.\n\n\
         Writes into --out: EVAL.md, eval.json, confusion_<split>.png, ablation_interaction.png, \
         adapt_kshot.png.",
-    after_help = "Example:\n  clipact-host eval --bundle models/world-demo --out runs/eval --clips 150 \\\n      \
+    after_help = "Example:\n  clipact-host eval --bundle models/demo --out runs/eval --clips 150 \\\n      \
         --train-report runs/head/train_report.json --adapt-report runs/adapt/adapt_report.json"
 )]
 pub struct EvalArgs {
