@@ -35,12 +35,20 @@ fn tiny_teacher() -> PretrainOptions {
         heads: 2,
         projection_dim: 48,
         context_length: 24,
-        steps: 60,
+        steps: 200,
         batch_size: 48,
         lr: 2e-3,
         warmup: 5,
         ..PretrainOptions::default()
     }
+}
+
+fn tiny_student() -> DistillOptions {
+    DistillOptions { seed: 1, clips_per_action: 3, frames: 4, width: 32, depth: 1, heads: 1, steps: 40, batch_size: 32, lr: 2e-3, warmup: 4, ..DistillOptions::default() }
+}
+
+fn tiny_head() -> TrainOptions {
+    TrainOptions { seed: 2, clips_per_action: 6, eval_clips_per_action: 3, frames: 4, steps: 60, batch_size: 30, lr: 5e-3, warmup: 5, temporal: false, ..TrainOptions::default() }
 }
 
 fn assert_falls(what: &str, h: &clipact_host::train::plot::History, factor: f64) {
@@ -49,7 +57,6 @@ fn assert_falls(what: &str, h: &clipact_host::train::plot::History, factor: f64)
 }
 
 #[test]
-#[ignore = "at these tiny sizes the WTI head's batch accuracy is not yet above chance (pretrain/distill/loss checks pass); run with --ignored while tuning"]
 fn every_training_command_learns() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let root = tempfile::tempdir()?;
@@ -70,20 +77,16 @@ fn every_training_command_learns() -> anyhow::Result<()> {
 
     // distill: the student approaches the teacher.
     let student_dir = root.path().join("student");
-    let o = DistillOptions { seed: 1, clips_per_action: 3, frames: 4, width: 32, depth: 1, heads: 1, steps: 40, batch_size: 32, lr: 2e-3, warmup: 4, ..DistillOptions::default() };
+    let o = tiny_student();
     // Random init, so that learning (not inheritance) is what is measured.
     let h = distill(&teacher_dir, &student_dir, &DistillOptions { inherit: false, ..o }, false, &dev, false)?;
     assert_falls("distill", &h, 0.8);
 
     // train: the WTI head's cross-entropy falls; accuracy on id clips above chance (1/15).
     let head_dir = root.path().join("head");
-    let o = TrainOptions { seed: 2, clips_per_action: 6, eval_clips_per_action: 3, frames: 4, steps: 60, batch_size: 30, lr: 5e-3, warmup: 5, temporal: false, ..TrainOptions::default() };
+    let o = tiny_head();
     let r = train(&teacher_dir, &student_dir, &head_dir, &o, false, &dev, false)?;
     assert!(r.loss_first_last.1 < r.loss_first_last.0 * 0.97, "train loss {:?}", r.loss_first_last);
-    let meta: clipact_host::train::checkpoint::CheckpointMeta =
-        serde_json::from_str(&std::fs::read_to_string(head_dir.join("checkpoint-wti").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
-    let batch = meta.history.last("batch top-1").unwrap();
-    assert!(batch > 2.0 / 15.0, "training-batch top-1 {batch} is not above chance (1/15)");
 
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
@@ -98,6 +101,27 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     // The trained head scores windows exactly as the device's WTI does with the label set
     // `labels build --head` makes from it.
     head_matches_device(&teacher, &tok, &head_dir, &dev)?;
+    Ok(())
+}
+
+/// The open problem of issue #5: the teacher learns its training frames but not yet features
+/// that carry over to new clips, so the WTI head (trained on clips the teacher never saw) stays
+/// at chance. Run with `--ignored` while tuning the recipe.
+#[test]
+#[ignore = "the WTI head is not yet above chance on new clips (issue #5)"]
+fn wti_head_beats_chance_on_its_training_windows() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let root = tempfile::tempdir()?;
+    let (teacher_dir, student_dir, head_dir) = (root.path().join("t"), root.path().join("s"), root.path().join("h"));
+    pretrain(&teacher_dir, &tiny_teacher(), false, &dev, false)?;
+    let o = tiny_student();
+    distill(&teacher_dir, &student_dir, &o, false, &dev, false)?;
+    let o = tiny_head();
+    train(&teacher_dir, &student_dir, &head_dir, &o, false, &dev, false)?;
+    let meta: clipact_host::train::checkpoint::CheckpointMeta =
+        serde_json::from_str(&std::fs::read_to_string(head_dir.join("checkpoint-wti").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
+    let batch = meta.history.last("batch top-1").unwrap();
+    assert!(batch > 2.0 / 15.0, "training-batch top-1 {batch} is not above chance (1/15)");
     Ok(())
 }
 

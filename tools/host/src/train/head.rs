@@ -262,7 +262,9 @@ impl WtiHead {
     pub fn label_weights(&self, labels: &LabelTokens, tokens: &Tensor, variant: Variant) -> candle_core::Result<Tensor> {
         match variant {
             Variant::Wti | Variant::WtiTemporal => token_weights(&self.f_t.forward(tokens)?, labels),
-            _ => token_weights(&labels.mask.zeros_like()?, labels),
+            // Uniform over the label's real tokens, as the device's unweighted TI (a label
+            // set does not record where one prompt ends and the next begins).
+            _ => labels.mask.broadcast_div(&labels.mask.sum_keepdim(1)?),
         }
     }
 
