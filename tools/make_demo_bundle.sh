@@ -24,7 +24,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
     TRN=(--steps 60 --clips-per-action 8); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
 else
-    PRE=(--steps 400 --clips-per-action 20 --lr 2e-3 --action-text-prob 0.4); DIS=(--steps 100)
+    PRE=(--steps 2000 --clips-per-action 20 --lr 1e-3 --action-text-prob 0.5); DIS=(--steps 100 --depth 3 --lr 2e-4)
     TRN=(--steps 300 --lr 1e-2 --clips-per-action 30); ADA=()
 fi
 
@@ -39,15 +39,22 @@ mkdir -p "$WORK"
 $HOST pretrain --out "$WORK/teacher" --seed "$SEED" "${PRE[@]}"
 $HOST distill --teacher "$WORK/teacher" --out "$WORK/student" --seed "$SEED" "${DIS[@]}"
 $HOST train --teacher "$WORK/teacher" --student "$WORK/student" --out "$WORK/head" --seed "$SEED" "${TRN[@]}"
+# The shipped head: WTI + temporal difference tokens (TEMPORAL=1, the default: the world's
+# reversed pairs need the order of frames), or plain WTI (TEMPORAL=0). Label set, f_v in the
+# encoder and logit scale all come from the same head.
+if [[ "${TEMPORAL:-1}" == 1 ]]; then
+    HEAD="$WORK/head/head_temporal.safetensors"; STUDENT="$WORK/head/student_temporal"
+    SHIP=(--temporal-head "$HEAD")
+else
+    HEAD="$WORK/head/head.safetensors"; STUDENT="$WORK/head/student"
+    SHIP=(--logit-scale "$(python3 -c "import json; print(json.load(open('$WORK/head/train_report.json'))['logit_scale'])")")
+fi
 $HOST labels build --teacher "$WORK/teacher" --labels "$WORK/head/world_labels.txt" \
-    --templates "$WORK/head/world_templates.txt" --head "$WORK/head/head.safetensors" \
+    --templates "$WORK/head/world_templates.txt" --head "$HEAD" \
     --version 1 -o "$WORK/labels.cls"
-LOGIT_SCALE=$(python3 -c "import json,sys; print(json.load(open('$WORK/head/train_report.json'))['logit_scale'])" 2>/dev/null || echo 4.605)
-INT8=(--int8)
-if ! $HOST quantize --help >/dev/null 2>&1; then INT8=(); fi
 rm -rf "$OUT"
-$HOST export --student "$WORK/head/student" --labels "$WORK/labels.cls" "${INT8[@]}" \
-    --window-frames 8 --name world-demo --logit-scale "$LOGIT_SCALE" \
+$HOST export --student "$STUDENT" --labels "$WORK/labels.cls" --int8 "${SHIP[@]}" \
+    --window-frames 8 --name world-demo \
     --teacher-name "clipact-host pretrain on the synthetic world (seed $SEED)" \
     --data "clipact::world synthetic action clips, train split (seed $SEED)" --out "$OUT" --force
 $HOST adapt --teacher "$WORK/teacher" --train "$WORK/head" --out "$WORK/adapt" --seed "$SEED" "${ADA[@]}"
@@ -74,10 +81,11 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
 ## Recipe
 1. \`pretrain\`: CLIP teacher (ViT 32 px / patch 8 / width 64 / 3 layers; text width 64 / 2 layers;
    D = 64; word-level tokenizer over the world's vocabulary), contrastive on (frame, compositional
-   pose caption or action prompt) pairs.
-2. \`distill\`: student ViT (width 64, 2 layers, 2 heads), inherited from the teacher's tower, cosine +
+   pose caption or action prompt) pairs, every text true of a frame counted as its positive.
+2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
-3. \`train\`: WTI head (f_t, f_v, logit scale) on cached student embeddings of 8-frame windows.
+3. \`train\`: WTI head (f_t, f_v, logit scale; and the temporal head with W_d) on cached student
+   embeddings of 8-frame windows.
 4. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
 5. \`adapt\`: cross-modal few-shot ablation on the held-out actions (not shipped in this bundle).
 
@@ -90,8 +98,8 @@ cat <<CARD
 - Synthetic data only: one figure, plain scenes, 32 px. It demonstrates the pipeline; it is not a
   model for real cameras. For real use, start from a downloaded CLIP and a real dataset.
 - Plain WTI is order-blind: sitting down / standing up and falling down / getting up are the same
-  frames in reverse order, so the device head confuses them; the temporal extension measured above
-  is host-side only.
+  frames in reverse order. The bundle ships the temporal head (\`temporal.onnx\`, difference
+  tokens) unless made with TEMPORAL=0; the tables above compare it with plain WTI.
 - Zero-shot numbers are among the held-out actions only (see the all-labels table for the device's
   view, where seen actions compete).
 CARD
