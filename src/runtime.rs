@@ -1024,7 +1024,8 @@ pub async fn serve_tcp_updates(listener: tokio::net::TcpListener, handle: Runtim
             let current = handle.labels();
             let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&current));
             let submit = handle.clone();
-            let result = crate::update::serve(stream, &mut receiver, move |set| {
+            let in_use = handle.clone();
+            let result = crate::update::serve_tracking(stream, &mut receiver, move || Some(in_use.labels()), move |set| {
                 let version = set.version;
                 match submit.submit_labels(set) {
                     Ok(()) => tracing::info!(%peer, version, "label set accepted over TCP"),
@@ -1052,9 +1053,8 @@ pub fn open_serial(
 }
 
 /// Serves label-set updates on a serial line until it closes; each accepted set goes to the
-/// loop. The receiver's version check starts from the set in use when the line opens (a set
-/// that arrives later by TCP or MQTT is not seen by it; the label set's own version order
-/// still holds on this line).
+/// loop. Each transfer's version check is against the set in use when it begins, whichever
+/// transport brought that set.
 pub async fn serve_serial_updates<S>(mut stream: S, handle: RuntimeHandle)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -1062,7 +1062,8 @@ where
     let current = handle.labels();
     let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&current));
     let submit = handle.clone();
-    let result = crate::update::serve(&mut stream, &mut receiver, move |set| {
+    let in_use = handle.clone();
+    let result = crate::update::serve_tracking(&mut stream, &mut receiver, move || Some(in_use.labels()), move |set| {
         let version = set.version;
         match submit.submit_labels(set) {
             Ok(()) => tracing::info!(version, "label set accepted on the serial line"),

@@ -555,7 +555,14 @@ impl Receiver {
         }
     }
 
-    /// Version of the set in use.
+    /// Catches up with the set in use when it changed by another way (another transport, a
+    /// reload): a long-lived line (a serial port) would otherwise judge "newer" against the set
+    /// that was in use when it opened.
+    pub fn sync_current(&mut self, current: &LabelSet) {
+        self.current = Some((current.version, current.labels.len() as u32));
+    }
+
+    /// The version of the set in use, as this receiver knows it.
     pub fn current_version(&self) -> Option<u64> {
         self.current.map(|(version, _)| version)
     }
@@ -1112,9 +1119,21 @@ fn describe(message: &Message) -> String {
 ///
 /// The same loop serves a TCP connection and a serial port. Bad frames are logged and
 /// skipped. When the stream ends, a transfer in progress is abandoned.
-pub async fn serve<S, F>(mut stream: S, receiver: &mut Receiver, mut on_accept: F) -> io::Result<()>
+pub async fn serve<S, F>(stream: S, receiver: &mut Receiver, on_accept: F) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(LabelSet),
+{
+    serve_tracking(stream, receiver, || None, on_accept).await
+}
+
+/// [`serve`] for a device whose set can also change by other ways: `current` returns the set
+/// in use now, and the receiver syncs with it before every `Begin`, so a set that arrived by
+/// another transport meanwhile counts in the version check.
+pub async fn serve_tracking<S, C, F>(mut stream: S, receiver: &mut Receiver, current: C, mut on_accept: F) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: Fn() -> Option<std::sync::Arc<LabelSet>>,
     F: FnMut(LabelSet),
 {
     let mut decoder = FrameDecoder::new();
@@ -1133,6 +1152,9 @@ where
                         continue;
                     }
                 };
+                if let (Message::Begin { .. }, Some(set)) = (&message, current()) {
+                    receiver.sync_current(&set);
+                }
                 let reply = receiver.handle(message);
                 if let Some(set) = receiver.take_accepted() {
                     on_accept(set);

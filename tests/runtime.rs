@@ -335,6 +335,23 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
+
+    // A newer set arrives by another way (as TCP or MQTT would bring it): the serial line,
+    // open all along, must judge the next transfer against that set, not the one it last saw.
+    let newer = renamed(&good);
+    handle.submit_labels(newer.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.labels().version != newer.version {
+        assert!(Instant::now() < deadline, "the newer set was never swapped in");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut stale = good.clone();
+    stale.version = newer.version;
+    let err = io
+        .block_on(Sender::for_set(&stale, false, None).unwrap().push(&mut host, &PushOptions::default()))
+        .unwrap_err();
+    assert!(err.to_string().contains(&newer.version.to_string()), "{err}");
+    assert_eq!(handle.labels().version, newer.version);
     handle.stop();
-    assert_eq!(runner.join().unwrap().unwrap().stats.label_updates, 1);
+    assert_eq!(runner.join().unwrap().unwrap().stats.label_updates, 2);
 }
