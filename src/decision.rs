@@ -16,6 +16,9 @@
 //!    `threshold − hysteresis`.
 //! 5. **Cooldown.** After a detection ends, the label stays quiet for
 //!    [`Decision::cooldown_ms`]; scores above the threshold during that time are ignored.
+//! 6. **Updates.** While a detection goes on, each time its smoothed score climbs
+//!    [`UPDATE_STEP`] above the score last reported, it is reported again (Frigate's `update`
+//!    events): subscribers learn the detection got surer without a flood of events.
 //!
 //! Times are stream times ([`Duration`] since the stream started), not wall-clock reads, so a
 //! file replays to the same detections on every machine and tests need no clock.
@@ -23,6 +26,10 @@
 use std::time::Duration;
 
 use crate::config::Decision;
+
+/// How far a detection's smoothed score must climb above the score last reported (at its start
+/// or its last update) to be reported again as [`Transition::Rose`].
+pub const UPDATE_STEP: f32 = 0.05;
 
 /// What a [`LabelDecider`] reports for a frame.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,6 +39,14 @@ pub enum Transition {
     Started {
         /// When the score first reached the threshold for this detection.
         since: Duration,
+    },
+    /// The detection in progress reached a new peak, [`UPDATE_STEP`] above the score last
+    /// reported.
+    Rose {
+        /// When the detection started.
+        since: Duration,
+        /// The new peak (this frame's smoothed score).
+        peak: f32,
     },
     /// The detection ended. `since` is when it started (its [`Transition::Started::since`]).
     Ended {
@@ -47,7 +62,8 @@ enum State {
     Idle,
     /// Above the threshold since `since`, waiting for the minimum duration.
     Pending { since: Duration },
-    Active { since: Duration, peak: f32 },
+    /// Reported; `reported` is the score of its start or last update.
+    Active { since: Duration, peak: f32, reported: f32 },
     /// Quiet until `until`.
     Cooldown { until: Duration },
 }
@@ -121,7 +137,7 @@ impl LabelDecider {
                 None
             }
             State::Pending { .. } => self.step_pending(score, time),
-            State::Active { since, peak } => {
+            State::Active { since, peak, reported } => {
                 if score < p.threshold - p.hysteresis {
                     self.state = if p.cooldown_ms > 0 {
                         State::Cooldown {
@@ -131,11 +147,11 @@ impl LabelDecider {
                         State::Idle
                     };
                     Some(Transition::Ended { since, peak })
+                } else if score >= reported + UPDATE_STEP {
+                    self.state = State::Active { since, peak: peak.max(score), reported: score };
+                    Some(Transition::Rose { since, peak: peak.max(score) })
                 } else {
-                    self.state = State::Active {
-                        since,
-                        peak: peak.max(score),
-                    };
+                    self.state = State::Active { since, peak: peak.max(score), reported };
                     None
                 }
             }
@@ -151,7 +167,7 @@ impl LabelDecider {
             return None;
         }
         if time.saturating_sub(since) >= self.policy.min_duration() {
-            self.state = State::Active { since, peak: score };
+            self.state = State::Active { since, peak: score, reported: score };
             return Some(Transition::Started { since });
         }
         None

@@ -63,8 +63,10 @@ impl From<ScorerError> for PipelineError {
 /// A label turning on or off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Event {
-    /// On (`true`, a new detection) or off (the detection ended).
+    /// On (`true`, a new detection or an update of one) or off (the detection ended).
     pub active: bool,
+    /// An update of a detection in progress (its score reached a new peak), not its start.
+    pub update: bool,
     /// Index of the label in the current label set.
     pub label: usize,
     /// The label's smoothed score on this frame.
@@ -234,13 +236,23 @@ impl Pipeline {
             match transition {
                 Some(Transition::Started { since }) => events.push(Event {
                     active: true,
+                    update: false,
                     label,
                     score,
                     since,
                     peak: score,
                 }),
+                Some(Transition::Rose { since, peak }) => events.push(Event {
+                    active: true,
+                    update: true,
+                    label,
+                    score,
+                    since,
+                    peak,
+                }),
                 Some(Transition::Ended { since, peak }) => events.push(Event {
                     active: false,
+                    update: false,
                     label,
                     score,
                     since,

@@ -51,6 +51,8 @@ use crate::update::{PreSharedKey, ReceiverConfig};
 pub enum EventKind {
     /// A detection started.
     New,
+    /// A detection in progress reached a new peak score.
+    Update,
     /// The detection ended.
     End,
 }
@@ -58,7 +60,7 @@ pub enum EventKind {
 /// One detection turning on or off: what JSON lines and MQTT `events` publish.
 #[derive(Debug, Clone, Serialize)]
 pub struct DetectionEvent {
-    /// New or end.
+    /// New, update or end.
     #[serde(rename = "type")]
     pub kind: EventKind,
     /// Label name in the current set.
@@ -911,13 +913,18 @@ impl Runtime {
             if let Some(flag) = live.active.get(e.label) {
                 flag.store(e.active, Ordering::Relaxed);
             }
-            for &o in &self.bindings[e.label] {
+            // An update changes nothing for an output: the detection was already on.
+            for &o in self.bindings[e.label].iter().filter(|_| !e.update) {
                 if let Err(err) = self.outputs[o].output.on_event(e.active, now) {
                     tracing::warn!(output = %self.outputs[o].name, "GPIO write failed: {err}");
                 }
             }
             let event = DetectionEvent {
-                kind: if e.active { EventKind::New } else { EventKind::End },
+                kind: match (e.active, e.update) {
+                    (true, false) => EventKind::New,
+                    (true, true) => EventKind::Update,
+                    (false, _) => EventKind::End,
+                },
                 label: self.names[e.label].clone(),
                 label_index: e.label,
                 score: e.score,

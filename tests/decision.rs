@@ -10,18 +10,42 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// Feeds `scores` at 100 ms per frame; returns (frame, started?) for every transition.
+/// Feeds `scores` at 100 ms per frame; returns (frame, started?) for every start and end
+/// (updates are checked by their own test).
 fn run(policy: Decision, scores: &[f32]) -> Vec<(usize, bool)> {
     let mut d = LabelDecider::new(policy);
     scores
         .iter()
         .enumerate()
-        .filter_map(|(i, &s)| {
-            d.update(s, ms(100 * i as u64))
-                .1
-                .map(|t| (i, matches!(t, Transition::Started { .. })))
+        .filter_map(|(i, &s)| match d.update(s, ms(100 * i as u64)).1? {
+            Transition::Started { .. } => Some((i, true)),
+            Transition::Ended { .. } => Some((i, false)),
+            Transition::Rose { .. } => None,
         })
         .collect()
+}
+
+#[test]
+fn a_detection_is_updated_when_its_score_climbs_a_step_above_the_last_report() {
+    // Starts at 0.5 (reported 0.5); 0.53 is not a step up, 0.56 is (reported 0.56); 0.6 is
+    // not a step above 0.56, 0.62 is; falling scores and a return to an old peak are quiet.
+    let scores = [0.5, 0.53, 0.56, 0.6, 0.62, 0.55, 0.62, 0.3];
+    let mut d = LabelDecider::new(policy());
+    let got: Vec<(usize, Transition)> = scores
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &s)| d.update(s, ms(100 * i as u64)).1.map(|t| (i, t)))
+        .collect();
+    let since = ms(0);
+    assert_eq!(
+        got,
+        [
+            (0, Transition::Started { since }),
+            (2, Transition::Rose { since, peak: 0.56 }),
+            (4, Transition::Rose { since, peak: 0.62 }),
+            (7, Transition::Ended { since, peak: 0.62 }),
+        ]
+    );
 }
 
 fn policy() -> Decision {

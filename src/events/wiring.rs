@@ -279,10 +279,11 @@ impl EventSink for MqttSink {
         if let Some(publisher) = &mut self.publisher {
             let kind = match event.kind {
                 runtime::EventKind::New => EventKind::New,
+                runtime::EventKind::Update => EventKind::Update,
                 runtime::EventKind::End => EventKind::End,
             };
             let mut after = detection(event, publisher.device());
-            if kind == EventKind::End {
+            if kind != EventKind::New {
                 // The id is the one the `new` carried (its start time was computed then).
                 if let Some(open) = publisher.open_detection(event.label_index) {
                     after.id = open.id.clone();
