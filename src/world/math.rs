@@ -8,6 +8,17 @@
 
 use std::f32::consts::{FRAC_PI_2, PI, TAU};
 
+/// One step of SplitMix64 (Steele, Lea and Flood): advances `state` and returns 64 well-mixed
+/// bits. The one generator step every seeded draw in clipact (world rendering, host training)
+/// is built on.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64: tiny, fast, and good enough for procedural content.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -25,11 +36,7 @@ impl Rng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix64(&mut self.0)
     }
 
     /// Uniform in `[0, 1)`, 24 bits of precision (exact in f32).

@@ -2,7 +2,9 @@
 //! initial weights, clip seeds. candle's CPU `randn` cannot be seeded, and a run must be
 //! reproducible from its `--seed` alone.
 
-/// SplitMix64 with Box–Muller normals.
+/// SplitMix64 ([`clipact::world::math::splitmix64`]) with Box–Muller normals. Seeded apart
+/// from the world's generator (another stream constant), so training draws and rendering
+/// never coincide.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -17,11 +19,7 @@ impl Rng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        clipact::world::math::splitmix64(&mut self.0)
     }
 
     /// Uniform in `[0, 1)`.
