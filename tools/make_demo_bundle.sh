@@ -11,7 +11,7 @@
 # Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 150), QUICK=1 for a
 # smoke run with fewer steps (minutes; numbers not representative).
 #
-# Takes about 20-30 minutes on 2 idle CPU cores (release build not included); pretrain dominates. Needs nothing but
+# Takes about 15-20 minutes on 2 idle CPU cores (pretrain ~9) (release build not included); pretrain dominates. Needs nothing but
 # this repository: no downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
     TRN=(--steps 60 --clips-per-action 8); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
 else
-    PRE=(--steps 2000 --clips-per-action 20 --lr 1e-3 --action-text-prob 0.5); DIS=(--steps 100 --depth 3 --lr 2e-4)
+    PRE=(--steps 4000 --clips-per-action 80 --lr 1e-3 --action-text-prob 0.5); DIS=(--steps 100 --depth 3 --lr 2e-4)
     TRN=(--steps 300 --lr 1e-2 --clips-per-action 30); ADA=()
 fi
 
