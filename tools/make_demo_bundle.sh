@@ -9,7 +9,8 @@
 #   OUT_BUNDLE_DIR  default models/demo (the bundle `clipact run` runs with no arguments)
 #   WORK_DIR        default runs/world-demo (teacher, student, head, reports; not shipped)
 # Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 150), QUICK=1 for a
-# smoke run with fewer steps (minutes; numbers not representative).
+# smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
+# TEMPORAL=0 to ship plain WTI.
 #
 # Takes about 15-20 minutes on 2 idle CPU cores (pretrain ~9) (release build not included); pretrain dominates. Needs nothing but
 # this repository: no downloads.
@@ -36,7 +37,12 @@ HOST=${HOST_BIN:-target/release/clipact-host}
 DEV=${DEV_BIN:-target/release/clipact}
 mkdir -p "$WORK"
 
-$HOST pretrain --out "$WORK/teacher" --seed "$SEED" "${PRE[@]}"
+# TEACHER=DIR reuses a teacher (an earlier pretrain with these flags, or any CLIP folder).
+if [[ -n "${TEACHER:-}" ]]; then
+    rm -rf "$WORK/teacher"; cp -r "$TEACHER" "$WORK/teacher"
+else
+    $HOST pretrain --out "$WORK/teacher" --seed "$SEED" "${PRE[@]}"
+fi
 $HOST distill --teacher "$WORK/teacher" --out "$WORK/student" --seed "$SEED" "${DIS[@]}"
 $HOST train --teacher "$WORK/teacher" --student "$WORK/student" --out "$WORK/head" --seed "$SEED" "${TRN[@]}"
 # The shipped head: WTI + temporal difference tokens (TEMPORAL=1, the default: the world's
