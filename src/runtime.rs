@@ -1028,19 +1028,7 @@ pub async fn serve_tcp_updates(listener: tokio::net::TcpListener, handle: Runtim
         };
         let handle = handle.clone();
         tokio::spawn(async move {
-            let current = handle.labels();
-            let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&current));
-            let submit = handle.clone();
-            let in_use = handle.clone();
-            let result = crate::update::serve_tracking(stream, &mut receiver, move || Some(in_use.labels()), move |set| {
-                let version = set.version;
-                match submit.submit_labels(set) {
-                    Ok(()) => tracing::info!(%peer, version, "label set accepted over TCP"),
-                    Err(e) => tracing::warn!(%peer, "label set accepted but not applied: {e}"),
-                }
-            })
-            .await;
-            if let Err(e) = result {
+            if let Err(e) = serve_update_line(stream, handle, &format!("TCP {peer}")).await {
                 tracing::debug!(%peer, "update connection: {e}");
             }
         });
@@ -1062,25 +1050,32 @@ pub fn open_serial(
 /// Serves label-set updates on a serial line until it closes; each accepted set goes to the
 /// loop. Each transfer's version check is against the set in use when it begins, whichever
 /// transport brought that set.
-pub async fn serve_serial_updates<S>(mut stream: S, handle: RuntimeHandle)
+pub async fn serve_serial_updates<S>(stream: S, handle: RuntimeHandle)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let current = handle.labels();
-    let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&current));
-    let submit = handle.clone();
-    let in_use = handle.clone();
-    let result = crate::update::serve_tracking(&mut stream, &mut receiver, move || Some(in_use.labels()), move |set| {
-        let version = set.version;
-        match submit.submit_labels(set) {
-            Ok(()) => tracing::info!(version, "label set accepted on the serial line"),
-            Err(e) => tracing::warn!("label set accepted but not applied: {e}"),
-        }
-    })
-    .await;
-    if let Err(e) = result {
+    if let Err(e) = serve_update_line(stream, handle, "the serial line").await {
         tracing::warn!("serial update line: {e}");
     }
+}
+
+/// One update line (a TCP connection, a serial port) until it closes: a receiver that syncs
+/// with the set in use before each transfer, and every accepted set handed to the loop.
+/// `origin` names the line in logs.
+async fn serve_update_line<S>(stream: S, handle: RuntimeHandle, origin: &str) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&handle.labels()));
+    let in_use = handle.clone();
+    crate::update::serve_tracking(stream, &mut receiver, move || Some(in_use.labels()), move |set| {
+        let version = set.version;
+        match handle.submit_labels(set) {
+            Ok(()) => tracing::info!(version, "label set accepted from {origin}"),
+            Err(e) => tracing::warn!("label set from {origin} accepted but not applied: {e}"),
+        }
+    })
+    .await
 }
 
 /// Waits for SIGINT or SIGTERM, then stops the runtime.
