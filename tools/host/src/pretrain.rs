@@ -82,6 +82,12 @@ pub struct PretrainOptions {
     pub max_grad_norm: f64,
     /// Probability that a frame is paired with its action's prompt instead of its caption.
     pub action_text_prob: f64,
+    /// Steps during which frames are paired with their action's prompts only; over as many
+    /// steps again the captions come in, up to `1 - action_text_prob`. From scratch, the
+    /// action prompts (few texts, many frames each) are what gets the vision tower off its
+    /// initial plateau; the compositional captions then teach the parts.
+    #[serde(default)]
+    pub prompt_warmup: u64,
     /// Stop after this many steps as if interrupted (the checkpoint resumes to the full
     /// `steps`); not part of the run's settings.
     #[serde(skip)]
@@ -110,6 +116,7 @@ impl Default for PretrainOptions {
             weight_decay: 0.1,
             max_grad_norm: 1.0,
             action_text_prob: 0.3,
+            prompt_warmup: 0,
             stop_after: None,
         }
     }
@@ -283,11 +290,24 @@ impl HeldOut {
 
 /// `positive[b][u]`: whether distinct text `uniq[u]` is true of frame `b` of the batch: the
 /// frame's own text, or a prompt of its clip's action (`text_action`).
-fn positives(batch: &[&Pair], uniq: &[usize], clip_action: impl Fn(usize) -> usize, text_action: &[Option<usize>]) -> Vec<Vec<bool>> {
+fn positives(batch: &[Pair], uniq: &[usize], clip_action: impl Fn(usize) -> usize, text_action: &[Option<usize>]) -> Vec<Vec<bool>> {
     batch
         .iter()
         .map(|p| uniq.iter().map(|&u| u == p.text || text_action[u] == Some(clip_action(p.clip))).collect())
         .collect()
+}
+
+/// The probability of pairing a frame with an action prompt at `step`: 1 for the first
+/// `warmup` steps, then falling linearly to `action_text_prob` over `warmup` more.
+fn prompt_probability(step: u64, warmup: u64, action_text_prob: f64) -> f64 {
+    if step < warmup {
+        1.0
+    } else if step < 2 * warmup {
+        let t = (step - warmup) as f64 / warmup as f64;
+        1.0 + (action_text_prob - 1.0) * t
+    } else {
+        action_text_prob
+    }
 }
 
 /// Runs `pretrain` into `out` (resuming from its checkpoint when `resume`). Returns the history.
@@ -361,20 +381,9 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     let text_ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t).map(|x| x.ids)).collect::<anyhow::Result<_>>()?;
     tracing::info!("{} distinct texts, vocabulary of {vocab_size} tokens", texts.len());
 
-    // Pairs: each frame with its caption, plus (with probability p) with an action prompt.
-    let mut rng = Rng::new(o.seed, 0xDA7A);
-    let mut pairs = Vec::new();
-    for (ci, c) in clips.iter().enumerate() {
-        for f in 0..c.frames.len() {
-            let text = if rng.uniform() < o.action_text_prob {
-                let ids = &action_texts[&c.action];
-                ids[rng.below(ids.len())]
-            } else {
-                caption_ids[ci][f]
-            };
-            pairs.push(Pair { clip: ci, frame: f, text });
-        }
-    }
+    // Frames: every frame of every clip; each step pairs it with its caption or (with the
+    // scheduled probability) one of its action's prompts, drawn anew.
+    let frames_of: Vec<(usize, usize)> = clips.iter().enumerate().flat_map(|(ci, c)| (0..c.frames.len()).map(move |f| (ci, f))).collect();
 
     // The model on a VarMap.
     let varmap = VarMap::new();
@@ -405,8 +414,8 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     let held_out = HeldOut::new(&seen, o, &tokenizer, device)?;
     let bar = if progress { crate::train::progress_bar(o.steps, "pretrain") } else { indicatif::ProgressBar::hidden() };
     bar.set_position(opt.steps());
-    let per_epoch = pairs.len() / o.batch_size;
-    ensure!(per_epoch > 0, "{} pairs are fewer than one batch of {}", pairs.len(), o.batch_size);
+    let per_epoch = frames_of.len() / o.batch_size;
+    ensure!(per_epoch > 0, "{} frames are fewer than one batch of {}", frames_of.len(), o.batch_size);
     let mut order: Vec<usize> = Vec::new();
     let mut order_epoch = u64::MAX;
     let mut window = (0f64, 0f64, 0usize);
@@ -414,12 +423,26 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
         let step = opt.steps();
         let epoch = step / per_epoch as u64;
         if epoch != order_epoch {
-            order = (0..pairs.len()).collect();
+            order = (0..frames_of.len()).collect();
             Rng::new(o.seed, 0xE90C + epoch).shuffle(&mut order);
             order_epoch = epoch;
         }
         let start = (step % per_epoch as u64) as usize * o.batch_size;
-        let batch: Vec<&Pair> = order[start..start + o.batch_size].iter().map(|&i| &pairs[i]).collect();
+        let prompt_prob = prompt_probability(step, o.prompt_warmup, o.action_text_prob);
+        let mut text_rng = Rng::new(o.seed, 0x7E47 ^ step);
+        let batch: Vec<Pair> = order[start..start + o.batch_size]
+            .iter()
+            .map(|&i| {
+                let (clip, frame) = frames_of[i];
+                let text = if text_rng.uniform() < prompt_prob {
+                    let ids = &action_texts[&clips[clip].action];
+                    ids[text_rng.below(ids.len())]
+                } else {
+                    caption_ids[clip][frame]
+                };
+                Pair { clip, frame, text }
+            })
+            .collect();
         let frames: Vec<&[u8]> = batch.iter().map(|p| clips[p.clip].frames[p.frame].as_slice()).collect();
         let px = data::pixels(&frames, o.image_size as u32, device)?;
         // Distinct texts of the batch and which of them are true of each frame.
@@ -544,6 +567,15 @@ pub fn default_out() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_only_during_warmup_then_captions_come_in() {
+        assert_eq!(prompt_probability(0, 100, 0.3), 1.0);
+        assert_eq!(prompt_probability(99, 100, 0.3), 1.0);
+        assert!((prompt_probability(150, 100, 0.3) - 0.65).abs() < 1e-9);
+        assert_eq!(prompt_probability(200, 100, 0.3), 0.3);
+        assert_eq!(prompt_probability(0, 0, 0.3), 0.3);
+    }
 
     #[test]
     fn targets_spread_over_every_true_text() {

@@ -15,9 +15,10 @@ use crate::{select_device, DeviceChoice};
 #[derive(Args, Debug)]
 #[command(
     long_about = "Pre-train a small CLIP teacher on the synthetic action world (contrastive image-text).\n\n\
-        Renders --clips-per-action training clips of every seen action, pairs each frame with its \
-        compositional pose caption (\"a person standing, the left arm raised, facing right\") or, with \
-        probability --action-text-prob, a prompt of its action, and trains both towers with CLIP's \
+        Renders --clips-per-action training clips of every seen action, pairs each frame (anew every \
+        step) with its compositional pose caption (\"a person standing, the left arm raised, facing \
+        right\") or, with probability --action-text-prob, a prompt of its action (only prompts for the \
+        first --prompt-warmup steps: from scratch they are what gets the vision tower learning), and trains both towers with CLIP's \
         symmetric contrastive loss (AdamW with parameter groups, warmup + cosine, gradient clipping).\n\n\
         Writes a checkpoint in Hugging Face layout into --out: config.json, model.safetensors and a \
         word-level tokenizer.json over the world's vocabulary, which `labels build`, `distill`, `train`, \
@@ -67,6 +68,9 @@ pub struct PretrainArgs {
     /// Probability of pairing a frame with its action's prompt instead of its caption.
     #[arg(long, default_value_t = PretrainOptions::default().action_text_prob)]
     pub action_text_prob: f64,
+    /// Steps of action prompts only before the captions come in (0: captions from the start).
+    #[arg(long, default_value_t = PretrainOptions::default().prompt_warmup)]
+    pub prompt_warmup: u64,
     /// Continue from the checkpoint in --out (same flags required).
     #[arg(long)]
     pub resume: bool,
@@ -287,6 +291,7 @@ pub fn run_pretrain(a: &PretrainArgs, device: DeviceChoice) -> anyhow::Result<()
         image_size: a.image_size,
         patch_size: a.patch_size,
         action_text_prob: a.action_text_prob,
+        prompt_warmup: a.prompt_warmup,
         ..PretrainOptions::default()
     };
     let h = crate::pretrain::pretrain(&a.out, &o, a.resume, &select_device(device)?, progress())?;
