@@ -23,10 +23,10 @@ SEED=${SEED:-1}
 EVAL_CLIPS=${EVAL_CLIPS:-150}
 if [[ "${QUICK:-0}" == 1 ]]; then
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
-    TRN=(--steps 60 --clips-per-action 8); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
+    TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
 else
-    PRE=(--steps 4000 --clips-per-action 80 --lr 1e-3 --action-text-prob 0.5); DIS=(--steps 100 --depth 3 --lr 2e-4)
-    TRN=(--steps 300 --lr 1e-2 --clips-per-action 30); ADA=()
+    PRE=(--steps 4000 --clips-per-action 500 --lr 1e-3 --action-text-prob 0.5 --prompt-warmup 800); DIS=(--steps 100 --depth 3 --lr 2e-4)
+    TRN=(--steps 600 --lr 1e-2 --clips-per-action 200 --encoder-lr 3e-4); ADA=()
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.

@@ -95,7 +95,7 @@ fn adapt_tokens(
     }
     let delta = Var::zeros(labels.tokens.dims(), candle_core::DType::F32, labels.tokens.device())?;
     let mut opt = AdamW::new(
-        vec![ParamGroup { name: "delta".into(), weight_decay: o.weight_decay, vars: vec![("label_delta".into(), delta.clone())] }],
+        vec![ParamGroup { lr_scale: 1.0, name: "delta".into(), weight_decay: o.weight_decay, vars: vec![("label_delta".into(), delta.clone())] }],
         AdamConfig::default(),
     )?;
     // The token features' scale: Δ is learned relative to it.

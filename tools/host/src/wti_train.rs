@@ -2,8 +2,13 @@
 //! windows of cached student frame embeddings, with one cross-entropy over the WTI logits of
 //! every seen action (`DESIGN.md` § WTI).
 //!
-//! The student is frozen here: each training clip is encoded once, then every epoch reuses
-//! the `[clips, T, D]` embeddings, which is what makes head training take seconds on a CPU.
+//! The student is frozen here by default: each training clip is encoded once, then every
+//! epoch reuses the `[clips, T, D]` embeddings, which is what makes head training take seconds
+//! on a CPU. With `--encoder-lr` the student's tower and projection are first fine-tuned
+//! together with a WTI head under the same loss (the paper trains the encoder through its
+//! interaction head: frame features learn to be matched word by word, which a tower trained on
+//! pooled embeddings never was); the embeddings are then re-encoded and every head below,
+//! baselines included, is measured on the fine-tuned student.
 //! The label side is the teacher's text tokens of each action under [`WORLD_TEMPLATES`],
 //! combined exactly as `labels build --head` combines them.
 //!
@@ -28,7 +33,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context};
 use candle_core::{Device, Tensor, D};
-use clipact::world::{self, RenderConfig, Split};
+use clipact::world::{self, Clip, RenderConfig, Split};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::Teacher;
@@ -66,6 +71,10 @@ pub struct TrainOptions {
     pub max_grad_norm: f64,
     /// Also train and measure the temporal extension.
     pub temporal: bool,
+    /// Learning rate of the student's tower and projection, fine-tuned with a WTI head before
+    /// the heads are trained (0: the student stays frozen).
+    #[serde(default)]
+    pub encoder_lr: f64,
 }
 
 impl Default for TrainOptions {
@@ -82,6 +91,7 @@ impl Default for TrainOptions {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             temporal: true,
+            encoder_lr: 0.0,
         }
     }
 }
@@ -130,6 +140,29 @@ pub struct HeadData {
     pub eval: (Tensor, Vec<u32>),
     /// The label side.
     pub labels: LabelTokens,
+    /// The rendered training and evaluation clips behind `train` and `eval`.
+    pub clips: (Vec<Clip>, Vec<Clip>),
+}
+
+/// The student fine-tuned by [`fit_head`] beside the head: its trainable variables (tower and
+/// projection; `f_v` is the head's) and their learning rate relative to the head's.
+pub struct Finetune<'a> {
+    /// The student (built on `vars`' storage).
+    pub student: &'a Student,
+    /// The variables to train, by name.
+    pub vars: Vec<(String, candle_core::Var)>,
+    /// Learning rate multiple of the head's.
+    pub lr_scale: f64,
+}
+
+impl Finetune<'_> {
+    /// Embeddings `[clips, T, D]` of `clips`, with gradients.
+    fn embed(&self, clips: &[&Clip], device: &Device) -> anyhow::Result<Tensor> {
+        let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
+        let px = data::pixels(&frames, self.student.config().image_size as u32, device)?;
+        let t = clips.first().map_or(0, |c| c.frames.len());
+        Ok(self.student.forward(&px)?.embedding.reshape((clips.len(), t, ()))?)
+    }
 }
 
 /// Top-1 accuracy of `logits` `[B, C]` against `classes`.
@@ -164,8 +197,17 @@ pub fn fit_head(
     resume: bool,
     device: &Device,
     progress: bool,
+    finetune: Option<&Finetune>,
 ) -> anyhow::Result<History> {
-    let mut opt = AdamW::new(decay_groups(head.trainable(variant), o.weight_decay), AdamConfig::default())?;
+    let mut groups = decay_groups(head.trainable(variant), o.weight_decay);
+    if let Some(f) = finetune {
+        for mut g in decay_groups(f.vars.clone(), o.weight_decay) {
+            g.name = format!("encoder_{}", g.name);
+            g.lr_scale = f.lr_scale;
+            groups.push(g);
+        }
+    }
+    let mut opt = AdamW::new(groups, AdamConfig::default())?;
     let mut history = History::default();
     if resume && checkpoint::exists(ckpt) {
         history = checkpoint::restore(ckpt, "train", settings, &mut opt, device)?.history;
@@ -191,7 +233,10 @@ pub fn fit_head(
         let idx = &order[start..start + bs];
         let index = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?;
         let target = Tensor::from_vec(idx.iter().map(|&i| classes[i]).collect::<Vec<_>>(), bs, device)?;
-        let x = frames.index_select(&index, 0)?;
+        let x = match finetune {
+            None => frames.index_select(&index, 0)?,
+            Some(f) => f.embed(&idx.iter().map(|&i| &data.clips.0[i]).collect::<Vec<_>>(), device)?,
+        };
         let logits = head.logits(&head.scores(&x, &data.labels, &data.labels.tokens, variant)?)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
         let grads = loss.backward()?;
@@ -201,7 +246,11 @@ pub fn fit_head(
         bar.inc(1);
         let every = (o.steps / 10).max(1);
         if (step + 1) % every == 0 || step + 1 == o.steps {
-            let s = score_all(head, &data.eval.0, &data.labels, &data.labels.tokens, variant)?;
+            let eval = match finetune {
+                None => data.eval.0.clone(),
+                Some(f) => data::student_embeddings(f.student, &data.clips.1, f.student.config().image_size as u32, 128, device, false)?,
+            };
+            let s = score_all(head, &eval, &data.labels, &data.labels.tokens, variant)?;
             let acc = top1(&s, &data.eval.1)?;
             history.evals.push(EvalPoint { step: step + 1, metric: "id top-1".into(), value: acc });
             let tr = top1(&logits, &idx.iter().map(|&i| classes[i]).collect::<Vec<_>>())?;
@@ -239,6 +288,7 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
         train: (train, train_clips.iter().map(|c| class_of(c.action)).collect()),
         eval: (eval, eval_clips.iter().map(|c| class_of(c.action)).collect()),
         labels,
+        clips: (train_clips, eval_clips),
     })
 }
 
@@ -255,10 +305,35 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         student.config().projection_dim,
         teacher.model.dim()
     );
-    let data = head_data(&teacher, &tokenizer, &student, o, device, progress)?;
+    let mut data = head_data(&teacher, &tokenizer, &student, o, device, progress)?;
     let settings = serde_json::json!({"options": o, "teacher": teacher.space_id});
     let init: HashMap<String, Tensor> = HashMap::new();
     let d = teacher.model.dim();
+    let temporal_init = |data: &HeadData| -> anyhow::Result<HashMap<String, Tensor>> {
+        let w_d = crate::train::head::difference_map_init(&data.train.0, &data.train.1, &data.labels.pooled)?;
+        Ok(HashMap::from([("temporal.weight".to_string(), w_d)]))
+    };
+    // Heads start from the fine-tuning head when there is one (the encoder was trained with it).
+    let mut tuned: Option<HashMap<String, Tensor>> = None;
+    if o.encoder_lr > 0.0 {
+        let vars: Vec<_> = {
+            let map = student_vars.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+            let mut v: Vec<_> = map.iter().filter(|(n, _)| !n.starts_with("frame_weight.")).map(|(n, v)| (n.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let finetune = Finetune { student: &student, vars, lr_scale: o.encoder_lr / o.lr };
+        let (variant, init) = if o.temporal { (Variant::WtiTemporal, temporal_init(&data)?) } else { (Variant::Wti, HashMap::new()) };
+        let head = WtiHead::new(d, o.seed ^ 0xE4C, &init, device)?;
+        tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
+        let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
+        let png = out.join("train_curves_encoder.png");
+        plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
+        let size = student.config().image_size as u32;
+        data.train.0 = data::student_embeddings(&student, &data.clips.0, size, 128, device, progress)?;
+        data.eval.0 = data::student_embeddings(&student, &data.clips.1, size, 128, device, progress)?;
+        tuned = Some(head.tensors().into_iter().map(|(n, t)| t.copy().map(|t| (n, t))).collect::<candle_core::Result<_>>()?);
+    }
     let mut report = Vec::new();
     // Baselines without trained weights.
     let plain = WtiHead::new(d, o.seed, &init, device)?;
@@ -266,16 +341,20 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         let s = score_all(&plain, &data.eval.0, &data.labels, &data.labels.tokens, v)?;
         report.push((v, top1(&s, &data.eval.1)?));
     }
-    let head = WtiHead::new(d, o.seed, &init, device)?;
-    let history = fit_head(&head, &data, Variant::Wti, o, &out.join("checkpoint-wti"), &settings, resume, device, progress)?;
+    let head = WtiHead::new(d, o.seed, tuned.as_ref().unwrap_or(&init), device)?;
+    let history = fit_head(&head, &data, Variant::Wti, o, &out.join("checkpoint-wti"), &settings, resume, device, progress, None)?;
     let s = score_all(&head, &data.eval.0, &data.labels, &data.labels.tokens, Variant::Wti)?;
     report.push((Variant::Wti, top1(&s, &data.eval.1)?));
     let png = out.join("train_curves.png");
     plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI head on cached student embeddings", &history));
     let mut logit_scale_temporal = None;
     if o.temporal {
-        let temporal = WtiHead::new(d, o.seed, &init, device)?;
-        let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress)?;
+        // The fine-tuning head is a temporal one whenever the temporal head is trained.
+        let temporal = match &tuned {
+            Some(t) => WtiHead::new(d, o.seed, t, device)?,
+            None => WtiHead::new(d, o.seed, &temporal_init(&data)?, device)?,
+        };
+        let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress, None)?;
         let s = score_all(&temporal, &data.eval.0, &data.labels, &data.labels.tokens, Variant::WtiTemporal)?;
         report.push((Variant::WtiTemporal, top1(&s, &data.eval.1)?));
         candle_core::safetensors::save(&temporal.tensors(), out.join("head_temporal.safetensors"))?;

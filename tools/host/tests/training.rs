@@ -88,6 +88,24 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let r = train(&teacher_dir, &student_dir, &head_dir, &o, false, &dev, false)?;
     assert!(r.loss_first_last.1 < r.loss_first_last.0 * 0.97, "train loss {:?}", r.loss_first_last);
 
+    // train --encoder-lr: the student's tower is fine-tuned through a temporal WTI head: that
+    // phase's loss falls, and the student `train` saves is not the one it was given.
+    let tuned_dir = root.path().join("head-tuned");
+    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, ..tiny_head() };
+    train(&teacher_dir, &student_dir, &tuned_dir, &o, false, &dev, false)?;
+    let meta: clipact_host::train::checkpoint::CheckpointMeta =
+        serde_json::from_str(&std::fs::read_to_string(tuned_dir.join("checkpoint-encoder").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
+    assert_falls("train --encoder-lr", &meta.history, 0.97);
+    let (given, _) = Student::load(&student_dir, &dev)?;
+    let (tuned, _) = Student::load(&tuned_dir.join("student_temporal"), &dev)?;
+    let moved = given
+        .parameters()
+        .iter()
+        .filter(|(name, _)| !name.starts_with("frame_weight."))
+        .map(|(name, t)| Ok((t - tuned.parameter(name).expect("same parameters"))?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?))
+        .collect::<anyhow::Result<Vec<f32>>>()?;
+    assert!(moved.iter().all(|&m| m > 0.0), "some encoder parameters did not move: {moved:?}");
+
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
     let o = AdaptOptions { seed: 4, shots: vec![0, 4], eval_clips_per_action: 6, frames: 4, steps: 40, export_shots: 4, ..AdaptOptions::default() };

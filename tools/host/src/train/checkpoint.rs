@@ -110,7 +110,7 @@ mod tests {
         let dev = Device::Cpu;
         let dir = tempfile::tempdir()?;
         let a = Var::new(&[1.0f32, 2.0], &dev)?;
-        let groups = vec![ParamGroup { name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }];
+        let groups = vec![ParamGroup { lr_scale: 1.0, name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }];
         let mut opt = AdamW::new(groups.clone(), AdamConfig::default())?;
         let grads = a.as_tensor().sqr()?.sum_all()?.backward()?;
         opt.step(&grads, 0.1, None)?;
@@ -129,7 +129,7 @@ mod tests {
         // A fresh optimizer over a variable with other values resumes to the saved ones.
         let b = Var::new(&[9.0f32, 9.0], &dev)?;
         let mut fresh = AdamW::new(
-            vec![ParamGroup { name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), b.clone())] }],
+            vec![ParamGroup { lr_scale: 1.0, name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), b.clone())] }],
             AdamConfig::default(),
         )?;
         let back = restore(dir.path(), "train", &settings, &mut fresh, &dev)?;

@@ -179,6 +179,10 @@ pub struct TrainArgs {
     /// Skip the temporal-extension run.
     #[arg(long)]
     pub no_temporal: bool,
+    /// Fine-tune the student's tower and projection through a WTI head at this learning rate
+    /// before training the heads (0: the student stays frozen).
+    #[arg(long, default_value_t = TrainOptions::default().encoder_lr)]
+    pub encoder_lr: f64,
     /// Continue from the checkpoints in --out.
     #[arg(long)]
     pub resume: bool,
@@ -333,6 +337,7 @@ pub fn run_train(a: &TrainArgs, device: DeviceChoice) -> anyhow::Result<()> {
         batch_size: a.batch_size,
         lr: a.lr,
         temporal: !a.no_temporal,
+        encoder_lr: a.encoder_lr,
         ..TrainOptions::default()
     };
     crate::wti_train::train(&a.teacher, &a.student, &a.out, &o, a.resume, &select_device(device)?, progress())?;

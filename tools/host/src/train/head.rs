@@ -159,6 +159,58 @@ pub fn interaction_scores(t_hat: &Tensor, w_t: &Tensor, v_hat: &Tensor, w_v: &Te
     ((t2v + v2t)? * 0.5)?.t()
 }
 
+/// A starting `W_d` `[D, D]` for [`Variant::WtiTemporal`]: the ridge regression from each
+/// training window's consecutive frame differences to its label's pooled text embedding
+/// (centred over the labels), so that a difference column already points at what sets its
+/// label apart.
+///
+/// Gradient descent cannot start `W_d` from the identity: a difference column only receives
+/// gradient through the `max` it wins, and at first it wins none against the frames, or wins
+/// one on a word every label shares (SOT, "a person"), whose gradients cancel across labels.
+/// `frames` `[N, T, D]` unnormalized, `classes` their label rows, `pooled` `[C, D]`.
+pub fn difference_map_init(frames: &Tensor, classes: &[u32], pooled: &Tensor) -> anyhow::Result<Tensor> {
+    let (n, t, d) = frames.dims3()?;
+    ensure!(t >= 2 && n == classes.len(), "need windows of 2+ frames, one class each");
+    let x = (frames.narrow(1, 1, t - 1)? - frames.narrow(1, 0, t - 1)?)?.to_dtype(DType::F64)?;
+    let x = x.reshape((n * (t - 1), d))?;
+    let pooled = pooled.to_dtype(DType::F64)?;
+    let centred = pooled.broadcast_sub(&pooled.mean_keepdim(0)?)?;
+    let rows: Vec<u32> = classes.iter().flat_map(|&c| std::iter::repeat_n(c, t - 1)).collect();
+    let y = centred.index_select(&Tensor::new(rows, pooled.device())?, 0)?;
+    let xtx = x.t()?.matmul(&x)?.to_vec2::<f64>()?;
+    let xty = x.t()?.matmul(&y)?.to_vec2::<f64>()?;
+    // Ridge: a hundredth of the mean eigenvalue keeps the solve well posed.
+    let lambda = 1e-2 * (0..d).map(|i| xtx[i][i]).sum::<f64>() / d as f64 + 1e-12;
+    let mut a = xtx;
+    (0..d).for_each(|i| a[i][i] += lambda);
+    let solution = solve_spd(a, xty)?; // [D_in, D_out]: y ≈ x · solution
+    let w: Vec<f32> = (0..d).flat_map(|o| (0..d).map(move |i| (o, i))).map(|(o, i)| solution[i][o] as f32).collect();
+    Ok(Tensor::from_vec(w, (d, d), frames.device())?)
+}
+
+/// Solves `a · x = b` for a symmetric positive definite `a` (Cholesky); `b` has any number
+/// of columns.
+fn solve_spd(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> anyhow::Result<Vec<Vec<f64>>> {
+    let n = a.len();
+    for j in 0..n {
+        let diag = a[j][j] - (0..j).map(|k| a[j][k] * a[j][k]).sum::<f64>();
+        ensure!(diag > 0.0, "matrix is not positive definite (column {j})");
+        a[j][j] = diag.sqrt();
+        for i in j + 1..n {
+            a[i][j] = (a[i][j] - (0..j).map(|k| a[i][k] * a[j][k]).sum::<f64>()) / a[j][j];
+        }
+    }
+    for col in 0..b[0].len() {
+        for i in 0..n {
+            b[i][col] = (b[i][col] - (0..i).map(|k| a[i][k] * b[k][col]).sum::<f64>()) / a[i][i];
+        }
+        for i in (0..n).rev() {
+            b[i][col] = (b[i][col] - (i + 1..n).map(|k| a[k][i] * b[k][col]).sum::<f64>()) / a[i][i];
+        }
+    }
+    Ok(b)
+}
+
 /// A two-layer weight head `Linear(D,D) → ReLU → Linear(D,1)`.
 #[derive(Debug, Clone)]
 pub struct WeightMlp {
@@ -319,6 +371,27 @@ impl WtiHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn difference_map_init_sends_each_change_toward_its_label() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // Two labels whose windows move in opposite directions (a clip and its reverse).
+        let (d, t) = (3, 3);
+        let up = [[0.0f32, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 2.0, 1.0]];
+        let down = [up[2], up[1], up[0]];
+        let frames: Vec<f32> = [up, down, up, down].iter().flatten().flatten().copied().collect();
+        let frames = Tensor::from_vec(frames, (4, t, d), &dev)?;
+        let pooled = Tensor::new(&[[1.0f32, 0.0, 0.0], [0.0, 0.0, 1.0]], &dev)?;
+        let w = difference_map_init(&frames, &[0, 1, 0, 1], &pooled)?;
+        let column = |delta: [f32; 3]| -> anyhow::Result<Vec<f32>> {
+            Ok(w.matmul(&Tensor::new(&[delta], &dev)?.t()?)?.flatten_all()?.to_vec1()?)
+        };
+        let (rising, falling) = (column([0.0, 1.0, 0.0])?, column([0.0, -1.0, 0.0])?);
+        let dot = |a: &[f32], b: [f32; 3]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        assert!(dot(&rising, [1.0, 0.0, 0.0]) > dot(&rising, [0.0, 0.0, 1.0]), "{rising:?}");
+        assert!(dot(&falling, [0.0, 0.0, 1.0]) > dot(&falling, [1.0, 0.0, 0.0]), "{falling:?}");
+        Ok(())
+    }
 
     #[test]
     fn token_weights_are_per_prompt_softmaxes() -> anyhow::Result<()> {

@@ -21,6 +21,9 @@ pub struct ParamGroup {
     pub weight_decay: f64,
     /// The variables, each with its checkpoint name.
     pub vars: Vec<(String, Var)>,
+    /// This group's learning rate as a multiple of the scheduled one (a pre-trained encoder
+    /// fine-tuned beside a fresh head moves more slowly than the head).
+    pub lr_scale: f64,
 }
 
 /// Whether a parameter is decayed by the usual transformer recipe: matrices and convolutions
@@ -36,8 +39,8 @@ pub fn decay_groups(vars: Vec<(String, Var)>, weight_decay: f64) -> Vec<ParamGro
     let (decay, no_decay): (Vec<_>, Vec<_>) =
         vars.into_iter().partition(|(n, v)| is_decayed(n, v.as_tensor().dims()));
     vec![
-        ParamGroup { name: "decay".into(), weight_decay, vars: decay },
-        ParamGroup { name: "no_decay".into(), weight_decay: 0.0, vars: no_decay },
+        ParamGroup { lr_scale: 1.0, name: "decay".into(), weight_decay, vars: decay },
+        ParamGroup { lr_scale: 1.0, name: "no_decay".into(), weight_decay: 0.0, vars: no_decay },
     ]
 }
 
@@ -132,6 +135,7 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(t);
         let bias2 = 1.0 - beta2.powi(t);
         for (group, moments) in self.groups.iter().zip(self.moments.iter_mut()) {
+            let lr = lr * group.lr_scale;
             for ((name, var), (m, v)) in group.vars.iter().zip(moments.iter_mut()) {
                 let Some(g) = grads.get(var.as_tensor()) else { continue };
                 let g = (g * scale)?;
@@ -236,8 +240,8 @@ mod tests {
         let a = Var::new(&[1.0f32, -2.0], &dev)?;
         let b = Var::new(&[3.0f32], &dev)?;
         let groups = vec![
-            ParamGroup { name: "d".into(), weight_decay: 0.5, vars: vec![("a".into(), a.clone())] },
-            ParamGroup { name: "n".into(), weight_decay: 0.0, vars: vec![("b".into(), b.clone())] },
+            ParamGroup { lr_scale: 1.0, name: "d".into(), weight_decay: 0.5, vars: vec![("a".into(), a.clone())] },
+            ParamGroup { lr_scale: 1.0, name: "n".into(), weight_decay: 0.0, vars: vec![("b".into(), b.clone())] },
         ];
         let mut opt = AdamW::new(groups, AdamConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8 })?;
         // loss = sum(a^2) + 2 b → grads 2a, 2.
@@ -266,7 +270,7 @@ mod tests {
         let dev = Device::Cpu;
         let a = Var::new(&[0.0f32, 0.0], &dev)?;
         let mut opt = AdamW::new(
-            vec![ParamGroup { name: "n".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }],
+            vec![ParamGroup { lr_scale: 1.0, name: "n".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }],
             AdamConfig { beta1: 0.0, beta2: 0.0, eps: 0.0 },
         )?;
         let loss = (a.as_tensor() * 100.0)?.sum_all()?;
