@@ -12,7 +12,7 @@
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
-# Takes about 15-20 minutes on 2 idle CPU cores (pretrain ~9) (release build not included); pretrain dominates. Needs nothing but
+# Takes about 20-25 minutes on 2 idle CPU cores (pretrain ~9, train ~6) (release build not included); pretrain dominates. Needs nothing but
 # this repository: no downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
     TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
 else
     PRE=(--steps 4000 --clips-per-action 500 --lr 1e-3 --action-text-prob 0.5 --prompt-warmup 800); DIS=(--steps 100 --depth 3 --lr 2e-4)
-    TRN=(--steps 600 --lr 1e-2 --clips-per-action 200 --encoder-lr 3e-4); ADA=()
+    TRN=(--steps 1000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4); ADA=()
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.
@@ -87,11 +87,14 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
 ## Recipe
 1. \`pretrain\`: CLIP teacher (ViT 32 px / patch 8 / width 64 / 3 layers; text width 64 / 2 layers;
    D = 64; word-level tokenizer over the world's vocabulary), contrastive on (frame, compositional
-   pose caption or action prompt) pairs, every text true of a frame counted as its positive.
+   pose caption or action prompt) pairs, every text true of a frame counted as its positive;
+   500 clips per seen action, action prompts only for the first 800 steps (\`--prompt-warmup\`),
+   then half captions.
 2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
-3. \`train\`: WTI head (f_t, f_v, logit scale; and the temporal head with W_d) on cached student
-   embeddings of 8-frame windows.
+3. \`train\`: the student's tower first fine-tuned through a WTI + temporal head (\`--encoder-lr\`),
+   then the WTI head (f_t, f_v, logit scale; and the temporal head with W_d, started from a ridge
+   fit of frame differences to label embeddings) on its embeddings of 8-frame windows.
 4. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
 5. \`adapt\`: cross-modal few-shot ablation on the held-out actions (not shipped in this bundle).
 
