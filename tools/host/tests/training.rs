@@ -122,11 +122,12 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The open problem of issue #5: the teacher learns its training frames but not yet features
-/// that carry over to new clips, so the WTI head (trained on clips the teacher never saw) stays
-/// at chance. Run with `--ignored` while tuning the recipe.
+/// At CI sizes (a 1-layer teacher, a few hundred steps) the teacher does not leave its initial
+/// plateau, so the WTI head stays at chance on new clips; the full recipe
+/// (`tools/make_demo_bundle.sh`: `--prompt-warmup`, `--encoder-lr`, minutes of training) reaches
+/// 86.7 % (BENCHMARKS.md). Run with `--ignored` while looking for a recipe small enough for CI.
 #[test]
-#[ignore = "the WTI head is not yet above chance on new clips (issue #5)"]
+#[ignore = "needs more training than CI affords (issue #5; the full recipe is measured in BENCHMARKS.md)"]
 fn wti_head_beats_chance_on_its_training_windows() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let root = tempfile::tempdir()?;
