@@ -914,9 +914,11 @@ impl Runtime {
                 flag.store(e.active, Ordering::Relaxed);
             }
             // An update changes nothing for an output: the detection was already on.
-            for &o in self.bindings[e.label].iter().filter(|_| !e.update) {
-                if let Err(err) = self.outputs[o].output.on_event(e.active, now) {
-                    tracing::warn!(output = %self.outputs[o].name, "GPIO write failed: {err}");
+            if !e.update {
+                for &o in &self.bindings[e.label] {
+                    if let Err(err) = self.outputs[o].output.on_event(e.active, now) {
+                        tracing::warn!(output = %self.outputs[o].name, "GPIO write failed: {err}");
+                    }
                 }
             }
             let event = DetectionEvent {

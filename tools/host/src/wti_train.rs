@@ -231,10 +231,9 @@ pub fn fit_head(
         }
         let start = (step % per_epoch as u64) as usize * bs;
         let idx = &order[start..start + bs];
-        let index = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?;
         let target = Tensor::from_vec(idx.iter().map(|&i| classes[i]).collect::<Vec<_>>(), bs, device)?;
         let x = match finetune {
-            None => frames.index_select(&index, 0)?,
+            None => frames.index_select(&Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?, 0)?,
             Some(f) => f.embed(&idx.iter().map(|&i| &data.clips.0[i]).collect::<Vec<_>>(), device)?,
         };
         let logits = head.logits(&head.scores(&x, &data.labels, &data.labels.tokens, variant)?)?;

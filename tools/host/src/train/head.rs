@@ -184,8 +184,9 @@ pub fn difference_map_init(frames: &Tensor, classes: &[u32], pooled: &Tensor) ->
     let mut a = xtx;
     (0..d).for_each(|i| a[i][i] += lambda);
     let solution = solve_spd(a, xty)?; // [D_in, D_out]: y ≈ x · solution
-    let w: Vec<f32> = (0..d).flat_map(|o| (0..d).map(move |i| (o, i))).map(|(o, i)| solution[i][o] as f32).collect();
-    Ok(Tensor::from_vec(w, (d, d), frames.device())?)
+    let solution: Vec<f32> = solution.into_iter().flatten().map(|v| v as f32).collect();
+    // `W_d` is `[out, in]` (`d = W_d · delta`): the solution transposed.
+    Ok(Tensor::from_vec(solution, (d, d), frames.device())?.t()?.contiguous()?)
 }
 
 /// Solves `a · x = b` for a symmetric positive definite `a` (Cholesky); `b` has any number
