@@ -42,6 +42,10 @@ pub struct AdaptOptions {
     pub shots: Vec<usize>,
     /// Evaluation clips per action.
     pub eval_clips_per_action: usize,
+    /// Independent draws of the support clips per `K`; the ablation reports the mean (one
+    /// draw of one clip per label says more about that clip than about the method).
+    #[serde(default = "one")]
+    pub trials: usize,
     /// Frames per window.
     pub frames: usize,
     /// Full-batch optimizer steps per run.
@@ -52,6 +56,10 @@ pub struct AdaptOptions {
     pub weight_decay: f64,
     /// The `K` whose cross-modal label set is written (`labels.cls`).
     pub export_shots: usize,
+    /// Adapt for the temporal head (`head_temporal.safetensors`, `student_temporal/`: what a
+    /// `wti-temporal` bundle runs) rather than the plain WTI one.
+    #[serde(default)]
+    pub temporal: bool,
 }
 
 impl Default for AdaptOptions {
@@ -60,14 +68,20 @@ impl Default for AdaptOptions {
             seed: 0,
             split: "zeroshot".into(),
             shots: vec![0, 1, 2, 4, 8, 16],
-            eval_clips_per_action: 20,
+            eval_clips_per_action: 50,
+            trials: 5,
             frames: 8,
             steps: 60,
             lr: 1e-2,
             weight_decay: 0.05,
             export_shots: 4,
+            temporal: false,
         }
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One point of the ablation.
@@ -75,15 +89,16 @@ impl Default for AdaptOptions {
 pub struct AdaptPoint {
     /// Shots per label.
     pub shots: usize,
-    /// Top-1 of vision-only adaptation.
+    /// Top-1 of vision-only adaptation (mean over the trials).
     pub vision_only: f64,
-    /// Top-1 of cross-modal adaptation.
+    /// Top-1 of cross-modal adaptation (mean over the trials).
     pub cross_modal: f64,
 }
 
 /// The result of one adaptation: adapted token features `[C, N, D]`.
 fn adapt_tokens(
     head: &WtiHead,
+    variant: Variant,
     labels: &LabelTokens,
     videos: Option<(&Tensor, &[u32])>,
     texts: Option<(&Tensor, &[u32])>,
@@ -104,7 +119,7 @@ fn adapt_tokens(
         let tokens = (&labels.tokens + (delta.as_tensor() * scale)?)?;
         let mut total: Option<Tensor> = None;
         for (x, y) in [videos, texts].into_iter().flatten() {
-            let logits = head.logits(&head.scores(x, labels, &tokens, Variant::Wti)?)?;
+            let logits = head.logits(&head.scores(x, labels, &tokens, variant)?)?;
             let target = Tensor::from_vec(y.to_vec(), y.len(), x.device())?;
             // Sum over samples, so the two halves weigh by their sizes in one cross-entropy.
             let ce = (candle_nn::loss::cross_entropy(&logits, &target)? * y.len() as f64)?;
@@ -123,6 +138,7 @@ fn adapt_tokens(
 /// The label set of `actions` with token features `tokens` (`[C, N, D]`, unnormalized) and the
 /// head's token weights, in the same layout `labels build` writes.
 fn label_set(head: &WtiHead, labels: &LabelTokens, tokens: &Tensor, actions: &[usize], counts: &[usize], space_id: &str, version: u64) -> anyhow::Result<LabelSet> {
+    // Both trained variants weigh tokens with their own f_t.
     let w = head.label_weights(labels, tokens, Variant::Wti)?.to_vec2::<f32>()?;
     let t_hat = l2_normalize(tokens)?.to_vec3::<f32>()?;
     let pooled = labels.pooled.to_vec2::<f32>()?;
@@ -150,9 +166,14 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     let split: Split = o.split.parse().map_err(|e| anyhow::anyhow!("--split: {e}"))?;
     let teacher = Teacher::load(teacher_dir, device)?;
     let tokenizer = ClipTokenizer::from_dir(teacher_dir, teacher.model.config.text.max_position_embeddings)?;
-    let (student, _vm) = Student::load(&train_dir.join("student"), device)
+    let (variant, student_dir, head_file) = if o.temporal {
+        (Variant::WtiTemporal, "student_temporal", "head_temporal.safetensors")
+    } else {
+        (Variant::Wti, "student", "head.safetensors")
+    };
+    let (student, _vm) = Student::load(&train_dir.join(student_dir), device)
         .with_context(|| format!("{} should be the output folder of `train`", train_dir.display()))?;
-    let head_path = train_dir.join("head.safetensors");
+    let head_path = train_dir.join(head_file);
     let init: HashMap<String, Tensor> =
         candle_core::safetensors::load(&head_path, device).with_context(|| format!("reading {}", head_path.display()))?;
     let d = teacher.model.dim();
@@ -162,7 +183,9 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     let cfg = RenderConfig { size, frames: o.frames };
     let max_k = o.shots.iter().copied().max().unwrap_or(0).max(o.export_shots);
     // Support clips: a seed stream of their own, never the evaluation clips.
-    let support = data::render_clips(split, &actions, max_k, o.seed ^ 0x5A7707, &cfg, progress);
+    ensure!(o.trials > 0, "need at least one trial");
+    let per_action = max_k * o.trials;
+    let support = data::render_clips(split, &actions, per_action, o.seed ^ 0x5A7707, &cfg, progress);
     let eval = data::render_clips(split, &actions, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
     let support_x = if support.is_empty() { None } else { Some(data::student_embeddings(&student, &support, size, 128, device, progress)?) };
     let eval_x = data::student_embeddings(&student, &eval, size, 128, device, progress)?;
@@ -194,25 +217,31 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
         ks.push(o.export_shots);
     }
     for &k in &ks {
-        // The first k support clips of every action (support is action-major, max_k each).
-        let idx: Vec<u32> = (0..actions.len()).flat_map(|c| (0..k).map(move |i| (c * max_k + i) as u32)).collect();
-        let video = match (&support_x, k) {
-            (Some(x), k) if k > 0 => {
-                let index = Tensor::from_vec(idx.clone(), idx.len(), device)?;
-                let y: Vec<u32> = idx.iter().map(|&i| class(support[i as usize].action)).collect();
-                Some((x.index_select(&index, 0)?, y))
+        let acc = |tokens: &Tensor| -> anyhow::Result<f64> { top1(&score_all(&head, &eval_x, &labels, tokens, variant)?, &eval_y) };
+        // Without support clips every trial is the same run.
+        let trials = if k == 0 { 1 } else { o.trials };
+        let mut p = AdaptPoint { shots: k, vision_only: 0.0, cross_modal: 0.0 };
+        for trial in 0..trials {
+            // Clips trial·max_k .. trial·max_k + k of every action (support is action-major).
+            let idx: Vec<u32> = (0..actions.len()).flat_map(|c| (0..k).map(move |i| (c * per_action + trial * max_k + i) as u32)).collect();
+            let video = match &support_x {
+                Some(x) if k > 0 => {
+                    let index = Tensor::from_vec(idx.clone(), idx.len(), device)?;
+                    let y: Vec<u32> = idx.iter().map(|&i| class(support[i as usize].action)).collect();
+                    Some((x.index_select(&index, 0)?, y))
+                }
+                _ => None,
+            };
+            let vref = video.as_ref().map(|(x, y)| (x, y.as_slice()));
+            let vision = adapt_tokens(&head, variant, &labels, vref, None, o)?;
+            let cross = adapt_tokens(&head, variant, &labels, vref, Some((&text_x, &text_y)), o)?;
+            p.vision_only += acc(&vision)? / trials as f64;
+            p.cross_modal += acc(&cross)? / trials as f64;
+            if k == o.export_shots && trial == 0 {
+                exported = Some(cross);
             }
-            _ => None,
-        };
-        let vref = video.as_ref().map(|(x, y)| (x, y.as_slice()));
-        let vision = adapt_tokens(&head, &labels, vref, None, o)?;
-        let cross = adapt_tokens(&head, &labels, vref, Some((&text_x, &text_y)), o)?;
-        let acc = |tokens: &Tensor| -> anyhow::Result<f64> { top1(&score_all(&head, &eval_x, &labels, tokens, Variant::Wti)?, &eval_y) };
-        let p = AdaptPoint { shots: k, vision_only: acc(&vision)?, cross_modal: acc(&cross)? };
-        tracing::info!("K = {k:>2}: vision-only {:.1} %, cross-modal {:.1} %", p.vision_only * 100.0, p.cross_modal * 100.0);
-        if k == o.export_shots {
-            exported = Some(cross);
         }
+        tracing::info!("K = {k:>2}: vision-only {:.1} %, cross-modal {:.1} % ({trials} trials)", p.vision_only * 100.0, p.cross_modal * 100.0);
         if o.shots.contains(&k) {
             points.push(p);
         }

@@ -8,7 +8,8 @@
 //! together with a WTI head under the same loss (the paper trains the encoder through its
 //! interaction head: frame features learn to be matched word by word, which a tower trained on
 //! pooled embeddings never was); the embeddings are then re-encoded and every head below,
-//! baselines included, is measured on the fine-tuned student.
+//! baselines included, is measured on the fine-tuned student. Fine-tuning renders a new batch
+//! of clips every step (the world is an endless source).
 //! The label side is the teacher's text tokens of each action under [`WORLD_TEMPLATES`],
 //! combined exactly as `labels build --head` combines them.
 //!
@@ -140,12 +141,13 @@ pub struct HeadData {
     pub eval: (Tensor, Vec<u32>),
     /// The label side.
     pub labels: LabelTokens,
-    /// The rendered training and evaluation clips behind `train` and `eval`.
-    pub clips: (Vec<Clip>, Vec<Clip>),
+    /// The rendered evaluation clips behind `eval` (fine-tuning re-encodes them).
+    pub eval_clips: Vec<Clip>,
 }
 
 /// The student fine-tuned by [`fit_head`] beside the head: its trainable variables (tower and
-/// projection; `f_v` is the head's) and their learning rate relative to the head's.
+/// projection; `f_v` is the head's), their learning rate relative to the head's, and the world
+/// its batches are drawn from.
 pub struct Finetune<'a> {
     /// The student (built on `vars`' storage).
     pub student: &'a Student,
@@ -153,15 +155,31 @@ pub struct Finetune<'a> {
     pub vars: Vec<(String, candle_core::Var)>,
     /// Learning rate multiple of the head's.
     pub lr_scale: f64,
+    /// The seen actions, in label-row order.
+    pub actions: Vec<usize>,
+    /// How training clips are rendered.
+    pub render: RenderConfig,
+    /// Seed of the batches (each step's batch depends on it and the step only, so runs resume).
+    pub seed: u64,
 }
 
 impl Finetune<'_> {
-    /// Embeddings `[clips, T, D]` of `clips`, with gradients.
-    fn embed(&self, clips: &[&Clip], device: &Device) -> anyhow::Result<Tensor> {
+    /// A batch of `n` freshly rendered `train` clips for `step`: embeddings `[n, T, D]` with
+    /// gradients, and their classes. The encoder sees every clip once, so it cannot memorise
+    /// its training set: with a fixed pool it reached 94 % on its batches and 82 % on `id`.
+    fn batch(&self, step: u64, n: usize, device: &Device) -> anyhow::Result<(Tensor, Vec<u32>)> {
+        let mut rng = Rng::new(self.seed, step);
+        let mut classes = Vec::with_capacity(n);
+        let clips: Vec<Clip> = (0..n)
+            .map(|_| {
+                let class = rng.below(self.actions.len());
+                classes.push(class as u32);
+                world::render_clip(Split::Train, self.actions[class], rng.next_u64(), &self.render)
+            })
+            .collect();
         let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
         let px = data::pixels(&frames, self.student.config().image_size as u32, device)?;
-        let t = clips.first().map_or(0, |c| c.frames.len());
-        Ok(self.student.forward(&px)?.embedding.reshape((clips.len(), t, ()))?)
+        Ok((self.student.forward(&px)?.embedding.reshape((n, self.render.frames, ()))?, classes))
     }
 }
 
@@ -229,30 +247,34 @@ pub fn fit_head(
             Rng::new(o.seed, 0x7EAD + epoch).shuffle(&mut order);
             order_epoch = epoch;
         }
-        let start = (step % per_epoch as u64) as usize * bs;
-        let idx = &order[start..start + bs];
-        let target = Tensor::from_vec(idx.iter().map(|&i| classes[i]).collect::<Vec<_>>(), bs, device)?;
-        let x = match finetune {
-            None => frames.index_select(&Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?, 0)?,
-            Some(f) => f.embed(&idx.iter().map(|&i| &data.clips.0[i]).collect::<Vec<_>>(), device)?,
+        let (x, batch_classes) = match finetune {
+            None => {
+                let start = (step % per_epoch as u64) as usize * bs;
+                let idx = &order[start..start + bs];
+                let rows = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?;
+                (frames.index_select(&rows, 0)?, idx.iter().map(|&i| classes[i]).collect::<Vec<_>>())
+            }
+            Some(f) => f.batch(step, bs, device)?,
         };
+        let target = Tensor::from_slice(&batch_classes, bs, device)?;
         let logits = head.logits(&head.scores(&x, &data.labels, &data.labels.tokens, variant)?)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
         let grads = loss.backward()?;
         let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
         opt.step(&grads, lr, Some(o.max_grad_norm))?;
+        head.clamp_logit_scale()?;
         history.steps.push(StepPoint { step: step + 1, loss: loss.to_scalar::<f32>()? as f64, lr });
         bar.inc(1);
         let every = (o.steps / 10).max(1);
         if (step + 1) % every == 0 || step + 1 == o.steps {
             let eval = match finetune {
                 None => data.eval.0.clone(),
-                Some(f) => data::student_embeddings(f.student, &data.clips.1, f.student.config().image_size as u32, 128, device, false)?,
+                Some(f) => data::student_embeddings(f.student, &data.eval_clips, f.render.size, 128, device, false)?,
             };
             let s = score_all(head, &eval, &data.labels, &data.labels.tokens, variant)?;
             let acc = top1(&s, &data.eval.1)?;
             history.evals.push(EvalPoint { step: step + 1, metric: "id top-1".into(), value: acc });
-            let tr = top1(&logits, &idx.iter().map(|&i| classes[i]).collect::<Vec<_>>())?;
+            let tr = top1(&logits, &batch_classes)?;
             history.evals.push(EvalPoint { step: step + 1, metric: "batch top-1".into(), value: tr });
             bar.set_message(format!("id top-1 {acc:.3}"));
             let meta = CheckpointMeta {
@@ -270,24 +292,33 @@ pub fn fit_head(
     Ok(history)
 }
 
+/// The student's embeddings `[N, T, D]` of the training clips of a head run (rendered anew:
+/// keeping thousands of clips for the whole run costs hundreds of MB).
+fn train_embeddings(student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<Tensor> {
+    let cfg = RenderConfig { size: student.config().image_size as u32, frames: o.frames };
+    let clips = data::render_clips(Split::Train, &world::actions_in(Split::Train), o.clips_per_action, o.seed ^ 0x7EA1, &cfg, progress);
+    data::student_embeddings(student, &clips, cfg.size, 128, device, progress)
+}
+
 /// Renders and encodes the data of a head run: `seen` actions' training and `id` clips.
 pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<HeadData> {
     let size = student.config().image_size as u32;
     let cfg = RenderConfig { size, frames: o.frames };
     let seen = world::actions_in(Split::Train);
-    let train_clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.seed ^ 0x7EA1, &cfg, progress);
     let eval_clips = data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
-    let class_of = |a: usize| seen.iter().position(|&s| s == a).expect("seen action") as u32;
-    tracing::info!("encoding {} + {} clips with the student", train_clips.len(), eval_clips.len());
-    let train = data::student_embeddings(student, &train_clips, size, 128, device, progress)?;
+    tracing::info!("encoding {} + {} clips with the student", seen.len() * o.clips_per_action, eval_clips.len());
+    let train = train_embeddings(student, o, device, progress)?;
     let eval = data::student_embeddings(student, &eval_clips, size, 128, device, progress)?;
     let texts = data::encode_label_texts(teacher, tokenizer, seen.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
     let labels = LabelTokens::new(&texts.tokens, &texts.pooled, student.config().projection_dim, device)?;
+    // Action-major order: clip i of the training set shows seen[i / clips_per_action].
+    let train_classes = (0..seen.len()).flat_map(|c| std::iter::repeat_n(c as u32, o.clips_per_action)).collect();
+    let class_of = |a: usize| seen.iter().position(|&s| s == a).expect("seen action") as u32;
     Ok(HeadData {
-        train: (train, train_clips.iter().map(|c| class_of(c.action)).collect()),
+        train: (train, train_classes),
         eval: (eval, eval_clips.iter().map(|c| class_of(c.action)).collect()),
         labels,
-        clips: (train_clips, eval_clips),
+        eval_clips,
     })
 }
 
@@ -321,16 +352,22 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
-        let finetune = Finetune { student: &student, vars, lr_scale: o.encoder_lr / o.lr };
+        let finetune = Finetune {
+            student: &student,
+            vars,
+            lr_scale: o.encoder_lr / o.lr,
+            actions: world::actions_in(Split::Train),
+            render: RenderConfig { size: student.config().image_size as u32, frames: o.frames },
+            seed: o.seed ^ 0xF1E5,
+        };
         let (variant, init) = if o.temporal { (Variant::WtiTemporal, temporal_init(&data)?) } else { (Variant::Wti, HashMap::new()) };
         let head = WtiHead::new(d, o.seed ^ 0xE4C, &init, device)?;
         tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
         let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
         let png = out.join("train_curves_encoder.png");
         plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
-        let size = student.config().image_size as u32;
-        data.train.0 = data::student_embeddings(&student, &data.clips.0, size, 128, device, progress)?;
-        data.eval.0 = data::student_embeddings(&student, &data.clips.1, size, 128, device, progress)?;
+        data.train.0 = train_embeddings(&student, o, device, progress)?;
+        data.eval.0 = data::student_embeddings(&student, &data.eval_clips, finetune.render.size, 128, device, progress)?;
         tuned = Some(head.tensors().into_iter().map(|(n, t)| t.copy().map(|t| (n, t))).collect::<candle_core::Result<_>>()?);
     }
     let mut report = Vec::new();

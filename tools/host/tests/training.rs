@@ -88,8 +88,9 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let r = train(&teacher_dir, &student_dir, &head_dir, &o, false, &dev, false)?;
     assert!(r.loss_first_last.1 < r.loss_first_last.0 * 0.97, "train loss {:?}", r.loss_first_last);
 
-    // train --encoder-lr: the student's tower is fine-tuned through a temporal WTI head: that
-    // phase's loss falls, and the student `train` saves is not the one it was given.
+    // train --encoder-lr: the student's tower is fine-tuned through a temporal WTI head on
+    // freshly rendered clips: that phase's loss falls, and the student `train` saves is not the
+    // one it was given.
     let tuned_dir = root.path().join("head-tuned");
     let o = TrainOptions { encoder_lr: 2e-3, temporal: true, ..tiny_head() };
     train(&teacher_dir, &student_dir, &tuned_dir, &o, false, &dev, false)?;
@@ -115,6 +116,16 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let set = clipact::labels::LabelSet::load(&adapt_dir.join("labels.cls"))?;
     assert_eq!(set.labels.len(), world::ZEROSHOT_ACTIONS.len());
     assert_eq!(set.space_id, teacher.space_id);
+    // adapt --temporal, over several support draws: its label set carries the temporal head's
+    // token weights, not the plain head's of the same `train` run.
+    let adapted = |temporal: bool, name: &str| -> anyhow::Result<clipact::labels::LabelSet> {
+        let points = adapt(&teacher_dir, &tuned_dir, &root.path().join(name), &AdaptOptions { temporal, trials: 2, ..o.clone() }, &dev, false)?;
+        assert_eq!(points.iter().map(|p| p.shots).collect::<Vec<_>>(), [0, 4]);
+        Ok(clipact::labels::LabelSet::load(&root.path().join(name).join("labels.cls"))?)
+    };
+    let (plain, temporal) = (adapted(false, "adapt-plain")?, adapted(true, "adapt-temporal")?);
+    assert_eq!(temporal.labels.len(), plain.labels.len());
+    assert_ne!(temporal.labels[0].token_weights, plain.labels[0].token_weights, "adapt --temporal used the plain head");
 
     // The trained head scores windows exactly as the device's WTI does with the label set
     // `labels build --head` makes from it.

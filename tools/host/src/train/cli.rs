@@ -222,6 +222,9 @@ pub struct AdaptArgs {
     /// Evaluation clips per action.
     #[arg(long, default_value_t = AdaptOptions::default().eval_clips_per_action)]
     pub eval_clips_per_action: usize,
+    /// Independent draws of the support clips per K (the report gives the mean).
+    #[arg(long, default_value_t = AdaptOptions::default().trials)]
+    pub trials: usize,
     /// Optimizer steps per run (full batch).
     #[arg(long, default_value_t = AdaptOptions::default().steps)]
     pub steps: u64,
@@ -231,6 +234,10 @@ pub struct AdaptArgs {
     /// K of the label set written to labels.cls.
     #[arg(long, default_value_t = AdaptOptions::default().export_shots)]
     pub export_shots: usize,
+    /// Adapt for the temporal head (head_temporal.safetensors, student_temporal/), the one a
+    /// wti-temporal bundle runs.
+    #[arg(long)]
+    pub temporal: bool,
 }
 
 /// `clipact-host eval`.
@@ -369,9 +376,11 @@ pub fn run_adapt(a: &AdaptArgs, device: DeviceChoice) -> anyhow::Result<()> {
         split: a.split.clone(),
         shots: a.shots.clone(),
         eval_clips_per_action: a.eval_clips_per_action,
+        trials: a.trials,
         steps: a.steps,
         lr: a.lr,
         export_shots: a.export_shots,
+        temporal: a.temporal,
         ..AdaptOptions::default()
     };
     crate::adapt::adapt(&a.teacher, &a.train_dir, &a.out, &o, &select_device(device)?, progress())?;

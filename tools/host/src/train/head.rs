@@ -362,6 +362,17 @@ impl WtiHead {
         scores.broadcast_mul(&self.logit_scale.as_tensor().exp()?)
     }
 
+    /// Keeps the inverse temperature at or below 100, as CLIP does: an unbounded one lets a
+    /// confident head blow its logits (and gradients) up until training diverges.
+    pub fn clamp_logit_scale(&self) -> candle_core::Result<()> {
+        let max = 100f32.ln();
+        let t = self.logit_scale.as_tensor();
+        if t.flatten_all()?.to_vec1::<f32>()?[0] > max {
+            self.logit_scale.set(&t.clamp(0f32, max)?)?;
+        }
+        Ok(())
+    }
+
     /// The head's tensors by name, for saving (`f_t.*` is what `labels build --head` reads,
     /// `frame_weight.*` what the student's encoder exports).
     pub fn tensors(&self) -> std::collections::HashMap<String, Tensor> {
