@@ -94,8 +94,9 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
 2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
 3. \`train\`: the student's tower first fine-tuned through a WTI + temporal head (\`--encoder-lr\`,
-   2500 steps, a freshly rendered batch of 64 clips every step), then the WTI head (f_t, f_v, logit scale; and the temporal head with W_d, started from a ridge
-   fit of frame differences to label embeddings) on its embeddings of 8-frame windows.
+   2500 steps, a freshly rendered batch of 64 clips every step), then the WTI head (f_t, f_v,
+   logit scale; and the temporal head with W_d, started from a ridge fit of frame differences to
+   label embeddings) on its embeddings of 8-frame windows.
 4. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
 5. \`adapt\`: cross-modal few-shot ablation on the held-out actions, for the shipped (temporal)
    head, mean of 5 draws of the support clips (not shipped in this bundle).

@@ -182,8 +182,8 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     let size = student.config().image_size as u32;
     let cfg = RenderConfig { size, frames: o.frames };
     let max_k = o.shots.iter().copied().max().unwrap_or(0).max(o.export_shots);
-    // Support clips: a seed stream of their own, never the evaluation clips.
     ensure!(o.trials > 0, "need at least one trial");
+    // Support clips: a seed stream of their own, never the evaluation clips.
     let per_action = max_k * o.trials;
     let support = data::render_clips(split, &actions, per_action, o.seed ^ 0x5A7707, &cfg, progress);
     let eval = data::render_clips(split, &actions, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
