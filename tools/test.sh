@@ -27,12 +27,14 @@ target=aarch64-unknown-linux-gnu
 if rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"; then
   echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --all-features --target $target"
   # Tests that start the clipact binary go through qemu too (no binfmt_misc needed).
-  QEMU_CPU=cortex-a72 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" \
+  # One test at a time: qemu-user can deadlock a child forked (to start ffmpeg or the binary)
+  # while another test thread holds a lock; seen once as a hung tests/sources.rs.
+  QEMU_CPU=cortex-a72 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
     cargo test -p clipact --locked --all-features --target "$target"
   # The Pi 5's core has FP16 arithmetic and sdot: tract's f16 and dot-product int8 kernels run
   # only there. The precision tests (int8/f16 vs f32, auto) again, on that core.
   echo "==> aarch64 (qemu, QEMU_CPU=cortex-a76, Raspberry Pi 5): cargo test -p clipact --test precision --test bench_cli"
-  QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" \
+  QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
     cargo test -p clipact --locked --all-features --target "$target" --test precision --test bench_cli
 else
   cat >&2 <<MSG
