@@ -144,13 +144,7 @@ pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool,
     let teacher_choice = targets.matmul(&anchors.t()?)?.argmax(D::Minus1)?;
 
     // Train every student parameter except f_v (trained by `train`; it has no teacher target).
-    let vars: Vec<(String, candle_core::Var)> = {
-        let map = varmap.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-        let mut v: Vec<_> = map.iter().filter(|(n, _)| !n.starts_with("frame_weight")).map(|(n, v)| (n.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let mut opt = AdamW::new(decay_groups(vars, o.weight_decay), AdamConfig::default())?;
+    let mut opt = AdamW::new(decay_groups(crate::student::tower_vars(&varmap)?, o.weight_decay), AdamConfig::default())?;
     let settings = serde_json::json!({"options": o, "teacher": teacher.space_id});
     let mut history = History::default();
     let ckpt = out.join("checkpoint");

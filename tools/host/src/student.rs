@@ -501,6 +501,16 @@ impl Student {
     }
 }
 
+/// The variables of `varmap` (a student's) that distillation and encoder fine-tuning train:
+/// all but the frame-weight head `f_v` (`frame_weight.*`, which `train` trains with its head),
+/// sorted by name so optimizer state lines up with checkpoints.
+pub fn tower_vars(varmap: &VarMap) -> anyhow::Result<Vec<(String, Var)>> {
+    let map = varmap.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+    let mut vars: Vec<_> = map.iter().filter(|(n, _)| !n.starts_with("frame_weight.")).map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
 /// `depth` teacher layers spread evenly over `0..teacher_layers`, first and last included
 /// (`[L-1]` for a single layer): the usual choice for layer-wise inheritance, keeping both the
 /// low-level and the final, projection-facing representation.

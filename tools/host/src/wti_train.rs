@@ -242,7 +242,8 @@ pub fn fit_head(
     while opt.steps() < o.steps {
         let step = opt.steps();
         let epoch = step / per_epoch as u64;
-        if epoch != order_epoch {
+        // Fine-tuning draws its own batches; only cached windows are visited in epochs.
+        if finetune.is_none() && epoch != order_epoch {
             order = (0..n).collect::<Vec<usize>>();
             Rng::new(o.seed, 0x7EAD + epoch).shuffle(&mut order);
             order_epoch = epoch;
@@ -346,15 +347,9 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
     // Heads start from the fine-tuning head when there is one (the encoder was trained with it).
     let mut tuned: Option<HashMap<String, Tensor>> = None;
     if o.encoder_lr > 0.0 {
-        let vars: Vec<_> = {
-            let map = student_vars.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-            let mut v: Vec<_> = map.iter().filter(|(n, _)| !n.starts_with("frame_weight.")).map(|(n, v)| (n.clone(), v.clone())).collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
         let finetune = Finetune {
             student: &student,
-            vars,
+            vars: crate::student::tower_vars(&student_vars)?,
             lr_scale: o.encoder_lr / o.lr,
             actions: world::actions_in(Split::Train),
             render: RenderConfig { size: student.config().image_size as u32, frames: o.frames },
