@@ -1,12 +1,15 @@
 //! Contact sheet of the synthetic action world: one row per action, one column per frame.
 //!
 //! ```text
-//! cargo run --example world_sheet -- out.png [--split train|id|ood|zeroshot] [--seed N] [--size PX] [--frames N]
+//! cargo run --example world_sheet -- out.png [--split train|id|ood|zeroshot] [--seed N] [--size PX] [--frames N] [--randomized]
 //! ```
+//!
+//! `--randomized` draws the appearance that `train --randomize-appearance` mixes into the
+//! encoder's fine-tuning (`world::randomized_appearance`) instead of the split's own.
 //!
 //! Prints each row's action and the captions of its first and last frames.
 
-use clipact::world::{render_clip, RenderConfig, Split, ACTIONS};
+use clipact::world::{randomized_appearance, render_clip, render_clip_as, RenderConfig, Split, ACTIONS};
 use std::io::BufWriter;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = None;
     let mut split = Split::Train;
     let mut seed = 1u64;
+    let mut randomized = false;
     let mut cfg = RenderConfig {
         size: 96,
         frames: 8,
@@ -25,9 +29,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--seed" => seed = value("--seed")?.parse()?,
             "--size" => cfg.size = value("--size")?.parse()?,
             "--frames" => cfg.frames = value("--frames")?.parse()?,
+            "--randomized" => randomized = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]"
+                    "usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]"
                 );
                 return Ok(());
             }
@@ -36,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let out =
-        out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N]")?;
+        out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]")?;
     let side = cfg.size as usize;
     let gap = 2;
     let width = cfg.frames * (side + gap);
@@ -44,7 +49,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sheet = vec![255u8; width * height * 3];
     for (row, action) in ACTIONS.iter().enumerate() {
         // A different person per row, so one sheet shows the appearance variety too.
-        let clip = render_clip(split, row, seed.wrapping_add(row as u64), &cfg);
+        let clip_seed = seed.wrapping_add(row as u64);
+        let clip = if randomized {
+            render_clip_as(randomized_appearance(clip_seed), split, row, clip_seed, &cfg)
+        } else {
+            render_clip(split, row, clip_seed, &cfg)
+        };
         for (col, frame) in clip.frames.iter().enumerate() {
             for y in 0..side {
                 let dst = ((row * (side + gap) + y) * width + col * (side + gap)) * 3;

@@ -25,7 +25,7 @@ use crate::bundle::Bundle;
 use crate::encoder::Encoder;
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PixelFormat, Preprocessor};
-use crate::world::{self, RenderConfig, Split};
+use crate::world::{self, Clip, RenderConfig, Split};
 use crate::temporal::TemporalHead;
 use crate::wti::{score_window, score_window_temporal, Interaction, LabelMatrix};
 
@@ -175,6 +175,19 @@ fn candidate_set(set: &LabelSet, split: Split, candidates: Candidates) -> Result
 /// `progress` is called after every clip with (done, total).
 pub fn evaluate(bundle: &Bundle, opts: &EvalOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<EvalReport>, EvalError> {
     let split = opts.source.split;
+    evaluate_rendered(bundle, opts, &mut |action, seed, cfg| world::render_clip(split, action, seed, cfg), progress)
+}
+
+/// [`evaluate`] on clips that `render(action, seed, cfg)` draws instead of the split's own
+/// (the split still picks the actions and the candidate labels): for measuring which part of
+/// an appearance shift costs accuracy (`examples/ood_factors.rs`).
+pub fn evaluate_rendered(
+    bundle: &Bundle,
+    opts: &EvalOptions,
+    render: &mut dyn FnMut(usize, u64, &RenderConfig) -> Clip,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<EvalReport>, EvalError> {
+    let split = opts.source.split;
     let set = candidate_set(&bundle.labels, split, opts.candidates)?;
     let names: Vec<String> = set.labels.iter().map(|l| l.name.clone()).collect();
     let matrix = LabelMatrix::new(&set);
@@ -214,7 +227,7 @@ pub fn evaluate(bundle: &Bundle, opts: &EvalOptions, progress: &mut dyn FnMut(us
     for i in 0..opts.clips {
         let action = actions[i % actions.len()];
         let seed = world::math::mix(&[opts.source.seed, (i / actions.len()) as u64, 0xE7A1]);
-        let clip = world::render_clip(split, action, seed, &cfg);
+        let clip = render(action, seed, &cfg);
         for (f, data) in clip.frames.iter().enumerate() {
             let frame = Frame { format: PixelFormat::Rgb8, width: size, height: size, data };
             pre.run(&frame, &mut pixels).map_err(|e| EvalError::Pipeline(format!("preprocessing: {e}")))?;

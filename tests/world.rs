@@ -3,10 +3,10 @@
 //! Sizes are tiny (32 px) so the suite stays fast under qemu.
 
 use clipact::preprocess::PixelFormat;
-use clipact::world::render::{Appearance, HUE_BAND};
+use clipact::world::render::{Appearance, Backdrop, HUE_BAND};
 use clipact::world::{
-    action_index, actions_in, appearance, clip_poses, math, render_clip, RenderConfig, Split,
-    WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
+    action_index, actions_in, appearance, clip_poses, math, render_clip, render_clip_as,
+    RenderConfig, Split, WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
 };
 
 fn cfg(size: u32, frames: usize) -> RenderConfig {
@@ -263,6 +263,63 @@ fn ood_appearance_never_overlaps_training_appearance() {
             assert!(!ap.backdrop.is_ood());
         }
     }
+}
+
+/// Training-time randomization widens the seen appearance (thinner builds, noise walls) but
+/// never draws an ood hue, backdrop or body proportion: `ood` stays unseen.
+#[test]
+fn randomized_appearance_is_wider_than_seen_and_never_ood() {
+    let randomized: Vec<Appearance> = (0..400)
+        .map(|s| Appearance::sample_randomized(&mut math::Rng::new(s, 5)))
+        .collect();
+    let seen: Vec<Appearance> = (0..400).map(|s| appearance(Split::Train, s)).collect();
+    let ood: Vec<Appearance> = (0..400).map(|s| appearance(Split::Ood, s)).collect();
+    for ap in &randomized {
+        for hue in [ap.shirt_hue, ap.trousers_hue, ap.backdrop_hue] {
+            assert_eq!(hue_band(hue) % 2, 0, "randomized hue {hue} in an ood band");
+        }
+        assert!(!ap.backdrop.is_ood(), "randomized backdrop {:?}", ap.backdrop);
+    }
+    type Measure = fn(&Appearance) -> f32;
+    let props: [(&str, Measure); 4] = [
+        ("limb radius", |a| a.body.limb_r),
+        ("head radius", |a| a.body.head_r),
+        ("shoulder width", |a| a.body.shoulder_half),
+        ("thigh length", |a| a.body.thigh),
+    ];
+    let min = |v: &[Appearance], f: Measure| v.iter().map(f).fold(f32::MAX, f32::min);
+    let max = |v: &[Appearance], f: Measure| v.iter().map(f).fold(f32::MIN, f32::max);
+    for (name, f) in props {
+        assert!(max(&randomized, f) < min(&ood, f), "{name}: randomized reaches the ood range");
+        assert!(min(&randomized, f) < min(&seen, f), "{name}: randomized is no wider than seen");
+    }
+    let noise = randomized.iter().filter(|a| a.backdrop == Backdrop::Noise).count();
+    assert!((120..280).contains(&noise), "{noise} of 400 noise walls");
+    assert!(seen.iter().all(|a| a.backdrop != Backdrop::Noise));
+}
+
+/// `render_clip_as` with a split's own appearance is `render_clip`; a noise wall renders as
+/// more pixel-to-pixel texture than the plain wall it replaces.
+#[test]
+fn render_clip_as_renders_the_given_appearance() {
+    let c = cfg(32, 2);
+    let own = render_clip_as(appearance(Split::Train, 9), Split::Train, 2, 9, &c);
+    assert_eq!(own, render_clip(Split::Train, 2, 9, &c));
+    // Horizontal neighbour differences in the top rows (wall only), at no sensor noise.
+    let roughness = |ap: Appearance| {
+        let clip = render_clip_as(ap, Split::Train, 2, 9, &c);
+        let f = &clip.frames[0];
+        (0..6 * 32 - 1)
+            .filter(|i| i % 32 != 31)
+            .map(|i| (f[i * 3 + 1] as f64 - f[(i + 1) * 3 + 1] as f64).abs())
+            .sum::<f64>()
+    };
+    let mut plain = appearance(Split::Train, 9);
+    (plain.backdrop, plain.noise, plain.props) = (Backdrop::Gradient, 0.0, Vec::new());
+    let mut noisy = plain.clone();
+    (noisy.backdrop, noisy.texture_amp) = (Backdrop::Noise, 0.15);
+    let (smooth, rough) = (roughness(plain), roughness(noisy));
+    assert!(rough > 3.0 * smooth + 20.0, "noise wall {rough}, plain wall {smooth}");
 }
 
 /// Order-sensitive pairs: one action's frames reversed are the other's (up to sensor noise),

@@ -12,7 +12,7 @@
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
-# Takes about 40 minutes on 2 idle CPU cores (pretrain ~10, train ~27: the encoder's fine-tuning
+# Takes about 65 minutes on 2 idle CPU cores (pretrain ~10, train ~55: the encoder's fine-tuning
 # dominates; release build not included). Needs nothing but
 # this repository: no downloads.
 set -euo pipefail
@@ -27,7 +27,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
     TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
 else
     PRE=(--steps 4000 --clips-per-action 500 --lr 1e-3 --action-text-prob 0.5 --prompt-warmup 800); DIS=(--steps 100 --depth 3 --lr 2e-4)
-    TRN=(--steps 2500 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4); ADA=()
+    TRN=(--steps 5000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4); ADA=(--lr 3e-3)
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.
@@ -93,10 +93,11 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
    then half captions.
 2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
-3. \`train\`: the student's tower first fine-tuned through a WTI + temporal head (\`--encoder-lr\`,
-   2500 steps, a freshly rendered batch of 64 clips every step), then the WTI head (f_t, f_v,
-   logit scale; and the temporal head with W_d, started from a ridge fit of frame differences to
-   label embeddings) on its embeddings of 8-frame windows.
+3. \`train\`: the student's tower fine-tuned together with a WTI + temporal head (\`--encoder-lr\`,
+   5000 steps, a freshly rendered batch of 64 clips every step; W_d started from a ridge fit of
+   frame differences to label embeddings). That head is the shipped temporal head. The plain WTI
+   head (f_t, f_v, logit scale) is then fitted on the tuned student's embeddings of 8-frame
+   windows, for the ablation and for TEMPORAL=0.
 4. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
 5. \`adapt\`: cross-modal few-shot ablation on the held-out actions, for the shipped (temporal)
    head, mean of 5 draws of the support clips (not shipped in this bundle).

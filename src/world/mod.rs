@@ -355,11 +355,18 @@ pub struct Clip {
 const STREAM_APPEARANCE: u64 = 1;
 const STREAM_MOTION: u64 = 2;
 const STREAM_NOISE: u64 = 3;
+const STREAM_RANDOMIZED: u64 = 0xA99E;
 
 /// The appearance of clip `seed` of `split` (the same for every action rendered from that seed).
 pub fn appearance(split: Split, seed: u64) -> Appearance {
     let mut rng = Rng::new(mix(&[seed, split.tag()]), STREAM_APPEARANCE);
     Appearance::sample(&mut rng, split.is_ood())
+}
+
+/// The randomized appearance of training clip `seed` ([`Appearance::sample_randomized`]), for
+/// [`render_clip_as`].
+pub fn randomized_appearance(seed: u64) -> Appearance {
+    Appearance::sample_randomized(&mut Rng::new(seed, STREAM_RANDOMIZED))
 }
 
 /// A scene: one person in one place, rendering frames of any motion.
@@ -468,6 +475,17 @@ impl Segment {
 /// # Panics
 /// If `action >= ACTIONS.len()`.
 pub fn render_clip(split: Split, action: usize, seed: u64, cfg: &RenderConfig) -> Clip {
+    render_clip_as(appearance(split, seed), split, action, seed, cfg)
+}
+
+/// Renders clip `seed` of `action` in `split` as [`render_clip`] does, but with `appearance`
+/// instead of the split's own: the motion and the sensor noise are those of `(split, seed)`.
+/// For training-time appearance randomization and for measuring which part of an appearance
+/// shift costs accuracy.
+///
+/// # Panics
+/// If `action >= ACTIONS.len()`.
+pub fn render_clip_as(appearance: Appearance, split: Split, action: usize, seed: u64, cfg: &RenderConfig) -> Clip {
     assert!(
         action < ACTIONS.len(),
         "action index {action} out of range: the world has {} actions",
@@ -475,7 +493,6 @@ pub fn render_clip(split: Split, action: usize, seed: u64, cfg: &RenderConfig) -
     );
     let size = cfg.size.max(1) as usize;
     let key = mix(&[seed, split.tag()]);
-    let appearance = appearance(split, seed);
     let params = MotionParams::sample(&mut Rng::new(key, STREAM_MOTION));
     let mut noise = Rng::new(mix(&[key, action as u64]), STREAM_NOISE);
     let body = appearance.body;

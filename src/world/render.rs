@@ -2,7 +2,7 @@
 //! sensor noise.
 
 use super::body::{Body, Skeleton, LEFT, RIGHT};
-use super::math::{hsv, Rng};
+use super::math::{hsv, mix, Rng};
 
 /// Width of one hue band in degrees. Clothing and background hues of the seen appearance
 /// (training, `id`, `zeroshot`) lie in even bands, those of the `ood` split in odd bands, so no
@@ -24,6 +24,9 @@ pub enum Backdrop {
     Diagonal,
     /// A grid of dots (ood only).
     Dots,
+    /// Blocky random value noise ([`Appearance::sample_randomized`] only: training-time
+    /// randomization, never in a split's own appearance).
+    Noise,
 }
 
 impl Backdrop {
@@ -237,6 +240,32 @@ impl Appearance {
     }
 }
 
+impl Appearance {
+    /// Draws a randomized variant of the seen appearance, for training encoders that should not
+    /// depend on one body build or on smooth walls: body proportions from wider ranges (down to
+    /// much thinner figures, up to just short of the `ood` ranges, which stay unseen), and for
+    /// half of them a [`Backdrop::Noise`] wall of up to twice the usual contrast. Hues stay in
+    /// the seen bands; no `ood` backdrop is ever drawn.
+    pub fn sample_randomized(rng: &mut Rng) -> Self {
+        let mut ap = Self::sample(rng, false);
+        let body = &mut ap.body;
+        let limb_r = rng.range(0.024, 0.043);
+        body.torso_r *= limb_r / body.limb_r;
+        body.limb_r = limb_r;
+        body.head_r = rng.range(0.05, 0.073);
+        body.shoulder_half = rng.range(0.07, 0.101);
+        body.hip_half = body.shoulder_half * 0.6;
+        let thigh = rng.range(0.18, 0.24);
+        body.shin *= thigh / body.thigh;
+        body.thigh = thigh;
+        if rng.unit() < 0.5 {
+            ap.backdrop = Backdrop::Noise;
+            ap.texture_amp = rng.range(0.03, 0.18);
+        }
+        ap
+    }
+}
+
 /// A float RGB image (0..1), row-major.
 pub(crate) struct Canvas {
     pub size: usize,
@@ -364,6 +393,12 @@ pub(crate) fn background(ap: &Appearance, size: usize) -> Canvas {
                         } else {
                             -0.6
                         }
+                    }
+                    Backdrop::Noise => {
+                        // Half-period cells, each with its own level in -1..1.
+                        let cell = [(u * 2.0).floor() as i64 as u64, (v * 2.0).floor() as i64 as u64];
+                        let h = mix(&[cell[0], cell[1], ap.texture_offset[0].to_bits() as u64]);
+                        (h >> 40) as f32 / (1u64 << 23) as f32 - 1.0
                     }
                     Backdrop::Dots => {
                         let du = u - u.floor() - 0.5;

@@ -89,10 +89,10 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     assert!(r.loss_first_last.1 < r.loss_first_last.0 * 0.97, "train loss {:?}", r.loss_first_last);
 
     // train --encoder-lr: the student's tower is fine-tuned through a temporal WTI head on
-    // freshly rendered clips: that phase's loss falls, and the student `train` saves is not the
-    // one it was given.
+    // freshly rendered clips, half of them in a randomized appearance: that phase's loss falls,
+    // and the student `train` saves is not the one it was given.
     let tuned_dir = root.path().join("head-tuned");
-    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, ..tiny_head() };
+    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, randomize_appearance: 0.5, ..tiny_head() };
     train(&teacher_dir, &student_dir, &tuned_dir, &o, false, &dev, false)?;
     let meta: clipact_host::train::checkpoint::CheckpointMeta =
         serde_json::from_str(&std::fs::read_to_string(tuned_dir.join("checkpoint-encoder").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;

@@ -180,9 +180,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_temporal: bool,
     /// Fine-tune the student's tower and projection through a WTI head at this learning rate
-    /// before training the heads (0: the student stays frozen).
+    /// before training the heads (0: the student stays frozen). With the temporal extension
+    /// that head is a temporal one and becomes head_temporal.safetensors as it is.
     #[arg(long, default_value_t = TrainOptions::default().encoder_lr)]
     pub encoder_lr: f64,
+    /// Share of the fine-tuning clips rendered with a randomized appearance (wider body
+    /// proportions, noise walls; never the ood ones), for robustness to unseen appearance.
+    #[arg(long, default_value_t = TrainOptions::default().randomize_appearance)]
+    pub randomize_appearance: f64,
     /// Continue from the checkpoints in --out.
     #[arg(long)]
     pub resume: bool,
@@ -345,6 +350,7 @@ pub fn run_train(a: &TrainArgs, device: DeviceChoice) -> anyhow::Result<()> {
         lr: a.lr,
         temporal: !a.no_temporal,
         encoder_lr: a.encoder_lr,
+        randomize_appearance: a.randomize_appearance,
         ..TrainOptions::default()
     };
     crate::wti_train::train(&a.teacher, &a.student, &a.out, &o, a.resume, &select_device(device)?, progress())?;
