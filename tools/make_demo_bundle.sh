@@ -8,7 +8,8 @@
 # Usage: tools/make_demo_bundle.sh [OUT_BUNDLE_DIR] [WORK_DIR]
 #   OUT_BUNDLE_DIR  default models/demo (the bundle `clipact run` runs with no arguments)
 #   WORK_DIR        default runs/world-demo (teacher, student, head, reports; not shipped)
-# Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 300), QUICK=1 for a
+# Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 300), THRESHOLD (stored with
+# every label, default 0.4), QUICK=1 for a
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
@@ -22,6 +23,9 @@ OUT=${1:-models/demo}
 WORK=${2:-runs/world-demo}
 SEED=${SEED:-1}
 EVAL_CLIPS=${EVAL_CLIPS:-300}
+# Stored with every label: the temporal head's scores of a clear action peak near 0.4-0.45, so
+# the device's default of 0.5 would fire nothing (not calibrated per label).
+THRESHOLD=${THRESHOLD:-0.4}
 if [[ "${QUICK:-0}" == 1 ]]; then
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
     TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
@@ -58,7 +62,7 @@ else
 fi
 $HOST labels build --teacher "$WORK/teacher" --labels "$WORK/head/world_labels.txt" \
     --templates "$WORK/head/world_templates.txt" --head "$HEAD" \
-    --version 1 -o "$WORK/labels.cls"
+    --version 1 --threshold "$THRESHOLD" -o "$WORK/labels.cls"
 rm -rf "$OUT"
 $HOST export --student "$STUDENT" --labels "$WORK/labels.cls" --int8 "${SHIP[@]}" \
     --window-frames 8 --name world-demo \
@@ -98,7 +102,8 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
    frame differences to label embeddings). That head is the shipped temporal head. The plain WTI
    head (f_t, f_v, logit scale) is then fitted on the tuned student's embeddings of 8-frame
    windows, for the ablation and for TEMPORAL=0.
-4. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
+4. \`labels build\` with f_t over 4 prompt templates per action and a threshold of $THRESHOLD stored with
+   every label; \`export\` (ONNX opset 17, f32 + int8).
 5. \`adapt\`: cross-modal few-shot ablation on the held-out actions, for the shipped (temporal)
    head, mean of 5 draws of the support clips (not shipped in this bundle).
 
