@@ -218,6 +218,25 @@ fn hue_band(hue: f32) -> usize {
     (hue / HUE_BAND) as usize
 }
 
+/// One body proportion of an appearance.
+type Measure = fn(&Appearance) -> f32;
+
+/// The proportions the `ood` split changes.
+const BODY_PROPORTIONS: [(&str, Measure); 4] = [
+    ("limb radius", |a| a.body.limb_r),
+    ("head radius", |a| a.body.head_r),
+    ("shoulder width", |a| a.body.shoulder_half),
+    ("thigh length", |a| a.body.thigh),
+];
+
+/// Smallest and largest `f` over `appearances`.
+fn extent(appearances: &[Appearance], f: Measure) -> (f32, f32) {
+    appearances
+        .iter()
+        .map(f)
+        .fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
 #[test]
 fn ood_appearance_never_overlaps_training_appearance() {
     let train: Vec<Appearance> = (0..400).map(|s| appearance(Split::Train, s)).collect();
@@ -235,21 +254,9 @@ fn ood_appearance_never_overlaps_training_appearance() {
         assert!(ap.backdrop.is_ood());
     }
     // Body proportions: disjoint ranges.
-    let range = |v: &[Appearance], f: fn(&Appearance) -> f32| {
-        v.iter()
-            .map(f)
-            .fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
-    };
-    type Measure = fn(&Appearance) -> f32;
-    let props: [(&str, Measure); 4] = [
-        ("limb radius", |a| a.body.limb_r),
-        ("head radius", |a| a.body.head_r),
-        ("shoulder width", |a| a.body.shoulder_half),
-        ("thigh length", |a| a.body.thigh),
-    ];
-    for (name, f) in props {
-        let (_, train_hi) = range(&train, f);
-        let (ood_lo, _) = range(&ood, f);
+    for (name, f) in BODY_PROPORTIONS {
+        let (_, train_hi) = extent(&train, f);
+        let (ood_lo, _) = extent(&ood, f);
         assert!(
             train_hi < ood_lo,
             "{name}: train up to {train_hi}, ood from {ood_lo}"
@@ -280,18 +287,10 @@ fn randomized_appearance_is_wider_than_seen_and_never_ood() {
         }
         assert!(!ap.backdrop.is_ood(), "randomized backdrop {:?}", ap.backdrop);
     }
-    type Measure = fn(&Appearance) -> f32;
-    let props: [(&str, Measure); 4] = [
-        ("limb radius", |a| a.body.limb_r),
-        ("head radius", |a| a.body.head_r),
-        ("shoulder width", |a| a.body.shoulder_half),
-        ("thigh length", |a| a.body.thigh),
-    ];
-    let min = |v: &[Appearance], f: Measure| v.iter().map(f).fold(f32::MAX, f32::min);
-    let max = |v: &[Appearance], f: Measure| v.iter().map(f).fold(f32::MIN, f32::max);
-    for (name, f) in props {
-        assert!(max(&randomized, f) < min(&ood, f), "{name}: randomized reaches the ood range");
-        assert!(min(&randomized, f) < min(&seen, f), "{name}: randomized is no wider than seen");
+    for (name, f) in BODY_PROPORTIONS {
+        let ((lo, hi), (seen_lo, _), (ood_lo, _)) = (extent(&randomized, f), extent(&seen, f), extent(&ood, f));
+        assert!(hi < ood_lo, "{name}: randomized up to {hi}, ood from {ood_lo}");
+        assert!(lo < seen_lo, "{name}: randomized from {lo}, no wider than seen (from {seen_lo})");
     }
     let noise = randomized.iter().filter(|a| a.backdrop == Backdrop::Noise).count();
     assert!((120..280).contains(&noise), "{noise} of 400 noise walls");

@@ -238,9 +238,7 @@ impl Appearance {
             offset_x: rng.range(-0.08, 0.08),
         }
     }
-}
 
-impl Appearance {
     /// Draws a randomized variant of the seen appearance, for training encoders that should not
     /// depend on one body build or on smooth walls: body proportions from wider ranges (down to
     /// much thinner figures, up to just short of the `ood` ranges, which stay unseen), and for
