@@ -272,10 +272,10 @@ fn ood_appearance_never_overlaps_training_appearance() {
     }
 }
 
-/// Training-time randomization widens the seen appearance (thinner builds, noise walls) but
-/// never draws an ood hue, backdrop or body proportion: `ood` stays unseen.
+/// Training-time randomization puts noise walls behind the seen figures but never draws an
+/// ood hue, backdrop or body proportion: `ood` stays unseen.
 #[test]
-fn randomized_appearance_is_wider_than_seen_and_never_ood() {
+fn randomized_appearance_roughens_walls_and_is_never_ood() {
     let randomized: Vec<Appearance> = (0..400)
         .map(|s| Appearance::sample_randomized(&mut math::Rng::new(s, 5)))
         .collect();
@@ -288,9 +288,8 @@ fn randomized_appearance_is_wider_than_seen_and_never_ood() {
         assert!(!ap.backdrop.is_ood(), "randomized backdrop {:?}", ap.backdrop);
     }
     for (name, f) in BODY_PROPORTIONS {
-        let ((lo, hi), (seen_lo, _), (ood_lo, _)) = (extent(&randomized, f), extent(&seen, f), extent(&ood, f));
-        assert!(hi < ood_lo, "{name}: randomized up to {hi}, ood from {ood_lo}");
-        assert!(lo < seen_lo, "{name}: randomized from {lo}, no wider than seen (from {seen_lo})");
+        let ((_, hi), (_, seen_hi), (ood_lo, _)) = (extent(&randomized, f), extent(&seen, f), extent(&ood, f));
+        assert!(hi < ood_lo && hi <= seen_hi * 1.02, "{name}: randomized up to {hi}, seen up to {seen_hi}, ood from {ood_lo}");
     }
     let noise = randomized.iter().filter(|a| a.backdrop == Backdrop::Noise).count();
     assert!((120..280).contains(&noise), "{noise} of 400 noise walls");

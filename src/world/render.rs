@@ -240,22 +240,12 @@ impl Appearance {
     }
 
     /// Draws a randomized variant of the seen appearance, for training encoders that should not
-    /// depend on one body build or on smooth walls: body proportions from wider ranges (down to
-    /// much thinner figures, up to just short of the `ood` ranges, which stay unseen), and for
-    /// half of them a [`Backdrop::Noise`] wall of up to twice the usual contrast. Hues stay in
-    /// the seen bands; no `ood` backdrop is ever drawn.
+    /// depend on smooth walls: for half of them a [`Backdrop::Noise`] wall of up to twice the
+    /// usual contrast. Bodies and hues stay the seen ones (wider body ranges, thinner figures
+    /// included, cost accuracy on ood bodies: BENCHMARKS.md § Session 7); no `ood` backdrop is
+    /// ever drawn.
     pub fn sample_randomized(rng: &mut Rng) -> Self {
         let mut ap = Self::sample(rng, false);
-        let body = &mut ap.body;
-        let limb_r = rng.range(0.024, 0.043);
-        body.torso_r *= limb_r / body.limb_r;
-        body.limb_r = limb_r;
-        body.head_r = rng.range(0.05, 0.073);
-        body.shoulder_half = rng.range(0.07, 0.101);
-        body.hip_half = body.shoulder_half * 0.6;
-        let thigh = rng.range(0.18, 0.24);
-        body.shin *= thigh / body.thigh;
-        body.thigh = thigh;
         if rng.unit() < 0.5 {
             ap.backdrop = Backdrop::Noise;
             ap.texture_amp = rng.range(0.03, 0.18);

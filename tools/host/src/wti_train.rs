@@ -11,7 +11,8 @@
 //! baselines included, is measured on the fine-tuned student. Fine-tuning renders a new batch
 //! of clips every step (the world is an endless source), optionally part of them in a
 //! randomized appearance (`--randomize-appearance`). When the temporal head is trained, the
-//! fine-tuning head is a temporal one and is kept as the temporal head.
+//! fine-tuning head is a temporal one and is kept as the temporal head. `--init-head` starts
+//! that head from an earlier run's, for a second stage under other settings.
 //! The label side is the teacher's text tokens of each action under [`WORLD_TEMPLATES`],
 //! combined exactly as `labels build --head` combines them.
 //!
@@ -79,10 +80,16 @@ pub struct TrainOptions {
     #[serde(default)]
     pub encoder_lr: f64,
     /// Share of the fine-tuning clips drawn with a randomized appearance
-    /// ([`world::randomized_appearance`]: wider body proportions, noise walls), so that the
-    /// encoder learns the motion rather than one build or smooth walls.
+    /// ([`world::randomized_appearance`]: noise walls), so that the encoder learns the motion
+    /// rather than smooth walls.
     #[serde(default)]
     pub randomize_appearance: f64,
+    /// A saved head (an earlier `train`'s `head_temporal.safetensors`, or `head.safetensors`
+    /// without the temporal extension) to start the fine-tuning head from, instead of a fresh
+    /// one: a second, shorter fine-tuning stage continues the first (with `--student` at that
+    /// run's `student_temporal/`) under other settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_head: Option<std::path::PathBuf>,
 }
 
 impl Default for TrainOptions {
@@ -101,6 +108,7 @@ impl Default for TrainOptions {
             temporal: true,
             encoder_lr: 0.0,
             randomize_appearance: 0.0,
+            init_head: None,
         }
     }
 }
@@ -342,6 +350,7 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
 /// Runs `train` into `out`.
 pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<TrainReport> {
     ensure!(o.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
+    ensure!(o.init_head.is_none() || o.encoder_lr > 0.0, "--init-head starts the fine-tuning head: it needs --encoder-lr > 0");
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let teacher = Teacher::load(teacher_dir, device)?;
     let tokenizer = ClipTokenizer::from_dir(teacher_dir, teacher.model.config.text.max_position_embeddings)?;
@@ -372,8 +381,17 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             seed: o.seed ^ 0xF1E5,
             randomize_appearance: o.randomize_appearance,
         };
-        let (variant, init) = if o.temporal { (Variant::WtiTemporal, temporal_init(&data)?) } else { (Variant::Wti, HashMap::new()) };
+        let variant = if o.temporal { Variant::WtiTemporal } else { Variant::Wti };
+        let init = match &o.init_head {
+            Some(path) => candle_core::safetensors::load(path, device).with_context(|| format!("loading the initial head {}", path.display()))?,
+            None if o.temporal => temporal_init(&data)?,
+            None => HashMap::new(),
+        };
         let head = WtiHead::new(d, o.seed ^ 0xE4C, &init, device)?;
+        if let Some(path) = &o.init_head {
+            let missing: Vec<String> = head.trainable(variant).into_iter().map(|(n, _)| n).filter(|n| !init.contains_key(n)).collect();
+            ensure!(missing.is_empty(), "initial head {} lacks {} of a {} head", path.display(), missing.join(", "), variant.name());
+        }
         tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
         let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
         let png = out.join("train_curves_encoder.png");

@@ -107,6 +107,29 @@ fn every_training_command_learns() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<f32>>>()?;
     assert!(moved.iter().all(|&m| m > 0.0), "some encoder parameters did not move: {moved:?}");
 
+    // train --init-head: a second fine-tuning stage starts from the first one's head (at a
+    // vanishing learning rate it ends where it started, where a fresh head would not), and
+    // refuses a file that lacks what its variant trains.
+    let stage2_dir = root.path().join("head-stage2");
+    let stage2 = |init: &Path| {
+        let o = TrainOptions { steps: 2, lr: 1e-12, encoder_lr: 1e-12, init_head: Some(init.to_path_buf()), ..o.clone() };
+        train(&teacher_dir, &tuned_dir.join("student_temporal"), &stage2_dir, &o, false, &dev, false)
+    };
+    stage2(&tuned_dir.join("head_temporal.safetensors"))?;
+    let load = |dir: &Path| candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev);
+    let (first, second) = (load(&tuned_dir)?, load(&stage2_dir)?);
+    assert_eq!(first.len(), second.len());
+    for (name, t) in &first {
+        let d = (t - &second[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-4, "stage 2 `{name}` moved {d} from the head it started from");
+    }
+    let mut partial = first;
+    partial.remove("temporal.weight");
+    let partial_path = root.path().join("no-temporal.safetensors");
+    candle_core::safetensors::save(&partial, &partial_path)?;
+    let err = format!("{:#}", stage2(&partial_path).expect_err("a head without W_d cannot start a temporal one"));
+    assert!(err.contains("lacks temporal.weight"), "{err}");
+
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
     let o = AdaptOptions { seed: 4, shots: vec![0, 4], eval_clips_per_action: 6, frames: 4, steps: 40, export_shots: 4, ..AdaptOptions::default() };

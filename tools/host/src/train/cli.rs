@@ -184,10 +184,15 @@ pub struct TrainArgs {
     /// that head is a temporal one and becomes head_temporal.safetensors as it is.
     #[arg(long, default_value_t = TrainOptions::default().encoder_lr)]
     pub encoder_lr: f64,
-    /// Share of the fine-tuning clips rendered with a randomized appearance (wider body
-    /// proportions, noise walls; never the ood ones), for robustness to unseen appearance.
+    /// Share of the fine-tuning clips rendered with a randomized appearance (half of them on a
+    /// noise wall; never an ood wall, hue or build), for robustness to unseen walls.
     #[arg(long, default_value_t = TrainOptions::default().randomize_appearance)]
     pub randomize_appearance: f64,
+    /// Start the fine-tuning head from this saved head instead of a fresh one: a second
+    /// fine-tuning stage, with --student at the first stage's student_temporal/ and --init-head
+    /// at its head_temporal.safetensors (head.safetensors and student/ with --no-temporal).
+    #[arg(long, value_name = "FILE")]
+    pub init_head: Option<PathBuf>,
     /// Continue from the checkpoints in --out.
     #[arg(long)]
     pub resume: bool,
@@ -351,6 +356,7 @@ pub fn run_train(a: &TrainArgs, device: DeviceChoice) -> anyhow::Result<()> {
         temporal: !a.no_temporal,
         encoder_lr: a.encoder_lr,
         randomize_appearance: a.randomize_appearance,
+        init_head: a.init_head.clone(),
         ..TrainOptions::default()
     };
     crate::wti_train::train(&a.teacher, &a.student, &a.out, &o, a.resume, &select_device(device)?, progress())?;
