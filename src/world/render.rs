@@ -241,9 +241,9 @@ impl Appearance {
 
     /// Draws a randomized variant of the seen appearance, for training encoders that should not
     /// depend on smooth walls: for half of them a [`Backdrop::Noise`] wall of up to twice the
-    /// usual contrast. Bodies and hues stay the seen ones (wider body ranges, thinner figures
-    /// included, cost accuracy on ood bodies: BENCHMARKS.md § Session 7); no `ood` backdrop is
-    /// ever drawn.
+    /// usual contrast. Bodies and hues stay the seen ones (the wider, mostly thinner builds tried
+    /// before did not make `ood` bodies cheaper: BENCHMARKS.md § Session 7); no `ood` backdrop
+    /// is ever drawn.
     pub fn sample_randomized(rng: &mut Rng) -> Self {
         let mut ap = Self::sample(rng, false);
         if rng.unit() < 0.5 {

@@ -87,7 +87,8 @@ pub struct TrainOptions {
     /// A saved head (an earlier `train`'s `head_temporal.safetensors`, or `head.safetensors`
     /// without the temporal extension) to start the fine-tuning head from, instead of a fresh
     /// one: a second, shorter fine-tuning stage continues the first (with `--student` at that
-    /// run's `student_temporal/`) under other settings.
+    /// run's `student_temporal/`) under other settings. Left out of the checkpoint's settings
+    /// when unset, so that checkpoints made before it still resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_head: Option<std::path::PathBuf>,
 }
