@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     let size = input.size;
     let mut encoder = Encoder::load(&bundle.encoder_path(), size, size)?;
     let mut pre = Preprocessor::new(PreprocessConfig { size, mean: input.mean, std: input.std });
-    let cfg = RenderConfig { size, frames: 8 };
+    let cfg = RenderConfig { size, frames: bundle.manifest.window.frames as usize };
     let mut pixels = vec![0f32; pre.output_len()];
     let mut embeddings = vec![vec![0f32; encoder.dim()]; cfg.frames];
     type Swap = fn(&mut Appearance, Appearance);

@@ -5,8 +5,8 @@
 use clipact::preprocess::PixelFormat;
 use clipact::world::render::{Appearance, Backdrop, HUE_BAND};
 use clipact::world::{
-    action_index, actions_in, appearance, clip_poses, math, render_clip, render_clip_as,
-    RenderConfig, Split, WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
+    action_index, actions_in, appearance, clip_poses, math, randomized_appearance, render_clip,
+    render_clip_as, RenderConfig, Split, WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
 };
 
 fn cfg(size: u32, frames: usize) -> RenderConfig {
@@ -276,9 +276,7 @@ fn ood_appearance_never_overlaps_training_appearance() {
 /// ood hue, backdrop or body proportion: `ood` stays unseen.
 #[test]
 fn randomized_appearance_roughens_walls_and_is_never_ood() {
-    let randomized: Vec<Appearance> = (0..400)
-        .map(|s| Appearance::sample_randomized(&mut math::Rng::new(s, 5)))
-        .collect();
+    let randomized: Vec<Appearance> = (0..400).map(randomized_appearance).collect();
     let seen: Vec<Appearance> = (0..400).map(|s| appearance(Split::Train, s)).collect();
     let ood: Vec<Appearance> = (0..400).map(|s| appearance(Split::Ood, s)).collect();
     for ap in &randomized {
