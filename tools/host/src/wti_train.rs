@@ -91,6 +91,13 @@ pub struct TrainOptions {
     /// when unset, so that checkpoints made before it still resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_head: Option<std::path::PathBuf>,
+    /// WiSE-FT (Wortsman et al., 2022): after fine-tuning from `init_head`, every fine-tuned
+    /// weight (tower, projection and head) becomes `(1 − α)·start + α·tuned`. The average of a
+    /// second stage and its start held `id` and gained on `ood`, where neither alone did
+    /// (BENCHMARKS.md § Session 8). Left out of the checkpoint's settings when unset, like
+    /// `init_head`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wise_ft: Option<f64>,
 }
 
 impl Default for TrainOptions {
@@ -110,6 +117,7 @@ impl Default for TrainOptions {
             encoder_lr: 0.0,
             randomize_appearance: 0.0,
             init_head: None,
+            wise_ft: None,
         }
     }
 }
@@ -144,6 +152,20 @@ fn save_student_with_head(student: &Student, student_vars: &candle_nn::VarMap, h
         }
     }
     student.save(dir)
+}
+
+/// Copies of `vars`' current values, by name.
+fn snapshot(vars: &[(String, candle_core::Var)]) -> candle_core::Result<HashMap<String, Tensor>> {
+    vars.iter().map(|(n, v)| v.as_tensor().copy().map(|t| (n.clone(), t))).collect()
+}
+
+/// Moves every variable to `(1 − alpha)·start + alpha·now` (WiSE-FT's weight-space ensemble).
+fn interpolate_from(vars: &[(String, candle_core::Var)], start: &HashMap<String, Tensor>, alpha: f64) -> anyhow::Result<()> {
+    for (name, var) in vars {
+        let s = start.get(name).with_context(|| format!("no start value of `{name}`"))?;
+        var.set(&(s.affine(1.0 - alpha, 0.0)? + var.as_tensor().affine(alpha, 0.0)?)?)?;
+    }
+    Ok(())
 }
 
 fn scalar(var: &candle_core::Var) -> anyhow::Result<f64> {
@@ -352,6 +374,10 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
 pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<TrainReport> {
     ensure!(o.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
     ensure!(o.init_head.is_none() || o.encoder_lr > 0.0, "--init-head starts the fine-tuning head: it needs --encoder-lr > 0");
+    if let Some(alpha) = o.wise_ft {
+        ensure!(o.init_head.is_some(), "--wise-ft averages a fine-tuned stage with its start: it needs --init-head (and --encoder-lr > 0)");
+        ensure!(alpha > 0.0 && alpha <= 1.0, "--wise-ft {alpha}: the fine-tuned weights' share must be in (0, 1]");
+    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let teacher = Teacher::load(teacher_dir, device)?;
     let tokenizer = ClipTokenizer::from_dir(teacher_dir, teacher.model.config.text.max_position_embeddings)?;
@@ -394,7 +420,13 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             ensure!(missing.is_empty(), "initial head {} lacks {} of a {} head", path.display(), missing.join(", "), variant.name());
         }
         tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
+        let start = (snapshot(&finetune.vars)?, snapshot(&head.vars)?);
         let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
+        if let Some(alpha) = o.wise_ft {
+            tracing::info!("WiSE-FT: weights at {alpha} of the way from the start to the fine-tuned ones");
+            interpolate_from(&finetune.vars, &start.0, alpha)?;
+            interpolate_from(&head.vars, &start.1, alpha)?;
+        }
         let png = out.join("train_curves_encoder.png");
         plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
         data.train.0 = train_embeddings(&student, o, device, progress)?;

@@ -130,6 +130,31 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let err = format!("{:#}", stage2(&partial_path).expect_err("a head without W_d cannot start a temporal one"));
     assert!(err.contains("lacks temporal.weight"), "{err}");
 
+    // train --wise-ft: every fine-tuned weight (tower, projection, head) ends at α of the way
+    // from the start to where the same stage ends without it.
+    let stage = |wise_ft: Option<f64>, name: &str| -> anyhow::Result<std::path::PathBuf> {
+        let dir = root.path().join(name);
+        let init_head = Some(tuned_dir.join("head_temporal.safetensors"));
+        train(&teacher_dir, &tuned_dir.join("student_temporal"), &dir, &TrainOptions { steps: 3, init_head, wise_ft, ..o.clone() }, false, &dev, false)?;
+        Ok(dir)
+    };
+    let (tuned_again, averaged) = (stage(None, "stage-tuned")?, stage(Some(0.25), "stage-wise-ft")?);
+    let weights = |dir: &Path| -> anyhow::Result<HashMap<String, Tensor>> {
+        let mut w = candle_core::safetensors::load(dir.join("student_temporal").join("model.safetensors"), &dev)?;
+        w.extend(candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev)?.into_iter().map(|(n, t)| (format!("head.{n}"), t)));
+        Ok(w)
+    };
+    let (start, end, avg) = (weights(&tuned_dir)?, weights(&tuned_again)?, weights(&averaged)?);
+    let max_abs = |t: Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+    let mut moved = 0;
+    for (name, s) in &start {
+        moved += usize::from(max_abs((&end[name] - s)?)? > 1e-6);
+        let expected = (s.affine(0.75, 0.0)? + end[name].affine(0.25, 0.0)?)?;
+        let d = max_abs((&avg[name] - &expected)?)?;
+        assert!(d < 1e-5, "--wise-ft 0.25 `{name}` is {d} from 0.75·start + 0.25·tuned");
+    }
+    assert!(moved > start.len() / 2, "only {moved} of {} weights moved in the stage", start.len());
+
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
     let o = AdaptOptions { seed: 4, shots: vec![0, 4], eval_clips_per_action: 6, frames: 4, steps: 40, export_shots: 4, ..AdaptOptions::default() };
