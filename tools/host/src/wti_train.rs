@@ -12,7 +12,8 @@
 //! of clips every step (the world is an endless source), optionally part of them in a
 //! randomized appearance (`--randomize-appearance`). When the temporal head is trained, the
 //! fine-tuning head is a temporal one and is kept as the temporal head. `--init-head` starts
-//! that head from an earlier run's, for a second stage under other settings.
+//! that head from an earlier run's, for a second stage under other settings, and `--wise-ft`
+//! then averages that stage's weights with its start's.
 //! The label side is the teacher's text tokens of each action under [`WORLD_TEMPLATES`],
 //! combined exactly as `labels build --head` combines them.
 //!
@@ -92,8 +93,8 @@ pub struct TrainOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_head: Option<std::path::PathBuf>,
     /// WiSE-FT (Wortsman et al., 2022): after fine-tuning from `init_head`, every fine-tuned
-    /// weight (tower, projection and head) becomes `(1 − α)·start + α·tuned`. The average of a
-    /// second stage and its start held `id` and gained on `ood`, where neither alone did
+    /// weight (tower, projection and head) becomes `(1 − α)·start + α·tuned`. Fine-tuning
+    /// trades what the start knew for what the stage teaches; the average keeps more of both
     /// (BENCHMARKS.md § Session 8). Left out of the checkpoint's settings when unset, like
     /// `init_head`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

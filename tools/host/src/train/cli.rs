@@ -194,8 +194,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub init_head: Option<PathBuf>,
     /// With --init-head: after fine-tuning, average every fine-tuned weight with its start,
-    /// (1 - ALPHA)·start + ALPHA·tuned (WiSE-FT). 0.5 gained on unseen appearances where the
-    /// tuned stage alone did not.
+    /// (1 - ALPHA)·start + ALPHA·tuned (WiSE-FT): keeps more of what the start knew.
     #[arg(long, value_name = "ALPHA")]
     pub wise_ft: Option<f64>,
     /// Continue from the checkpoints in --out.
