@@ -421,12 +421,17 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             ensure!(missing.is_empty(), "initial head {} lacks {} of a {} head", path.display(), missing.join(", "), variant.name());
         }
         tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
-        let start = (snapshot(&finetune.vars)?, snapshot(&head.vars)?);
+        // Taken before `fit_head`, which restores a checkpoint when resuming: the start is
+        // always --student and --init-head.
+        let start = match o.wise_ft {
+            Some(_) => Some((snapshot(&finetune.vars)?, snapshot(&head.vars)?)),
+            None => None,
+        };
         let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
-        if let Some(alpha) = o.wise_ft {
+        if let (Some(alpha), Some((tower, head_start))) = (o.wise_ft, &start) {
             tracing::info!("WiSE-FT: weights at {alpha} of the way from the start to the fine-tuned ones");
-            interpolate_from(&finetune.vars, &start.0, alpha)?;
-            interpolate_from(&head.vars, &start.1, alpha)?;
+            interpolate_from(&finetune.vars, tower, alpha)?;
+            interpolate_from(&head.vars, head_start, alpha)?;
         }
         let png = out.join("train_curves_encoder.png");
         plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
