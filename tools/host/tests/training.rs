@@ -154,6 +154,9 @@ fn every_training_command_learns() -> anyhow::Result<()> {
         assert!(d < 1e-5, "--wise-ft 0.25 `{name}` is {d} from 0.75·start + 0.25·tuned");
     }
     assert!(moved > start.len() / 2, "only {moved} of {} weights moved in the stage", start.len());
+    let no_start = TrainOptions { wise_ft: Some(0.5), ..o.clone() };
+    let err = format!("{:#}", train(&teacher_dir, &student_dir, &root.path().join("no-start"), &no_start, false, &dev, false).expect_err("nothing to average with"));
+    assert!(err.contains("needs --init-head"), "{err}");
 
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
