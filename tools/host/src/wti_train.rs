@@ -437,7 +437,7 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
         data.train.0 = train_embeddings(&student, o, device, progress)?;
         data.eval.0 = data::student_embeddings(&student, &data.eval_clips, finetune.render.size, 128, device, progress)?;
-        tuned = Some(head.tensors().into_iter().map(|(n, t)| t.copy().map(|t| (n, t))).collect::<candle_core::Result<_>>()?);
+        tuned = Some(snapshot(&head.vars)?);
     }
     let mut report = Vec::new();
     // Baselines without trained weights.

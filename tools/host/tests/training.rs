@@ -110,42 +110,41 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     // train --init-head: a second fine-tuning stage starts from the first one's head (at a
     // vanishing learning rate it ends where it started, where a fresh head would not), and
     // refuses a file that lacks what its variant trains.
-    let stage2_dir = root.path().join("head-stage2");
-    let stage2 = |init: &Path| {
-        let o = TrainOptions { steps: 2, lr: 1e-12, encoder_lr: 1e-12, init_head: Some(init.to_path_buf()), ..o.clone() };
-        train(&teacher_dir, &tuned_dir.join("student_temporal"), &stage2_dir, &o, false, &dev, false)
+    // Every second stage continues the tuned run: its student_temporal/ and (unless a test
+    // gives another) its head.
+    let stage = |name: &str, o: TrainOptions| -> anyhow::Result<std::path::PathBuf> {
+        let dir = root.path().join(name);
+        train(&teacher_dir, &tuned_dir.join("student_temporal"), &dir, &o, false, &dev, false)?;
+        Ok(dir)
     };
-    stage2(&tuned_dir.join("head_temporal.safetensors"))?;
+    let tuned_head = Some(tuned_dir.join("head_temporal.safetensors"));
+    let max_abs = |t: Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+    let still = |init_head: Option<std::path::PathBuf>| TrainOptions { steps: 2, lr: 1e-12, encoder_lr: 1e-12, init_head, ..o.clone() };
+    let stage2_dir = stage("head-stage2", still(tuned_head.clone()))?;
     let load = |dir: &Path| candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev);
     let (first, second) = (load(&tuned_dir)?, load(&stage2_dir)?);
     assert_eq!(first.len(), second.len());
     for (name, t) in &first {
-        let d = (t - &second[name])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = max_abs((t - &second[name])?)?;
         assert!(d < 1e-4, "stage 2 `{name}` moved {d} from the head it started from");
     }
     let mut partial = first;
     partial.remove("temporal.weight");
     let partial_path = root.path().join("no-temporal.safetensors");
     candle_core::safetensors::save(&partial, &partial_path)?;
-    let err = format!("{:#}", stage2(&partial_path).expect_err("a head without W_d cannot start a temporal one"));
+    let err = format!("{:#}", stage("head-stage2", still(Some(partial_path))).expect_err("a head without W_d cannot start a temporal one"));
     assert!(err.contains("lacks temporal.weight"), "{err}");
 
     // train --wise-ft: every fine-tuned weight (tower, projection, head) ends at α of the way
     // from the start to where the same stage ends without it.
-    let stage = |wise_ft: Option<f64>, name: &str| -> anyhow::Result<std::path::PathBuf> {
-        let dir = root.path().join(name);
-        let init_head = Some(tuned_dir.join("head_temporal.safetensors"));
-        train(&teacher_dir, &tuned_dir.join("student_temporal"), &dir, &TrainOptions { steps: 3, init_head, wise_ft, ..o.clone() }, false, &dev, false)?;
-        Ok(dir)
-    };
-    let (tuned_again, averaged) = (stage(None, "stage-tuned")?, stage(Some(0.25), "stage-wise-ft")?);
+    let moving = |wise_ft: Option<f64>| TrainOptions { steps: 3, init_head: tuned_head.clone(), wise_ft, ..o.clone() };
+    let (tuned_again, averaged) = (stage("stage-tuned", moving(None))?, stage("stage-wise-ft", moving(Some(0.25)))?);
     let weights = |dir: &Path| -> anyhow::Result<HashMap<String, Tensor>> {
         let mut w = candle_core::safetensors::load(dir.join("student_temporal").join("model.safetensors"), &dev)?;
         w.extend(candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev)?.into_iter().map(|(n, t)| (format!("head.{n}"), t)));
         Ok(w)
     };
     let (start, end, avg) = (weights(&tuned_dir)?, weights(&tuned_again)?, weights(&averaged)?);
-    let max_abs = |t: Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
     let mut moved = 0;
     for (name, s) in &start {
         moved += usize::from(max_abs((&end[name] - s)?)? > 1e-6);
