@@ -127,6 +127,7 @@ fn labels(rows: &[[f32; DIM]]) -> LabelSet {
         })
         .collect();
     LabelSet {
+        calibration: None,
         version: 1,
         dim: DIM as u32,
         space_id: SPACE_ID.into(),

@@ -118,6 +118,11 @@ fn padded(set: &LabelSet, n: usize) -> LabelSet {
             pooled: rng.unit_vector(dim),
             threshold: Some(1.0),
         });
+        // A calibrated set (exclusive mode) decides over every label, padding included.
+        if let Some(c) = set.calibration.as_mut() {
+            c.biases.push(0.0);
+            c.background.push(false);
+        }
         i += 1;
     }
     set.version += 1;

@@ -59,6 +59,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::gpio::{ChipSelector, LineRef, LineSelector, Mode};
+use crate::labels::Calibration;
 use crate::pipeline::{DEFAULT_HYSTERESIS, DEFAULT_THRESHOLD};
 
 /// Bundle run when the config names none (the shipped demo: the action student trained on the
@@ -168,6 +169,11 @@ pub struct Decision {
     /// Time constant of the exponential moving average applied to the score before the
     /// threshold (see [`crate::decision`]); 0 turns smoothing off. Default 0.
     pub smoothing_ms: u64,
+    /// Use the label set's calibration (`clipact-host calibrate`: one action at a time,
+    /// per-label thresholds and the smoothing, minimum duration, hysteresis and cooldown it
+    /// was measured with) when it has one. `false`: every label decides on its raw score with
+    /// the settings above. Only in `[decision]`. Default true.
+    pub calibrated: bool,
 }
 
 impl Default for Decision {
@@ -178,6 +184,7 @@ impl Default for Decision {
             min_duration_ms: 0,
             cooldown_ms: 0,
             smoothing_ms: 0,
+            calibrated: true,
         }
     }
 }
@@ -577,10 +584,22 @@ impl Config {
         Ok(())
     }
 
-    /// The decision policy for `label`: `[decision]`, then the label set's own threshold
+    /// The decision policy for `label`: `[decision]`, then the label set's calibration (when
+    /// `[decision] calibrated` allows it), then the set's own threshold for the label
     /// (`label_set_threshold`), then `[labels.<label>]`, each overriding the one before.
-    pub fn decision_for(&self, label: &str, label_set_threshold: Option<f32>) -> Decision {
+    pub fn decision_for(
+        &self,
+        label: &str,
+        calibration: Option<&Calibration>,
+        label_set_threshold: Option<f32>,
+    ) -> Decision {
         let mut d = self.decision;
+        if let Some(c) = calibration.filter(|_| self.decision.calibrated) {
+            d.smoothing_ms = c.smoothing_ms;
+            d.min_duration_ms = c.min_duration_ms;
+            d.hysteresis = c.hysteresis;
+            d.cooldown_ms = c.cooldown_ms;
+        }
         if let Some(t) = label_set_threshold {
             d.threshold = t;
         }

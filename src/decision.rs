@@ -25,7 +25,8 @@
 
 use std::time::Duration;
 
-use crate::config::Decision;
+use crate::config::{Config, Decision};
+use crate::labels::{DecisionMode, LabelSet};
 
 /// How far a detection's smoothed score must climb above the score last reported (at its start
 /// or its last update) to be reported again as [`Transition::Rose`].
@@ -107,6 +108,13 @@ impl LabelDecider {
     /// an earlier time is treated as no time passing). Returns the smoothed score and the
     /// transition this frame caused, if any.
     pub fn update(&mut self, score: f32, time: Duration) -> (f32, Option<Transition>) {
+        let smoothed = self.smooth(score, time);
+        (smoothed, self.step(smoothed, time))
+    }
+
+    /// The smoothing half of [`LabelDecider::update`]: folds `score` into the moving average
+    /// and returns it, without deciding anything.
+    fn smooth(&mut self, score: f32, time: Duration) -> f32 {
         let dt = time.saturating_sub(self.last_time);
         self.last_time = self.last_time.max(time);
         let smoothed = match (self.smoothed, self.policy.smoothing_ms) {
@@ -117,7 +125,7 @@ impl LabelDecider {
             _ => score,
         };
         self.smoothed = Some(smoothed);
-        (smoothed, self.step(smoothed, time))
+        smoothed
     }
 
     fn step(&mut self, score: f32, time: Duration) -> Option<Transition> {
@@ -180,6 +188,131 @@ impl LabelDecider {
             _ => None,
         }
     }
+}
+
+/// A label turning on or off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Event {
+    /// On (`true`, a new detection or an update of one) or off (the detection ended).
+    pub active: bool,
+    /// An update of a detection in progress (its score reached a new peak), not its start.
+    pub update: bool,
+    /// Index of the label in the current label set.
+    pub label: usize,
+    /// The label's smoothed score on this frame.
+    pub score: f32,
+    /// When the detection started (stream time): for a new detection, when its score first
+    /// reached the threshold (before any minimum duration); for an end, its start.
+    pub since: Duration,
+    /// The highest smoothed score of the detection (for a start: this frame's score).
+    pub peak: f32,
+}
+
+/// The decisions of a whole label set: one [`LabelDecider`] per label, fed every frame's raw
+/// scores. The device's pipeline and `clipact eval --stream` run this same code.
+///
+/// In [`DecisionMode::Independent`] each label's decider sees its raw score. In
+/// [`DecisionMode::Exclusive`] (a calibrated set) the scores first become one distribution,
+/// `p = softmax(scale · s + bias)` over every label, background labels included; each
+/// decider smooths its label's probability, and only the label that leads the smoothed
+/// distribution may start or stay on: the others are stepped with a score below any
+/// threshold, so a label fires because it wins, not because a raw similarity crossed a
+/// number, and an action that loses the lead ends.
+#[derive(Debug, Clone, Default)]
+pub struct Decisions {
+    deciders: Vec<LabelDecider>,
+    smoothed: Vec<f32>,
+    mode: DecisionMode,
+    scale: f32,
+    biases: Vec<f32>,
+    background: Vec<bool>,
+    /// The distribution of the current frame (exclusive mode).
+    probabilities: Vec<f32>,
+}
+
+impl Decisions {
+    /// Idle deciders for every label of `labels`, with the policy `config` gives each
+    /// ([`Config::decision_for`]); the set's calibration picks the mode unless `config`
+    /// turns it off.
+    pub fn new(labels: &LabelSet, config: &Config) -> Self {
+        let n = labels.labels.len();
+        let calibration = labels.calibration.as_ref().filter(|_| config.decision.calibrated);
+        Self {
+            deciders: labels
+                .labels
+                .iter()
+                .map(|l| LabelDecider::new(config.decision_for(&l.name, calibration, l.threshold)))
+                .collect(),
+            smoothed: vec![0.0; n],
+            mode: calibration.map_or(DecisionMode::Independent, |c| c.mode),
+            scale: calibration.map_or(1.0, |c| c.scale),
+            biases: calibration.map_or_else(|| vec![0.0; n], |c| c.biases.clone()),
+            background: calibration.map_or_else(|| vec![false; n], |c| c.background.clone()),
+            probabilities: vec![0.0; n],
+        }
+    }
+
+    /// How the labels compete.
+    pub fn mode(&self) -> DecisionMode {
+        self.mode
+    }
+
+    /// One decider per label, in label-set order.
+    pub fn deciders(&self) -> &[LabelDecider] {
+        &self.deciders
+    }
+
+    /// The smoothed decision score of every label on the last frame: the raw score in
+    /// independent mode, the probability in exclusive mode.
+    pub fn smoothed(&self) -> &[f32] {
+        &self.smoothed
+    }
+
+    /// Feeds one frame's raw scores (one per label) taken at stream time `time`; appends the
+    /// labels that turned on, rose or turned off to `events`. Allocates nothing unless `events`
+    /// must grow.
+    pub fn update(&mut self, scores: &[f32], time: Duration, events: &mut Vec<Event>) {
+        let inputs: &[f32] = match self.mode {
+            DecisionMode::Independent => scores,
+            DecisionMode::Exclusive => {
+                softmax_into(scores, self.scale, &self.biases, &mut self.probabilities);
+                &self.probabilities
+            }
+        };
+        for ((decider, smoothed), &score) in self.deciders.iter_mut().zip(self.smoothed.iter_mut()).zip(inputs) {
+            *smoothed = decider.smooth(score, time);
+        }
+        let leader = match self.mode {
+            DecisionMode::Independent => None,
+            DecisionMode::Exclusive => self.smoothed.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i),
+        };
+        for (label, (decider, &smoothed)) in self.deciders.iter_mut().zip(&self.smoothed).enumerate() {
+            let may_be_on = leader.is_none_or(|l| l == label) && !self.background[label];
+            let transition = decider.step(if may_be_on { smoothed } else { f32::NEG_INFINITY }, time);
+            let (active, update, since, peak) = match transition {
+                Some(Transition::Started { since }) => (true, false, since, smoothed),
+                Some(Transition::Rose { since, peak }) => (true, true, since, peak),
+                Some(Transition::Ended { since, peak }) => (false, false, since, peak),
+                None => continue,
+            };
+            events.push(Event { active, update, label, score: smoothed, since, peak });
+        }
+    }
+}
+
+/// `out = softmax(scale · scores + biases)`, computed stably.
+fn softmax_into(scores: &[f32], scale: f32, biases: &[f32], out: &mut [f32]) {
+    let mut max = f32::NEG_INFINITY;
+    for ((o, &s), &b) in out.iter_mut().zip(scores).zip(biases) {
+        *o = scale * s + b;
+        max = max.max(*o);
+    }
+    let mut sum = 0.0;
+    for o in out.iter_mut() {
+        *o = (*o - max).exp();
+        sum += *o;
+    }
+    out.iter_mut().for_each(|o| *o /= sum);
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ pub enum EvalError {
     Pipeline(String),
 }
 
-/// A labelled synthetic source: `synthetic:seed=N,split=id|ood|zeroshot`.
+/// A labelled synthetic source: `synthetic:seed=N,split=id|ood|zeroshot|idle` (`idle`: streams only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyntheticSource {
     /// Seed of the clips.
@@ -72,7 +72,7 @@ impl std::str::FromStr for SyntheticSource {
         let bad = |reason: String| EvalError::Source { spec: spec.to_owned(), reason };
         let rest = spec
             .strip_prefix("synthetic")
-            .ok_or_else(|| bad("expected synthetic:seed=N,split=id|ood|zeroshot".into()))?;
+            .ok_or_else(|| bad("expected synthetic:seed=N,split=id|ood|zeroshot|idle".into()))?;
         let rest = rest.strip_prefix(':').unwrap_or(rest);
         let mut out = SyntheticSource { seed: 0, split: Split::Id };
         for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -84,7 +84,7 @@ impl std::str::FromStr for SyntheticSource {
             }
         }
         if out.split == Split::Train {
-            return Err(bad("split=train is the training data; evaluate on id, ood or zeroshot".into()));
+            return Err(bad("split=train is the training data; evaluate on id, ood, zeroshot or idle".into()));
         }
         Ok(out)
     }
@@ -188,6 +188,12 @@ pub fn evaluate_rendered(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<EvalReport>, EvalError> {
     let split = opts.source.split;
+    if split == Split::Idle {
+        return Err(EvalError::Source {
+            spec: format!("synthetic:seed={},split=idle", opts.source.seed),
+            reason: "split=idle has no action clips to classify; evaluate it as a stream (--stream)".into(),
+        });
+    }
     let set = candidate_set(&bundle.labels, split, opts.candidates)?;
     let names: Vec<String> = set.labels.iter().map(|l| l.name.clone()).collect();
     let matrix = LabelMatrix::new(&set);

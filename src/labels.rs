@@ -8,14 +8,17 @@
 //!
 //! ```text
 //! magic        8 bytes  b"CLIPACTL"
-//! format       u16 LE   FORMAT_VERSION
+//! format       u16 LE   1 or 2 (FORMAT_VERSION)
 //! body_len     u32 LE   length of the body
-//! body         postcard Body { version, dim, space_id, labels }
+//! body         postcard Body { version, dim, space_id, labels[, calibration] }
 //! crc          u32 LE   CRC-32 (ISO-HDLC) of every byte before it, magic included
 //! ```
 //!
 //! The CRC covers the header too, so any single corrupted byte is caught before the body is
 //! decoded. postcard is not self-describing: fields are only ever appended in a new `format`.
+//! Format 2 appends the optional [`Calibration`] (how the set's scores become decisions, from
+//! `clipact-host calibrate`); a set without one is still written as format 1, so devices
+//! that predate format 2 keep accepting it.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -25,8 +28,10 @@ use serde::{Deserialize, Serialize};
 
 /// First bytes of every encoded label set.
 pub const MAGIC: [u8; 8] = *b"CLIPACTL";
-/// The envelope format this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest envelope format this build reads and writes (it reads every older one too).
+pub const FORMAT_VERSION: u16 = 2;
+/// Longest accepted calibration provenance, in bytes.
+pub const MAX_PROVENANCE_LEN: usize = 4096;
 /// Longest accepted embedding-space id, in bytes.
 pub const MAX_SPACE_ID_LEN: usize = 128;
 /// Bytes of envelope around the body: magic, format, body length and CRC.
@@ -75,6 +80,60 @@ pub struct LabelSet {
     pub space_id: String,
     /// The labels, in score order.
     pub labels: Vec<Label>,
+    /// How the scores become decisions, as calibrated on held-out streams (format 2); `None`:
+    /// the device's configured policy alone.
+    pub calibration: Option<Calibration>,
+}
+
+/// How labels compete for a frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecisionMode {
+    /// Each label decides on its own raw score against its own threshold; several labels may
+    /// be on at once.
+    #[default]
+    Independent,
+    /// One action at a time: scores become probabilities, `softmax(scale · s + bias)` over
+    /// every label (background labels included), and only the label leading that
+    /// distribution may be on; it fires when its probability reaches its threshold.
+    Exclusive,
+}
+
+/// The decision part of a label set: chosen by `clipact-host calibrate` on held-out streams so
+/// that the set's events reach a target precision, and shipped with the set so that a pushed
+/// set brings the policy it was measured with. A device's config still overrides any of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// How labels compete.
+    pub mode: DecisionMode,
+    /// Inverse temperature of [`DecisionMode::Exclusive`]'s softmax (> 0).
+    pub scale: f32,
+    /// Per label, in set order: a log-prior added to `scale · s` ([`DecisionMode::Exclusive`]).
+    /// Labels without training clips get a positive one, so that the labels the encoder was
+    /// trained on do not win every near tie (calibrated stacking).
+    pub biases: Vec<f32>,
+    /// Per label, in set order: a background label ("none of these") takes part in the
+    /// softmax but never fires.
+    pub background: Vec<bool>,
+    /// Time constant of the score's moving average, ms (0: off).
+    pub smoothing_ms: u64,
+    /// How long a label must lead and stay above its threshold before it fires, ms.
+    pub min_duration_ms: u64,
+    /// How far below its threshold an active label must fall to end (≥ 0).
+    pub hysteresis: f32,
+    /// How long an ended label stays quiet, ms.
+    pub cooldown_ms: u64,
+    /// Where it came from: the command, the streams, the target and what was measured.
+    pub provenance: String,
+}
+
+/// The body of a format-1 label set (no calibration).
+#[derive(Deserialize)]
+struct BodyV1 {
+    version: u64,
+    dim: u32,
+    space_id: String,
+    labels: Vec<Label>,
 }
 
 /// Why a label set was refused.
@@ -94,7 +153,7 @@ pub enum LabelSetError {
     },
     /// A format this build cannot read.
     #[error(
-        "unsupported label-set format version {found} (this build reads version {FORMAT_VERSION})"
+        "unsupported label-set format version {found} (this build reads versions 1 to {FORMAT_VERSION})"
     )]
     UnsupportedFormat {
         /// The format version found.
@@ -233,19 +292,68 @@ impl LabelSet {
                 }
             }
         }
+        if let Some(c) = &self.calibration {
+            self.validate_calibration(c).map_err(|e| LabelSetError::Invalid(format!("calibration: {e}")))?;
+        }
         Ok(())
     }
 
-    /// Encodes the set into the envelope described in the module docs.
+    fn validate_calibration(&self, c: &Calibration) -> Result<(), String> {
+        let n = self.labels.len();
+        if c.biases.len() != n || c.background.len() != n {
+            return Err(format!(
+                "{} biases and {} background flags for {n} labels",
+                c.biases.len(),
+                c.background.len()
+            ));
+        }
+        if !(c.scale.is_finite() && c.scale > 0.0) {
+            return Err(format!("scale {} must be positive and finite", c.scale));
+        }
+        if let Some(i) = c.biases.iter().position(|b| !b.is_finite()) {
+            return Err(format!("bias of label {i} ({:?}) is not finite", self.labels[i].name));
+        }
+        if !(c.hysteresis.is_finite() && c.hysteresis >= 0.0) {
+            return Err(format!("hysteresis {} must be finite and >= 0", c.hysteresis));
+        }
+        if c.provenance.len() > MAX_PROVENANCE_LEN {
+            return Err(format!("provenance of {} bytes (at most {MAX_PROVENANCE_LEN})", c.provenance.len()));
+        }
+        if c.background.iter().all(|&b| b) {
+            return Err("every label is background: nothing could ever fire".into());
+        }
+        if c.mode == DecisionMode::Exclusive {
+            for (label, _) in self.labels.iter().zip(&c.background).filter(|(_, &bg)| !bg) {
+                match label.threshold {
+                    Some(t) if t > 0.0 && t <= 1.0 => {}
+                    Some(t) => {
+                        return Err(format!(
+                            "label {:?} has threshold {t}; in exclusive mode a threshold is a probability in (0, 1]",
+                            label.name
+                        ))
+                    }
+                    None => return Err(format!("label {:?} has no threshold (exclusive mode needs one per label)", label.name)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the set into the envelope described in the module docs: format 1 when it has
+    /// no calibration, else format 2.
     pub fn encode(&self) -> Result<Vec<u8>, LabelSetError> {
         self.validate()?;
-        let body = postcard::to_stdvec(self).map_err(LabelSetError::Body)?;
+        let (format, body) = match &self.calibration {
+            None => (1u16, postcard::to_stdvec(&(self.version, self.dim, &self.space_id, &self.labels))),
+            Some(_) => (FORMAT_VERSION, postcard::to_stdvec(self)),
+        };
+        let body = body.map_err(LabelSetError::Body)?;
         let body_len = u32::try_from(body.len()).map_err(|_| {
             LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len()))
         })?;
         let mut out = Vec::with_capacity(ENVELOPE_LEN + body.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&format.to_le_bytes());
         out.extend_from_slice(&body_len.to_le_bytes());
         out.extend_from_slice(&body);
         let crc = CRC32.checksum(&out);
@@ -265,7 +373,7 @@ impl LabelSet {
             return Err(LabelSetError::BadMagic { found });
         }
         let format = u16::from_le_bytes([rest[0], rest[1]]);
-        if format != FORMAT_VERSION {
+        if format == 0 || format > FORMAT_VERSION {
             return Err(LabelSetError::UnsupportedFormat { found: format });
         }
         let body_len = u32::from_le_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
@@ -283,8 +391,14 @@ impl LabelSet {
         if stored != computed {
             return Err(LabelSetError::CrcMismatch { stored, computed });
         }
-        let (set, unread) = postcard::take_from_bytes::<LabelSet>(&covered[header_len..])
-            .map_err(LabelSetError::Body)?;
+        let body = &covered[header_len..];
+        let (set, unread) = if format == 1 {
+            let (v1, unread) = postcard::take_from_bytes::<BodyV1>(body).map_err(LabelSetError::Body)?;
+            let set = LabelSet { version: v1.version, dim: v1.dim, space_id: v1.space_id, labels: v1.labels, calibration: None };
+            (set, unread)
+        } else {
+            postcard::take_from_bytes::<LabelSet>(body).map_err(LabelSetError::Body)?
+        };
         if !unread.is_empty() {
             return Err(LabelSetError::Invalid(format!(
                 "{} unread bytes after the body",
@@ -409,11 +523,72 @@ mod tests {
             threshold: Some(0.25),
         };
         LabelSet {
+            calibration: None,
             version: 3,
             dim: dim as u32,
             space_id: "test-space".into(),
             labels: vec![label("waves", 3), label("falls", 2)],
         }
+    }
+
+    fn calibrated(mut set: LabelSet) -> LabelSet {
+        for l in &mut set.labels {
+            l.threshold = Some(0.7);
+        }
+        set.calibration = Some(Calibration {
+            mode: DecisionMode::Exclusive,
+            scale: 30.0,
+            biases: vec![0.0, 1.5],
+            background: vec![false, false],
+            smoothing_ms: 400,
+            min_duration_ms: 100,
+            hysteresis: 0.1,
+            cooldown_ms: 0,
+            provenance: "test streams".into(),
+        });
+        set
+    }
+
+    #[test]
+    fn a_calibrated_set_is_format_2_and_an_uncalibrated_one_stays_format_1() {
+        let plain = sample_set();
+        let bytes = plain.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 1, "readable by devices that predate format 2");
+        assert_eq!(LabelSet::decode(&bytes).unwrap(), plain);
+        let set = calibrated(sample_set());
+        let bytes = set.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2);
+        assert_eq!(LabelSet::decode(&bytes).unwrap(), set);
+        // Every truncation of a format-2 set is refused too.
+        for len in 0..bytes.len() {
+            assert!(LabelSet::decode(&bytes[..len]).is_err(), "{len} bytes accepted");
+        }
+        let mut future = bytes.clone();
+        future[8] = 3;
+        assert!(matches!(LabelSet::decode(&future), Err(LabelSetError::UnsupportedFormat { found: 3 })));
+    }
+
+    #[test]
+    fn a_calibration_that_cannot_decide_is_refused_naming_what_is_wrong() {
+        let cases: [(&str, fn(&mut LabelSet)); 6] = [
+            ("no threshold", |s| s.labels[1].threshold = None),
+            ("probability in (0, 1]", |s| s.labels[0].threshold = Some(1.5)),
+            ("1 biases", |s| s.calibration.as_mut().unwrap().biases.pop().map(drop).unwrap_or(())),
+            ("scale", |s| s.calibration.as_mut().unwrap().scale = 0.0),
+            ("every label is background", |s| s.calibration.as_mut().unwrap().background = vec![true, true]),
+            ("bias of label 1", |s| s.calibration.as_mut().unwrap().biases[1] = f32::NAN),
+        ];
+        for (want, break_it) in cases {
+            let mut set = calibrated(sample_set());
+            break_it(&mut set);
+            let err = set.encode().unwrap_err().to_string();
+            assert!(err.contains("calibration") && err.contains(want), "{want}: {err}");
+        }
+        // A background label needs no threshold.
+        let mut set = calibrated(sample_set());
+        set.labels[1].threshold = None;
+        set.calibration.as_mut().unwrap().background[1] = true;
+        set.validate().unwrap();
     }
 
     #[test]

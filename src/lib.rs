@@ -27,6 +27,7 @@ pub mod precision;
 pub mod preprocess;
 pub mod quantize;
 pub mod runtime;
+pub mod stream_eval;
 pub mod source;
 pub mod temporal;
 pub mod update;

@@ -40,13 +40,16 @@ enum Command {
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     clipact eval --bundle models/demo --source synthetic:seed=1,split=id --clips 150\n  \
-    clipact eval --bundle models/demo --source synthetic:split=zeroshot --json")]
+    clipact eval --bundle models/demo --source synthetic:split=zeroshot --json\n  \
+    clipact eval --bundle models/demo --source synthetic:seed=5,split=id --stream --seconds 600\n  \
+    clipact eval --bundle models/demo --source synthetic:seed=5,split=idle --stream --seconds 3600 --json")]
 struct EvalArgs {
     /// Model bundle directory.
     #[arg(long)]
     bundle: PathBuf,
     /// Labelled clips: `synthetic:seed=N,split=id|ood|zeroshot` (the synthetic action world;
-    /// `id`/`ood` hold the trained actions in seen/unseen appearance, `zeroshot` held-out ones).
+    /// `id`/`ood` hold the trained actions in seen/unseen appearance, `zeroshot` held-out ones;
+    /// with `--stream` also `idle`, a figure that never acts).
     #[arg(long)]
     source: String,
     /// Number of clips, spread evenly over the split's actions (one window of the bundle's
@@ -64,9 +67,23 @@ struct EvalArgs {
     /// Encoder precision: `f32` or `int8` (the bundle's int8 file).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// Print one JSON object (`top1`, `top5`, `per_class`, ...) instead of a table.
+    /// Print one JSON object (`top1`, `top5`, `per_class`, ...; with `--stream`:
+    /// `new_events`, `event_precision`, `event_recall`, `latency_p50_s`, `latency_p99_s`,
+    /// `false_alarms_per_hour`, `per_label`) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Events on a continuous stream instead of clips: the device's pipeline and decisions over
+    /// `--seconds` of the world (actions, the idle figure between them; `split=idle`: only the
+    /// idle figure), graded as DESIGN.md "Decisions on a stream" defines.
+    #[arg(long)]
+    stream: bool,
+    /// Stream seconds (`--stream`), at the world's 10 frames per second.
+    #[arg(long, default_value_t = 600.0, requires = "stream")]
+    seconds: f64,
+    /// Device config whose `[decision]` and `[labels.*]` settings the stream is decided with
+    /// (`--stream`; default: the device defaults and the label set's own thresholds).
+    #[arg(long, value_name = "FILE", requires = "stream")]
+    config: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Default)]
@@ -78,7 +95,7 @@ struct RunArgs {
     /// Model bundle directory (overrides the config's `bundle`; default models/demo).
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Frame source (overrides the config's `source`): `synthetic[:seed=N,split=id|ood|zeroshot]`
+    /// Frame source (overrides the config's `source`): `synthetic[:seed=N,split=id|ood|zeroshot|idle]`
     /// (the default: the synthetic action world, its ground truth in every event),
     /// `pattern[:seed=N]` (the colour test pattern of `models/colour-demo`),
     /// `v4l:/dev/video0[,size=WxH,format=yuyv|mjpeg]`, `pipe:WxH:rgb24|yuyv422|gray|yuv420p`
@@ -427,6 +444,9 @@ fn eval(args: EvalArgs) -> Result<()> {
         other => bail!("--precision {other}: expected f32 or int8"),
     };
     let bundle = Bundle::open(&args.bundle).with_context(|| format!("opening bundle {}", args.bundle.display()))?;
+    if args.stream {
+        return eval_stream(&args, &bundle, source, int8);
+    }
     let interaction = match &args.interaction {
         Some(i) => i.parse().map_err(|e: String| anyhow::anyhow!("--interaction: {e}"))?,
         None => bundle.manifest.interaction().map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -457,6 +477,63 @@ fn eval(args: EvalArgs) -> Result<()> {
         for c in &report.per_class {
             println!("  {:<20} {:>4} clips  {:>5.1} %", c.label, c.clips, c.top1 * 100.0);
         }
+    }
+    Ok(())
+}
+
+/// `clipact eval --stream`.
+fn eval_stream(args: &EvalArgs, bundle: &Bundle, source: clipact::eval::SyntheticSource, int8: bool) -> Result<()> {
+    use clipact::decision::Decisions;
+    use clipact::stream_eval::{record, replay, score};
+    anyhow::ensure!(args.interaction.is_none(), "--interaction: a stream runs the bundle's own head");
+    let config = match &args.config {
+        Some(path) => clipact::config::Config::load(path)?,
+        None => clipact::config::Config::default(),
+    };
+    let start = Instant::now();
+    let recording = record(bundle, &bundle.labels, source, args.seconds, int8, &mut |done, total| {
+        if done % 1000 == 0 || done == total {
+            tracing::info!("{done}/{total} frames");
+        }
+    })?;
+    let events = replay(&recording, &mut Decisions::new(&bundle.labels, &config), &mut |_, _, _| {});
+    let report = score(&recording, &events);
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["precision"] = json!(if int8 { "int8" } else { "f32" });
+        v["wall_seconds"] = json!(start.elapsed().as_secs_f64());
+        println!("{v}");
+        return Ok(());
+    }
+    let pct = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{:.1} %", x * 100.0));
+    let secs = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.1} s"));
+    println!(
+        "{} split, seed {}, {:.0} s: {} new events, precision {}, recall {} ({}/{} instances), latency p50 {} p99 {}, {} false alarms ({:.1} per hour)",
+        report.split,
+        report.seed,
+        report.seconds,
+        report.new_events,
+        pct(report.event_precision),
+        pct(report.event_recall),
+        report.detected,
+        report.instances,
+        secs(report.latency_p50_s),
+        secs(report.latency_p99_s),
+        report.false_alarms,
+        report.false_alarms_per_hour
+    );
+    println!("  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}", "label", "instances", "recall", "events", "precision", "idle", "p50");
+    for r in &report.per_label {
+        println!(
+            "  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}",
+            r.label,
+            r.instances,
+            pct(r.recall),
+            r.new_events,
+            pct(r.precision),
+            r.false_alarms,
+            secs(r.latency_p50_s)
+        );
     }
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::bundle::Bundle;
 use crate::config::Config;
-use crate::decision::{LabelDecider, Transition};
+pub use crate::decision::Event;
+use crate::decision::{Decisions, LabelDecider};
 use crate::encoder::{Encoder, EncoderError};
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PreprocessError, Preprocessor};
@@ -60,24 +61,6 @@ impl From<ScorerError> for PipelineError {
     }
 }
 
-/// A label turning on or off.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Event {
-    /// On (`true`, a new detection or an update of one) or off (the detection ended).
-    pub active: bool,
-    /// An update of a detection in progress (its score reached a new peak), not its start.
-    pub update: bool,
-    /// Index of the label in the current label set.
-    pub label: usize,
-    /// The label's smoothed score on this frame.
-    pub score: f32,
-    /// When the detection started (stream time): for a new detection, when its score first
-    /// reached the threshold (before any minimum duration); for an end, its start.
-    pub since: Duration,
-    /// The highest smoothed score of the detection (for a start: this frame's score).
-    pub peak: f32,
-}
-
 /// Where the time of the last [`Pipeline::process_at`] went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FrameTimings {
@@ -101,9 +84,7 @@ pub struct Pipeline {
     /// Where each label's decision comes from; re-read when a label set is swapped in.
     config: Config,
     /// Per label of the current set.
-    deciders: Vec<LabelDecider>,
-    /// Smoothed score per label on the last frame.
-    smoothed: Vec<f32>,
+    decisions: Decisions,
     timings: FrameTimings,
     /// Stream-time origin for [`Pipeline::process`].
     created: Instant,
@@ -143,8 +124,7 @@ impl Pipeline {
             scorer,
             labels: bundle.labels.clone(),
             config: config.clone(),
-            deciders: Vec::new(),
-            smoothed: Vec::new(),
+            decisions: Decisions::default(),
             timings: FrameTimings::default(),
             created: Instant::now(),
         };
@@ -153,23 +133,17 @@ impl Pipeline {
     }
 
     fn reset_decisions(&mut self) {
-        self.deciders = self
-            .labels
-            .labels
-            .iter()
-            .map(|l| LabelDecider::new(self.config.decision_for(&l.name, l.threshold)))
-            .collect();
-        self.smoothed = vec![0.0; self.labels.labels.len()];
+        self.decisions = Decisions::new(&self.labels, &self.config);
     }
 
     /// The deciders of the current set, one per label (their state: active, smoothed score).
     pub fn deciders(&self) -> &[LabelDecider] {
-        &self.deciders
+        self.decisions.deciders()
     }
 
     /// Smoothed scores of the last frame, one per label of the current set.
     pub fn smoothed(&self) -> &[f32] {
-        &self.smoothed
+        self.decisions.smoothed()
     }
 
     /// Where the last frame's time went.
@@ -225,41 +199,10 @@ impl Pipeline {
         let weight_logit = self.encoder.run(&self.pixels, &mut self.embedding)?;
         let encoded = Instant::now();
         let scores = self.scorer.push(&self.embedding, weight_logit)?;
-        for (label, ((&score, decider), smoothed)) in scores
-            .iter()
-            .zip(self.deciders.iter_mut())
-            .zip(self.smoothed.iter_mut())
-            .enumerate()
-        {
-            let (score, transition) = decider.update(score, time);
-            *smoothed = score;
-            match transition {
-                Some(Transition::Started { since }) => events.push(Event {
-                    active: true,
-                    update: false,
-                    label,
-                    score,
-                    since,
-                    peak: score,
-                }),
-                Some(Transition::Rose { since, peak }) => events.push(Event {
-                    active: true,
-                    update: true,
-                    label,
-                    score,
-                    since,
-                    peak,
-                }),
-                Some(Transition::Ended { since, peak }) => events.push(Event {
-                    active: false,
-                    update: false,
-                    label,
-                    score,
-                    since,
-                    peak,
-                }),
-                None => {}
-            }
+        // A window still filling up (the stream's first frames) scores one or two frames as if
+        // they were a whole action: nothing is decided until it holds T frames.
+        if self.scorer.scorer().len() >= self.scorer.window() {
+            self.decisions.update(scores, time, events);
         }
         let done = Instant::now();
         self.timings = FrameTimings {

@@ -1187,6 +1187,7 @@ mod tests {
     fn sample_set(version: u64, n_labels: usize) -> LabelSet {
         let dim = 4;
         LabelSet {
+            calibration: None,
             version,
             dim: dim as u32,
             space_id: "test-space".into(),

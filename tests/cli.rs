@@ -477,3 +477,51 @@ fn eval_reports_accuracy_consistent_with_its_confusion_matrix() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown split \"bogus\""));
 }
+
+#[test]
+fn eval_stream_grades_the_events_the_device_starts() {
+    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let bundle = bundle.to_str().unwrap();
+    let stream = |split: &str| -> serde_json::Value {
+        let source = format!("synthetic:seed=5,split={split}");
+        let out = clipact_ok(&["eval", "--bundle", bundle, "--source", &source, "--stream", "--seconds", "30", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let report = stream("id");
+    for key in ["new_events", "event_precision", "event_recall", "latency_p50_s", "latency_p99_s", "false_alarms_per_hour"] {
+        assert!(report.get(key).is_some(), "no {key} in {report}");
+    }
+    let n = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"));
+    assert_eq!(report["frames"], 300);
+    assert!(n("instances") >= 5, "an action every ~4 s: {report}");
+    assert!((report["event_recall"].as_f64().unwrap() - n("detected") as f64 / n("instances") as f64).abs() < 1e-9);
+    assert!(n("right_events") + n("false_alarms") <= n("new_events"));
+    let per_label = report["per_label"].as_array().unwrap();
+    assert_eq!(per_label.len(), 18);
+    let summed: u64 = per_label.iter().map(|r| r["new_events"].as_u64().unwrap()).sum();
+    assert_eq!(summed, n("new_events"));
+
+    // The same stream through `clipact run` (f32, as eval runs it) starts exactly these events,
+    // and every one whose frame shows its own action is graded right.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("device.toml");
+    std::fs::write(&config, "precision = \"f32\"\n").unwrap();
+    let out = clipact_ok(&["run", "--config", config.to_str().unwrap(), "--bundle", bundle, "--source", "synthetic:seed=5,split=id", "--for", "30"]);
+    let news: Vec<serde_json::Value> = json_lines(&out.stdout).into_iter().filter(|e| e["type"] == "new").collect();
+    assert_eq!(news.len() as u64, n("new_events"), "run and eval --stream disagree");
+    let on_their_action = news.iter().filter(|e| e["truth"]["action"] == e["label"]).count() as u64;
+    assert!(n("right_events") >= on_their_action, "{on_their_action} events on their action, {report}");
+
+    // A figure that never acts: no instances, and every event is a false alarm.
+    let idle = stream("idle");
+    assert_eq!(idle["instances"], 0, "{idle}");
+    assert!(idle["event_recall"].is_null(), "{idle}");
+    assert_eq!(idle["false_alarms"], idle["new_events"], "{idle}");
+    let per_hour = idle["false_alarms"].as_f64().unwrap() * 120.0;
+    assert!((idle["false_alarms_per_hour"].as_f64().unwrap() - per_hour).abs() < 1e-6, "{idle}");
+
+    // Clips of `idle` do not exist: the error says to stream it.
+    let out = clipact(&["eval", "--bundle", bundle, "--source", "synthetic:split=idle"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stream"), "{}", String::from_utf8_lossy(&out.stderr));
+}

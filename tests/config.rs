@@ -197,17 +197,17 @@ fn decisions_resolve_in_order() {
     )
     .unwrap();
     // [decision] only.
-    let d = config.decision_for("c", None);
+    let d = config.decision_for("c", None, None);
     assert_eq!(
         (d.threshold, d.cooldown()),
         (0.4, Duration::from_millis(100))
     );
     // The label set's threshold beats [decision]...
-    assert_eq!(config.decision_for("c", Some(0.6)).threshold, 0.6);
-    assert_eq!(config.decision_for("b", Some(0.6)).threshold, 0.6);
-    assert_eq!(config.decision_for("b", Some(0.6)).hysteresis, 0.1);
+    assert_eq!(config.decision_for("c", None, Some(0.6)).threshold, 0.6);
+    assert_eq!(config.decision_for("b", None, Some(0.6)).threshold, 0.6);
+    assert_eq!(config.decision_for("b", None, Some(0.6)).hysteresis, 0.1);
     // ...and [labels.NAME] beats both.
-    let a = config.decision_for("a", Some(0.6));
+    let a = config.decision_for("a", None, Some(0.6));
     assert_eq!(a.threshold, 0.2);
     assert_eq!(a.min_duration(), Duration::from_millis(50));
     assert_eq!(a.cooldown_ms, 100);
@@ -217,8 +217,8 @@ fn decisions_resolve_in_order() {
 #[test]
 fn smoothing_is_a_decision_key_with_per_label_overrides() {
     let config = parse("[decision]\nsmoothing_ms = 300\n[labels.a]\nsmoothing_ms = 0\n").unwrap();
-    assert_eq!(config.decision_for("b", None).smoothing_ms, 300);
-    assert_eq!(config.decision_for("a", None).smoothing_ms, 0);
+    assert_eq!(config.decision_for("b", None, None).smoothing_ms, 300);
+    assert_eq!(config.decision_for("a", None, None).smoothing_ms, 0);
     assert_eq!(parse("").unwrap().decision.smoothing_ms, 0);
     let (message, key) = error("[labels.a]\nsmothing_ms = 1\n");
     assert_contains(&message, &["did you mean `smoothing_ms`?"]);

@@ -144,3 +144,96 @@ fn the_end_reports_the_peak() {
     }
     assert_eq!(ended, Some((0.95, ms(0))));
 }
+
+// ---------------------------------------------------------------------------------------------
+// A whole calibrated set: one action at a time.
+
+use clipact::config::Config;
+use clipact::decision::{Decisions, Event};
+use clipact::labels::{Calibration, DecisionMode, Label, LabelSet};
+
+/// A set of `names` (2-d unit tokens; only names, thresholds and the calibration matter here)
+/// in exclusive mode with scale 10, no smoothing, hysteresis 0.1.
+fn exclusive_set(names: &[&str], thresholds: &[f32], biases: &[f32], background: &[bool]) -> LabelSet {
+    let labels = names
+        .iter()
+        .zip(thresholds)
+        .map(|(name, &t)| Label {
+            name: name.to_string(),
+            text: name.to_string(),
+            tokens: vec![1.0, 0.0],
+            token_weights: vec![1.0],
+            pooled: vec![1.0, 0.0],
+            threshold: Some(t),
+        })
+        .collect();
+    let set = LabelSet {
+        version: 1,
+        dim: 2,
+        space_id: "test".into(),
+        labels,
+        calibration: Some(Calibration {
+            mode: DecisionMode::Exclusive,
+            scale: 10.0,
+            biases: biases.to_vec(),
+            background: background.to_vec(),
+            smoothing_ms: 0,
+            min_duration_ms: 0,
+            hysteresis: 0.1,
+            cooldown_ms: 0,
+            provenance: "test".into(),
+        }),
+    };
+    set.validate().expect("a valid calibrated set");
+    set
+}
+
+/// Feeds one row of raw scores per 100 ms frame; returns (frame, label, started?) per start/end.
+fn run_set(set: &LabelSet, config: &Config, frames: &[&[f32]]) -> Vec<(usize, usize, bool)> {
+    let mut decisions = Decisions::new(set, config);
+    let mut events: Vec<Event> = Vec::new();
+    let mut out = Vec::new();
+    for (i, scores) in frames.iter().enumerate() {
+        events.clear();
+        decisions.update(scores, ms(100 * i as u64), &mut events);
+        out.extend(events.iter().filter(|e| !e.update).map(|e| (i, e.label, e.active)));
+    }
+    out
+}
+
+#[test]
+fn exclusive_mode_fires_the_label_that_wins_and_ends_it_when_another_takes_over() {
+    let set = exclusive_set(&["a", "b", "c"], &[0.6, 0.6, 0.6], &[0.0; 3], &[false; 3]);
+    // p = softmax(10·s). Frame 0: p(a) = 0.54, below 0.6 although its raw score is high.
+    // Frame 1: p(a) = 0.95, a starts. Frame 2: b's raw score is nearly a's, but a still leads
+    // (0.62, above 0.6 − 0.1): no second event. Frame 3: b leads, so a ends and b starts on
+    // the same frame. Frame 4: a tie, c (the last of the leaders) leads with 1/3: b ends and
+    // nothing starts.
+    let frames: [&[f32]; 5] = [&[0.5, 0.48, 0.1], &[0.6, 0.3, 0.1], &[0.6, 0.55, 0.1], &[0.3, 0.6, 0.1], &[0.0, 0.0, 0.0]];
+    assert_eq!(run_set(&set, &Config::default(), &frames), [(1, 0, true), (3, 0, false), (3, 1, true), (4, 1, false)]);
+}
+
+#[test]
+fn a_background_label_takes_probability_and_never_fires() {
+    let set = exclusive_set(&["a", "idle"], &[0.6, 0.6], &[0.0; 2], &[false, true]);
+    let frames: [&[f32]; 3] = [&[0.2, 0.6], &[0.6, 0.2], &[0.4, 0.5]];
+    // The background leads on frames 0 and 2: nothing fires for it, and `a` ends on frame 2.
+    assert_eq!(run_set(&set, &Config::default(), &frames), [(1, 0, true), (2, 0, false)]);
+}
+
+#[test]
+fn a_bias_lets_a_label_win_near_ties_and_the_config_can_turn_calibration_off() {
+    // b trails a by 0.05 in raw score; a log-prior of 1 (= 0.1 of raw score at scale 10)
+    // puts it ahead.
+    let frames: [&[f32]; 1] = [&[0.5, 0.45]];
+    let plain = exclusive_set(&["a", "b"], &[0.55, 0.55], &[0.0, 0.0], &[false; 2]);
+    assert_eq!(run_set(&plain, &Config::default(), &frames), [(0, 0, true)]);
+    let biased = exclusive_set(&["a", "b"], &[0.55, 0.55], &[0.0, 1.0], &[false; 2]);
+    assert_eq!(run_set(&biased, &Config::default(), &frames), [(0, 1, true)]);
+    // `[decision] calibrated = false`: raw scores against the thresholds, independently.
+    let mut config = Config::default();
+    config.decision.calibrated = false;
+    assert_eq!(Decisions::new(&biased, &config).mode(), DecisionMode::Independent);
+    let frames: [&[f32]; 1] = [&[0.6, 0.58]];
+    assert_eq!(run_set(&biased, &config, &frames), [(0, 0, true), (0, 1, true)]);
+}

@@ -262,7 +262,7 @@ fn synthetic_frames_carry_ground_truth_and_replay_identically() {
     assert_eq!(a, take());
     assert!(a.iter().any(|(t, _)| matches!(t, Truth::World { action: Some(_), .. })), "no action in 20 s");
     let err = SourceSpec::parse("synthetic:split=test").unwrap_err().to_string();
-    assert!(err.contains("expected train, id, ood or zeroshot"), "{err}");
+    assert!(err.contains("expected train, id, ood, zeroshot or idle"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -473,3 +473,29 @@ fn odd_sizes_and_frame_counts_render() {
     assert_eq!(stream.next_frame().0.data.len(), 5 * 5 * 3);
     assert!(format!("{stream:?}").contains("frame_index: 1"));
 }
+
+#[test]
+fn the_idle_split_never_acts_yet_moves_and_changes_scene() {
+    assert!(actions_in(Split::Idle).is_empty());
+    let mut stream = WorldStream::new(3, Split::Idle, 32);
+    let mut previous: Option<Vec<u8>> = None;
+    let (mut moving, mut scene_changes) = (0, 0);
+    for _ in 0..1200 {
+        let (frame, truth) = stream.next_frame();
+        assert_eq!(truth.action, None, "an action in the idle split at {truth:?}");
+        if let Some(p) = &previous {
+            let d = mad(p, frame.data);
+            // Sensor noise alone moves a frame by about 1; a figure that shifts, turns or
+            // fidgets by more; a new scene by far more.
+            if d > 1.5 {
+                moving += 1;
+            }
+            if d > 20.0 {
+                scene_changes += 1;
+            }
+        }
+        previous = Some(frame.data.to_vec());
+    }
+    assert!(moving > 100, "the idle figure hardly moves: {moving} of 1200 frames");
+    assert!(scene_changes >= 5, "{scene_changes} scene changes in 2 minutes");
+}

@@ -32,6 +32,7 @@ fn batch_scores(
 fn wti_matches_a_hand_computation() {
     let s = std::f32::consts::FRAC_1_SQRT_2;
     let set = LabelSet {
+        calibration: None,
         version: 1,
         dim: 2,
         space_id: "hand".into(),

@@ -218,6 +218,7 @@ mod tests {
 
     fn set(version: u64) -> LabelSet {
         LabelSet {
+            calibration: None,
             version,
             dim: 2,
             space_id: "space".into(),

@@ -234,7 +234,7 @@ pub enum SourceSpec {
 }
 
 /// The accepted forms, for errors.
-const FORMS: &str = "pattern[:seed=N], synthetic[:seed=N,split=id|ood|zeroshot|train], \
+const FORMS: &str = "pattern[:seed=N], synthetic[:seed=N,split=id|ood|zeroshot|idle|train], \
     v4l:/dev/videoN[,size=WxH,format=yuyv|mjpeg,fps=N], pipe:WxH:rgb24|yuyv422|gray|yuv420p[,fps=N], \
     y4m:FILE, mjpeg:FILE[,fps=N], images:DIR_OR_GLOB[,fps=N], or a .y4m/.mjpeg file or image directory";
 

@@ -15,7 +15,7 @@ use crate::world::{Split, WorldStream, ACTIONS};
 pub struct SyntheticOptions {
     /// World seed.
     pub seed: u64,
-    /// Split name (`train`, `id`, `ood`, `zeroshot`).
+    /// Split name (`train`, `id`, `ood`, `zeroshot`, `idle`).
     pub split: String,
     /// Frame side in pixels; `None`: the bundle's input side, so the frames are drawn the way
     /// the bundle was trained and evaluated on them (`clipact eval` renders at that side too)
@@ -40,7 +40,7 @@ impl Default for SyntheticOptions {
 pub fn check_split(split: &str) -> Result<(), String> {
     Split::from_str(split)
         .map(|_| ())
-        .map_err(|_| format!("split {split:?}: expected train, id, ood or zeroshot"))
+        .map_err(|_| format!("split {split:?}: expected train, id, ood, zeroshot or idle"))
 }
 
 /// Frame side when neither the spec nor the bundle gives one.

@@ -472,6 +472,14 @@ impl MotionParams {
         }
     }
 
+    /// Which of the [`IDLE_STYLES`] an idle stretch of this clip shows. Derived from the
+    /// periodic span rather than drawn, so that adding idle styles left every action's random
+    /// stream (and so every clip the bundles were trained and evaluated on) unchanged.
+    fn idle_style(&self) -> usize {
+        let (_, span) = self.periodic;
+        (((span - 0.6) / 0.4 * IDLE_STYLES as f32) as usize).min(IDLE_STYLES - 1)
+    }
+
     fn yaw(&self, facing: Facing) -> f32 {
         let u = self.facing_u;
         match facing {
@@ -514,9 +522,44 @@ impl MotionParams {
             Some(original) => (original, 1.0 - phase),
             None => (motion, phase),
         };
-        let mut pose = base_pose(base, phase, self.side);
+        let mut pose = if motion == IDLE {
+            idle_pose(phase, self.idle_style())
+        } else {
+            base_pose(base, phase, self.side)
+        };
         pose.yaw += self.yaw(spec.facing);
         pose.with_jitter(&self.jitter)
+    }
+}
+
+/// How many ways of standing idle the world knows ([`idle_pose`]).
+pub(crate) const IDLE_STYLES: usize = 4;
+
+/// A figure that does nothing in particular at phase `p`, in one of [`IDLE_STYLES`] ways:
+/// standing with a gentle sway, shifting its weight from foot to foot, looking around (a small
+/// turn of the body, far from `turning_around`), or fidgeting with its hands low in front. All
+/// stay well short of any action's amplitude: they are what a camera sees between actions.
+fn idle_pose(p: f32, style: usize) -> Pose {
+    let st = Pose::standing();
+    let b = sin(2.0 * PI * p);
+    match style {
+        0 => st
+            .arms((0.12 + 0.04 * b, 0.05 * b), (0.1, 0.15 + 0.05 * b))
+            .leg(LEFT, 0.03 * b, 0.05),
+        1 => {
+            let mut pose = st
+                .leg(LEFT, 0.02, 0.05 + 0.18 * b.max(0.0))
+                .leg(RIGHT, 0.02, 0.05 + 0.18 * (-b).max(0.0));
+            pose.shift = 0.06 * b;
+            pose.roll = 0.03 * b;
+            pose
+        }
+        2 => {
+            let mut pose = st.arms((0.12, 0.0), (0.1, 0.15 + 0.03 * b));
+            pose.yaw = 0.3 * b;
+            pose
+        }
+        _ => st.arms((0.15, 0.25 + 0.06 * b), (0.1, 0.55 + 0.1 * b)),
     }
 }
 
@@ -687,11 +730,7 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
                 .leg(LEFT, 0.25, 0.2)
                 .leg(RIGHT, -0.2, 0.2)
         }
-        // idle: standing with a gentle sway.
-        _ => {
-            let b = sin(tau * p);
-            st.arms((0.12 + 0.04 * b, 0.05 * b), (0.1, 0.15 + 0.05 * b))
-                .leg(LEFT, 0.03 * b, 0.05)
-        }
+        // idle (only reached through MotionParams::pose, which picks the style).
+        _ => idle_pose(p, 0),
     }
 }

@@ -23,6 +23,8 @@
 //!   gradients, wall panels, blotches) and other body proportions (thicker limbs, bigger heads,
 //!   broader shoulders, longer legs). Skin and hair palettes are shared.
 //! - [`Split::Zeroshot`]: the held-out actions ([`ZEROSHOT_ACTIONS`]) with the seen appearance.
+//! - [`Split::Idle`]: no action, only the idle figure (standing, swaying, shifting its weight,
+//!   looking around, fidgeting) in the seen appearance: a stream for counting false alarms.
 //!
 //! # Order-sensitive pairs
 //! `getting_up` is `falling_down` played backwards and `standing_up` is `sitting_down` played
@@ -252,19 +254,23 @@ pub enum Split {
     Ood,
     /// Held-out actions ([`ZEROSHOT_ACTIONS`]), seen appearance.
     Zeroshot,
+    /// No action at all: a figure that stands, sways, shifts its weight, looks around and
+    /// fidgets, in the seen appearance. Streams only (false alarms per hour); it has no clips.
+    Idle,
 }
 
 impl Split {
     /// All splits.
-    pub const ALL: [Split; 4] = [Split::Train, Split::Id, Split::Ood, Split::Zeroshot];
+    pub const ALL: [Split; 5] = [Split::Train, Split::Id, Split::Ood, Split::Zeroshot, Split::Idle];
 
-    /// The lower-case name (`train`, `id`, `ood`, `zeroshot`).
+    /// The lower-case name (`train`, `id`, `ood`, `zeroshot`, `idle`).
     pub fn as_str(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Id => "id",
             Split::Ood => "ood",
             Split::Zeroshot => "zeroshot",
+            Split::Idle => "idle",
         }
     }
 
@@ -279,6 +285,7 @@ impl Split {
             Split::Id => 0x6964,
             Split::Ood => 0x006f_6f64,
             Split::Zeroshot => 0x7a65_726f,
+            Split::Idle => 0x6964_6c65,
         }
     }
 }
@@ -289,9 +296,9 @@ impl fmt::Display for Split {
     }
 }
 
-/// A split name that is not one of `train`, `id`, `ood`, `zeroshot`.
+/// A split name that is not one of `train`, `id`, `ood`, `zeroshot`, `idle`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown split {0:?}: expected one of train, id, ood, zeroshot")]
+#[error("unknown split {0:?}: expected one of train, id, ood, zeroshot, idle")]
 pub struct UnknownSplit(pub String);
 
 impl FromStr for Split {
@@ -306,10 +313,11 @@ impl FromStr for Split {
 }
 
 /// Class ids of the actions that appear in a split (Train/Id/Ood: the seen actions;
-/// Zeroshot: the held-out ones).
+/// Zeroshot: the held-out ones; Idle: none).
 pub fn actions_in(split: Split) -> Vec<usize> {
     match split {
         Split::Zeroshot => ZEROSHOT_ACTIONS.to_vec(),
+        Split::Idle => Vec::new(),
         _ => (0..ACTIONS.len())
             .filter(|a| !ZEROSHOT_ACTIONS.contains(a))
             .collect(),
@@ -623,16 +631,16 @@ impl WorldStream {
     /// Starts the next idle stretch (`idle`) or action.
     fn start_segment(&mut self, idle: bool) {
         let params = MotionParams::sample(&mut self.rng);
-        let (motion, n) = if idle {
+        let actions = actions_in(self.split);
+        let (motion, n) = if idle || actions.is_empty() {
             let (lo, hi) = Self::IDLE_FRAMES;
             (IDLE, lo + self.rng.below(hi - lo + 1))
         } else {
-            let actions = actions_in(self.split);
             let a = actions[self.rng.below(actions.len())];
             let (lo, hi) = Self::ACTION_FRAMES;
             (a, lo + self.rng.below(hi - lo + 1))
         };
-        self.action = (!idle).then_some(motion);
+        self.action = (motion != IDLE).then_some(motion);
         self.segment = Segment::new(motion, &params, &self.scene.appearance.body, n);
         self.frame_in_segment = 0;
     }

@@ -70,6 +70,7 @@ pub fn label_set(
         })
         .collect();
     LabelSet {
+        calibration: None,
         version: 1,
         dim: dim as u32,
         space_id: "random".into(),

@@ -155,7 +155,7 @@ fn label_set(head: &WtiHead, labels: &LabelTokens, tokens: &Tensor, actions: &[u
         });
     }
     let dim = labels.tokens.dims()[2] as u32;
-    let set = LabelSet { version, dim, space_id: space_id.to_owned(), labels: out };
+    let set = LabelSet { calibration: None, version, dim, space_id: space_id.to_owned(), labels: out };
     set.validate().context("the adapted label set is invalid")?;
     Ok(set)
 }

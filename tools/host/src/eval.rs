@@ -15,7 +15,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use clipact::bundle::Bundle;
+use clipact::config::Config;
+use clipact::decision::Decisions;
 use clipact::eval::{evaluate, Candidates, EvalOptions, EvalReport, SyntheticSource};
+use clipact::stream_eval::{record, replay, score, StreamReport};
 use clipact::world::Split;
 use clipact::wti::Interaction;
 use serde::Serialize;
@@ -215,4 +218,92 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
     }
     let _ = writeln!(m, "Confusion matrices: `confusion_<split>.png`; interaction ablation: `ablation_interaction.png`; K-shot curve: `adapt_kshot.png`.");
     m
+}
+
+/// Settings of `eval --stream`.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Seed of the streams.
+    pub seed: u64,
+    /// Splits to stream (`idle` included).
+    pub splits: Vec<Split>,
+    /// Seconds per action split.
+    pub seconds: f64,
+    /// Seconds of the `idle` split.
+    pub idle_seconds: f64,
+    /// Where to draw the timeline of the first split, if anywhere.
+    pub plot: Option<std::path::PathBuf>,
+    /// Seconds the timeline shows.
+    pub plot_seconds: f64,
+}
+
+/// Events on a stream per split, as `clipact eval --stream` grades them; writes
+/// `stream_eval.json` and `STREAM_EVAL.md` into `out`, and the timeline when asked.
+pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: bool) -> anyhow::Result<Vec<StreamReport>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let bundle = Bundle::open(bundle_dir).with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
+    let config = Config::default();
+    let mut reports = Vec::new();
+    for (i, &split) in s.splits.iter().enumerate() {
+        let seconds = if split == Split::Idle { s.idle_seconds } else { s.seconds };
+        let frames = (seconds * f64::from(clipact::world::WorldStream::FPS)).round() as u64;
+        let bar = if progress { crate::train::progress_bar(frames, &format!("stream {split}")) } else { indicatif::ProgressBar::hidden() };
+        let recording = record(&bundle, &bundle.labels, SyntheticSource { seed: s.seed, split }, seconds, false, &mut |done, _| bar.set_position(done as u64))?;
+        bar.finish_and_clear();
+        let plot_frames = if i == 0 && s.plot.is_some() { (s.plot_seconds * recording.fps).round() as usize } else { 0 };
+        let mut smoothed: Vec<Vec<f32>> = Vec::with_capacity(plot_frames);
+        let events = replay(&recording, &mut Decisions::new(&bundle.labels, &config), &mut |f, d, _| {
+            if f < plot_frames {
+                smoothed.push(d.smoothed().to_vec());
+            }
+        });
+        let report = score(&recording, &events);
+        if let (Some(path), true) = (&s.plot, plot_frames > 0) {
+            let plotted = plot_frames.min(recording.frames());
+            let label_actions = recording.label_actions();
+            // Truth as label indices; actions the set has no label for are left out.
+            let truth: Vec<Option<usize>> = recording.truth[..plotted]
+                .iter()
+                .map(|t| t.and_then(|a| label_actions.iter().position(|&l| l == Some(a))))
+                .collect();
+            let marks: Vec<plot::TimelineEvent> = events
+                .iter()
+                .filter(|e| e.frame < plotted)
+                .map(|e| plot::TimelineEvent {
+                    time_s: e.frame as f64 / recording.fps,
+                    label: e.label,
+                    right: score(&recording, std::slice::from_ref(e)).right_events == 1,
+                })
+                .collect();
+            let title = format!("{} split, seed {}: truth, smoothed scores, new events (green right, red wrong)", split, s.seed);
+            plot::warn_on_error(path, plot::plot_timeline(path, &title, &recording.labels, recording.fps, &truth, &smoothed, &marks));
+        }
+        reports.push(report);
+    }
+    std::fs::write(out.join("stream_eval.json"), serde_json::to_string_pretty(&reports)?)?;
+    std::fs::write(out.join("STREAM_EVAL.md"), stream_markdown(&reports))?;
+    Ok(reports)
+}
+
+/// The stream reports as a markdown table, one row per split.
+pub fn stream_markdown(reports: &[StreamReport]) -> String {
+    let pct = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{:.1} %", x * 100.0));
+    let secs = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{x:.1} s"));
+    let mut md = String::from("| split | seed | seconds | new events | precision | recall | latency p50 | p99 | false alarms / h |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in reports {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} |",
+            r.split,
+            r.seed,
+            r.seconds,
+            r.new_events,
+            pct(r.event_precision),
+            pct(r.event_recall),
+            secs(r.latency_p50_s),
+            secs(r.latency_p99_s),
+            r.false_alarms_per_hour
+        );
+    }
+    md
 }

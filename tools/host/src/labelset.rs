@@ -265,6 +265,7 @@ pub fn build_label_set(
     }
     bar.finish_and_clear();
     let set = LabelSet {
+        calibration: None,
         version: opts.version,
         dim: d as u32,
         space_id: teacher.space_id.clone(),

@@ -4,6 +4,7 @@
 //! The binary `clipact-host` is a thin command-line layer over these modules.
 
 pub mod adapt;
+pub mod calibrate;
 pub mod clip;
 pub mod dataset;
 pub mod dev;

@@ -81,6 +81,9 @@ enum Command {
     Adapt(clipact_host::train::cli::AdaptArgs),
     /// Evaluate a bundle on the synthetic world: accuracy, confusion matrices, ablation report.
     Eval(clipact_host::train::cli::EvalArgs),
+    /// Choose per-label thresholds and decision settings on held-out streams; write them into
+    /// the label set.
+    Calibrate(clipact_host::calibrate::CalibrateArgs),
     /// Developer helpers (random checkpoints for benchmarks).
     #[command(subcommand, hide = true)]
     Dev(DevCommand),
@@ -256,6 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => clipact_host::train::cli::run_train(&a, cli.device),
         Command::Adapt(a) => clipact_host::train::cli::run_adapt(&a, cli.device),
         Command::Eval(a) => clipact_host::train::cli::run_eval(&a),
+        Command::Calibrate(a) => clipact_host::calibrate::run_calibrate(&a),
         Command::Quantize(a) => clipact_host::quantize::run_quantize(&a),
         Command::Export(a) => clipact_host::export::run_export(&a),
         Command::Push(a) => clipact_host::push::run_push(&a),
@@ -375,6 +379,15 @@ fn labels_show(file: &Path) -> anyhow::Result<()> {
         let th = l.threshold.map_or_else(|| "-".to_owned(), |t| format!("{t}"));
         println!("{:<name_w$}  {:>6}  {:>9}  {}", l.name, l.n_tokens(), th, l.text);
     }
+    if let Some(c) = &set.calibration {
+        let flagged = |flags: Vec<&str>| if flags.is_empty() { "-".to_owned() } else { flags.join(", ") };
+        println!();
+        println!("calibration: {:?}, scale {}, smoothing {} ms, min duration {} ms, hysteresis {}, cooldown {} ms",
+            c.mode, c.scale, c.smoothing_ms, c.min_duration_ms, c.hysteresis, c.cooldown_ms);
+        println!("  background: {}", flagged(set.labels.iter().zip(&c.background).filter(|(_, &b)| b).map(|(l, _)| l.name.as_str()).collect()));
+        println!("  biased:     {}", flagged(set.labels.iter().zip(&c.biases).filter(|(_, &b)| b != 0.0).map(|(l, _)| l.name.as_str()).collect()));
+        println!("  provenance: {}", c.provenance);
+    }
     Ok(())
 }
 
@@ -404,5 +417,5 @@ fn random_label_set(n: usize, dim: usize, seed: u64) -> LabelSet {
             threshold: None,
         })
         .collect();
-    LabelSet { version: 1, dim: dim as u32, space_id: "random-student".into(), labels }
+    LabelSet { calibration: None, version: 1, dim: dim as u32, space_id: "random-student".into(), labels }
 }

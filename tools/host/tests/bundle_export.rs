@@ -18,6 +18,7 @@ fn label_set(dim: usize, space: &str) -> LabelSet {
         v
     };
     LabelSet {
+        calibration: None,
         version: 7,
         dim: dim as u32,
         space_id: space.into(),

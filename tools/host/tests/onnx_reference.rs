@@ -40,6 +40,7 @@ pub fn label_set(dim: usize, space: &str) -> LabelSet {
         v
     };
     LabelSet {
+        calibration: None,
         version: 1,
         dim: dim as u32,
         space_id: space.into(),

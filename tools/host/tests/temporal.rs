@@ -60,7 +60,7 @@ fn labels(head: &WtiHead, dev: &Device) -> (LabelTokens, LabelSet) {
             }
         })
         .collect();
-    let set = LabelSet { version: 1, dim: D as u32, space_id: "test".into(), labels };
+    let set = LabelSet { calibration: None, version: 1, dim: D as u32, space_id: "test".into(), labels };
     set.validate().unwrap();
     (lt, set)
 }

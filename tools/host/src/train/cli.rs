@@ -292,6 +292,24 @@ pub struct EvalArgs {
     /// `adapt`'s adapt_report.json.
     #[arg(long, value_name = "FILE")]
     pub adapt_report: Option<PathBuf>,
+    /// Events on a continuous stream per split instead of clips (the device's pipeline and
+    /// decisions, graded as `clipact eval --stream`); `idle` may be among the splits. Writes
+    /// `stream_eval.json` and `STREAM_EVAL.md` into --out.
+    #[arg(long)]
+    pub stream: bool,
+    /// Stream seconds per split (`--stream`).
+    #[arg(long, default_value_t = 600.0, requires = "stream")]
+    pub seconds: f64,
+    /// Stream seconds of the `idle` split (`--stream`).
+    #[arg(long, default_value_t = 3600.0, requires = "stream")]
+    pub idle_seconds: f64,
+    /// A PNG timeline of the first split's first --plot-seconds: truth, smoothed scores and
+    /// events (`--stream`).
+    #[arg(long, value_name = "FILE.png", requires = "stream")]
+    pub plot: Option<PathBuf>,
+    /// Seconds of stream the timeline shows.
+    #[arg(long, default_value_t = 60.0, requires = "plot")]
+    pub plot_seconds: f64,
 }
 
 fn progress() -> bool {
@@ -413,6 +431,19 @@ pub fn run_eval(a: &EvalArgs) -> anyhow::Result<()> {
         all_labels: a.all_labels,
     };
     anyhow::ensure!(a.clips > 0, "--clips must be at least 1");
+    if a.stream {
+        let o = crate::eval::StreamSettings {
+            seed: a.seed,
+            splits: s.splits,
+            seconds: a.seconds,
+            idle_seconds: a.idle_seconds,
+            plot: a.plot.clone(),
+            plot_seconds: a.plot_seconds,
+        };
+        let reports = crate::eval::eval_stream(&a.bundle, &a.out, &o, progress())?;
+        print!("{}", crate::eval::stream_markdown(&reports));
+        return Ok(());
+    }
     let r = crate::eval::eval(&a.bundle, &a.out, &s, a.train_report.as_deref(), a.adapt_report.as_deref(), progress())?;
     print!("{}", crate::eval::markdown(&r, &s));
     Ok(())

@@ -385,3 +385,96 @@ mod tests {
         }
     }
 }
+
+/// One `new` event on a [`plot_timeline`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimelineEvent {
+    /// Seconds into the stream.
+    pub time_s: f64,
+    /// The label's index.
+    pub label: usize,
+    /// Whether it named the action shown.
+    pub right: bool,
+}
+
+/// A stretch of stream: what the world showed (a band of coloured spans, one per action
+/// instance), every shown or fired label's smoothed decision score, and each `new` event (a
+/// triangle, green when it named the action shown, red when not), so a person can see why an
+/// event fired.
+pub fn plot_timeline(
+    path: &Path,
+    title: &str,
+    labels: &[String],
+    fps: f64,
+    truth: &[Option<usize>],
+    smoothed: &[Vec<f32>],
+    events: &[TimelineEvent],
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    finish(path, draw_timeline(path, title, labels, fps, truth, smoothed, events))
+}
+
+fn draw_timeline(
+    path: &Path,
+    title: &str,
+    labels: &[String],
+    fps: f64,
+    truth: &[Option<usize>],
+    smoothed: &[Vec<f32>],
+    events: &[TimelineEvent],
+) -> DrawResult {
+    // Labels worth a line: those shown or fired in the stretch, in label order.
+    let mut shown: Vec<usize> = truth.iter().flatten().copied().chain(events.iter().map(|e| e.label)).collect();
+    shown.sort_unstable();
+    shown.dedup();
+    // One hue per plotted label: a stream easily shows more labels than PALETTE has colours.
+    let color = |label: usize| {
+        let i = shown.iter().position(|&l| l == label).unwrap_or(0);
+        let rgb = HSLColor(i as f64 / shown.len().max(1) as f64, 0.75, 0.42).to_rgba();
+        RGBColor(rgb.0, rgb.1, rgb.2)
+    };
+    let seconds = truth.len() as f64 / fps;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..seconds.max(1.0 / fps), -0.2f64..1.1)?;
+    chart.configure_mesh().x_desc("stream time (s)").y_desc("smoothed score").draw()?;
+    // The truth band: one span per run of frames showing one action.
+    let mut f = 0;
+    while f < truth.len() {
+        let start = f;
+        while f < truth.len() && truth[f] == truth[start] {
+            f += 1;
+        }
+        if let Some(label) = truth[start] {
+            let (x0, x1) = (start as f64 / fps, f as f64 / fps);
+            chart.draw_series(std::iter::once(Rectangle::new([(x0, -0.18), (x1, -0.06)], color(label).mix(0.6).filled())))?;
+            chart.draw_series(std::iter::once(Text::new(labels[label].clone(), (x0, -0.04), ("sans-serif", 11))))?;
+        }
+    }
+    for &label in &shown {
+        let c = color(label);
+        let points = smoothed.iter().enumerate().map(|(f, s)| (f as f64 / fps, f64::from(s[label])));
+        chart
+            .draw_series(LineSeries::new(points, c.stroke_width(2)))?
+            .label(labels[label].as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    for e in events {
+        let mark = if e.right { RGBColor(30, 150, 30) } else { RGBColor(210, 30, 30) };
+        chart.draw_series(std::iter::once(TriangleMarker::new((e.time_s, 1.04), 8, mark.filled())))?;
+        chart.draw_series(std::iter::once(PathElement::new(vec![(e.time_s, -0.06), (e.time_s, 1.0)], color(e.label).mix(0.5))))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
