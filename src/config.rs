@@ -155,7 +155,9 @@ impl Default for Config {
 pub struct Decision {
     /// A label turns on when its score reaches this, in [-1, 1] (scores are cosine
     /// similarities). A label set's own per-label threshold takes precedence over this
-    /// default; a `[labels.NAME]` threshold over both. Default [`DEFAULT_THRESHOLD`].
+    /// default; a `[labels.NAME]` threshold over both. With a calibrated set (one action at a
+    /// time) a label's score is its probability among the labels, so a `[labels.NAME]`
+    /// threshold is a probability in (0, 1]. Default [`DEFAULT_THRESHOLD`].
     pub threshold: f32,
     /// A label turns off only once its score falls this far below its threshold, so a score
     /// hovering at the threshold does not flap; ≥ 0. Default [`DEFAULT_HYSTERESIS`].

@@ -198,10 +198,11 @@ impl Pipeline {
         let preprocessed = Instant::now();
         let weight_logit = self.encoder.run(&self.pixels, &mut self.embedding)?;
         let encoded = Instant::now();
-        let scores = self.scorer.push(&self.embedding, weight_logit)?;
         // A window still filling up (the stream's first frames) scores one or two frames as if
         // they were a whole action: nothing is decided until it holds T frames.
-        if self.scorer.scorer().len() >= self.scorer.window() {
+        let window_full = self.scorer.scorer().len() + 1 >= self.scorer.window();
+        let scores = self.scorer.push(&self.embedding, weight_logit)?;
+        if window_full {
             self.decisions.update(scores, time, events);
         }
         let done = Instant::now();

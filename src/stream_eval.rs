@@ -142,7 +142,10 @@ pub fn replay(
     let mut events = Vec::with_capacity(recording.labels.len());
     for f in 0..recording.frames() {
         events.clear();
-        decisions.update(recording.frame_scores(f), recording.time(f), &mut events);
+        // As the pipeline does: nothing is decided before the window holds T frames.
+        if f + 1 >= recording.window {
+            decisions.update(recording.frame_scores(f), recording.time(f), &mut events);
+        }
         out.extend(
             events
                 .iter()
