@@ -36,7 +36,7 @@ TARGET_PRECISION=${TARGET_PRECISION:-0.9}
 TEXT_ONLY_BIAS=${TEXT_ONLY_BIAS:-2.0}
 CAL=(--seconds 600 --idle-seconds 1800); STREAM=(--seconds 600 --idle-seconds 3600)
 if [[ "${QUICK:-0}" == 1 ]]; then
-    CAL=(--seconds 120 --idle-seconds 120 --min-instances 1); STREAM=(--seconds 60 --idle-seconds 60)
+    CAL=(--seconds 300 --idle-seconds 120 --min-instances 1); STREAM=(--seconds 60 --idle-seconds 60)
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
     TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
     TRN2=(--steps 20 --clips-per-action 8 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
