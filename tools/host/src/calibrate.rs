@@ -229,8 +229,8 @@ pub fn calibrate(
     let biases: Vec<f32> = kind.iter().map(|&k| if k == "text-only" { o.text_only_bias } else { 0.0 }).collect();
     let background: Vec<bool> = kind.iter().map(|&k| k == "background").collect();
     let all: Vec<StreamRecording> = recordings.iter().chain(&idle).cloned().collect();
-    // (ranking key, detected, calibration, thresholds, per-label tallies at them)
-    let mut best: Option<(f64, usize, Calibration, Vec<Option<f32>>, Vec<Tally>)> = None;
+    // (ranking key, calibration, thresholds, per-label tallies at them)
+    let mut best: Option<(f64, Calibration, Vec<Option<f32>>, Vec<Tally>)> = None;
     let combos = SCALE_FACTORS.len() * SMOOTHING_MS.len() * MIN_DURATION_MS.len();
     let mut done = 0;
     for &factor in &SCALE_FACTORS {
@@ -292,12 +292,12 @@ pub fn calibrate(
                 // most precise.
                 let key = if precision >= o.target_precision { 1.0 + detected as f64 } else { precision };
                 if best.as_ref().is_none_or(|b| key > b.0) {
-                    best = Some((key, detected, calibration, thresholds, chosen));
+                    best = Some((key, calibration, thresholds, chosen));
                 }
             }
         }
     }
-    let (_, _, mut calibration, thresholds, chosen) = best.context("no policy was tried")?;
+    let (_, mut calibration, thresholds, chosen) = best.context("no policy was tried")?;
     let mut set = with_policy(labels, &calibration, &thresholds);
     let streams = replay_all(&set, &recordings);
     let idle_reports = replay_all(&set, &idle);
