@@ -69,6 +69,17 @@ impl StreamRecording {
     pub fn label_actions(&self) -> Vec<Option<usize>> {
         self.labels.iter().map(|name| world::action_index(name)).collect()
     }
+
+    /// Whether `action` is shown at any frame of the window ending at `frame`, `[f − T + 1, f]`:
+    /// what makes a `new` event of its label right.
+    pub fn shows(&self, action: usize, frame: usize) -> bool {
+        self.window_truth(frame).contains(&Some(action))
+    }
+
+    /// The truth of the window ending at `frame`.
+    fn window_truth(&self, frame: usize) -> &[Option<usize>] {
+        &self.truth[frame.saturating_sub(self.window.max(1) - 1)..=frame]
+    }
 }
 
 /// Runs `bundle` with the label set `labels` over `seconds` of `source`'s stream and records
@@ -255,8 +266,8 @@ pub fn score(recording: &StreamRecording, events: &[NewEvent]) -> StreamReport {
     let t = recording.window.max(1);
     let truth = &recording.truth;
     let label_actions = recording.label_actions();
-    let shows = |action: usize, f: usize| truth[f.saturating_sub(t - 1)..=f].contains(&Some(action));
-    let idle_window = |f: usize| truth[f.saturating_sub(t - 1)..=f].iter().all(Option::is_none);
+    let shows = |action: usize, f: usize| recording.shows(action, f);
+    let idle_window = |f: usize| recording.window_truth(f).iter().all(Option::is_none);
     let n_labels = recording.labels.len();
     let mut rows: Vec<LabelStreamReport> = recording
         .labels

@@ -210,9 +210,10 @@ pub fn calibrate(
         idle.push(record(bundle, labels, SyntheticSource { seed, split: Split::Idle }, o.idle_seconds, false, &mut |_, _| {})?);
     }
     // Labels with clips need enough instances to measure a precision on.
-    let instances: Vec<usize> = (0..n)
-        .map(|l| recordings.iter().map(|r| score(r, &[]).per_label[l].instances).sum::<usize>())
-        .collect();
+    let mut instances = vec![0usize; n];
+    for report in recordings.iter().map(|r| score(r, &[])) {
+        instances.iter_mut().zip(&report.per_label).for_each(|(i, row)| *i += row.instances);
+    }
     for (l, label) in labels.labels.iter().enumerate() {
         if kind[l] == "clips" && instances[l] < o.min_instances {
             bail!(

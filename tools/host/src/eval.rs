@@ -272,7 +272,7 @@ pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: 
                 .map(|e| plot::TimelineEvent {
                     time_s: e.frame as f64 / recording.fps,
                     label: e.label,
-                    right: score(&recording, std::slice::from_ref(e)).right_events == 1,
+                    right: label_actions[e.label].is_some_and(|a| recording.shows(a, e.frame)),
                 })
                 .collect();
             let title = format!("{} split, seed {}: truth, smoothed scores, new events (green right, red wrong)", split, s.seed);
