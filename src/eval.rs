@@ -15,7 +15,9 @@
 //! Candidate labels: by default the labels of the split's own actions (`id`/`ood`: the seen
 //! actions, `zeroshot`: the held-out ones — the usual zero-shot protocol), or with
 //! [`Candidates::All`] every label of the set (what a device running that set would choose
-//! among).
+//! among). A calibrated one-action-at-a-time set ([`DecisionMode::Exclusive`]) is ranked as its
+//! device ranks it, by `scale · s + bias`, so a label added by text alone keeps its log-prior;
+//! its background labels ("none of these") are never candidates: a clip always shows an action.
 
 use std::path::PathBuf;
 
@@ -23,7 +25,7 @@ use serde::Serialize;
 
 use crate::bundle::Bundle;
 use crate::encoder::Encoder;
-use crate::labels::LabelSet;
+use crate::labels::{DecisionMode, LabelSet};
 use crate::preprocess::{Frame, PixelFormat, Preprocessor};
 use crate::world::{self, Clip, RenderConfig, Split};
 use crate::temporal::TemporalHead;
@@ -154,20 +156,32 @@ pub fn interaction_name(i: Interaction) -> &'static str {
     i.name()
 }
 
-/// The candidate label set: the labels of `split`'s actions, or all of them.
-fn candidate_set(set: &LabelSet, split: Split, candidates: Candidates) -> Result<LabelSet, EvalError> {
+/// The candidate label set (the labels of `split`'s actions, or all of them; never a background
+/// label) and, per candidate, the log-prior in score units (`bias / scale`) its device adds
+/// before choosing (0 unless the set is calibrated one-action-at-a-time).
+fn candidate_set(set: &LabelSet, split: Split, candidates: Candidates) -> Result<(LabelSet, Vec<f32>), EvalError> {
     let wanted: Vec<&str> = world::actions_in(split).iter().map(|&a| world::ACTIONS[a].name).collect();
-    let labels: Vec<_> = match candidates {
-        Candidates::All => set.labels.clone(),
-        Candidates::Split => set.labels.iter().filter(|l| wanted.contains(&l.name.as_str())).cloned().collect(),
-    };
+    let calibration = set.calibration.as_ref();
+    let exclusive = calibration.filter(|c| c.mode == DecisionMode::Exclusive);
+    let (labels, priors): (Vec<_>, Vec<f32>) = set
+        .labels
+        .iter()
+        .enumerate()
+        .filter(|&(i, l)| match candidates {
+            Candidates::All => !calibration.is_some_and(|c| c.background[i]),
+            Candidates::Split => wanted.contains(&l.name.as_str()),
+        })
+        .map(|(i, l)| (l.clone(), exclusive.map_or(0.0, |c| c.biases[i] / c.scale)))
+        .unzip();
     if !set.labels.iter().any(|l| wanted.contains(&l.name.as_str())) || labels.is_empty() {
         return Err(EvalError::NoLabels {
             split,
             labels: set.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", "),
         });
     }
-    Ok(LabelSet { labels, ..set.clone() })
+    // The candidates' own calibration would no longer line up with them; ranking needs only
+    // the priors.
+    Ok((LabelSet { labels, calibration: None, ..set.clone() }, priors))
 }
 
 /// Evaluates `bundle` on `opts.clips` clips; one report per interaction.
@@ -194,7 +208,7 @@ pub fn evaluate_rendered(
             reason: "split=idle has no action clips to classify; evaluate it as a stream (--stream)".into(),
         });
     }
-    let set = candidate_set(&bundle.labels, split, opts.candidates)?;
+    let (set, priors) = candidate_set(&bundle.labels, split, opts.candidates)?;
     let names: Vec<String> = set.labels.iter().map(|l| l.name.clone()).collect();
     let matrix = LabelMatrix::new(&set);
     // Clips of the split's actions that have a label (a set may cover only some of them).
@@ -258,6 +272,7 @@ pub fn evaluate_rendered(
                 score_window(&matrix, &window, &logits, interaction, &mut scores)
             }
             .map_err(|e| EvalError::Pipeline(e.to_string()))?;
+            scores.iter_mut().zip(&priors).for_each(|(s, p)| *s += p);
             let mut order: Vec<usize> = (0..n_labels).collect();
             order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
             confusion[k][truth][order[0]] += 1;
@@ -332,5 +347,46 @@ mod tests {
             let err = bad.parse::<SyntheticSource>().unwrap_err().to_string();
             assert!(err.contains(want), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn every_label_competes_as_its_device_ranks_it() {
+        use crate::labels::{Calibration, Label};
+        let label = |name: &str| Label {
+            name: name.into(),
+            text: name.into(),
+            tokens: vec![1.0, 0.0],
+            token_weights: vec![1.0],
+            pooled: vec![1.0, 0.0],
+            threshold: Some(0.5),
+        };
+        let mut set = LabelSet {
+            version: 1,
+            dim: 2,
+            space_id: "test".into(),
+            labels: vec![label("waving"), label("crouching"), label("idle")],
+            calibration: Some(Calibration {
+                mode: DecisionMode::Exclusive,
+                scale: 20.0,
+                biases: vec![0.0, 2.0, 0.0],
+                background: vec![false, false, true],
+                smoothing_ms: 0,
+                min_duration_ms: 0,
+                hysteresis: 0.0,
+                cooldown_ms: 0,
+                provenance: "test".into(),
+            }),
+        };
+        set.validate().unwrap();
+        // Every label but the background, each with its log-prior in score units.
+        let (all, priors) = candidate_set(&set, Split::Id, Candidates::All).unwrap();
+        assert_eq!(all.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["waving", "crouching"]);
+        assert_eq!(priors, [0.0, 0.1]);
+        assert!(all.validate().is_ok(), "the candidates are a set of their own");
+        let (split, priors) = candidate_set(&set, Split::Zeroshot, Candidates::Split).unwrap();
+        assert_eq!((split.labels.len(), priors.as_slice()), (1, [0.1].as_slice()));
+        // Independent labels have no priors.
+        set.calibration.as_mut().unwrap().mode = DecisionMode::Independent;
+        assert_eq!(candidate_set(&set, Split::Id, Candidates::All).unwrap().1, [0.0, 0.0]);
     }
 }

@@ -48,7 +48,7 @@ fn calibrated_decisions_allocate_nothing() {
     use clipact::decision::Decisions;
     use clipact::labels::DecisionMode;
     use std::time::Duration;
-    // The demo's set is calibrated: one action at a time, a softmax over its 18 labels.
+    // The demo's set is calibrated: one action at a time, a softmax over all its labels.
     let bundle = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
     let mut decisions = Decisions::new(&bundle.labels, &Config::default());
     assert_eq!(decisions.mode(), DecisionMode::Exclusive);

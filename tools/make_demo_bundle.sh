@@ -38,14 +38,16 @@ CAL=(--seconds 600 --idle-seconds 1800); STREAM=(--seconds 600 --idle-seconds 36
 if [[ "${QUICK:-0}" == 1 ]]; then
     CAL=(--seconds 300 --idle-seconds 120 --min-instances 1); STREAM=(--seconds 60 --idle-seconds 60)
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
-    TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
-    TRN2=(--steps 20 --clips-per-action 8 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
+    TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4 --stream-windows 0.5); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
+    TRN2=(--steps 20 --clips-per-action 8 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75 --stream-windows 0.5)
 else
     PRE=(--steps 4000 --clips-per-action 500 --lr 1e-3 --action-text-prob 0.5 --prompt-warmup 800); DIS=(--steps 100 --depth 3 --lr 2e-4)
-    TRN=(--steps 5000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4); ADA=(--lr 3e-3)
+    # Half of every fine-tuning batch is windows cut from streams (actions at their own pace,
+    # idle stretches taught as the `idle` label), the other half whole-action clips.
+    TRN=(--steps 5000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4 --stream-windows 0.5); ADA=(--lr 3e-3)
     # Stage 2: half the clips on noise walls, then 3:1 averaged with stage 1 (WiSE-FT): it gains
     # 3 points on `ood` over stage 1, the average keeps stage 1's `id` (BENCHMARKS.md § Session 8).
-    TRN2=(--steps 1000 --lr 3e-3 --clips-per-action 500 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
+    TRN2=(--steps 1000 --lr 3e-3 --clips-per-action 500 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75 --stream-windows 0.5)
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.
@@ -92,7 +94,7 @@ $HOST export --student "$STUDENT" --labels "$WORK/labels.cls" --int8 "${SHIP[@]}
 # Decisions on a stream, chosen on streams no training or evaluation uses (seeds SEED+100/101),
 # written into the shipped set (version 2). The held-out actions are labels added by text alone.
 $HOST calibrate --bundle "$OUT" --seeds $((SEED + 100)),$((SEED + 101)) --idle-seeds $((SEED + 100)) "${CAL[@]}" \
-    --text-only crouching,raising_both_arms,lying_down --text-only-bias "$TEXT_ONLY_BIAS" \
+    --text-only crouching,raising_both_arms,lying_down --text-only-bias "$TEXT_ONLY_BIAS" --background idle \
     --target-precision "$TARGET_PRECISION" --version 2 -o "$OUT/labels.cls" --report "$WORK/calibration.json"
 $HOST adapt --teacher "$WORK/teacher" --train "$RUN" --out "$WORK/adapt" --seed "$SEED" "${ADA[@]}"
 $HOST eval --bundle "$OUT" --out "$WORK/eval" --clips "$EVAL_CLIPS" --seed $((SEED + 1000)) --all-labels \

@@ -671,6 +671,27 @@ impl WorldStream {
             &mut self.noise,
             &mut self.pixels,
         );
+        self.advance();
+        let frame = Frame {
+            format: PixelFormat::Rgb8,
+            width: self.size as u32,
+            height: self.size as u32,
+            data: &self.pixels,
+        };
+        (frame, truth)
+    }
+
+    /// Skips one frame without drawing it and returns its ground truth: for cutting windows
+    /// out of a stream (training) without rendering everything before them. The frames after
+    /// it show the same actions, people and places as if it had been drawn; only their sensor
+    /// noise differs.
+    pub fn skip_frame(&mut self) -> Truth {
+        let truth = self.peek_truth();
+        self.advance();
+        truth
+    }
+
+    fn advance(&mut self) {
         self.frame_in_segment += 1;
         self.frame_index += 1;
         if self.frame_in_segment >= self.segment.poses.len() {
@@ -684,12 +705,5 @@ impl WorldStream {
             }
             self.start_segment(!was_idle);
         }
-        let frame = Frame {
-            format: PixelFormat::Rgb8,
-            width: self.size as u32,
-            height: self.size as u32,
-            data: &self.pixels,
-        };
-        (frame, truth)
     }
 }

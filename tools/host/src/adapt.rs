@@ -28,14 +28,18 @@ use crate::tokenizer::ClipTokenizer;
 use crate::train::data::{self, WORLD_TEMPLATES};
 use crate::train::head::{l2_normalize, LabelTokens, Variant, WtiHead};
 use crate::train::optim::{AdamConfig, AdamW, ParamGroup};
-use crate::train::plot;
+use crate::train::plot::{self, History};
+use crate::train::schedule::{self, DefaultSchedule, Run, Schedule, Steps};
 use crate::wti_train::{score_all, top1};
 
 /// Settings of `adapt`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptOptions {
-    /// Seed of the support/evaluation clips.
-    pub seed: u64,
+    /// Seed of the support/evaluation clips, full-batch steps per run (`batch_size` is not
+    /// used: every sample is in every step), learning rate, decay of `Δ` toward the zero-shot
+    /// tokens.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// The split whose actions are adapted to (its appearance renders the clips).
     pub split: String,
     /// Shots per label to measure.
@@ -48,12 +52,6 @@ pub struct AdaptOptions {
     pub trials: usize,
     /// Frames per window.
     pub frames: usize,
-    /// Full-batch optimizer steps per run.
-    pub steps: u64,
-    /// Learning rate.
-    pub lr: f64,
-    /// Decay of `Δ` toward the zero-shot tokens.
-    pub weight_decay: f64,
     /// The `K` whose cross-modal label set is written (`labels.cls`).
     pub export_shots: usize,
     /// Adapt for the temporal head (`head_temporal.safetensors`, `student_temporal/`: what a
@@ -65,15 +63,12 @@ pub struct AdaptOptions {
 impl Default for AdaptOptions {
     fn default() -> Self {
         Self {
-            seed: 0,
+            schedule: <Self as DefaultSchedule>::schedule(),
             split: "zeroshot".into(),
             shots: vec![0, 1, 2, 4, 8, 16],
             eval_clips_per_action: 50,
             trials: 5,
             frames: 8,
-            steps: 60,
-            lr: 1e-2,
-            weight_decay: 0.05,
             export_shots: 4,
             temporal: false,
         }
@@ -95,6 +90,12 @@ pub struct AdaptPoint {
     pub cross_modal: f64,
 }
 
+impl DefaultSchedule for AdaptOptions {
+    fn schedule() -> Schedule {
+        Schedule { seed: 0, steps: 60, batch_size: 0, lr: 1e-2, warmup: 6, weight_decay: 0.05, max_grad_norm: 1.0 }
+    }
+}
+
 /// The result of one adaptation: adapted token features `[C, N, D]`.
 fn adapt_tokens(
     head: &WtiHead,
@@ -110,28 +111,60 @@ fn adapt_tokens(
     }
     let delta = Var::zeros(labels.tokens.dims(), candle_core::DType::F32, labels.tokens.device())?;
     let mut opt = AdamW::new(
-        vec![ParamGroup { lr_scale: 1.0, name: "delta".into(), weight_decay: o.weight_decay, vars: vec![("label_delta".into(), delta.clone())] }],
+        vec![ParamGroup { lr_scale: 1.0, name: "delta".into(), weight_decay: o.schedule.weight_decay, vars: vec![("label_delta".into(), delta.clone())] }],
         AdamConfig::default(),
     )?;
     // The token features' scale: Δ is learned relative to it.
     let scale = labels.tokens.sqr()?.sum_keepdim(2)?.sqrt()?.mean_all()?.to_scalar::<f32>()? as f64;
-    for step in 0..o.steps {
-        let tokens = (&labels.tokens + (delta.as_tensor() * scale)?)?;
-        let mut total: Option<Tensor> = None;
-        for (x, y) in [videos, texts].into_iter().flatten() {
-            let logits = head.logits(&head.scores(x, labels, &tokens, variant)?)?;
-            let target = Tensor::from_vec(y.to_vec(), y.len(), x.device())?;
-            // Sum over samples, so the two halves weigh by their sizes in one cross-entropy.
-            let ce = (candle_nn::loss::cross_entropy(&logits, &target)? * y.len() as f64)?;
-            total = Some(match total {
-                Some(t) => (t + ce)?,
-                None => ce,
-            });
-        }
-        let loss = (total.context("no samples")? / n_samples as f64)?;
-        let lr = crate::train::optim::warmup_cosine(step, o.steps, o.steps / 10, o.lr, 0.05);
-        opt.step(&loss.backward()?, lr, Some(1.0))?;
+
+    /// One full-batch step: every video and text sample in one cross-entropy.
+    struct Adaptation<'a> {
+        head: &'a WtiHead,
+        variant: Variant,
+        labels: &'a LabelTokens,
+        samples: [Option<(&'a Tensor, &'a [u32])>; 2],
+        n_samples: usize,
+        delta: &'a Var,
+        scale: f64,
     }
+
+    impl Steps for Adaptation<'_> {
+        fn loss(&mut self, _step: u64) -> anyhow::Result<Tensor> {
+            let tokens = (&self.labels.tokens + (self.delta.as_tensor() * self.scale)?)?;
+            let mut total: Option<Tensor> = None;
+            for (x, y) in self.samples.into_iter().flatten() {
+                let logits = self.head.logits(&self.head.scores(x, self.labels, &tokens, self.variant)?)?;
+                let target = Tensor::from_vec(y.to_vec(), y.len(), x.device())?;
+                // Sum over samples, so the two halves weigh by their sizes in one cross-entropy.
+                let ce = (candle_nn::loss::cross_entropy(&logits, &target)? * y.len() as f64)?;
+                total = Some(match total {
+                    Some(t) => (t + ce)?,
+                    None => ce,
+                });
+            }
+            Ok((total.context("no samples")? / self.n_samples as f64)?)
+        }
+
+        fn evaluate(&mut self, _step: u64, _history: &mut History) -> anyhow::Result<String> {
+            // Each run is measured after it ends, on clips it never saw.
+            Ok(String::new())
+        }
+    }
+
+    let mut steps = Adaptation { head, variant, labels, samples: [videos, texts], n_samples, delta: &delta, scale };
+    let run = Run {
+        command: "adapt",
+        label: "adapt",
+        schedule: &o.schedule,
+        min_lr_ratio: 0.05,
+        evaluations: 1,
+        checkpoint: None,
+        resume: false,
+        stop_after: None,
+        progress: false,
+        device: labels.tokens.device(),
+    };
+    schedule::run(&run, &mut opt, &mut steps)?;
     Ok((&labels.tokens + (delta.as_tensor() * scale)?)?.detach())
 }
 
@@ -185,8 +218,8 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     ensure!(o.trials > 0, "need at least one trial");
     // Support clips: a seed stream of their own, never the evaluation clips.
     let per_action = max_k * o.trials;
-    let support = data::render_clips(split, &actions, per_action, o.seed ^ 0x5A7707, &cfg, progress);
-    let eval = data::render_clips(split, &actions, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
+    let support = data::render_clips(split, &actions, per_action, o.schedule.seed ^ 0x5A7707, &cfg, progress);
+    let eval = data::render_clips(split, &actions, o.eval_clips_per_action, o.schedule.seed ^ 0xE7A1, &cfg, progress);
     let support_x = if support.is_empty() { None } else { Some(data::student_embeddings(&student, &support, size, 128, device, progress)?) };
     let eval_x = data::student_embeddings(&student, &eval, size, 128, device, progress)?;
     let class = |a: usize| actions.iter().position(|&x| x == a).expect("action of the split") as u32;
@@ -250,7 +283,9 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     bar.finish_and_clear();
     if let Some(tokens) = exported {
         let version = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs());
-        let set = label_set(&head, &labels, &tokens, &actions, &counts, &teacher.space_id, version)?;
+        // The space of the head it was adapted through, which is the bundle's.
+        let space = crate::labelset::head_space_id(&teacher.space_id, &crate::labelset::head_fingerprint(&head_path)?);
+        let set = label_set(&head, &labels, &tokens, &actions, &counts, &space, version)?;
         set.save_atomic(&out.join("labels.cls"))?;
     }
     std::fs::write(out.join("adapt_report.json"), serde_json::to_string_pretty(&points)? + "\n")?;

@@ -26,18 +26,18 @@ use serde::{Deserialize, Serialize};
 use crate::clip::Teacher;
 use crate::student::{Student, StudentConfig};
 use crate::tokenizer::ClipTokenizer;
-use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::data::{self, WORLD_TEMPLATES};
 use crate::train::head::l2_normalize;
-use crate::train::optim::{decay_groups, warmup_cosine, AdamConfig, AdamW};
-use crate::train::plot::{self, EvalPoint, History, StepPoint};
-use crate::train::rng::Rng;
+use crate::train::optim::{decay_groups, AdamConfig, AdamW};
+use crate::train::plot::{self, EvalPoint, History};
+use crate::train::schedule::{self, DefaultSchedule, Epochs, Run, Schedule, Steps};
 
 /// Settings of `distill`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DistillOptions {
-    /// Seed of data, initialisation and batch order.
-    pub seed: u64,
+    /// Seed, steps, frames per batch, learning rate.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// Training clips per seen action.
     pub clips_per_action: usize,
     /// Frames per clip.
@@ -50,18 +50,6 @@ pub struct DistillOptions {
     pub heads: usize,
     /// Start from the teacher's weights (when the geometry allows).
     pub inherit: bool,
-    /// Optimizer steps.
-    pub steps: u64,
-    /// Frames per batch.
-    pub batch_size: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warmup steps.
-    pub warmup: u64,
-    /// AdamW decay of the matrices.
-    pub weight_decay: f64,
-    /// Gradient clipping (global norm).
-    pub max_grad_norm: f64,
     /// Weight `λ` of the affinity term.
     pub affinity_weight: f64,
 }
@@ -69,28 +57,28 @@ pub struct DistillOptions {
 impl Default for DistillOptions {
     fn default() -> Self {
         Self {
-            seed: 0,
+            schedule: <Self as DefaultSchedule>::schedule(),
             clips_per_action: 30,
             frames: 8,
             width: 64,
             depth: 2,
             heads: 2,
             inherit: true,
-            steps: 400,
-            batch_size: 64,
-            lr: 5e-4,
-            warmup: 30,
-            weight_decay: 0.05,
-            max_grad_norm: 1.0,
             affinity_weight: 1.0,
         }
+    }
+}
+
+impl DefaultSchedule for DistillOptions {
+    fn schedule() -> Schedule {
+        Schedule { seed: 0, steps: 400, batch_size: 64, lr: 5e-4, warmup: 30, weight_decay: 0.05, max_grad_norm: 1.0 }
     }
 }
 
 /// Distils a student from the teacher in `teacher_dir` into `out` (a student folder:
 /// `student.json`, `model.safetensors`, plus history and curves). Returns the history.
 pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
-    ensure!(o.batch_size > 0 && o.steps > 0 && o.clips_per_action > 0, "need a batch, steps and clips");
+    ensure!(o.schedule.batch_size > 0 && o.schedule.steps > 0 && o.clips_per_action > 0, "need a batch, steps and clips");
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let teacher = Teacher::load(teacher_dir, device)?;
     let tc = teacher.model.config.clone();
@@ -114,17 +102,17 @@ pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool,
         && config.intermediate_size() <= tc.vision.intermediate_size
         && o.depth <= tc.vision.num_hidden_layers;
     let (student, varmap) = if can_inherit {
-        Student::from_teacher_dir(teacher_dir, &config, None, o.seed, device)?
+        Student::from_teacher_dir(teacher_dir, &config, None, o.schedule.seed, device)?
     } else {
         if o.inherit {
             tracing::warn!("the student is larger than the teacher's tower: random initialisation");
         }
-        Student::random(&config, device, o.seed)?
+        Student::random(&config, device, o.schedule.seed)?
     };
 
     let cfg = RenderConfig { size: size as u32, frames: o.frames };
     let seen = world::actions_in(Split::Train);
-    let clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.seed ^ 0xD157, &cfg, progress);
+    let clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.schedule.seed ^ 0xD157, &cfg, progress);
     let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
     tracing::info!("caching teacher embeddings of {} frames", frames.len());
     let targets = l2_normalize(&data::teacher_image_embeddings(&teacher, &frames, size as u32, 64, progress)?)?;
@@ -144,72 +132,85 @@ pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool,
     let teacher_choice = targets.matmul(&anchors.t()?)?.argmax(D::Minus1)?;
 
     // Train every student parameter except f_v (trained by `train`; it has no teacher target).
-    let mut opt = AdamW::new(decay_groups(crate::student::tower_vars(&varmap)?, o.weight_decay), AdamConfig::default())?;
+    let mut opt = AdamW::new(decay_groups(crate::student::tower_vars(&varmap)?, o.schedule.weight_decay), AdamConfig::default())?;
     let settings = serde_json::json!({"options": o, "teacher": teacher.space_id});
-    let mut history = History::default();
     let ckpt = out.join("checkpoint");
-    if resume && checkpoint::exists(&ckpt) {
-        history = checkpoint::restore(&ckpt, "distill", &settings, &mut opt, device)?.history;
-        tracing::info!("resuming distill at step {}", opt.steps());
+
+    /// One distillation step: cosine to the teacher's embedding plus the affinity mimicking.
+    struct Distillation<'a> {
+        o: &'a DistillOptions,
+        student: &'a Student,
+        frames: &'a [&'a [u8]],
+        size: u32,
+        device: &'a Device,
+        epochs: Epochs,
+        targets: &'a Tensor,
+        anchors: &'a Tensor,
+        tau: f64,
+        teacher_aff: &'a Tensor,
+        teacher_choice: &'a Tensor,
+        /// Agreement with the teacher's label choice since the last evaluation: sum and steps.
+        agreement: (f64, usize),
     }
-    let n = frames.len();
-    let per_epoch = (n / o.batch_size).max(1);
-    let bar = if progress { crate::train::progress_bar(o.steps, "distill") } else { indicatif::ProgressBar::hidden() };
-    bar.set_position(opt.steps());
-    let mut order = Vec::new();
-    let mut order_epoch = u64::MAX;
-    let mut acc_window = (0.0, 0usize);
-    while opt.steps() < o.steps {
-        let step = opt.steps();
-        let epoch = step / per_epoch as u64;
-        if epoch != order_epoch {
-            order = (0..n).collect::<Vec<usize>>();
-            Rng::new(o.seed, 0xD15 + epoch).shuffle(&mut order);
-            order_epoch = epoch;
+
+    impl Steps for Distillation<'_> {
+        fn loss(&mut self, step: u64) -> anyhow::Result<Tensor> {
+            let idx = self.epochs.batch(step).to_vec();
+            let batch_frames: Vec<&[u8]> = idx.iter().map(|&i| self.frames[i]).collect();
+            let px = data::pixels(&batch_frames, self.size, self.device)?;
+            let index = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), self.device)?;
+            let t_hat = self.targets.index_select(&index, 0)?;
+            let s_hat = l2_normalize(&self.student.forward(&px)?.embedding)?;
+            let cos_loss = (1.0 - s_hat.mul(&t_hat)?.sum(1)?.mean_all()?)?;
+            let s_logits = (s_hat.matmul(&self.anchors.t()?)? * self.tau)?;
+            let p_t = self.teacher_aff.index_select(&index, 0)?;
+            let log_ps = candle_nn::ops::log_softmax(&s_logits, D::Minus1)?;
+            let kl = (p_t.mul(&(p_t.clamp(1e-12f32, 1f32)?.log()? - &log_ps)?)?.sum(1)?.mean_all())?;
+            let agree = s_logits
+                .argmax(D::Minus1)?
+                .eq(&self.teacher_choice.index_select(&index, 0)?)?
+                .to_dtype(candle_core::DType::F32)?
+                .mean_all()?
+                .to_scalar::<f32>()? as f64;
+            self.agreement = (self.agreement.0 + agree, self.agreement.1 + 1);
+            Ok((cos_loss + (kl * self.o.affinity_weight)?)?)
         }
-        let start = (step % per_epoch as u64) as usize * o.batch_size;
-        let idx: Vec<usize> = order[start..(start + o.batch_size).min(n)].to_vec();
-        let batch_frames: Vec<&[u8]> = idx.iter().map(|&i| frames[i]).collect();
-        let px = data::pixels(&batch_frames, size as u32, device)?;
-        let index = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), device)?;
-        let t_hat = targets.index_select(&index, 0)?;
-        let s_hat = l2_normalize(&student.forward(&px)?.embedding)?;
-        let cos_loss = (1.0 - s_hat.mul(&t_hat)?.sum(1)?.mean_all()?)?;
-        let s_logits = (s_hat.matmul(&anchors.t()?)? * tau)?;
-        let p_t = teacher_aff.index_select(&index, 0)?;
-        let log_ps = candle_nn::ops::log_softmax(&s_logits, D::Minus1)?;
-        let kl = (p_t.mul(&(p_t.clamp(1e-12f32, 1f32)?.log()? - &log_ps)?)?.sum(1)?.mean_all())?;
-        let loss = (cos_loss + (kl * o.affinity_weight)?)?;
-        let grads = loss.backward()?;
-        let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
-        opt.step(&grads, lr, Some(o.max_grad_norm))?;
-        let agree = s_logits
-            .argmax(D::Minus1)?
-            .eq(&teacher_choice.index_select(&index, 0)?)?
-            .to_dtype(candle_core::DType::F32)?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
-        acc_window = (acc_window.0 + agree, acc_window.1 + 1);
-        history.steps.push(StepPoint { step: step + 1, loss: loss.to_scalar::<f32>()? as f64, lr });
-        bar.inc(1);
-        let every = (o.steps / 20).max(1);
-        if (step + 1) % every == 0 || step + 1 == o.steps {
-            let a = acc_window.0 / acc_window.1 as f64;
-            history.evals.push(EvalPoint { step: step + 1, metric: "agreement with the teacher's label choice".into(), value: a });
-            bar.set_message(format!("agree {a:.3}"));
-            acc_window = (0.0, 0);
-            let meta = CheckpointMeta {
-                command: "distill".into(),
-                step: opt.steps(),
-                total_steps: o.steps,
-                seed: o.seed,
-                settings: settings.clone(),
-                history: history.clone(),
-            };
-            checkpoint::save(&ckpt, &opt, &meta)?;
+
+        fn evaluate(&mut self, step: u64, history: &mut History) -> anyhow::Result<String> {
+            let a = self.agreement.0 / self.agreement.1.max(1) as f64;
+            self.agreement = (0.0, 0);
+            history.evals.push(EvalPoint { step, metric: "agreement with the teacher's label choice".into(), value: a });
+            Ok(format!("agree {a:.3}"))
         }
     }
-    bar.finish_and_clear();
+
+    let mut steps = Distillation {
+        o,
+        student: &student,
+        frames: &frames,
+        size: size as u32,
+        device,
+        epochs: Epochs::new(frames.len(), o.schedule.batch_size, o.schedule.seed, 0xD15),
+        targets: &targets,
+        anchors: &anchors,
+        tau,
+        teacher_aff: &teacher_aff,
+        teacher_choice: &teacher_choice,
+        agreement: (0.0, 0),
+    };
+    let run = Run {
+        command: "distill",
+        label: "distill",
+        schedule: &o.schedule,
+        min_lr_ratio: 0.02,
+        evaluations: 20,
+        checkpoint: Some((&ckpt, &settings)),
+        resume,
+        stop_after: None,
+        progress,
+        device,
+    };
+    let history = schedule::run(&run, &mut opt, &mut steps)?;
     student.save(out)?;
     std::fs::write(out.join("history.json"), serde_json::to_string(&history)?)?;
     std::fs::write(out.join("teacher.txt"), format!("{}\n{}\n", teacher_dir.display(), teacher.space_id))?;

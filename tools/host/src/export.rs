@@ -752,6 +752,18 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         l.check_compatible(dim as u32, &space_id, None, true)
             .with_context(|| format!("label set {} does not fit this encoder", p.display()))?;
     }
+    // A label set made through one head and a bundle that runs another score wrongly without
+    // failing: the set's space names its head (`labels build --head`, `adapt`).
+    if let (Some(head), Some((_, fingerprint))) = (&opts.temporal_head, space_id.split_once("+head:")) {
+        let shipped = crate::labelset::head_fingerprint(head)?;
+        ensure!(
+            shipped == fingerprint,
+            "the label set was made through head {fingerprint}, but --temporal-head {} is head {shipped}: \
+             build the labels with `labels build --head {}`",
+            head.display(),
+            head.display()
+        );
+    }
     // A temporal head of another training run must fail before anything is written too.
     let temporal = opts
         .temporal_head

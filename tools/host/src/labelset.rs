@@ -125,6 +125,28 @@ pub fn parse_templates(text: &str, path: &Path) -> anyhow::Result<Vec<String>> {
 pub struct TokenWeightHead {
     fc0: candle_nn::Linear,
     fc2: candle_nn::Linear,
+    /// [`head_fingerprint`] of the file it came from.
+    pub fingerprint: String,
+}
+
+/// A short digest of a saved head file (`head.safetensors`, `head_temporal.safetensors`).
+///
+/// A label set's token weights come from one head's `f_t`, and the bundle runs that head's
+/// `f_v` (and temporal map): a set built or adapted through another head scores wrongly
+/// without failing. So a set made through a head lives in the embedding space
+/// `<teacher space>+head:<fingerprint>` ([`head_space_id`]), which the bundle exported with it
+/// inherits, and a device refuses a set made for another head as it refuses one of another
+/// teacher.
+pub fn head_fingerprint(path: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("reading head {}", path.display()))?;
+    Ok(Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The embedding space of label sets made through a head with `fingerprint` over a teacher in
+/// `teacher_space` (see [`head_fingerprint`]).
+pub fn head_space_id(teacher_space: &str, fingerprint: &str) -> String {
+    format!("{teacher_space}+head:{fingerprint}")
 }
 
 impl TokenWeightHead {
@@ -149,6 +171,7 @@ impl TokenWeightHead {
         Ok(Self {
             fc0: candle_nn::Linear::new(get("f_t.0.weight", &[dim, dim])?, Some(get("f_t.0.bias", &[dim])?)),
             fc2: candle_nn::Linear::new(get("f_t.2.weight", &[1, dim])?, Some(get("f_t.2.bias", &[1])?)),
+            fingerprint: head_fingerprint(path)?,
         })
     }
 
@@ -268,7 +291,10 @@ pub fn build_label_set(
         calibration: None,
         version: opts.version,
         dim: d as u32,
-        space_id: teacher.space_id.clone(),
+        space_id: match head {
+            Some(h) => head_space_id(&teacher.space_id, &h.fingerprint),
+            None => teacher.space_id.clone(),
+        },
         labels: built,
     };
     set.validate().context("the built label set is invalid")?;

@@ -29,23 +29,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use clipact::world::{self, RenderConfig, Split};
+use clipact::world::{self, Clip, RenderConfig, Split};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::{ClipConfig, ClipModel, CONFIG_FILE, WEIGHTS_FILE};
 use crate::tokenizer::{ClipTokenizer, TOKENIZER_FILE};
-use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::data::{self, WORLD_TEMPLATES};
 use crate::train::head::l2_normalize;
-use crate::train::optim::{decay_groups, warmup_cosine, AdamConfig, AdamW};
-use crate::train::plot::{self, EvalPoint, History, StepPoint};
+use crate::train::optim::{decay_groups, AdamConfig, AdamW};
+use crate::train::plot::{self, EvalPoint, History};
 use crate::train::rng::Rng;
+use crate::train::schedule::{self, DefaultSchedule, Epochs, Run, Schedule, Steps};
 
 /// Geometry and recipe of `pretrain`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PretrainOptions {
-    /// Seed of the data, the initialisation and the batch order.
-    pub seed: u64,
+    /// Seed, steps, frames per batch, learning rate.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// Training clips per seen action.
     pub clips_per_action: usize,
     /// Frames per clip.
@@ -68,18 +69,6 @@ pub struct PretrainOptions {
     pub projection_dim: usize,
     /// Text context length (SOT and EOT included).
     pub context_length: usize,
-    /// Optimizer steps.
-    pub steps: u64,
-    /// Frames per batch.
-    pub batch_size: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warmup steps.
-    pub warmup: u64,
-    /// AdamW decay of the matrices.
-    pub weight_decay: f64,
-    /// Gradient clipping (global norm).
-    pub max_grad_norm: f64,
     /// Probability that a frame is paired with its action's prompt instead of its caption.
     pub action_text_prob: f64,
     /// Steps during which frames are paired with their action's prompts only; over as many
@@ -97,7 +86,7 @@ pub struct PretrainOptions {
 impl Default for PretrainOptions {
     fn default() -> Self {
         Self {
-            seed: 0,
+            schedule: <Self as DefaultSchedule>::schedule(),
             clips_per_action: 40,
             frames: 8,
             image_size: 32,
@@ -109,16 +98,16 @@ impl Default for PretrainOptions {
             heads: 2,
             projection_dim: 64,
             context_length: 32,
-            steps: 500,
-            batch_size: 64,
-            lr: 1e-3,
-            warmup: 50,
-            weight_decay: 0.1,
-            max_grad_norm: 1.0,
             action_text_prob: 0.3,
             prompt_warmup: 0,
             stop_after: None,
         }
+    }
+}
+
+impl DefaultSchedule for PretrainOptions {
+    fn schedule() -> Schedule {
+        Schedule { seed: 0, steps: 500, batch_size: 64, lr: 1e-3, warmup: 50, weight_decay: 0.1, max_grad_norm: 1.0 }
     }
 }
 
@@ -261,7 +250,7 @@ struct HeldOut {
 impl HeldOut {
     fn new(seen: &[usize], o: &PretrainOptions, tokenizer: &ClipTokenizer, device: &Device) -> anyhow::Result<Self> {
         let cfg = RenderConfig { size: o.image_size as u32, frames: o.frames };
-        let clips = data::render_clips(Split::Id, seen, 4, o.seed ^ 0x1D0, &cfg, false);
+        let clips = data::render_clips(Split::Id, seen, 4, o.schedule.seed ^ 0x1D0, &cfg, false);
         let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
         let classes = clips.iter().map(|c| seen.iter().position(|&a| a == c.action).unwrap_or(0) as u32).collect();
         let prompt_ids: Vec<Vec<u32>> = seen
@@ -314,12 +303,12 @@ fn prompt_probability(step: u64, warmup: u64, action_text_prob: f64) -> f64 {
 pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
     ensure!(o.image_size % o.patch_size == 0, "--image-size {} is not a multiple of --patch-size {}", o.image_size, o.patch_size);
     ensure!(o.vision_width % o.heads == 0 && o.text_width % o.heads == 0, "widths must be multiples of --heads {}", o.heads);
-    ensure!(o.batch_size >= 2 && o.steps > 0 && o.clips_per_action > 0, "need --batch-size >= 2, --steps > 0 and clips");
+    ensure!(o.schedule.batch_size >= 2 && o.schedule.steps > 0 && o.clips_per_action > 0, "need --batch-size >= 2, --steps > 0 and clips");
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cfg = RenderConfig { size: o.image_size as u32, frames: o.frames };
     let seen = world::actions_in(Split::Train);
     tracing::info!("rendering {} clips of {} seen actions", seen.len() * o.clips_per_action, seen.len());
-    let clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.seed, &cfg, progress);
+    let clips = data::render_clips(Split::Train, &seen, o.clips_per_action, o.schedule.seed, &cfg, progress);
 
     // Texts: every distinct caption, then every action prompt and paraphrase of seen actions.
     let mut texts: Vec<String> = Vec::new();
@@ -387,7 +376,7 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
 
     // The model on a VarMap.
     let varmap = VarMap::new();
-    let mut init_rng = Rng::new(o.seed, 0x1417);
+    let mut init_rng = Rng::new(o.schedule.seed, 0x1417);
     let mut named_vars = Vec::new();
     for (name, shape) in crate::dev::parameter_shapes(&config) {
         if name == "logit_scale" {
@@ -401,90 +390,114 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     let logit_scale = Var::from_tensor(&Tensor::new(&[(1.0f32 / 0.07).ln()], device)?)?;
     named_vars.push(("logit_scale".into(), logit_scale.clone()));
     let model = ClipModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    let mut opt = AdamW::new(decay_groups(named_vars.clone(), o.weight_decay), AdamConfig::default())?;
+    let mut opt = AdamW::new(decay_groups(named_vars.clone(), o.schedule.weight_decay), AdamConfig::default())?;
     let settings = serde_json::to_value(o)?;
-    let mut history = History::default();
     let ckpt = out.join("checkpoint");
-    if resume && checkpoint::exists(&ckpt) {
-        let meta = checkpoint::restore(&ckpt, "pretrain", &settings, &mut opt, device)?;
-        tracing::info!("resuming pretrain at step {}", meta.step);
-        history = meta.history;
+    ensure!(frames_of.len() >= o.schedule.batch_size, "{} frames are fewer than one batch of {}", frames_of.len(), o.schedule.batch_size);
+
+    /// One contrastive step: a batch of frames, each paired with its caption or (with the
+    /// scheduled probability) one of its action's prompts, drawn anew.
+    struct Contrastive<'a> {
+        o: &'a PretrainOptions,
+        model: &'a ClipModel,
+        logit_scale: &'a Var,
+        tokenizer: &'a ClipTokenizer,
+        device: &'a Device,
+        clips: &'a [Clip],
+        frames_of: &'a [(usize, usize)],
+        epochs: Epochs,
+        caption_ids: &'a [Vec<usize>],
+        action_texts: &'a HashMap<usize, Vec<usize>>,
+        text_action: &'a [Option<usize>],
+        text_ids: &'a [Vec<u32>],
+        held_out: HeldOut,
+        /// Retrieval accuracy since the last evaluation: sum and steps.
+        accuracy: (f64, usize),
     }
 
-    let held_out = HeldOut::new(&seen, o, &tokenizer, device)?;
-    let bar = if progress { crate::train::progress_bar(o.steps, "pretrain") } else { indicatif::ProgressBar::hidden() };
-    bar.set_position(opt.steps());
-    let per_epoch = frames_of.len() / o.batch_size;
-    ensure!(per_epoch > 0, "{} frames are fewer than one batch of {}", frames_of.len(), o.batch_size);
-    let mut order: Vec<usize> = Vec::new();
-    let mut order_epoch = u64::MAX;
-    let mut window = (0f64, 0f64, 0usize);
-    while opt.steps() < o.steps && o.stop_after.is_none_or(|s| opt.steps() < s) {
-        let step = opt.steps();
-        let epoch = step / per_epoch as u64;
-        if epoch != order_epoch {
-            order = (0..frames_of.len()).collect();
-            Rng::new(o.seed, 0xE90C + epoch).shuffle(&mut order);
-            order_epoch = epoch;
-        }
-        let start = (step % per_epoch as u64) as usize * o.batch_size;
-        let prompt_prob = prompt_probability(step, o.prompt_warmup, o.action_text_prob);
-        let mut text_rng = Rng::new(o.seed, 0x7E47 ^ step);
-        let batch: Vec<Pair> = order[start..start + o.batch_size]
-            .iter()
-            .map(|&i| {
-                let (clip, frame) = frames_of[i];
-                let text = if text_rng.uniform() < prompt_prob {
-                    let ids = &action_texts[&clips[clip].action];
-                    ids[text_rng.below(ids.len())]
-                } else {
-                    caption_ids[clip][frame]
-                };
-                Pair { clip, frame, text }
-            })
-            .collect();
-        let frames: Vec<&[u8]> = batch.iter().map(|p| clips[p.clip].frames[p.frame].as_slice()).collect();
-        let px = data::pixels(&frames, o.image_size as u32, device)?;
-        // Distinct texts of the batch and which of them are true of each frame.
-        let mut uniq: Vec<usize> = Vec::new();
-        for p in &batch {
-            if !uniq.contains(&p.text) {
-                uniq.push(p.text);
+    impl Steps for Contrastive<'_> {
+        fn loss(&mut self, step: u64) -> anyhow::Result<Tensor> {
+            let prompt_prob = prompt_probability(step, self.o.prompt_warmup, self.o.action_text_prob);
+            let mut text_rng = Rng::new(self.o.schedule.seed, 0x7E47 ^ step);
+            let batch: Vec<Pair> = self
+                .epochs
+                .batch(step)
+                .iter()
+                .map(|&i| {
+                    let (clip, frame) = self.frames_of[i];
+                    let text = if text_rng.uniform() < prompt_prob {
+                        let ids = &self.action_texts[&self.clips[clip].action];
+                        ids[text_rng.below(ids.len())]
+                    } else {
+                        self.caption_ids[clip][frame]
+                    };
+                    Pair { clip, frame, text }
+                })
+                .collect();
+            let frames: Vec<&[u8]> = batch.iter().map(|p| self.clips[p.clip].frames[p.frame].as_slice()).collect();
+            let px = data::pixels(&frames, self.o.image_size as u32, self.device)?;
+            // Distinct texts of the batch and which of them are true of each frame.
+            let mut uniq: Vec<usize> = Vec::new();
+            for p in &batch {
+                if !uniq.contains(&p.text) {
+                    uniq.push(p.text);
+                }
             }
+            let positive = positives(&batch, &uniq, |c| self.clips[c].action, self.text_action);
+            let texts: Vec<Vec<u32>> = uniq.iter().map(|&u| self.text_ids[u].clone()).collect();
+            let (loss, acc) = clip_loss(self.model, self.logit_scale, &px, &texts, &positive, self.tokenizer, self.device)?;
+            self.accuracy = (self.accuracy.0 + acc, self.accuracy.1 + 1);
+            Ok(loss)
         }
-        let positive = positives(&batch, &uniq, |c| clips[c].action, &text_action);
-        let (loss, acc) = clip_loss(&model, &logit_scale, &px, &uniq.iter().map(|&u| text_ids[u].clone()).collect::<Vec<_>>(), &positive, &tokenizer, device)?;
-        let grads = loss.backward()?;
-        let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
-        opt.step(&grads, lr, Some(o.max_grad_norm))?;
-        // CLIP clamps the temperature at 100.
-        let ls = logit_scale.as_tensor().clamp(0f32, 100f32.ln())?;
-        logit_scale.set(&ls)?;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
-        history.steps.push(StepPoint { step: step + 1, loss: loss_v, lr });
-        window = (window.0 + loss_v, window.1 + acc, window.2 + 1);
-        bar.inc(1);
-        let every = (o.steps / 20).max(1);
-        if (step + 1) % every == 0 || step + 1 == o.steps {
-            let (l, a) = (window.0 / window.2 as f64, window.1 / window.2 as f64);
-            history.evals.push(EvalPoint { step: step + 1, metric: "batch text retrieval acc".into(), value: a });
-            let id = held_out.top1(&model)?;
-            history.evals.push(EvalPoint { step: step + 1, metric: HELD_OUT_METRIC.into(), value: id });
-            bar.set_message(format!("loss {l:.3} acc {a:.3} id {id:.3}"));
-            tracing::debug!("step {} loss {l:.4} acc {a:.3} id top-1 {id:.3} lr {lr:.2e}", step + 1);
-            window = (0.0, 0.0, 0);
-            let meta = CheckpointMeta {
-                command: "pretrain".into(),
-                step: opt.steps(),
-                total_steps: o.steps,
-                seed: o.seed,
-                settings: settings.clone(),
-                history: history.clone(),
-            };
-            checkpoint::save(&ckpt, &opt, &meta)?;
+
+        fn updated(&mut self) -> anyhow::Result<()> {
+            // CLIP clamps the temperature at 100.
+            self.logit_scale.set(&self.logit_scale.as_tensor().clamp(0f32, 100f32.ln())?)?;
+            Ok(())
+        }
+
+        fn evaluate(&mut self, step: u64, history: &mut History) -> anyhow::Result<String> {
+            let n = self.accuracy.1.max(1);
+            let loss = history.steps.iter().rev().take(n).map(|p| p.loss).sum::<f64>() / n as f64;
+            let acc = self.accuracy.0 / n as f64;
+            self.accuracy = (0.0, 0);
+            history.evals.push(EvalPoint { step, metric: "batch text retrieval acc".into(), value: acc });
+            let id = self.held_out.top1(self.model)?;
+            history.evals.push(EvalPoint { step, metric: HELD_OUT_METRIC.into(), value: id });
+            tracing::debug!("step {step} loss {loss:.4} acc {acc:.3} id top-1 {id:.3}");
+            Ok(format!("loss {loss:.3} acc {acc:.3} id {id:.3}"))
         }
     }
-    bar.finish_and_clear();
+
+    let mut steps = Contrastive {
+        o,
+        model: &model,
+        logit_scale: &logit_scale,
+        tokenizer: &tokenizer,
+        device,
+        clips: &clips,
+        frames_of: &frames_of,
+        epochs: Epochs::new(frames_of.len(), o.schedule.batch_size, o.schedule.seed, 0xE90C),
+        caption_ids: &caption_ids,
+        action_texts: &action_texts,
+        text_action: &text_action,
+        text_ids: &text_ids,
+        held_out: HeldOut::new(&seen, o, &tokenizer, device)?,
+        accuracy: (0.0, 0),
+    };
+    let run = Run {
+        command: "pretrain",
+        label: "pretrain",
+        schedule: &o.schedule,
+        min_lr_ratio: 0.02,
+        evaluations: 20,
+        checkpoint: Some((&ckpt, &settings)),
+        resume,
+        stop_after: o.stop_after,
+        progress,
+        device,
+    };
+    let history = schedule::run(&run, &mut opt, &mut steps)?;
 
     // The checkpoint in HF layout.
     let mut tensors: HashMap<String, Tensor> = named_vars

@@ -44,36 +44,25 @@ use serde::{Deserialize, Serialize};
 use crate::clip::Teacher;
 use crate::student::Student;
 use crate::tokenizer::ClipTokenizer;
-use crate::train::checkpoint::{self, CheckpointMeta};
-use crate::train::data::{self, WORLD_TEMPLATES};
+use crate::train::data::{self, WindowTarget, WORLD_TEMPLATES};
 use crate::train::head::{LabelTokens, Variant, WtiHead};
-use crate::train::optim::{decay_groups, warmup_cosine, AdamConfig, AdamW};
-use crate::train::plot::{self, EvalPoint, History, StepPoint};
+use crate::train::optim::{decay_groups, AdamConfig, AdamW};
+use crate::train::plot::{self, EvalPoint, History};
 use crate::train::rng::Rng;
+use crate::train::schedule::{self, DefaultSchedule, Epochs, Run, Schedule, Steps};
 
 /// Settings of `train`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
-    /// Seed of data, initialisation and batch order.
-    pub seed: u64,
+    /// Seed, steps, windows per batch, learning rate.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// Training clips per seen action.
     pub clips_per_action: usize,
     /// Evaluation (`id`) clips per seen action.
     pub eval_clips_per_action: usize,
     /// Frames per window.
     pub frames: usize,
-    /// Optimizer steps per trained variant.
-    pub steps: u64,
-    /// Windows per batch.
-    pub batch_size: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warmup steps.
-    pub warmup: u64,
-    /// AdamW decay of the matrices.
-    pub weight_decay: f64,
-    /// Gradient clipping (global norm).
-    pub max_grad_norm: f64,
     /// Also train and measure the temporal extension.
     pub temporal: bool,
     /// Learning rate of the student's tower and projection, fine-tuned with a WTI head before
@@ -99,27 +88,53 @@ pub struct TrainOptions {
     /// `init_head`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wise_ft: Option<f64>,
+    /// Share of the fine-tuning batch cut from `train` streams instead of clips: windows at
+    /// the stream's own pace, idle stretches and the edges of actions included, the idle ones
+    /// taught as the background label ([`data::BACKGROUND_LABEL`]). A device sees streams,
+    /// not clips: a head trained on clips alone picked the shown action in 75 % of stream
+    /// windows and had no "none of these" (BENCHMARKS.md § Session 9). Left out of the
+    /// checkpoint's settings when 0, like `init_head`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stream_windows: f64,
+    /// A stream window is taught as an action when at least this many of its frames show it
+    /// (fewer, but some: left out).
+    #[serde(default = "default_stream_min_frames", skip_serializing_if = "is_default_stream_min_frames")]
+    pub stream_min_frames: usize,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn default_stream_min_frames() -> usize {
+    3
+}
+
+fn is_default_stream_min_frames(n: &usize) -> bool {
+    *n == default_stream_min_frames()
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
-            seed: 0,
+            schedule: <Self as DefaultSchedule>::schedule(),
             clips_per_action: 30,
             eval_clips_per_action: 10,
             frames: 8,
-            steps: 300,
-            batch_size: 64,
-            lr: 2e-3,
-            warmup: 20,
-            weight_decay: 0.01,
-            max_grad_norm: 1.0,
             temporal: true,
             encoder_lr: 0.0,
             randomize_appearance: 0.0,
             init_head: None,
             wise_ft: None,
+            stream_windows: 0.0,
+            stream_min_frames: default_stream_min_frames(),
         }
+    }
+}
+
+impl DefaultSchedule for TrainOptions {
+    fn schedule() -> Schedule {
+        Schedule { seed: 0, steps: 300, batch_size: 64, lr: 2e-3, warmup: 20, weight_decay: 0.01, max_grad_norm: 1.0 }
     }
 }
 
@@ -203,6 +218,13 @@ pub struct Finetune<'a> {
     pub seed: u64,
     /// Share of clips rendered with a randomized appearance.
     pub randomize_appearance: f64,
+    /// Share of windows cut from streams ([`TrainOptions::stream_windows`]).
+    pub stream_windows: f64,
+    /// Frames of an action that make a stream window one of it.
+    pub stream_min_frames: usize,
+    /// The label side the batches are scored against when they include stream windows: the
+    /// seen actions and, last, the background label.
+    pub labels: Option<LabelTokens>,
 }
 
 impl Finetune<'_> {
@@ -212,22 +234,47 @@ impl Finetune<'_> {
     fn batch(&self, step: u64, n: usize, device: &Device) -> anyhow::Result<(Tensor, Vec<u32>)> {
         let mut rng = Rng::new(self.seed, step);
         let mut classes = Vec::with_capacity(n);
-        let clips: Vec<Clip> = (0..n)
+        let clips: Vec<Vec<Vec<u8>>> = (0..n)
             .map(|_| {
+                // No draw when off, so that runs without stream windows keep their batches.
+                if self.stream_windows > 0.0 && rng.uniform() < self.stream_windows {
+                    let (frames, class) = self.stream_window(&mut rng);
+                    classes.push(class);
+                    return frames;
+                }
                 let class = rng.below(self.actions.len());
                 classes.push(class as u32);
                 let (action, seed) = (self.actions[class], rng.next_u64());
                 // No draw when off, so that runs without randomization keep their batches.
                 if self.randomize_appearance > 0.0 && rng.uniform() < self.randomize_appearance {
-                    world::render_clip_as(world::randomized_appearance(seed), Split::Train, action, seed, &self.render)
+                    world::render_clip_as(world::randomized_appearance(seed), Split::Train, action, seed, &self.render).frames
                 } else {
-                    world::render_clip(Split::Train, action, seed, &self.render)
+                    world::render_clip(Split::Train, action, seed, &self.render).frames
                 }
             })
             .collect();
-        let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
+        let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.iter().map(Vec::as_slice)).collect();
         let px = data::pixels(&frames, self.student.config().image_size as u32, device)?;
         Ok((self.student.forward(&px)?.embedding.reshape((n, self.render.frames, ()))?, classes))
+    }
+
+    /// A window of a `train` stream that teaches something (an action or the background) and
+    /// its class: the background is the row after the seen actions.
+    fn stream_window(&self, rng: &mut Rng) -> (Vec<Vec<u8>>, u32) {
+        // One idle stretch and one action last 24-52 frames: a start below 64 lands anywhere
+        // in the first cycles, past the stream's opening idle stretch.
+        loop {
+            let (seed, start) = (rng.next_u64(), rng.below(64));
+            let (frames, truth) = data::stream_window(Split::Train, seed, start, self.render.frames, self.render.size);
+            match data::window_target(&truth, self.stream_min_frames) {
+                WindowTarget::Action(a) => {
+                    let class = self.actions.iter().position(|&s| s == a).expect("train streams show seen actions");
+                    return (frames, class as u32);
+                }
+                WindowTarget::Background => return (frames, self.actions.len() as u32),
+                WindowTarget::Ambiguous => continue,
+            }
+        }
     }
 }
 
@@ -250,7 +297,7 @@ pub fn score_all(head: &WtiHead, frames: &Tensor, labels: &LabelTokens, tokens: 
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// Trains `head` (the variables of `variant`) on `data` for `o.steps`, checkpointing into
+/// Trains `head` (the variables of `variant`) on `data` for `o.schedule.steps`, checkpointing into
 /// `ckpt`; returns the history.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_head(
@@ -265,87 +312,100 @@ pub fn fit_head(
     progress: bool,
     finetune: Option<&Finetune>,
 ) -> anyhow::Result<History> {
-    let mut groups = decay_groups(head.trainable(variant), o.weight_decay);
+    let mut groups = decay_groups(head.trainable(variant), o.schedule.weight_decay);
     if let Some(f) = finetune {
-        for mut g in decay_groups(f.vars.clone(), o.weight_decay) {
+        for mut g in decay_groups(f.vars.clone(), o.schedule.weight_decay) {
             g.name = format!("encoder_{}", g.name);
             g.lr_scale = f.lr_scale;
             groups.push(g);
         }
     }
     let mut opt = AdamW::new(groups, AdamConfig::default())?;
-    let mut history = History::default();
-    if resume && checkpoint::exists(ckpt) {
-        history = checkpoint::restore(ckpt, "train", settings, &mut opt, device)?.history;
-        tracing::info!("resuming train ({}) at step {}", variant.name(), opt.steps());
+
+    /// One step of the head (and of the encoder, when it is fine-tuned): cross-entropy over
+    /// the WTI logits of a batch of cached windows, or of freshly rendered ones.
+    struct HeadSteps<'a> {
+        head: &'a WtiHead,
+        data: &'a HeadData,
+        variant: Variant,
+        finetune: Option<&'a Finetune<'a>>,
+        batch_size: usize,
+        epochs: Epochs,
+        device: &'a Device,
+        /// The last batch's logits and classes, for the batch accuracy.
+        last: Option<(Tensor, Vec<u32>)>,
     }
-    let (frames, classes) = &data.train;
-    let n = classes.len();
-    let bs = o.batch_size.min(n).max(1);
-    let per_epoch = (n / bs).max(1);
-    let bar = if progress { crate::train::progress_bar(o.steps, variant.name()) } else { indicatif::ProgressBar::hidden() };
-    bar.set_position(opt.steps());
-    let mut order = Vec::new();
-    let mut order_epoch = u64::MAX;
-    while opt.steps() < o.steps {
-        let step = opt.steps();
-        let epoch = step / per_epoch as u64;
-        // Fine-tuning draws its own batches; only cached windows are visited in epochs.
-        if finetune.is_none() && epoch != order_epoch {
-            order = (0..n).collect::<Vec<usize>>();
-            Rng::new(o.seed, 0x7EAD + epoch).shuffle(&mut order);
-            order_epoch = epoch;
+
+    impl Steps for HeadSteps<'_> {
+        fn loss(&mut self, step: u64) -> anyhow::Result<Tensor> {
+            let (x, classes) = match self.finetune {
+                None => {
+                    let idx = self.epochs.batch(step);
+                    let rows = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), self.device)?;
+                    (self.data.train.0.index_select(&rows, 0)?, idx.iter().map(|&i| self.data.train.1[i]).collect::<Vec<_>>())
+                }
+                // Fine-tuning draws its own batches; only cached windows are visited in epochs.
+                Some(f) => f.batch(step, self.batch_size, self.device)?,
+            };
+            let target = Tensor::from_slice(&classes, classes.len(), self.device)?;
+            let labels = self.finetune.and_then(|f| f.labels.as_ref()).unwrap_or(&self.data.labels);
+            let logits = self.head.logits(&self.head.scores(&x, labels, &labels.tokens, self.variant)?)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+            self.last = Some((logits.detach(), classes));
+            Ok(loss)
         }
-        let (x, batch_classes) = match finetune {
-            None => {
-                let start = (step % per_epoch as u64) as usize * bs;
-                let idx = &order[start..start + bs];
-                let rows = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), bs, device)?;
-                (frames.index_select(&rows, 0)?, idx.iter().map(|&i| classes[i]).collect::<Vec<_>>())
+
+        fn updated(&mut self) -> anyhow::Result<()> {
+            Ok(self.head.clamp_logit_scale()?)
+        }
+
+        fn evaluate(&mut self, step: u64, history: &mut History) -> anyhow::Result<String> {
+            let eval = match self.finetune {
+                None => self.data.eval.0.clone(),
+                Some(f) => data::student_embeddings(f.student, &self.data.eval_clips, f.render.size, 128, self.device, false)?,
+            };
+            let s = score_all(self.head, &eval, &self.data.labels, &self.data.labels.tokens, self.variant)?;
+            let acc = top1(&s, &self.data.eval.1)?;
+            history.evals.push(EvalPoint { step, metric: "id top-1".into(), value: acc });
+            if let Some((logits, classes)) = &self.last {
+                history.evals.push(EvalPoint { step, metric: "batch top-1".into(), value: top1(logits, classes)? });
             }
-            Some(f) => f.batch(step, bs, device)?,
-        };
-        let target = Tensor::from_slice(&batch_classes, bs, device)?;
-        let logits = head.logits(&head.scores(&x, &data.labels, &data.labels.tokens, variant)?)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
-        let grads = loss.backward()?;
-        let lr = warmup_cosine(step, o.steps, o.warmup, o.lr, 0.02);
-        opt.step(&grads, lr, Some(o.max_grad_norm))?;
-        head.clamp_logit_scale()?;
-        history.steps.push(StepPoint { step: step + 1, loss: loss.to_scalar::<f32>()? as f64, lr });
-        bar.inc(1);
-        let every = (o.steps / 10).max(1);
-        if (step + 1) % every == 0 || step + 1 == o.steps {
-            let eval = match finetune {
-                None => data.eval.0.clone(),
-                Some(f) => data::student_embeddings(f.student, &data.eval_clips, f.render.size, 128, device, false)?,
-            };
-            let s = score_all(head, &eval, &data.labels, &data.labels.tokens, variant)?;
-            let acc = top1(&s, &data.eval.1)?;
-            history.evals.push(EvalPoint { step: step + 1, metric: "id top-1".into(), value: acc });
-            let tr = top1(&logits, &batch_classes)?;
-            history.evals.push(EvalPoint { step: step + 1, metric: "batch top-1".into(), value: tr });
-            bar.set_message(format!("id top-1 {acc:.3}"));
-            let meta = CheckpointMeta {
-                command: "train".into(),
-                step: opt.steps(),
-                total_steps: o.steps,
-                seed: o.seed,
-                settings: settings.clone(),
-                history: history.clone(),
-            };
-            checkpoint::save(ckpt, &opt, &meta)?;
+            Ok(format!("id top-1 {acc:.3}"))
         }
     }
-    bar.finish_and_clear();
-    Ok(history)
+
+    let n = data.train.1.len();
+    let batch_size = o.schedule.batch_size.min(n).max(1);
+    let mut steps = HeadSteps {
+        head,
+        data,
+        variant,
+        finetune,
+        batch_size,
+        epochs: Epochs::new(n, batch_size, o.schedule.seed, 0x7EAD),
+        device,
+        last: None,
+    };
+    let run = Run {
+        command: "train",
+        label: variant.name(),
+        schedule: &o.schedule,
+        min_lr_ratio: 0.02,
+        evaluations: 10,
+        checkpoint: Some((ckpt, settings)),
+        resume,
+        stop_after: None,
+        progress,
+        device,
+    };
+    schedule::run(&run, &mut opt, &mut steps)
 }
 
 /// The student's embeddings `[N, T, D]` of the training clips of a head run (rendered anew:
 /// keeping thousands of clips for the whole run costs hundreds of MB).
 fn train_embeddings(student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<Tensor> {
     let cfg = RenderConfig { size: student.config().image_size as u32, frames: o.frames };
-    let clips = data::render_clips(Split::Train, &world::actions_in(Split::Train), o.clips_per_action, o.seed ^ 0x7EA1, &cfg, progress);
+    let clips = data::render_clips(Split::Train, &world::actions_in(Split::Train), o.clips_per_action, o.schedule.seed ^ 0x7EA1, &cfg, progress);
     data::student_embeddings(student, &clips, cfg.size, 128, device, progress)
 }
 
@@ -354,7 +414,7 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
     let size = student.config().image_size as u32;
     let cfg = RenderConfig { size, frames: o.frames };
     let seen = world::actions_in(Split::Train);
-    let eval_clips = data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.seed ^ 0xE7A1, &cfg, progress);
+    let eval_clips = data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.schedule.seed ^ 0xE7A1, &cfg, progress);
     tracing::info!("encoding {} + {} clips with the student", seen.len() * o.clips_per_action, eval_clips.len());
     let train = train_embeddings(student, o, device, progress)?;
     let eval = data::student_embeddings(student, &eval_clips, size, 128, device, progress)?;
@@ -371,10 +431,24 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
     })
 }
 
+/// The seen actions' label side and, last, [`data::BACKGROUND_LABEL`]'s, under the same templates.
+fn labels_with_background(teacher: &Teacher, tokenizer: &ClipTokenizer, dim: usize, device: &Device) -> anyhow::Result<LabelTokens> {
+    let mut texts: Vec<Vec<String>> = world::actions_in(Split::Train).iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect();
+    texts.push(WORLD_TEMPLATES.iter().map(|t| t.replace("{}", data::BACKGROUND_LABEL.1)).collect());
+    let texts = data::encode_label_texts(teacher, tokenizer, texts)?;
+    LabelTokens::new(&texts.tokens, &texts.pooled, dim, device)
+}
+
 /// Runs `train` into `out`.
 pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<TrainReport> {
-    ensure!(o.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
+    ensure!(o.schedule.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
     ensure!(o.init_head.is_none() || o.encoder_lr > 0.0, "--init-head starts the fine-tuning head: it needs --encoder-lr > 0");
+    ensure!(
+        (0.0..=1.0).contains(&o.stream_windows) && (o.stream_windows == 0.0 || o.encoder_lr > 0.0),
+        "--stream-windows {}: a share in [0, 1] of the fine-tuning batches (it needs --encoder-lr > 0)",
+        o.stream_windows
+    );
+    ensure!(o.stream_min_frames >= 1 && o.stream_min_frames <= o.frames, "--stream-min-frames {} must be in 1..={}", o.stream_min_frames, o.frames);
     if let Some(alpha) = o.wise_ft {
         ensure!(o.init_head.is_some(), "--wise-ft averages a fine-tuned stage with its start: it needs --init-head (and --encoder-lr > 0)");
         ensure!(alpha > 0.0 && alpha <= 1.0, "--wise-ft {alpha}: the fine-tuned weights' share must be in (0, 1]");
@@ -403,11 +477,17 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         let finetune = Finetune {
             student: &student,
             vars: crate::student::tower_vars(&student_vars)?,
-            lr_scale: o.encoder_lr / o.lr,
+            lr_scale: o.encoder_lr / o.schedule.lr,
             actions: world::actions_in(Split::Train),
             render: RenderConfig { size: student.config().image_size as u32, frames: o.frames },
-            seed: o.seed ^ 0xF1E5,
+            seed: o.schedule.seed ^ 0xF1E5,
             randomize_appearance: o.randomize_appearance,
+            stream_windows: o.stream_windows,
+            stream_min_frames: o.stream_min_frames,
+            labels: match o.stream_windows > 0.0 {
+                true => Some(labels_with_background(&teacher, &tokenizer, student.config().projection_dim, device)?),
+                false => None,
+            },
         };
         let variant = if o.temporal { Variant::WtiTemporal } else { Variant::Wti };
         let init = match &o.init_head {
@@ -415,7 +495,7 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             None if o.temporal => temporal_init(&data)?,
             None => HashMap::new(),
         };
-        let head = WtiHead::new(d, o.seed ^ 0xE4C, &init, device)?;
+        let head = WtiHead::new(d, o.schedule.seed ^ 0xE4C, &init, device)?;
         if let Some(path) = &o.init_head {
             let missing: Vec<String> = head.trainable(variant).into_iter().map(|(n, _)| n).filter(|n| !init.contains_key(n)).collect();
             ensure!(missing.is_empty(), "initial head {} lacks {} of a {} head", path.display(), missing.join(", "), variant.name());
@@ -441,12 +521,12 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
     }
     let mut report = Vec::new();
     // Baselines without trained weights.
-    let plain = WtiHead::new(d, o.seed, &init, device)?;
+    let plain = WtiHead::new(d, o.schedule.seed, &init, device)?;
     for v in [Variant::Mean, Variant::Ti] {
         let s = score_all(&plain, &data.eval.0, &data.labels, &data.labels.tokens, v)?;
         report.push((v, top1(&s, &data.eval.1)?));
     }
-    let head = WtiHead::new(d, o.seed, tuned.as_ref().unwrap_or(&init), device)?;
+    let head = WtiHead::new(d, o.schedule.seed, tuned.as_ref().unwrap_or(&init), device)?;
     let history = fit_head(&head, &data, Variant::Wti, o, &out.join("checkpoint-wti"), &settings, resume, device, progress, None)?;
     let s = score_all(&head, &data.eval.0, &data.labels, &data.labels.tokens, Variant::Wti)?;
     report.push((Variant::Wti, top1(&s, &data.eval.1)?));
@@ -459,9 +539,9 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         // fixed pool of cached windows only fits that pool (96 → 92 % on `id` in 5000 steps,
         // BENCHMARKS.md § Session 6).
         let temporal = match &tuned {
-            Some(t) => WtiHead::new(d, o.seed, t, device)?,
+            Some(t) => WtiHead::new(d, o.schedule.seed, t, device)?,
             None => {
-                let temporal = WtiHead::new(d, o.seed, &temporal_init(&data)?, device)?;
+                let temporal = WtiHead::new(d, o.schedule.seed, &temporal_init(&data)?, device)?;
                 let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress, None)?;
                 let png = out.join("train_curves_temporal.png");
                 plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI + temporal difference tokens", &h));

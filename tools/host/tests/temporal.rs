@@ -172,6 +172,20 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
         assert_eq!(r.confusion.iter().flatten().sum::<usize>(), 4, "{r:?}");
     }
 
+    // A label set made through another head (its space names that head) is refused before
+    // anything is written, naming both heads.
+    let mut foreign = set.clone();
+    foreign.space_id = format!("{}+head:00000000deadbeef", set.space_id);
+    let foreign_path = dir.path().join("foreign.cls");
+    foreign.save_atomic(&foreign_path).unwrap();
+    let refused = dir.path().join("refused");
+    let out_fail = host_err(&[
+        "export", "--student", &student_path, "--labels", foreign_path.to_str().unwrap(), "--out", refused.to_str().unwrap(),
+        "--temporal-head", head_path.to_str().unwrap(),
+    ]);
+    assert!(out_fail.contains("made through head 00000000deadbeef"), "{out_fail}");
+    assert!(!refused.exists(), "a refused export writes nothing");
+
     // A re-export without the head removes the stale file and is plain WTI again.
     run(&["--force"]);
     let bundle = Bundle::open(&out).unwrap();

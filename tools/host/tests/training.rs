@@ -13,17 +13,18 @@ use clipact::world::{self, RenderConfig, Split};
 use clipact_host::adapt::{adapt, AdaptOptions};
 use clipact_host::clip::Teacher;
 use clipact_host::distill::{distill, DistillOptions};
-use clipact_host::labelset::{build_label_set, BuildOptions, LabelSpec, TokenWeightHead};
+use clipact_host::labelset::{build_label_set, head_fingerprint, head_space_id, BuildOptions, LabelSpec, TokenWeightHead};
 use clipact_host::pretrain::{pretrain, PretrainOptions};
 use clipact_host::student::Student;
 use clipact_host::tokenizer::ClipTokenizer;
 use clipact_host::train::data::{self, WORLD_TEMPLATES};
 use clipact_host::train::head::{LabelTokens, Variant, WtiHead};
+use clipact_host::train::schedule::{DefaultSchedule, Schedule};
 use clipact_host::wti_train::{train, TrainOptions};
 
 fn tiny_teacher() -> PretrainOptions {
     PretrainOptions {
-        seed: 3,
+        schedule: Schedule { seed: 3, steps: 200, batch_size: 48, lr: 2e-3, warmup: 5, ..PretrainOptions::schedule() },
         clips_per_action: 4,
         frames: 4,
         image_size: 32,
@@ -35,20 +36,31 @@ fn tiny_teacher() -> PretrainOptions {
         heads: 2,
         projection_dim: 48,
         context_length: 24,
-        steps: 200,
-        batch_size: 48,
-        lr: 2e-3,
-        warmup: 5,
         ..PretrainOptions::default()
     }
 }
 
 fn tiny_student() -> DistillOptions {
-    DistillOptions { seed: 1, clips_per_action: 3, frames: 4, width: 32, depth: 1, heads: 1, steps: 40, batch_size: 32, lr: 2e-3, warmup: 4, ..DistillOptions::default() }
+    DistillOptions {
+        schedule: Schedule { seed: 1, steps: 40, batch_size: 32, lr: 2e-3, warmup: 4, ..DistillOptions::schedule() },
+        clips_per_action: 3,
+        frames: 4,
+        width: 32,
+        depth: 1,
+        heads: 1,
+        ..DistillOptions::default()
+    }
 }
 
 fn tiny_head() -> TrainOptions {
-    TrainOptions { seed: 2, clips_per_action: 6, eval_clips_per_action: 3, frames: 4, steps: 60, batch_size: 30, lr: 5e-3, warmup: 5, temporal: false, ..TrainOptions::default() }
+    TrainOptions {
+        schedule: Schedule { seed: 2, steps: 60, batch_size: 30, lr: 5e-3, warmup: 5, ..TrainOptions::schedule() },
+        clips_per_action: 6,
+        eval_clips_per_action: 3,
+        frames: 4,
+        temporal: false,
+        ..TrainOptions::default()
+    }
 }
 
 fn assert_falls(what: &str, h: &clipact_host::train::plot::History, factor: f64) {
@@ -89,10 +101,11 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     assert!(r.loss_first_last.1 < r.loss_first_last.0 * 0.97, "train loss {:?}", r.loss_first_last);
 
     // train --encoder-lr: the student's tower is fine-tuned through a temporal WTI head on
-    // freshly rendered clips, half of them in a randomized appearance: that phase's loss falls,
-    // and the student `train` saves is not the one it was given.
+    // freshly rendered clips, half of them in a randomized appearance, half of the batch cut
+    // from streams (idle windows taught as the background label): that phase's loss falls, and
+    // the student `train` saves is not the one it was given.
     let tuned_dir = root.path().join("head-tuned");
-    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, randomize_appearance: 0.5, ..tiny_head() };
+    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, randomize_appearance: 0.5, stream_windows: 0.5, ..tiny_head() };
     train(&teacher_dir, &student_dir, &tuned_dir, &o, false, &dev, false)?;
     let meta: clipact_host::train::checkpoint::CheckpointMeta =
         serde_json::from_str(&std::fs::read_to_string(tuned_dir.join("checkpoint-encoder").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
@@ -119,7 +132,7 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     };
     let tuned_head = Some(tuned_dir.join("head_temporal.safetensors"));
     let max_abs = |t: Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
-    let still = |init_head: Option<std::path::PathBuf>| TrainOptions { steps: 2, lr: 1e-12, encoder_lr: 1e-12, init_head, ..o.clone() };
+    let still = |init_head: Option<std::path::PathBuf>| TrainOptions { schedule: Schedule { steps: 2, lr: 1e-12, ..o.schedule.clone() }, encoder_lr: 1e-12, init_head, ..o.clone() };
     let stage2_dir = stage("head-stage2", still(tuned_head.clone()))?;
     let load = |dir: &Path| candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev);
     let (first, second) = (load(&tuned_dir)?, load(&stage2_dir)?);
@@ -137,7 +150,7 @@ fn every_training_command_learns() -> anyhow::Result<()> {
 
     // train --wise-ft: every fine-tuned weight (tower, projection, head) ends at α of the way
     // from the start to where the same stage ends without it.
-    let moving = |wise_ft: Option<f64>| TrainOptions { steps: 3, init_head: tuned_head.clone(), wise_ft, ..o.clone() };
+    let moving = |wise_ft: Option<f64>| TrainOptions { schedule: Schedule { steps: 3, ..o.schedule.clone() }, init_head: tuned_head.clone(), wise_ft, ..o.clone() };
     let (tuned_again, averaged) = (stage("stage-tuned", moving(None))?, stage("stage-wise-ft", moving(Some(0.25)))?);
     let weights = |dir: &Path| -> anyhow::Result<HashMap<String, Tensor>> {
         let mut w = candle_core::safetensors::load(dir.join("student_temporal").join("model.safetensors"), &dev)?;
@@ -159,13 +172,22 @@ fn every_training_command_learns() -> anyhow::Result<()> {
 
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
     let adapt_dir = root.path().join("adapt");
-    let o = AdaptOptions { seed: 4, shots: vec![0, 4], eval_clips_per_action: 6, frames: 4, steps: 40, export_shots: 4, ..AdaptOptions::default() };
+    let o = AdaptOptions {
+        schedule: Schedule { seed: 4, steps: 40, ..AdaptOptions::schedule() },
+        shots: vec![0, 4],
+        eval_clips_per_action: 6,
+        frames: 4,
+        export_shots: 4,
+        ..AdaptOptions::default()
+    };
     let points = adapt(&teacher_dir, &head_dir, &adapt_dir, &o, &dev, false)?;
     let k4 = points.iter().find(|p| p.shots == 4).unwrap();
     assert!(k4.cross_modal >= 1.0 / 3.0 && k4.vision_only >= 1.0 / 3.0, "below chance: {points:?}");
     let set = clipact::labels::LabelSet::load(&adapt_dir.join("labels.cls"))?;
     assert_eq!(set.labels.len(), world::ZEROSHOT_ACTIONS.len());
-    assert_eq!(set.space_id, teacher.space_id);
+    // Its space names the head it was adapted through (the bundle's).
+    let head_space = |file: &Path| -> anyhow::Result<String> { Ok(head_space_id(&teacher.space_id, &head_fingerprint(file)?)) };
+    assert_eq!(set.space_id, head_space(&head_dir.join("head.safetensors"))?);
     // adapt --temporal, over several support draws: its label set carries the temporal head's
     // token weights, not the plain head's of the same `train` run.
     let adapted = |temporal: bool, name: &str| -> anyhow::Result<clipact::labels::LabelSet> {
@@ -176,6 +198,12 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let (plain, temporal) = (adapted(false, "adapt-plain")?, adapted(true, "adapt-temporal")?);
     assert_eq!(temporal.labels.len(), plain.labels.len());
     assert_ne!(temporal.labels[0].token_weights, plain.labels[0].token_weights, "adapt --temporal used the plain head");
+    // A wti-temporal bundle (whose space is its head's) refuses the set adapted through the
+    // plain head of the same run, as a device refuses a pushed set of another space.
+    let bundle_space = head_space(&tuned_dir.join("head_temporal.safetensors"))?;
+    assert_eq!(temporal.space_id, bundle_space);
+    let err = plain.check_compatible(temporal.dim, &bundle_space, None, true).expect_err("a set of the plain head");
+    assert!(err.to_string().contains("+head:"), "{err}");
 
     // The trained head scores windows exactly as the device's WTI does with the label set
     // `labels build --head` makes from it.
@@ -251,7 +279,13 @@ fn head_matches_device(teacher: &Teacher, tok: &ClipTokenizer, head_dir: &Path, 
 fn resumed_pretrain_equals_an_uninterrupted_run() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let root = tempfile::tempdir()?;
-    let o = PretrainOptions { steps: 8, clips_per_action: 1, batch_size: 24, vision_layers: 1, text_layers: 1, ..tiny_teacher() };
+    let o = PretrainOptions {
+        schedule: Schedule { steps: 8, batch_size: 24, ..tiny_teacher().schedule },
+        clips_per_action: 1,
+        vision_layers: 1,
+        text_layers: 1,
+        ..tiny_teacher()
+    };
     let whole = root.path().join("whole");
     pretrain(&whole, &o, false, &dev, false)?;
     // Interrupted after 4 steps (the checkpoint is written every max(steps/20, 1) = 1 step),
@@ -259,7 +293,7 @@ fn resumed_pretrain_equals_an_uninterrupted_run() -> anyhow::Result<()> {
     let split = root.path().join("split");
     pretrain(&split, &PretrainOptions { stop_after: Some(4), ..o.clone() }, false, &dev, false)?;
     // Other settings refuse to resume.
-    let err = pretrain(&split, &PretrainOptions { lr: 1.0, ..o.clone() }, true, &dev, false).unwrap_err();
+    let err = pretrain(&split, &PretrainOptions { schedule: Schedule { lr: 1.0, ..o.schedule.clone() }, ..o.clone() }, true, &dev, false).unwrap_err();
     assert!(format!("{err:#}").contains("other settings"), "{err:#}");
     pretrain(&split, &o, true, &dev, false)?;
     let a = candle_core::safetensors::load(whole.join("model.safetensors"), &dev)?;

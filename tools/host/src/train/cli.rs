@@ -8,6 +8,7 @@ use clap::Args;
 use crate::adapt::AdaptOptions;
 use crate::distill::DistillOptions;
 use crate::pretrain::PretrainOptions;
+use crate::train::schedule::{DefaultSchedule, Schedule, ScheduleArgs};
 use crate::wti_train::TrainOptions;
 use crate::{select_device, DeviceChoice};
 
@@ -32,21 +33,14 @@ pub struct PretrainArgs {
     /// Output folder (the teacher checkpoint).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Seed of the data, the weights and the batch order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs<PretrainOptions>,
     /// Training clips per seen action (8 frames each).
     #[arg(long, default_value_t = PretrainOptions::default().clips_per_action)]
     pub clips_per_action: usize,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = PretrainOptions::default().steps)]
-    pub steps: u64,
     /// Frames per batch.
-    #[arg(long, default_value_t = PretrainOptions::default().batch_size)]
+    #[arg(long, default_value_t = PretrainOptions::schedule().batch_size)]
     pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = PretrainOptions::default().lr)]
-    pub lr: f64,
     /// Width of both towers and of the joint embedding (D).
     #[arg(long, default_value_t = PretrainOptions::default().vision_width)]
     pub width: usize,
@@ -96,9 +90,8 @@ pub struct DistillArgs {
     /// Output student folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs<DistillOptions>,
     /// Training clips per seen action.
     #[arg(long, default_value_t = DistillOptions::default().clips_per_action)]
     pub clips_per_action: usize,
@@ -114,15 +107,9 @@ pub struct DistillArgs {
     /// Start from random weights instead of the teacher's.
     #[arg(long)]
     pub no_inherit: bool,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = DistillOptions::default().steps)]
-    pub steps: u64,
     /// Frames per batch.
-    #[arg(long, default_value_t = DistillOptions::default().batch_size)]
+    #[arg(long, default_value_t = DistillOptions::schedule().batch_size)]
     pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = DistillOptions::default().lr)]
-    pub lr: f64,
     /// Weight λ of the affinity-mimicking term.
     #[arg(long, default_value_t = DistillOptions::default().affinity_weight)]
     pub affinity_weight: f64,
@@ -158,24 +145,17 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs<TrainOptions>,
     /// Training clips per seen action.
     #[arg(long, default_value_t = TrainOptions::default().clips_per_action)]
     pub clips_per_action: usize,
     /// Evaluation clips per seen action (id split).
     #[arg(long, default_value_t = TrainOptions::default().eval_clips_per_action)]
     pub eval_clips_per_action: usize,
-    /// Optimizer steps (per head).
-    #[arg(long, default_value_t = TrainOptions::default().steps)]
-    pub steps: u64,
     /// Windows per batch.
-    #[arg(long, default_value_t = TrainOptions::default().batch_size)]
+    #[arg(long, default_value_t = TrainOptions::schedule().batch_size)]
     pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = TrainOptions::default().lr)]
-    pub lr: f64,
     /// Skip the temporal-extension run.
     #[arg(long)]
     pub no_temporal: bool,
@@ -197,6 +177,16 @@ pub struct TrainArgs {
     /// (1 - ALPHA)·start + ALPHA·tuned (WiSE-FT): keeps more of what the start knew.
     #[arg(long, value_name = "ALPHA")]
     pub wise_ft: Option<f64>,
+    /// Share of the fine-tuning windows cut from streams (the world's actions at their own
+    /// pace, idle stretches between them) instead of clips; idle windows are taught as the
+    /// `idle` label, which world_labels.txt then lists (make it a background label with
+    /// `calibrate --background idle`). Needs --encoder-lr.
+    #[arg(long, value_name = "SHARE", default_value_t = TrainOptions::default().stream_windows)]
+    pub stream_windows: f64,
+    /// A stream window counts as an action when at least this many of its frames show it;
+    /// windows with fewer (but some) are left out.
+    #[arg(long, value_name = "FRAMES", default_value_t = TrainOptions::default().stream_min_frames)]
+    pub stream_min_frames: usize,
     /// Continue from the checkpoints in --out.
     #[arg(long)]
     pub resume: bool,
@@ -224,9 +214,8 @@ pub struct AdaptArgs {
     /// Output folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Seed of the support and evaluation clips.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs<AdaptOptions>,
     /// Split whose actions are adapted to: zeroshot (held-out actions) or id/ood.
     #[arg(long, default_value = "zeroshot")]
     pub split: String,
@@ -239,12 +228,6 @@ pub struct AdaptArgs {
     /// Independent draws of the support clips per K (the report gives the mean).
     #[arg(long, default_value_t = AdaptOptions::default().trials)]
     pub trials: usize,
-    /// Optimizer steps per run (full batch).
-    #[arg(long, default_value_t = AdaptOptions::default().steps)]
-    pub steps: u64,
-    /// Learning rate.
-    #[arg(long, default_value_t = AdaptOptions::default().lr)]
-    pub lr: f64,
     /// K of the label set written to labels.cls.
     #[arg(long, default_value_t = AdaptOptions::default().export_shots)]
     pub export_shots: usize,
@@ -320,11 +303,8 @@ fn progress() -> bool {
 /// Runs `pretrain`.
 pub fn run_pretrain(a: &PretrainArgs, device: DeviceChoice) -> anyhow::Result<()> {
     let o = PretrainOptions {
-        seed: a.seed,
+        schedule: Schedule { batch_size: a.batch_size, ..a.schedule.schedule() },
         clips_per_action: a.clips_per_action,
-        steps: a.steps,
-        batch_size: a.batch_size,
-        lr: a.lr,
         vision_width: a.width,
         text_width: a.width,
         projection_dim: a.width,
@@ -347,15 +327,12 @@ pub fn run_pretrain(a: &PretrainArgs, device: DeviceChoice) -> anyhow::Result<()
 /// Runs `distill`.
 pub fn run_distill(a: &DistillArgs, device: DeviceChoice) -> anyhow::Result<()> {
     let o = DistillOptions {
-        seed: a.seed,
+        schedule: Schedule { batch_size: a.batch_size, ..a.schedule.schedule() },
         clips_per_action: a.clips_per_action,
         width: a.width,
         depth: a.depth,
         heads: a.heads,
         inherit: !a.no_inherit,
-        steps: a.steps,
-        batch_size: a.batch_size,
-        lr: a.lr,
         affinity_weight: a.affinity_weight,
         ..DistillOptions::default()
     };
@@ -369,30 +346,34 @@ pub fn run_distill(a: &DistillArgs, device: DeviceChoice) -> anyhow::Result<()> 
 /// Runs `train`.
 pub fn run_train(a: &TrainArgs, device: DeviceChoice) -> anyhow::Result<()> {
     let o = TrainOptions {
-        seed: a.seed,
+        schedule: Schedule { batch_size: a.batch_size, ..a.schedule.schedule() },
         clips_per_action: a.clips_per_action,
         eval_clips_per_action: a.eval_clips_per_action,
-        steps: a.steps,
-        batch_size: a.batch_size,
-        lr: a.lr,
         temporal: !a.no_temporal,
         encoder_lr: a.encoder_lr,
         randomize_appearance: a.randomize_appearance,
         init_head: a.init_head.clone(),
         wise_ft: a.wise_ft,
+        stream_windows: a.stream_windows,
+        stream_min_frames: a.stream_min_frames,
         ..TrainOptions::default()
     };
     crate::wti_train::train(&a.teacher, &a.student, &a.out, &o, a.resume, &select_device(device)?, progress())?;
-    write_world_label_files(&a.out)?;
+    write_world_label_files(&a.out, o.stream_windows > 0.0)?;
     Ok(())
 }
 
-/// Writes `world_labels.txt` (every action of the world as `name: description`) and
-/// `world_templates.txt` into `dir`, the inputs `labels build` needs for the world.
-pub fn write_world_label_files(dir: &std::path::Path) -> anyhow::Result<()> {
+/// Writes `world_labels.txt` (every action of the world as `name: description`, then the
+/// background label when the head learnt one) and `world_templates.txt` into `dir`, the inputs
+/// `labels build` needs for the world.
+pub fn write_world_label_files(dir: &std::path::Path, background: bool) -> anyhow::Result<()> {
     let mut labels = String::from("# The synthetic world's actions (clipact::world::ACTIONS), name: description\n");
     for a in clipact::world::ACTIONS {
         labels.push_str(&format!("{}: {}\n", a.name, a.description));
+    }
+    if background {
+        let (name, description) = crate::train::data::BACKGROUND_LABEL;
+        labels.push_str(&format!("# No action: trained on idle stretches; `calibrate --background {name}`\n{name}: {description}\n"));
     }
     std::fs::write(dir.join("world_labels.txt"), labels)?;
     let mut templates = String::from("# Prompt templates for the world's descriptions (whole phrases)\n");
@@ -407,13 +388,11 @@ pub fn write_world_label_files(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Runs `adapt`.
 pub fn run_adapt(a: &AdaptArgs, device: DeviceChoice) -> anyhow::Result<()> {
     let o = AdaptOptions {
-        seed: a.seed,
+        schedule: a.schedule.schedule(),
         split: a.split.clone(),
         shots: a.shots.clone(),
         eval_clips_per_action: a.eval_clips_per_action,
         trials: a.trials,
-        steps: a.steps,
-        lr: a.lr,
         export_shots: a.export_shots,
         temporal: a.temporal,
         ..AdaptOptions::default()

@@ -147,3 +147,86 @@ pub fn prompts(action: usize, templates: &[&str]) -> Vec<String> {
 pub fn parse_splits(s: &str) -> anyhow::Result<Vec<Split>> {
     s.split(',').map(|p| p.trim().parse::<Split>().map_err(|e| anyhow::anyhow!("{e}"))).collect()
 }
+
+/// The label that stands for "no action" when training sees idle stretches (`--stream-windows`):
+/// its name in `world_labels.txt` and its description, in the world's own words (the captions of
+/// an idle figure all begin "a person standing"). `calibrate --background idle` makes it a
+/// background label: it competes, it never fires.
+pub const BACKGROUND_LABEL: (&str, &str) = ("idle", "a person standing");
+
+/// What a stream window teaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowTarget {
+    /// An action, shown in enough of the window's frames.
+    Action(usize),
+    /// No action in any frame: the background label.
+    Background,
+    /// An action's edge seen in too few frames (or two actions): left out of training, since
+    /// a device may fire there or not and be right either way.
+    Ambiguous,
+}
+
+/// The target of a window whose frames show `truth` (the action of each frame, `None` while
+/// idle): the action when at least `min_frames` frames show it.
+pub fn window_target(truth: &[Option<usize>], min_frames: usize) -> WindowTarget {
+    let mut shown = truth.iter().flatten();
+    let Some(&action) = shown.next() else { return WindowTarget::Background };
+    if truth.iter().flatten().any(|&a| a != action) {
+        return WindowTarget::Ambiguous;
+    }
+    let frames = truth.iter().filter(|a| **a == Some(action)).count();
+    if frames >= min_frames.max(1) {
+        WindowTarget::Action(action)
+    } else {
+        WindowTarget::Ambiguous
+    }
+}
+
+/// A window of `frames` consecutive frames cut from the `split` stream `seed`, `start` frames
+/// in (the frames before it are skipped, not drawn): RGB8 frames `size × size` and the action
+/// of each (`None` while idle). The stream shows actions at their own pace (16-28 frames) with
+/// idle stretches between them, unlike a clip, which fits one whole action into its window.
+pub fn stream_window(split: Split, seed: u64, start: usize, frames: usize, size: u32) -> (Vec<Vec<u8>>, Vec<Option<usize>>) {
+    let mut stream = world::WorldStream::new(seed, split, size);
+    for _ in 0..start {
+        stream.skip_frame();
+    }
+    (0..frames)
+        .map(|_| {
+            let (frame, truth) = stream.next_frame();
+            (frame.data.to_vec(), truth.action)
+        })
+        .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_teaches_the_action_it_shows_enough_of() {
+        let (a, n) = (Some(3), None);
+        assert_eq!(window_target(&[n, n, n, n], 2), WindowTarget::Background);
+        assert_eq!(window_target(&[n, n, a, a], 2), WindowTarget::Action(3));
+        assert_eq!(window_target(&[a, n, n, n], 2), WindowTarget::Ambiguous);
+        assert_eq!(window_target(&[a, a, n, Some(4)], 2), WindowTarget::Ambiguous);
+    }
+
+    #[test]
+    fn a_stream_window_is_the_stream_itself() {
+        // Skipped frames are not drawn, but what is shown after them is the stream's.
+        let (start, frames, size) = (37, 8, 16);
+        let (pixels, truth) = stream_window(Split::Id, 5, start, frames, size);
+        let mut stream = world::WorldStream::new(5, Split::Id, size);
+        for _ in 0..start {
+            stream.next_frame();
+        }
+        for (k, want) in truth.iter().enumerate() {
+            let (frame, t) = stream.next_frame();
+            assert_eq!(t.action, *want, "frame {k}");
+            let diff = frame.data.iter().zip(&pixels[k]).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / frame.data.len() as f64;
+            assert!(diff < 10.0, "frame {k}: mean difference {diff:.1} beyond sensor noise");
+        }
+        assert!(pixels.iter().all(|p| p.len() == (size * size * 3) as usize));
+    }
+}

@@ -1,5 +1,6 @@
-//! Training infrastructure shared by `pretrain`, `distill`, `train` and `adapt`: AdamW with
-//! parameter groups and a warmup + cosine schedule ([`optim`]), checkpoints that resume
+//! Training infrastructure shared by `pretrain`, `distill`, `train` and `adapt`: their settings
+//! and loop ([`schedule`]), AdamW with parameter groups and a warmup + cosine schedule
+//! ([`optim`]), checkpoints that resume
 //! ([`checkpoint`]), seeded randomness ([`rng`]), histories and charts ([`plot`]), the
 //! differentiable WTI head ([`head`]) and the synthetic world's data ([`data`]).
 
@@ -10,6 +11,7 @@ pub mod head;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod schedule;
 
 /// A progress bar for `len` steps of `what` (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
