@@ -69,7 +69,7 @@ struct EvalArgs {
     precision: String,
     /// Print one JSON object (`top1`, `top5`, `per_class`, ...; with `--stream`:
     /// `new_events`, `event_precision`, `event_recall`, `latency_p50_s`, `latency_p99_s`,
-    /// `false_alarms_per_hour`, `per_label`) instead of a table.
+    /// `false_alarms_per_hour`, `window_top1`, `per_label`) instead of a table.
     #[arg(long)]
     json: bool,
     /// Events on a continuous stream instead of clips: the device's pipeline and decisions over
@@ -508,7 +508,7 @@ fn eval_stream(args: &EvalArgs, bundle: &Bundle, source: clipact::eval::Syntheti
     let pct = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{:.1} %", x * 100.0));
     let secs = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.1} s"));
     println!(
-        "{} split, seed {}, {:.0} s: {} new events, precision {}, recall {} ({}/{} instances), latency p50 {} p99 {}, {} false alarms ({:.1} per hour)",
+        "{} split, seed {}, {:.0} s: {} new events, precision {}, recall {} ({}/{} instances), latency p50 {} p99 {}, {} false alarms ({:.1} per hour), window top-1 {}",
         report.split,
         report.seed,
         report.seconds,
@@ -520,7 +520,8 @@ fn eval_stream(args: &EvalArgs, bundle: &Bundle, source: clipact::eval::Syntheti
         secs(report.latency_p50_s),
         secs(report.latency_p99_s),
         report.false_alarms,
-        report.false_alarms_per_hour
+        report.false_alarms_per_hour,
+        pct(report.window_top1)
     );
     println!("  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}", "label", "instances", "recall", "events", "precision", "idle", "p50");
     for r in &report.per_label {

@@ -224,6 +224,11 @@ pub struct StreamReport {
     pub false_alarms: usize,
     /// False alarms per hour of stream.
     pub false_alarms_per_hour: f64,
+    /// Of the windows that lie inside one action instance (all T frames show it, the action
+    /// has a label), the share whose highest raw score is that action's label, among every
+    /// label of the set: what the model gets right on a stream before any decision (`null`
+    /// without such windows).
+    pub window_top1: Option<f64>,
     /// Per label of the set.
     pub per_label: Vec<LabelStreamReport>,
 }
@@ -326,6 +331,18 @@ pub fn score(recording: &StreamRecording, events: &[NewEvent]) -> StreamReport {
         row.latency_p50_s = quantile(&lat, 0.5);
     }
     latencies.sort_by(f64::total_cmp);
+    let (mut inside, mut inside_right) = (0, 0);
+    for f in t - 1..truth.len() {
+        let window = recording.window_truth(f);
+        let Some(action) = window[0] else { continue };
+        let Some(label) = label_actions.iter().position(|&a| a == Some(action)) else { continue };
+        if window.iter().all(|&a| a == Some(action)) {
+            inside += 1;
+            let scores = recording.frame_scores(f);
+            let best = (0..n_labels).max_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+            inside_right += usize::from(best == Some(label));
+        }
+    }
     let seconds = truth.len() as f64 / recording.fps;
     StreamReport {
         split: recording.source.split.to_string(),
@@ -343,6 +360,7 @@ pub fn score(recording: &StreamRecording, events: &[NewEvent]) -> StreamReport {
         latency_p99_s: quantile(&latencies, 0.99),
         false_alarms,
         false_alarms_per_hour: if seconds > 0.0 { false_alarms as f64 * 3600.0 / seconds } else { 0.0 },
+        window_top1: ratio(inside_right, inside),
         per_label: rows,
     }
 }
@@ -395,5 +413,24 @@ mod tests {
         assert_eq!(r.latency_p50_s, Some(1.2));
         assert_eq!(r.event_precision, Some(1.0));
         assert_eq!(score(&rec, &[]).event_precision, None);
+    }
+
+    #[test]
+    fn window_top1_counts_windows_inside_one_action() {
+        let waving = world::action_index("waving").unwrap();
+        let mut truth = vec![None; 20];
+        truth[5..15].iter_mut().for_each(|t| *t = Some(waving));
+        let mut rec = recording(truth, &["waving", "background"]);
+        // Windows [f − 3, f] inside waving end at frames 8..=14: 7 of them. The background
+        // label leads at frame 8 (and while idle), waving from frame 9 on.
+        for f in 0..20 {
+            let waving_leads = (9..=14).contains(&f);
+            rec.scores[f * 2] = if waving_leads { 0.6 } else { 0.2 };
+            rec.scores[f * 2 + 1] = 0.4;
+        }
+        let r = score(&rec, &[]);
+        assert_eq!(r.window_top1, Some(6.0 / 7.0));
+        rec.truth.iter_mut().for_each(|t| *t = None);
+        assert_eq!(score(&rec, &[]).window_top1, None, "no window inside an action");
     }
 }

@@ -488,7 +488,7 @@ fn eval_stream_grades_the_events_the_device_starts() {
         serde_json::from_slice(&out.stdout).expect("one JSON object")
     };
     let report = stream("id");
-    for key in ["new_events", "event_precision", "event_recall", "latency_p50_s", "latency_p99_s", "false_alarms_per_hour"] {
+    for key in ["new_events", "event_precision", "event_recall", "latency_p50_s", "latency_p99_s", "false_alarms_per_hour", "window_top1"] {
         assert!(report.get(key).is_some(), "no {key} in {report}");
     }
     let n = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"));

@@ -289,11 +289,13 @@ pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: 
 pub fn stream_markdown(reports: &[StreamReport]) -> String {
     let pct = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{:.1} %", x * 100.0));
     let secs = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{x:.1} s"));
-    let mut md = String::from("| split | seed | seconds | new events | precision | recall | latency p50 | p99 | false alarms / h |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut md = String::from(
+        "| split | seed | seconds | new events | precision | recall | latency p50 | p99 | false alarms / h | window top-1 |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
     for r in reports {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {} |",
             r.split,
             r.seed,
             r.seconds,
@@ -302,8 +304,10 @@ pub fn stream_markdown(reports: &[StreamReport]) -> String {
             pct(r.event_recall),
             secs(r.latency_p50_s),
             secs(r.latency_p99_s),
-            r.false_alarms_per_hour
+            r.false_alarms_per_hour,
+            pct(r.window_top1)
         );
     }
+    md.push_str("\nwindow top-1: windows inside one action whose best raw score, among every label, is that action's.\n");
     md
 }
