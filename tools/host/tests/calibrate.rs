@@ -10,12 +10,15 @@ use clipact::world::Split;
 use clipact_host::calibrate::{calibrate, CalibrateOptions, THRESHOLDS};
 
 const TEXT_ONLY: [&str; 3] = ["crouching", "raising_both_arms", "lying_down"];
+/// The "none of these" label of a demo trained on idle stretches (`train --stream-windows`).
+const BACKGROUND: &str = "idle";
 
 fn demo() -> Bundle {
     Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")).expect("the demo bundle opens")
 }
 
 fn options() -> CalibrateOptions {
+    let has_background = demo().labels.labels.iter().any(|l| l.name == BACKGROUND);
     CalibrateOptions {
         split: Split::Id,
         seeds: vec![7, 8],
@@ -25,7 +28,7 @@ fn options() -> CalibrateOptions {
         target_precision: 0.8,
         text_only: TEXT_ONLY.iter().map(|s| s.to_string()).collect(),
         text_only_bias: 1.0,
-        background: Vec::new(),
+        background: if has_background { vec![BACKGROUND.into()] } else { Vec::new() },
         min_instances: 1,
         version: None,
     }
@@ -44,11 +47,16 @@ fn calibrate_writes_the_policy_it_measured() {
     let with_clips: Vec<f32> = report.labels.iter().filter(|l| l.kind == "clips").map(|l| l.threshold.unwrap()).collect();
     let highest = with_clips.iter().copied().fold(f32::MIN, f32::max);
     for (l, label) in report.labels.iter().zip(&set.labels) {
-        let t = label.threshold.expect("every label has a threshold");
+        let i = set.labels.iter().position(|x| x.name == label.name).unwrap();
+        if label.name == BACKGROUND {
+            // It competes in the softmax and never fires: no threshold to choose.
+            assert_eq!((l.kind, c.background[i], l.threshold), ("background", true, None));
+            continue;
+        }
+        let t = label.threshold.expect("every label that can fire has a threshold");
         assert!(THRESHOLDS.contains(&t), "{}: {t}", label.name);
         let text_only = TEXT_ONLY.contains(&label.name.as_str());
         assert_eq!(l.kind, if text_only { "text-only" } else { "clips" });
-        let i = set.labels.iter().position(|x| x.name == label.name).unwrap();
         if text_only {
             assert_eq!(t, highest, "{}: text-only labels take the highest threshold", label.name);
             assert_eq!(c.biases[i], 1.0);
