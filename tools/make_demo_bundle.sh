@@ -16,8 +16,9 @@
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
-# Takes about 75 minutes on 2 idle CPU cores (pretrain ~10, train ~55 + ~11: the encoder's fine-tuning
-# dominates; release build not included). Needs nothing but
+# Takes 2-2.5 hours on 2 CPU cores (measured beside other work: pretrain + distill 29 min, the
+# first train stage about 100 min: the encoder's fine-tuning dominates, and windows cut from
+# streams cost more to render than clips; release build not included). Needs nothing but
 # this repository: no downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -128,19 +129,26 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
 2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
 3. \`train\`: the student's tower fine-tuned together with a WTI + temporal head (\`--encoder-lr\`,
-   5000 steps, a freshly rendered batch of 64 clips every step; W_d started from a ridge fit of
-   frame differences to label embeddings); step 4 continues from that head. The plain WTI
+   5000 steps, a freshly rendered batch of 64 windows every step; W_d started from a ridge fit of
+   frame differences to label embeddings); step 4 continues from that head. Half of every batch
+   is whole-action clips, half is cut from \`train\` streams (\`--stream-windows 0.5\`): the
+   actions at their own pace (16-28 frames) with idle stretches between them; a window showing
+   an action in at least 3 of its 8 frames is taught as that action, one showing none as the
+   \`idle\` label ("a person standing"), the edges in between are left out. The plain WTI
    head (f_t, f_v, logit scale) is then fitted on the tuned student's embeddings of 8-frame
    windows, for the ablation and for TEMPORAL=0.
 4. A second \`train\` stage from the first one's head and student (1000 steps, head learning
    rate 3e-3, encoder 1e-4, seed $((SEED + 1))), half of its clips on blocky noise walls
-   (\`--randomize-appearance 0.5\`), then every weight moved back a quarter of the way to its start
+   (\`--randomize-appearance 0.5\`), half cut from streams as in step 3, then every weight moved back a quarter of the way to its start
    (\`--wise-ft 0.75\`, WiSE-FT): the noise walls gain on \`ood\`, the average keeps \`id\`.
 5. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
    \`calibrate\` then replaces the label set's one threshold ($THRESHOLD) with decisions chosen on held-out
    streams (seeds $((SEED + 100)), $((SEED + 101)); idle $((SEED + 100))): one action at a time (a softmax over the
    labels), a threshold per label for $TARGET_PRECISION precision, the held-out actions' labels treated as
-   added by text alone (the highest threshold, log-prior $TEXT_ONLY_BIAS).
+   added by text alone (the highest threshold, log-prior $TEXT_ONLY_BIAS), and \`idle\` as a background
+   label ("none of these": it takes part in the softmax and never fires). The label set lives in the
+   space of the head it was built through (\`<teacher>+head:<digest>\`): a device running this bundle
+   refuses a set made through another head.
 6. \`adapt\`: cross-modal few-shot ablation on the held-out actions, for the shipped (temporal)
    head, mean of 5 draws of the support clips (not shipped in this bundle).
 
