@@ -12,13 +12,14 @@
 #   WORK_DIR        default runs/world-demo (teacher, student, head, reports; not shipped)
 # Environment: SEED (default 1), EVAL_CLIPS (clips per split, default 1000), THRESHOLD (stored with
 # every label before calibration, default 0.4), TARGET_PRECISION (calibration, default 0.9),
-# TEXT_ONLY_BIAS (log-prior of the held-out actions' labels, default 2.0), QUICK=1 for a
+# TEXT_ONLY_BIAS (log-prior of the held-out actions' labels, default 2.0), STREAM_WINDOWS (share of
+# the fine-tuning windows cut from streams, with an `idle` background label; default 0: at 0.5 the
+# first stage lost 10 points of clip top-1, BENCHMARKS.md § Session 10), QUICK=1 for a
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
-# Takes 2-2.5 hours on 2 CPU cores (measured beside other work: pretrain + distill 29 min, the
-# first train stage about 100 min: the encoder's fine-tuning dominates, and windows cut from
-# streams cost more to render than clips; release build not included). Needs nothing but
+# Takes about 75 minutes on 2 idle CPU cores (pretrain ~10, train ~55 + ~11: the encoder's fine-tuning
+# dominates; release build not included). Needs nothing but
 # this repository: no downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,16 +40,18 @@ CAL=(--seconds 600 --idle-seconds 1800); STREAM=(--seconds 600 --idle-seconds 36
 if [[ "${QUICK:-0}" == 1 ]]; then
     CAL=(--seconds 300 --idle-seconds 120 --min-instances 1); STREAM=(--seconds 60 --idle-seconds 60)
     PRE=(--steps 60 --clips-per-action 6); DIS=(--steps 40 --clips-per-action 4)
-    TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4 --stream-windows 0.5); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
-    TRN2=(--steps 20 --clips-per-action 8 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75 --stream-windows 0.5)
+    TRN=(--steps 60 --clips-per-action 8 --encoder-lr 3e-4); ADA=(--steps 20 --shots 0,1,4); EVAL_CLIPS=30
+    TRN2=(--steps 20 --clips-per-action 8 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
 else
     PRE=(--steps 4000 --clips-per-action 500 --lr 1e-3 --action-text-prob 0.5 --prompt-warmup 800); DIS=(--steps 100 --depth 3 --lr 2e-4)
-    # Half of every fine-tuning batch is windows cut from streams (actions at their own pace,
-    # idle stretches taught as the `idle` label), the other half whole-action clips.
-    TRN=(--steps 5000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4 --stream-windows 0.5); ADA=(--lr 3e-3)
+    TRN=(--steps 5000 --lr 1e-2 --clips-per-action 500 --encoder-lr 3e-4); ADA=(--lr 3e-3)
     # Stage 2: half the clips on noise walls, then 3:1 averaged with stage 1 (WiSE-FT): it gains
     # 3 points on `ood` over stage 1, the average keeps stage 1's `id` (BENCHMARKS.md § Session 8).
-    TRN2=(--steps 1000 --lr 3e-3 --clips-per-action 500 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75 --stream-windows 0.5)
+    TRN2=(--steps 1000 --lr 3e-3 --clips-per-action 500 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
+fi
+BACKGROUND=()
+if [[ "${STREAM_WINDOWS:-0}" != 0 ]]; then
+    TRN+=(--stream-windows "$STREAM_WINDOWS"); TRN2+=(--stream-windows "$STREAM_WINDOWS"); BACKGROUND=(--background idle)
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.
@@ -95,7 +98,7 @@ $HOST export --student "$STUDENT" --labels "$WORK/labels.cls" --int8 "${SHIP[@]}
 # Decisions on a stream, chosen on streams no training or evaluation uses (seeds SEED+100/101),
 # written into the shipped set (version 2). The held-out actions are labels added by text alone.
 $HOST calibrate --bundle "$OUT" --seeds $((SEED + 100)),$((SEED + 101)) --idle-seeds $((SEED + 100)) "${CAL[@]}" \
-    --text-only crouching,raising_both_arms,lying_down --text-only-bias "$TEXT_ONLY_BIAS" --background idle \
+    --text-only crouching,raising_both_arms,lying_down --text-only-bias "$TEXT_ONLY_BIAS" "${BACKGROUND[@]}" \
     --target-precision "$TARGET_PRECISION" --version 2 -o "$OUT/labels.cls" --report "$WORK/calibration.json"
 $HOST adapt --teacher "$WORK/teacher" --train "$RUN" --out "$WORK/adapt" --seed "$SEED" "${ADA[@]}"
 $HOST eval --bundle "$OUT" --out "$WORK/eval" --clips "$EVAL_CLIPS" --seed $((SEED + 1000)) --all-labels \
@@ -129,24 +132,19 @@ backgrounds, noise, camera offset and speed. Splits: \`id\` (seen actions, seen 
 2. \`distill\`: student ViT (width 64, 3 layers, 2 heads), inherited from the teacher's tower, cosine +
    affinity-mimicking loss against the teacher's image embeddings.
 3. \`train\`: the student's tower fine-tuned together with a WTI + temporal head (\`--encoder-lr\`,
-   5000 steps, a freshly rendered batch of 64 windows every step; W_d started from a ridge fit of
-   frame differences to label embeddings); step 4 continues from that head. Half of every batch
-   is whole-action clips, half is cut from \`train\` streams (\`--stream-windows 0.5\`): the
-   actions at their own pace (16-28 frames) with idle stretches between them; a window showing
-   an action in at least 3 of its 8 frames is taught as that action, one showing none as the
-   \`idle\` label ("a person standing"), the edges in between are left out. The plain WTI
+   5000 steps, a freshly rendered batch of 64 clips every step; W_d started from a ridge fit of
+   frame differences to label embeddings); step 4 continues from that head. The plain WTI
    head (f_t, f_v, logit scale) is then fitted on the tuned student's embeddings of 8-frame
    windows, for the ablation and for TEMPORAL=0.
 4. A second \`train\` stage from the first one's head and student (1000 steps, head learning
    rate 3e-3, encoder 1e-4, seed $((SEED + 1))), half of its clips on blocky noise walls
-   (\`--randomize-appearance 0.5\`), half cut from streams as in step 3, then every weight moved back a quarter of the way to its start
+   (\`--randomize-appearance 0.5\`), then every weight moved back a quarter of the way to its start
    (\`--wise-ft 0.75\`, WiSE-FT): the noise walls gain on \`ood\`, the average keeps \`id\`.
 5. \`labels build\` with f_t over 4 prompt templates per action; \`export\` (ONNX opset 17, f32 + int8).
    \`calibrate\` then replaces the label set's one threshold ($THRESHOLD) with decisions chosen on held-out
    streams (seeds $((SEED + 100)), $((SEED + 101)); idle $((SEED + 100))): one action at a time (a softmax over the
    labels), a threshold per label for $TARGET_PRECISION precision, the held-out actions' labels treated as
-   added by text alone (the highest threshold, log-prior $TEXT_ONLY_BIAS), and \`idle\` as a background
-   label ("none of these": it takes part in the softmax and never fires). The label set lives in the
+   added by text alone (the highest threshold, log-prior $TEXT_ONLY_BIAS). The label set lives in the
    space of the head it was built through (\`<teacher>+head:<digest>\`): a device running this bundle
    refuses a set made through another head.
 6. \`adapt\`: cross-modal few-shot ablation on the held-out actions, for the shipped (temporal)
