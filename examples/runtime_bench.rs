@@ -24,7 +24,7 @@ use clipact::bundle::Bundle;
 use clipact::config::Config;
 use clipact::labels::{Label, LabelSet};
 use clipact::pipeline::Pipeline;
-use clipact::runtime::{DetectionEvent, EventKind, EventSink, Runtime, RuntimeOptions};
+use clipact::runtime::{DetectionEvent, EventKind, EventSink, LabelStore, Runtime, RuntimeOptions};
 use clipact::source::synthetic::{Synthetic, SyntheticOptions};
 use clipact::source::{FrameSource, SourceError, SourceFrame, Truth};
 use serde_json::json;
@@ -217,7 +217,7 @@ fn latency(dir: &Path, seconds: f64, split: &str, seed: u64, threshold: f32) -> 
     let pipeline = Pipeline::new(&bundle, &config)?;
     let options = RuntimeOptions { duration: Some(Duration::from_secs_f64(seconds)), ..RuntimeOptions::default() };
     let labels_path = std::env::temp_dir().join("clipact-latency-labels.cls");
-    let mut rt = Runtime::new(pipeline, &bundle, &config, labels_path, None, options);
+    let mut rt = Runtime::new(pipeline, &bundle, &config, LabelStore::new(labels_path, None), options);
     let events = Events::default();
     rt.add_sink(Box::new(events.clone()));
     let truths = Arc::new(Mutex::new(Vec::new()));

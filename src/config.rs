@@ -359,10 +359,60 @@ pub struct Updates {
     /// whenever `[mqtt]` and `key_file` are both set.)
     #[serde(default)]
     pub http: bool,
+    /// Bytes of unauthenticated update data held at once over every transport (default 8 MiB);
+    /// also the largest label set accepted and the largest MQTT message taken.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
+    /// Transfers in progress at once, over every transport (default 2).
+    #[serde(default = "default_max_transfers")]
+    pub max_transfers: usize,
+    /// Open connections per listener, TCP updates and HTTP each (default 32); a new one
+    /// displaces the oldest idle one.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may send nothing before it is closed (default 30).
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Seconds allowed for a whole transfer or request body (default 120).
+    #[serde(default = "default_body_timeout_s")]
+    pub body_timeout_s: u64,
+}
+
+impl Updates {
+    /// The bounds on unauthenticated data these settings give.
+    pub fn limits(&self) -> crate::update::UpdateLimits {
+        crate::update::UpdateLimits {
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_transfers: self.max_transfers,
+            max_connections: self.max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_s),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_s),
+        }
+    }
 }
 
 fn default_serial_baud() -> u32 {
     DEFAULT_SERIAL_BAUD
+}
+
+fn default_max_buffered_bytes() -> usize {
+    crate::update::UpdateLimits::default().max_buffered_bytes
+}
+
+fn default_max_transfers() -> usize {
+    crate::update::UpdateLimits::default().max_transfers
+}
+
+fn default_max_connections() -> usize {
+    crate::update::UpdateLimits::default().max_connections
+}
+
+fn default_idle_timeout_s() -> u64 {
+    crate::update::UpdateLimits::default().idle_timeout.as_secs()
+}
+
+fn default_body_timeout_s() -> u64 {
+    crate::update::UpdateLimits::default().body_timeout.as_secs()
 }
 
 /// A config that parses but does not make sense.
@@ -536,6 +586,20 @@ impl Config {
                     "must be positive, e.g. 115200",
                 ));
             }
+            let max_set = crate::update::MAX_SET_LEN as usize;
+            if !(64 * 1024..=max_set).contains(&updates.max_buffered_bytes) {
+                return Err(invalid("updates.max_buffered_bytes", format!("must be 65536..={max_set} (bytes; the default is 8388608)")));
+            }
+            for (key, value) in [
+                ("updates.max_transfers", updates.max_transfers as u64),
+                ("updates.max_connections", updates.max_connections as u64),
+                ("updates.idle_timeout_s", updates.idle_timeout_s),
+                ("updates.body_timeout_s", updates.body_timeout_s),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, "must be at least 1"));
+                }
+            }
         }
         Ok(())
     }
@@ -630,20 +694,23 @@ impl Config {
         names
     }
 
-    /// The MQTT client id: `[mqtt] client_id`, or `clipact-<device_name>`. `None` without
-    /// `[mqtt]`.
+    /// The MQTT client id: `[mqtt] client_id`, or `clipact-<device_name>-<8 random hex
+    /// digits>` drawn once per start, so that no other client can guess it and knock the device
+    /// off the broker by connecting with the same id. `None` without `[mqtt]`.
     pub fn mqtt_client_id(&self) -> Option<String> {
         let mqtt = self.mqtt.as_ref()?;
-        Some(
-            mqtt.client_id
-                .clone()
-                .unwrap_or_else(|| format!("clipact-{}", self.device_name)),
-        )
+        Some(mqtt.client_id.clone().unwrap_or_else(|| {
+            let mut suffix = [0u8; 4];
+            // A predictable suffix is only as weak as the old fixed id.
+            let _ = getrandom::fill(&mut suffix);
+            format!("clipact-{}-{:08x}", self.device_name, u32::from_le_bytes(suffix))
+        }))
     }
 }
 
 fn check_device_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
+        && name.len() <= crate::update::MAX_DEVICE_NAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');

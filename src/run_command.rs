@@ -8,7 +8,7 @@ use clipact::bundle::{Bundle, LABELS_FILE};
 use clipact::config::Config;
 use clipact::labels::LabelSet;
 use clipact::pipeline::Pipeline;
-use clipact::runtime::{self, JsonLinesSink, Runtime, RuntimeOptions};
+use clipact::runtime::{self, JsonLinesSink, LabelStore, Runtime, RuntimeOptions};
 use clipact::source::SourceSpec;
 
 /// Stream time the endless synthetic sources run for without `--for`.
@@ -78,13 +78,18 @@ pub fn run(request: RunRequest) -> Result<()> {
             );
         }
     }
-    let mut bundle = Bundle::open(&config.bundle)
-        .with_context(|| format!("opening bundle {}", config.bundle.display()))?;
     let updates = config.updates.clone();
     let labels_path = updates
         .as_ref()
         .and_then(|u| u.labels_path.clone())
-        .unwrap_or_else(|| bundle.dir.join(LABELS_FILE));
+        .unwrap_or_else(|| config.bundle.join(LABELS_FILE));
+    // Before the bundle opens: its own labels.cls may be the persisted set.
+    let recovery = match &updates {
+        Some(_) => clipact::update::recover_store(&labels_path),
+        None => clipact::update::Recovery { high_water: 0, problem: None },
+    };
+    let mut bundle = Bundle::open(&config.bundle)
+        .with_context(|| format!("opening bundle {}", config.bundle.display()))?;
     bundle.labels = initial_labels(&bundle, &labels_path);
     let key = match updates.as_ref().and_then(|u| u.key_file.as_ref()) {
         Some(path) => Some(runtime::load_key(path).map_err(anyhow::Error::msg)?),
@@ -126,7 +131,8 @@ pub fn run(request: RunRequest) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the I/O runtime")?;
-    let mut rt = Runtime::new(pipeline, &bundle, &config, labels_path, key, options);
+    let store = LabelStore { path: labels_path, key, recovery };
+    let mut rt = Runtime::new(pipeline, &bundle, &config, store, options);
     rt.add_outputs(outputs);
     rt.add_sink(Box::new(JsonLinesSink::new(
         std::io::stdout(),

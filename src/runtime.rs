@@ -43,7 +43,7 @@ use crate::labels::LabelSet;
 use crate::pipeline::{Event, Pipeline, PipelineError};
 use crate::preprocess::{Frame, PixelFormat};
 use crate::source::{FrameSource, SourceError, Truth};
-use crate::update::{PreSharedKey, ReceiverConfig};
+use crate::update::{Line, PreSharedKey, Receiver, ReceiverConfig, UpdateGate};
 
 /// A detection turning on (`new`) or off (`end`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -113,6 +113,13 @@ pub struct StatsSnapshot {
     pub label_updates: u64,
     /// Version of the label set in use.
     pub label_set_version: u64,
+    /// The highest label-set version this device ever accepted.
+    pub label_set_high_water: u64,
+    /// Label-set updates refused, over every transport.
+    pub updates_rejected: u64,
+    /// 1 when the persisted label set was unusable at start (restored from its last-good copy,
+    /// or replaced by the bundle's); see the log.
+    pub label_set_recoveries: u64,
     /// Frames processed per second since the start.
     pub fps: f64,
     /// Mean encoder time per frame, ms.
@@ -148,6 +155,8 @@ pub struct Metrics {
     pub label_updates: AtomicU64,
     /// Version of the label set in use.
     pub label_set_version: AtomicU64,
+    /// Persisted label sets found unusable at start.
+    pub label_set_recoveries: AtomicU64,
     /// Total encoder time, ns.
     pub encoder_ns_total: AtomicU64,
     /// Total time of [`Pipeline::process_at`], ns.
@@ -199,8 +208,8 @@ struct Shared {
     precision: String,
     source: Mutex<String>,
     labels: Mutex<Arc<LiveLabels>>,
-    updates: Mutex<Option<mpsc::Sender<LabelSet>>>,
-    receiver_config: ReceiverConfig,
+    updates: Arc<Mutex<Option<mpsc::Sender<LabelSet>>>>,
+    gate: Arc<UpdateGate>,
     /// Wakes the loop (and the capture thread) on stop.
     queue: Arc<FrameQueue>,
 }
@@ -245,6 +254,9 @@ impl RuntimeHandle {
             events_total: load(&m.events_total),
             label_updates: load(&m.label_updates),
             label_set_version: load(&m.label_set_version),
+            label_set_high_water: self.shared.gate.status().high_water,
+            updates_rejected: self.shared.gate.rejected_total(),
+            label_set_recoveries: load(&m.label_set_recoveries),
             fps: if uptime > 0.0 { processed as f64 / uptime } else { 0.0 },
             encoder_ms_avg: per_frame_ms(load(&m.encoder_ns_total)),
             pipeline_ms_avg: per_frame_ms(load(&m.pipeline_ns_total)),
@@ -285,19 +297,16 @@ impl RuntimeHandle {
         &self.shared.device_name
     }
 
-    /// What label sets arriving from anywhere are checked against: the encoder's dim and
-    /// embedding space, where accepted sets are persisted, and the update key.
-    pub fn receiver_config(&self) -> ReceiverConfig {
-        self.shared.receiver_config.clone()
+    /// The door every label-set update passes through, whatever its transport: it checks,
+    /// persists and submits one set at a time.
+    pub fn gate(&self) -> &Arc<UpdateGate> {
+        &self.shared.gate
     }
 
-    /// Queues a validated (and persisted) set; the loop swaps it in between two frames.
+    /// Queues a set for the loop to swap in between two frames, unchecked and not persisted:
+    /// updates from outside go through [`RuntimeHandle::gate`].
     pub fn submit_labels(&self, set: LabelSet) -> Result<(), RuntimeStopped> {
-        let guard = self.shared.updates.lock().expect("updates lock");
-        match guard.as_ref() {
-            Some(tx) => tx.send(set).map_err(|_| RuntimeStopped),
-            None => Err(RuntimeStopped),
-        }
+        submit(&self.shared.updates, set)
     }
 
     /// Asks the runtime to finish: the loop ends after the frame in progress, triggers go to
@@ -310,6 +319,31 @@ impl RuntimeHandle {
     /// Whether [`RuntimeHandle::stop`] was called (or the runtime ended).
     pub fn is_stopped(&self) -> bool {
         self.shared.stop.load(Ordering::SeqCst)
+    }
+}
+
+fn submit(updates: &Mutex<Option<mpsc::Sender<LabelSet>>>, set: LabelSet) -> Result<(), RuntimeStopped> {
+    match updates.lock().expect("updates lock").as_ref() {
+        Some(tx) => tx.send(set).map_err(|_| RuntimeStopped),
+        None => Err(RuntimeStopped),
+    }
+}
+
+/// Where a runtime keeps accepted label sets, and what authenticates them.
+#[derive(Debug, Clone)]
+pub struct LabelStore {
+    /// The persisted set (`[updates] labels_path`, default the bundle's `labels.cls`).
+    pub path: PathBuf,
+    /// The update key (`[updates] key_file`).
+    pub key: Option<PreSharedKey>,
+    /// What [`crate::update::recover_store`] found at start.
+    pub recovery: crate::update::Recovery,
+}
+
+impl LabelStore {
+    /// A store at `path` with nothing recovered (no update accepted before).
+    pub fn new(path: PathBuf, key: Option<PreSharedKey>) -> Self {
+        Self { path, key, recovery: crate::update::Recovery { high_water: 0, problem: None } }
     }
 }
 
@@ -672,18 +706,26 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime over `pipeline` (built from `bundle` and `config`). Label sets are persisted
-    /// to `labels_path`; `key` authenticates network updates.
-    pub fn new(
-        pipeline: Pipeline,
-        bundle: &Bundle,
-        config: &Config,
-        labels_path: PathBuf,
-        key: Option<PreSharedKey>,
-        options: RuntimeOptions,
-    ) -> Self {
+    /// A runtime over `pipeline` (built from `bundle` and `config`). Accepted label sets are
+    /// persisted to `store`.
+    pub fn new(pipeline: Pipeline, bundle: &Bundle, config: &Config, store: LabelStore, options: RuntimeOptions) -> Self {
         let (tx, rx) = mpsc::channel();
         let set = Arc::new(pipeline.labels().clone());
+        let updates = Arc::new(Mutex::new(Some(tx)));
+        let gate_updates = updates.clone();
+        let gate = UpdateGate::new(
+            ReceiverConfig {
+                device_name: config.device_name.clone(),
+                dim: bundle.manifest.dim,
+                space_id: bundle.manifest.space_id.clone(),
+                path: store.path,
+                key: store.key,
+                limits: config.updates.as_ref().map(|u| u.limits()).unwrap_or_default(),
+            },
+            Some(&set),
+            store.recovery.high_water,
+            move |set| submit(&gate_updates, set).map_err(|e| e.to_string()),
+        );
         let thresholds = pipeline.deciders().iter().map(|d| d.policy().threshold).collect();
         let shared = Arc::new(Shared {
             metrics: Metrics::default(),
@@ -694,19 +736,16 @@ impl Runtime {
             precision: options.precision.clone(),
             source: Mutex::new(options.source_name.clone()),
             labels: Mutex::new(LiveLabels::new(set.clone(), thresholds)),
-            updates: Mutex::new(Some(tx)),
-            receiver_config: ReceiverConfig {
-                dim: bundle.manifest.dim,
-                space_id: bundle.manifest.space_id.clone(),
-                path: labels_path,
-                key,
-            },
+            updates,
+            gate,
             queue: Arc::new(FrameQueue::new(options.queue_len)),
         });
         shared
             .metrics
             .label_set_version
             .store(set.version, Ordering::Relaxed);
+        let recovered = u64::from(store.recovery.problem.is_some());
+        shared.metrics.label_set_recoveries.store(recovered, Ordering::Relaxed);
         let mut runtime = Self {
             pipeline,
             config: config.clone(),
@@ -1015,10 +1054,14 @@ fn spawn_capture(
 // ---------------------------------------------------------------------------------------------
 // Update listeners
 
-/// Serves label-set updates on a TCP listener (the [`crate::update`] protocol), one
-/// connection at a time per task. Each connection gets a fresh receiver that knows the set
-/// in use, so the version check holds across transports.
+/// Serves label-set updates on a TCP listener (the [`crate::update`] protocol), each
+/// connection on its own task with its own [`Receiver`] on the device's gate.
+///
+/// At most `[updates] max_connections` are open: a new connection displaces the oldest one
+/// with no transfer in progress (or is closed at once when all are transferring), so idle
+/// connections cannot lock a sender out; a quiet connection is closed after `idle_timeout`.
 pub async fn serve_tcp_updates(listener: tokio::net::TcpListener, handle: RuntimeHandle) {
+    let slots = crate::update::Slots::new(handle.gate().config().limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -1028,9 +1071,14 @@ pub async fn serve_tcp_updates(listener: tokio::net::TcpListener, handle: Runtim
                 continue;
             }
         };
-        let handle = handle.clone();
+        let Some(slot) = slots.admit() else {
+            tracing::debug!(%peer, "update listener full of transfers: connection refused");
+            continue;
+        };
+        let gate = handle.gate().clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_update_line(stream, handle, &format!("TCP {peer}")).await {
+            let mut receiver = Receiver::new(gate, Line::Stream);
+            if let Err(e) = slot.serve(stream, &mut receiver).await {
                 tracing::debug!(%peer, "update connection: {e}");
             }
         });
@@ -1049,35 +1097,16 @@ pub fn open_serial(
     tokio_serial::SerialStream::open(&tokio_serial::new(path, baud))
 }
 
-/// Serves label-set updates on a serial line until it closes; each accepted set goes to the
-/// loop. Each transfer's version check is against the set in use when it begins, whichever
-/// transport brought that set.
+/// Serves label-set updates on a serial line until it closes, through the device's gate
+/// like every other transport.
 pub async fn serve_serial_updates<S>(stream: S, handle: RuntimeHandle)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(e) = serve_update_line(stream, handle, "the serial line").await {
+    let mut receiver = Receiver::new(handle.gate().clone(), Line::Stream);
+    if let Err(e) = crate::update::serve(stream, &mut receiver, false).await {
         tracing::warn!("serial update line: {e}");
     }
-}
-
-/// One update line (a TCP connection, a serial port) until it closes: a receiver that syncs
-/// with the set in use before each transfer, and every accepted set handed to the loop.
-/// `origin` names the line in logs.
-async fn serve_update_line<S>(stream: S, handle: RuntimeHandle, origin: &str) -> std::io::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut receiver = crate::update::Receiver::new(handle.receiver_config(), Some(&handle.labels()));
-    let in_use = handle.clone();
-    crate::update::serve_tracking(stream, &mut receiver, move || Some(in_use.labels()), move |set| {
-        let version = set.version;
-        match handle.submit_labels(set) {
-            Ok(()) => tracing::info!(version, "label set accepted from {origin}"),
-            Err(e) => tracing::warn!("label set from {origin} accepted but not applied: {e}"),
-        }
-    })
-    .await
 }
 
 /// Waits for SIGINT or SIGTERM, then stops the runtime.

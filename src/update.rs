@@ -7,10 +7,11 @@
 //!   led by [`PROTOCOL_VERSION`] and followed by a CRC-32, then COBS-encoded and terminated by
 //!   `0x00`. A receiver can therefore resynchronise at the next `0x00` after any line noise,
 //!   and drops every frame whose CRC fails.
-//! - **The device's state machine** ([`Receiver`]): sans-IO, one reply per request. It collects
-//!   chunks, authenticates the whole transfer, decodes and checks the set, persists it
-//!   atomically and hands it out; any failure is answered with [`Message::Rejected`] naming
-//!   the problem, and the set in use stays untouched.
+//! - **The device's state machine** ([`Receiver`]): sans-IO, one reply per request, one per
+//!   line. It answers `Begin` with a fresh nonce, collects chunks within the device's bounds and
+//!   hands the complete transfer to the device's [`UpdateGate`], the one door every transport
+//!   shares: it authenticates, checks, persists and applies one set at a time. Any failure is
+//!   answered with [`Message::Rejected`] naming the problem, and the set in use stays untouched.
 //! - **Transport glue** ([`Sender::push`] on the host, [`serve`] on the device) over any tokio
 //!   `AsyncRead + AsyncWrite`.
 //!
@@ -19,10 +20,10 @@
 //! ```text
 //! host                                          device
 //! Begin { transfer_id, total_len, n_chunks, version, force }
-//!                                               Ack { next_index: 0 }  | Rejected
+//!                                               Challenge { nonce, device } | Rejected
 //! Chunk { index: 0, data }                      Ack { next_index: 1 }  | Rejected
 //! ...                                           ...
-//! Commit { mac }                                Accepted { version }   | Rejected
+//! Commit { mac over nonce, device, … }         Accepted { version }   | Rejected
 //! ```
 //!
 //! The host sends one chunk at a time and waits for its acknowledgement (stop-and-wait): a
@@ -32,15 +33,24 @@
 //!
 //! # Authentication
 //!
-//! `Commit` carries an HMAC-SHA256, under a pre-shared key, of the transfer's metadata and the
-//! whole encoded set ([`transfer_mac`]). A device configured with a key ([`ReceiverConfig::key`])
-//! refuses every transfer whose MAC does not verify; updates arriving over a network must use
-//! one. A device without a key ignores the MAC: acceptable only where whoever can reach the
-//! transport could also replace the files (a serial console on the board).
+//! `Commit` carries an HMAC-SHA256, under a pre-shared key, of the device's nonce and name, the
+//! transfer's metadata and the whole encoded set ([`transfer_mac`]). A device configured with a
+//! key ([`ReceiverConfig::key`]) refuses every transfer whose MAC does not verify; updates
+//! arriving over a network must use one. A device without a key ignores the MAC: acceptable
+//! only where whoever can reach the transport could also replace the files (a serial console
+//! on the board).
 //!
-//! Not covered: replay. Someone who recorded a forced update can play it again; a non-forced
-//! one is refused as not newer. A device-chosen nonce would close that (a future protocol
-//! version, by appending variants).
+//! # Freshness
+//!
+//! The nonce is drawn by the device for each `Begin` and used once, so a recorded transfer is
+//! worth nothing a second time, on this device or another. The device also persists the
+//! highest version it ever accepted (its high-water mark, [`UpdateGate`]): a set that is not
+//! forced must be newer than that, even after the persisted set was lost. A rollback is a new
+//! transfer with `force`, signed for a fresh nonce.
+//!
+//! Message transports (MQTT, HTTP) have no back channel within one message; they ask first:
+//! a message holding only `Begin` is answered with the challenge, and the next message carries
+//! `Begin`, the chunks and `Commit` signed for it ([`crate::events::remote`]).
 //!
 //! # Compatibility
 //!
@@ -51,6 +61,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -61,8 +73,13 @@ use tokio::time::Instant;
 
 use crate::labels::{LabelSet, LabelSetError};
 
+pub mod gate;
+pub use gate::{recover_store, Recovery, Reservation, UpdateGate, UpdateLimits};
+
 /// Version of the frame layout and message set; the first byte of every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+///
+/// 2: `Begin` is answered with [`Message::Challenge`]; the MAC covers its nonce and device name.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest number of label-set bytes in one [`Message::Chunk`].
 pub const MAX_CHUNK: usize = 512;
 /// Largest label set a device accepts, in bytes (64 MiB).
@@ -76,9 +93,16 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_FRAME_LEN: usize = 2048;
 /// Shortest pre-shared key [`PreSharedKey::new`] accepts, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
+/// Length of a device's nonce, in bytes.
+pub const NONCE_LEN: usize = 16;
+/// Longest device name a [`Message::Challenge`] carries, in bytes (a config checks it).
+pub const MAX_DEVICE_NAME_LEN: usize = 128;
+
+/// A device's one-time challenge for a transfer.
+pub type Nonce = [u8; NONCE_LEN];
 
 /// Domain separation for [`transfer_mac`]: a MAC made for anything else never verifies here.
-const MAC_DOMAIN: &[u8] = b"clipact label-set update v1\0";
+const MAC_DOMAIN: &[u8] = b"clipact label-set update v2\0";
 /// Bytes a frame needs besides its message: the protocol version and the CRC.
 const FRAME_OVERHEAD: usize = 1 + 4;
 
@@ -149,6 +173,16 @@ pub enum Message {
     },
     /// Answer to [`Message::Status`].
     StatusReply(DeviceStatus),
+    /// Answer to `Begin`: the transfer may go on, and its `Commit` must be signed for this
+    /// nonce and device name.
+    Challenge {
+        /// The transfer accepted to begin.
+        transfer_id: u32,
+        /// Drawn by the device for this transfer only.
+        nonce: Nonce,
+        /// The device's `device_name`.
+        device: String,
+    },
 }
 
 impl Message {
@@ -181,6 +215,8 @@ pub struct DeviceStatus {
     pub space_id: String,
     /// Number of labels in the set in use (0 without one).
     pub n_labels: u32,
+    /// The highest version this device ever accepted; a set that is not forced must be newer.
+    pub high_water: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,10 +427,30 @@ impl fmt::Debug for PreSharedKey {
     }
 }
 
+/// What a transfer's MAC covers besides the set: the device's challenge and the transfer's
+/// metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct Signed<'a> {
+    /// The device's nonce for this transfer.
+    pub nonce: &'a Nonce,
+    /// The device's name, as its challenge gave it.
+    pub device: &'a str,
+    /// The transfer id.
+    pub transfer_id: u32,
+    /// The set's version.
+    pub version: u64,
+    /// Whether the set may replace a newer one.
+    pub force: bool,
+}
+
 /// Feeds the authenticated data into `mac`: everything that decides what the device does with
-/// the set (its bytes, version and `force`), tied to the transfer.
-fn mac_input(mac: &mut HmacSha256, transfer_id: u32, version: u64, force: bool, set: &[u8]) {
+/// the set (its bytes, version and `force`), tied to the device's challenge and the transfer.
+fn mac_input(mac: &mut HmacSha256, what: Signed<'_>, set: &[u8]) {
+    let Signed { nonce, device, transfer_id, version, force } = what;
     mac.update(MAC_DOMAIN);
+    mac.update(nonce);
+    mac.update(&(device.len() as u32).to_le_bytes());
+    mac.update(device.as_bytes());
     mac.update(&transfer_id.to_le_bytes());
     mac.update(&version.to_le_bytes());
     mac.update(&[u8::from(force)]);
@@ -403,17 +459,19 @@ fn mac_input(mac: &mut HmacSha256, transfer_id: u32, version: u64, force: bool, 
 }
 
 /// The MAC a [`Message::Commit`] carries: HMAC-SHA256 under `key` of a domain string, the
-/// transfer id, version, `force` flag and length (little-endian), then the encoded set.
-pub fn transfer_mac(
-    key: &PreSharedKey,
-    transfer_id: u32,
-    version: u64,
-    force: bool,
-    set: &[u8],
-) -> [u8; 32] {
+/// nonce, the device name's length and bytes, the transfer id, version, `force` flag and the
+/// set's length (little-endian), then the encoded set.
+pub fn transfer_mac(key: &PreSharedKey, what: Signed<'_>, set: &[u8]) -> [u8; 32] {
     let mut mac = key.hmac();
-    mac_input(&mut mac, transfer_id, version, force, set);
+    mac_input(&mut mac, what, set);
     mac.finalize().into_bytes().into()
+}
+
+/// Checks `mac` against `key` in constant time.
+fn verify_mac(key: &PreSharedKey, what: Signed<'_>, set: &[u8], mac: &[u8; 32]) -> bool {
+    let mut hmac = key.hmac();
+    mac_input(&mut hmac, what, set);
+    hmac.verify_slice(mac).is_ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,11 +480,13 @@ pub fn transfer_mac(
 /// Why a device refused a transfer; its text is the reason sent in [`Message::Rejected`].
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
-    /// The announced set is larger than [`MAX_SET_LEN`].
-    #[error("label set of {len} bytes exceeds the limit of {MAX_SET_LEN} bytes")]
+    /// The announced set is larger than this device takes.
+    #[error("label set of {len} bytes exceeds this device's limit of {limit} bytes (`[updates] max_buffered_bytes`)")]
     TooLarge {
         /// Announced length.
         len: u32,
+        /// The device's limit.
+        limit: usize,
     },
     /// `Begin` announced a chunk count that cannot carry the announced length.
     #[error("{n_chunks} chunks of 1 to {MAX_CHUNK} bytes cannot carry {total_len} bytes")]
@@ -439,6 +499,13 @@ pub enum UpdateError {
     /// A chunk or commit for a transfer that is not in progress.
     #[error("no transfer {transfer_id} in progress")]
     NoTransfer {
+        /// The transfer named.
+        transfer_id: u32,
+    },
+    /// A message transport's transfer for which no challenge was issued (or it was used or
+    /// expired).
+    #[error("no challenge issued for transfer {transfer_id}, or it was used or expired: send Begin alone first and sign the transfer for the nonce the device answers")]
+    NoChallenge {
         /// The transfer named.
         transfer_id: u32,
     },
@@ -482,8 +549,8 @@ pub enum UpdateError {
         /// Announced chunk count.
         n_chunks: u32,
     },
-    /// The MAC does not verify under the device's key.
-    #[error("authentication failed: the HMAC does not match this device's pre-shared key")]
+    /// The MAC does not verify under the device's key (or was made for another nonce).
+    #[error("authentication failed: the HMAC does not match this device's pre-shared key and this transfer's challenge")]
     BadMac,
     /// The set's version differs from the one `Begin` announced.
     #[error("Begin announced version {announced}, the label set holds version {found}")]
@@ -493,17 +560,36 @@ pub enum UpdateError {
         /// Version in the set.
         found: u64,
     },
+    /// A set that is not forced must be newer than every version the device ever accepted.
+    #[error("label set version {offered} is not above this device's high-water version {high_water} (the highest it ever accepted); use a higher version, or --force for a rollback")]
+    BelowHighWater {
+        /// Version offered.
+        offered: u64,
+        /// The device's high-water mark.
+        high_water: u64,
+    },
+    /// A bound on unauthenticated data was reached; the same transfer may succeed later.
+    #[error("busy: {what}; try again")]
+    Busy {
+        /// Which bound.
+        what: String,
+    },
     /// The set itself was refused: corrupt, wrong format, dim or space, or not newer.
     #[error(transparent)]
     LabelSet(LabelSetError),
     /// The set was fine but could not be persisted, so it was not applied either.
     #[error("label set not applied: {0}")]
     Persist(LabelSetError),
+    /// The set was persisted but the pipeline could not take it (it is shutting down).
+    #[error("label set saved but not applied: {0}")]
+    NotApplied(String),
 }
 
-/// What a [`Receiver`] checks sets against, and where it keeps them.
+/// What a device checks sets against, and where it keeps them.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
+    /// The device's name: signed into every transfer, sent in its challenges.
+    pub device_name: String,
     /// Embedding dimension of the device's encoder.
     pub dim: u32,
     /// Embedding-space id of the device's encoder.
@@ -513,6 +599,19 @@ pub struct ReceiverConfig {
     /// When set, every transfer must carry a valid [`transfer_mac`] under this key. Required
     /// for updates from a network; `None` trusts the transport (a local serial console).
     pub key: Option<PreSharedKey>,
+    /// Bounds on unauthenticated data.
+    pub limits: UpdateLimits,
+}
+
+/// How a [`Receiver`]'s line carries a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// A connection or a serial line: `Begin` gets a fresh nonce in its answer.
+    Stream,
+    /// One message of a message transport (MQTT, HTTP): `Begin` uses the challenge the
+    /// device issued for its transfer id to an earlier message, and the message's bytes are
+    /// already held by its transport.
+    Message,
 }
 
 /// A transfer in progress.
@@ -523,63 +622,47 @@ struct Transfer {
     n_chunks: u32,
     version: u64,
     force: bool,
+    nonce: Nonce,
     next_index: u32,
     data: Vec<u8>,
+    reservation: Reservation,
 }
 
-/// The device's side of the protocol, without any I/O: feed it messages, send its replies.
+/// The device's side of the protocol for one line, without any I/O: feed it messages, send
+/// its replies. Accepted sets go through the device's [`UpdateGate`], which every line
+/// shares.
 ///
 /// It holds at most one transfer; a new `Begin` abandons the old one. Every refusal leaves
 /// the set in use, and the file at [`ReceiverConfig::path`], untouched.
 #[derive(Debug)]
 pub struct Receiver {
-    config: ReceiverConfig,
-    /// Version and label count of the set in use.
-    current: Option<(u64, u32)>,
+    gate: Arc<UpdateGate>,
+    line: Line,
     transfer: Option<Transfer>,
     /// The last transfer's id and outcome, resent when the host repeats its `Commit` because
     /// the first answer was lost.
     last_outcome: Option<(u32, Message)>,
-    accepted: Option<LabelSet>,
 }
 
 impl Receiver {
-    /// A receiver for a device using `current` (if any).
-    pub fn new(config: ReceiverConfig, current: Option<&LabelSet>) -> Self {
+    /// A receiver for one line of the device behind `gate`.
+    pub fn new(gate: Arc<UpdateGate>, line: Line) -> Self {
         Self {
-            config,
-            current: current.map(|set| (set.version, set.labels.len() as u32)),
+            gate,
+            line,
             transfer: None,
             last_outcome: None,
-            accepted: None,
         }
-    }
-
-    /// Catches up with the set in use when it changed by another way (another transport, a
-    /// reload): a long-lived line (a serial port) would otherwise judge "newer" against the set
-    /// that was in use when it opened.
-    pub fn sync_current(&mut self, current: &LabelSet) {
-        self.current = Some((current.version, current.labels.len() as u32));
-    }
-
-    /// The version of the set in use, as this receiver knows it.
-    pub fn current_version(&self) -> Option<u64> {
-        self.current.map(|(version, _)| version)
     }
 
     /// What [`Message::Status`] answers.
     pub fn status(&self) -> DeviceStatus {
-        DeviceStatus {
-            version: self.current_version(),
-            dim: self.config.dim,
-            space_id: self.config.space_id.clone(),
-            n_labels: self.current.map_or(0, |(_, n)| n),
-        }
+        self.gate.status()
     }
 
-    /// Takes the set accepted by the last [`Receiver::handle`], if any, to swap it in.
-    pub fn take_accepted(&mut self) -> Option<LabelSet> {
-        self.accepted.take()
+    /// Whether a transfer is in progress on this line.
+    pub fn in_transfer(&self) -> bool {
+        self.transfer.is_some()
     }
 
     /// Abandons the transfer in progress (the connection carrying it was lost), freeing its
@@ -617,7 +700,8 @@ impl Receiver {
             Message::Ack { .. }
             | Message::Accepted { .. }
             | Message::Rejected { .. }
-            | Message::StatusReply(_) => None,
+            | Message::StatusReply(_)
+            | Message::Challenge { .. } => None,
         }
     }
 
@@ -629,11 +713,19 @@ impl Receiver {
         version: u64,
         force: bool,
     ) -> Message {
+        if let Some(t) = &self.transfer {
+            // A Begin resent because its answer was lost: the same challenge again.
+            if t.id == id && t.next_index == 0 && (t.total_len, t.n_chunks, t.version, t.force) == (total_len, n_chunks, version, force) {
+                return Message::Challenge {
+                    transfer_id: id,
+                    nonce: t.nonce,
+                    device: self.gate.config().device_name.clone(),
+                };
+            }
+        }
         self.transfer = None;
         let checked = (|| {
-            if total_len > MAX_SET_LEN {
-                return Err(UpdateError::TooLarge { len: total_len });
-            }
+            self.gate.check_begin(total_len, version, force)?;
             // Chunks carry 1 to MAX_CHUNK bytes: the count is bounded on both sides, which
             // also refuses an empty set.
             let fewest = total_len.div_ceil(MAX_CHUNK as u32);
@@ -643,33 +735,32 @@ impl Receiver {
                     n_chunks,
                 });
             }
-            // Refuse an old version now rather than after the whole set was sent; the set's
-            // own version is checked again at the commit.
-            match self.current_version() {
-                Some(current) if !force && version <= current => {
-                    Err(UpdateError::LabelSet(LabelSetError::NotNewer {
-                        current,
-                        offered: version,
-                    }))
-                }
-                _ => Ok(()),
-            }
+            let nonce = match self.line {
+                Line::Stream => gate::fresh_nonce(),
+                Line::Message => self
+                    .gate
+                    .take_challenge(id)
+                    .ok_or(UpdateError::NoChallenge { transfer_id: id })?,
+            };
+            Ok((nonce, self.gate.reserve()?))
         })();
         match checked {
-            Ok(()) => {
+            Ok((nonce, reservation)) => {
                 self.transfer = Some(Transfer {
                     id,
                     total_len,
                     n_chunks,
                     version,
                     force,
+                    nonce,
                     next_index: 0,
-                    // Grow as chunks arrive rather than trusting the announced length.
-                    data: Vec::with_capacity(total_len.min(64 * 1024) as usize),
+                    data: Vec::new(),
+                    reservation,
                 });
-                Message::Ack {
+                Message::Challenge {
                     transfer_id: id,
-                    next_index: 0,
+                    nonce,
+                    device: self.gate.config().device_name.clone(),
                 }
             }
             Err(e) => self.reject(id, e),
@@ -677,6 +768,7 @@ impl Receiver {
     }
 
     fn chunk(&mut self, id: u32, index: u32, data: &[u8]) -> Message {
+        let line = self.line;
         let Some(t) = self.transfer.as_mut().filter(|t| t.id == id) else {
             return self.reject(id, UpdateError::NoTransfer { transfer_id: id });
         };
@@ -704,33 +796,57 @@ impl Receiver {
                 total_len: t.total_len,
             }
         } else {
-            t.data.extend_from_slice(data);
-            t.next_index += 1;
-            return Message::Ack {
-                transfer_id: id,
-                next_index: t.next_index,
+            // A message's bytes are held by its transport already.
+            let held = match line {
+                Line::Stream => t.reservation.grow(data.len()),
+                Line::Message => Ok(()),
             };
+            match held {
+                Ok(()) => {
+                    t.data.extend_from_slice(data);
+                    t.next_index += 1;
+                    return Message::Ack {
+                        transfer_id: id,
+                        next_index: t.next_index,
+                    };
+                }
+                Err(e) => e,
+            }
         };
         self.transfer = None;
         self.reject(id, error)
     }
 
     fn commit(&mut self, id: u32, mac: &[u8; 32]) -> Message {
-        let Some(transfer) = self.transfer.take_if(|t| t.id == id) else {
+        let Some(t) = self.transfer.take_if(|t| t.id == id) else {
             return match &self.last_outcome {
                 Some((last, outcome)) if *last == id => outcome.clone(),
                 _ => self.reject(id, UpdateError::NoTransfer { transfer_id: id }),
             };
         };
-        let outcome = match self.apply(&transfer, mac) {
+        let outcome = if t.next_index != t.n_chunks || t.data.len() != t.total_len as usize {
+            Err(UpdateError::Incomplete {
+                received: t.data.len(),
+                total_len: t.total_len,
+                chunks: t.next_index,
+                n_chunks: t.n_chunks,
+            })
+        } else {
+            let signed = Signed {
+                nonce: &t.nonce,
+                device: &self.gate.config().device_name,
+                transfer_id: t.id,
+                version: t.version,
+                force: t.force,
+            };
+            self.gate.commit(signed, &t.data, mac)
+        };
+        let outcome = match outcome {
             Ok(set) => {
-                let version = set.version;
-                tracing::info!(version, labels = set.labels.len(), "label set accepted");
-                self.current = Some((version, set.labels.len() as u32));
-                self.accepted = Some(set);
+                tracing::info!(version = set.version, labels = set.labels.len(), "label set accepted");
                 Message::Accepted {
                     transfer_id: id,
-                    version,
+                    version: set.version,
                 }
             }
             Err(e) => self.reject(id, e),
@@ -739,45 +855,10 @@ impl Receiver {
         outcome
     }
 
-    /// Checks a complete transfer and persists its set; nothing changes unless it succeeds.
-    fn apply(&self, t: &Transfer, mac: &[u8; 32]) -> Result<LabelSet, UpdateError> {
-        if t.next_index != t.n_chunks || t.data.len() != t.total_len as usize {
-            return Err(UpdateError::Incomplete {
-                received: t.data.len(),
-                total_len: t.total_len,
-                chunks: t.next_index,
-                n_chunks: t.n_chunks,
-            });
-        }
-        // Authenticate before parsing: untrusted bytes never reach the decoder.
-        if let Some(key) = &self.config.key {
-            let mut hmac = key.hmac();
-            mac_input(&mut hmac, t.id, t.version, t.force, &t.data);
-            // verify_slice compares in constant time.
-            hmac.verify_slice(mac).map_err(|_| UpdateError::BadMac)?;
-        }
-        let set = LabelSet::decode(&t.data).map_err(UpdateError::LabelSet)?;
-        if set.version != t.version {
-            return Err(UpdateError::VersionMismatch {
-                announced: t.version,
-                found: set.version,
-            });
-        }
-        set.check_compatible(
-            self.config.dim,
-            &self.config.space_id,
-            self.current_version(),
-            t.force,
-        )
-        .map_err(UpdateError::LabelSet)?;
-        set.save_atomic(&self.config.path)
-            .map_err(UpdateError::Persist)?;
-        Ok(set)
-    }
-
     fn reject(&self, transfer_id: u32, error: UpdateError) -> Message {
-        tracing::warn!(transfer_id, "label-set update rejected: {error}");
-        Message::rejected(transfer_id, error.to_string())
+        let reason = error.to_string();
+        self.gate.log_rejection(Some(transfer_id), &reason);
+        Message::rejected(transfer_id, reason)
     }
 }
 
@@ -839,14 +920,15 @@ impl Default for PushOptions {
     }
 }
 
-/// The host's side of one transfer: an encoded set cut into the messages that carry it.
+/// The host's side of one transfer: an encoded set cut into the messages that carry it,
+/// signed once the device's challenge is known.
 #[derive(Debug, Clone)]
 pub struct Sender {
     transfer_id: u32,
     version: u64,
     force: bool,
     set: Vec<u8>,
-    mac: [u8; 32],
+    key: Option<PreSharedKey>,
 }
 
 impl Sender {
@@ -864,15 +946,12 @@ impl Sender {
         if set.len() > MAX_SET_LEN as usize {
             return Err(PushError::TooLarge { len: set.len() });
         }
-        let mac = key.map_or([0; 32], |key| {
-            transfer_mac(key, transfer_id, version, force, &set)
-        });
         Ok(Self {
             transfer_id,
             version,
             force,
             set,
-            mac,
+            key: key.cloned(),
         })
     }
 
@@ -888,6 +967,16 @@ impl Sender {
     /// The id naming this transfer.
     pub fn transfer_id(&self) -> u32 {
         self.transfer_id
+    }
+
+    /// Length of the encoded set, in bytes.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether the encoded set is empty (a device refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
     }
 
     /// Number of chunks.
@@ -918,11 +1007,18 @@ impl Sender {
             })
     }
 
-    /// The message that ends the transfer.
-    pub fn commit(&self) -> Message {
+    /// The message that ends the transfer, signed for the device's challenge.
+    pub fn commit(&self, nonce: &Nonce, device: &str) -> Message {
+        let signed = Signed {
+            nonce,
+            device,
+            transfer_id: self.transfer_id,
+            version: self.version,
+            force: self.force,
+        };
         Message::Commit {
             transfer_id: self.transfer_id,
-            mac: self.mac,
+            mac: self.key.as_ref().map_or([0; 32], |key| transfer_mac(key, signed, &self.set)),
         }
     }
 
@@ -941,11 +1037,14 @@ impl Sender {
         link.write(&[0]).await?;
         let id = self.transfer_id;
         let result = async {
-            link.exchange(&self.begin(), id, options.timeout, options.retries, |m| {
-                matches!(m, Message::Ack { transfer_id, next_index: 0 } if *transfer_id == id)
-                    .then_some(())
-            })
-            .await?;
+            let (nonce, device) = link
+                .exchange(&self.begin(), id, options.timeout, options.retries, |m| match m {
+                    Message::Challenge { transfer_id, nonce, device } if *transfer_id == id => {
+                        Some((*nonce, device.clone()))
+                    }
+                    _ => None,
+                })
+                .await?;
             for (index, chunk) in self.chunks().enumerate() {
                 let want = index as u32 + 1;
                 // Ignore stale acknowledgements (answers to an earlier copy of a resent
@@ -958,7 +1057,7 @@ impl Sender {
                 .await?;
             }
             link.exchange(
-                &self.commit(),
+                &self.commit(&nonce, &device),
                 id,
                 options.commit_timeout,
                 options.retries,
@@ -1113,34 +1212,49 @@ fn describe(message: &Message) -> String {
 // ---------------------------------------------------------------------------------------------
 // Device transport glue
 
-/// Runs `receiver` over `stream` until the peer closes it: decodes frames, answers each
-/// message, and calls `on_accept` with every accepted set (before its `Accepted` goes out, so
-/// a host that sees `Accepted` knows the set is in use).
+/// Runs `receiver` over `stream` until the peer closes it: decodes frames and answers each
+/// message. The same loop serves a TCP connection and a serial port.
 ///
-/// The same loop serves a TCP connection and a serial port. Bad frames are logged and
-/// skipped. When the stream ends, a transfer in progress is abandoned.
-pub async fn serve<S, F>(stream: S, receiver: &mut Receiver, on_accept: F) -> io::Result<()>
+/// Bad frames are skipped. A transfer that goes quiet for the gate's `idle_timeout`, or
+/// outlasts its `body_timeout`, is abandoned; a connection (`close_when_idle`) is then closed,
+/// a serial line keeps being served. When the stream ends, a transfer in progress is
+/// abandoned.
+pub async fn serve<S>(stream: S, receiver: &mut Receiver, close_when_idle: bool) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(LabelSet),
 {
-    serve_tracking(stream, receiver, || None, on_accept).await
+    serve_line(stream, receiver, close_when_idle, None).await
 }
 
-/// [`serve`] for a device whose set can also change by other ways: `current` returns the set
-/// in use now, and the receiver syncs with it before every `Begin`, so a set that arrived by
-/// another transport meanwhile counts in the version check.
-pub async fn serve_tracking<S, C, F>(mut stream: S, receiver: &mut Receiver, current: C, mut on_accept: F) -> io::Result<()>
+/// [`serve`], telling `busy` whether a transfer is in progress.
+async fn serve_line<S>(mut stream: S, receiver: &mut Receiver, close_when_idle: bool, busy: Option<&AtomicBool>) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    C: Fn() -> Option<std::sync::Arc<LabelSet>>,
-    F: FnMut(LabelSet),
 {
+    let limits = receiver.gate.config().limits.clone();
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 4096];
+    let mut transfer_started: Option<Instant> = None;
     let result = async {
         loop {
-            let n = stream.read(&mut buf).await?;
+            let deadline = match transfer_started {
+                Some(start) => (Instant::now() + limits.idle_timeout).min(start + limits.body_timeout),
+                None => Instant::now() + limits.idle_timeout,
+            };
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(read) => read?,
+                Err(_elapsed) => {
+                    if receiver.in_transfer() {
+                        tracing::debug!("update line quiet or slow: transfer abandoned");
+                        receiver.abort_transfer();
+                        transfer_started = None;
+                    }
+                    if close_when_idle {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
             if n == 0 {
                 return Ok(());
             }
@@ -1152,12 +1266,15 @@ where
                         continue;
                     }
                 };
-                if let (Message::Begin { .. }, Some(set)) = (&message, current()) {
-                    receiver.sync_current(&set);
-                }
+                let begins = matches!(message, Message::Begin { .. });
                 let reply = receiver.handle(message);
-                if let Some(set) = receiver.take_accepted() {
-                    on_accept(set);
+                if begins && receiver.in_transfer() && transfer_started.is_none() {
+                    transfer_started = Some(Instant::now());
+                } else if !receiver.in_transfer() {
+                    transfer_started = None;
+                }
+                if let Some(busy) = busy {
+                    busy.store(receiver.in_transfer(), Ordering::Relaxed);
                 }
                 if let Some(reply) = reply {
                     stream.write_all(&encode_frame(&reply)).await?;
@@ -1169,6 +1286,98 @@ where
     .await;
     receiver.abort_transfer();
     result
+}
+
+/// The open connections of one listener, at most `max`.
+///
+/// A new connection displaces the oldest one that is not busy (no transfer or request in
+/// progress), so connections that sit idle cannot lock a sender out; only when every slot is
+/// busy is the new one refused.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    inner: Arc<std::sync::Mutex<SlotList>>,
+}
+
+#[derive(Debug)]
+struct SlotList {
+    max: usize,
+    next_id: u64,
+    open: VecDeque<(u64, Arc<AtomicBool>, Arc<tokio::sync::Notify>)>,
+}
+
+impl Slots {
+    /// Room for `max` connections (at least one).
+    pub fn new(max: usize) -> Self {
+        Self {
+            inner: Arc::new(std::sync::Mutex::new(SlotList { max: max.max(1), next_id: 0, open: VecDeque::new() })),
+        }
+    }
+
+    /// A slot for a new connection, displacing the oldest idle one when full; `None` when
+    /// every slot is busy.
+    pub fn admit(&self) -> Option<Slot> {
+        let mut list = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if list.open.len() >= list.max {
+            let idle = list.open.iter().position(|(_, busy, _)| !busy.load(Ordering::Relaxed))?;
+            let (_, _, evict) = list.open.remove(idle)?;
+            evict.notify_one();
+        }
+        let id = list.next_id;
+        list.next_id += 1;
+        let busy = Arc::new(AtomicBool::new(false));
+        let evict = Arc::new(tokio::sync::Notify::new());
+        list.open.push_back((id, busy.clone(), evict.clone()));
+        Some(Slot { slots: self.clone(), id, busy, evict })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).open.len()
+    }
+}
+
+/// One connection's place in [`Slots`]; freed on drop.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Slots,
+    id: u64,
+    busy: Arc<AtomicBool>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl Slot {
+    /// Marks the connection busy (not to be displaced) or idle.
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// The flag [`Slot::set_busy`] sets, for a service that outlives a borrow.
+    pub fn busy_flag(&self) -> Arc<AtomicBool> {
+        self.busy.clone()
+    }
+
+    /// Completes when a newer connection displaced this one.
+    pub async fn displaced(&self) {
+        self.evict.notified().await
+    }
+
+    /// [`serve`]s an update connection until it ends or is displaced.
+    pub async fn serve<S>(&self, stream: S, receiver: &mut Receiver) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        tokio::select! {
+            result = serve_line(stream, receiver, true, Some(&self.busy)) => result,
+            () = self.displaced() => Ok(()),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut list = self.slots.inner.lock().unwrap_or_else(|e| e.into_inner());
+        list.open.retain(|(id, _, _)| *id != self.id);
+    }
 }
 
 #[cfg(test)]
@@ -1208,25 +1417,51 @@ mod tests {
         PreSharedKey::new(*b"0123456789abcdef0123").unwrap()
     }
 
-    fn receiver(dir: &tempfile::TempDir) -> Receiver {
-        let config = ReceiverConfig {
+    fn config(dir: &tempfile::TempDir, limits: UpdateLimits) -> ReceiverConfig {
+        ReceiverConfig {
+            device_name: "cam-1".into(),
             dim: 4,
             space_id: "test-space".into(),
             path: dir.path().join("labels.cls"),
             key: Some(key()),
-        };
-        Receiver::new(config, Some(&sample_set(1, 1)))
+            limits,
+        }
     }
 
-    /// Runs a whole transfer through `rx` and returns its last reply.
+    /// A gate for a device running version 1, and the sets it delivered.
+    fn gate_with(dir: &tempfile::TempDir, limits: UpdateLimits) -> (Arc<UpdateGate>, Arc<std::sync::Mutex<Vec<LabelSet>>>) {
+        let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = delivered.clone();
+        let gate = UpdateGate::new(config(dir, limits), Some(&sample_set(1, 1)), 1, move |set| {
+            sink.lock().unwrap().push(set);
+            Ok(())
+        });
+        (gate, delivered)
+    }
+
+    fn receiver(dir: &tempfile::TempDir) -> Receiver {
+        Receiver::new(gate_with(dir, UpdateLimits::default()).0, Line::Stream)
+    }
+
+    /// The nonce and device name of a challenge.
+    fn challenge(reply: Option<Message>) -> (Nonce, String) {
+        match reply {
+            Some(Message::Challenge { nonce, device, .. }) => (nonce, device),
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+
+    /// Runs a whole transfer through `rx` and returns its last reply (a refused `Begin`'s).
     fn transfer(rx: &mut Receiver, sender: &Sender) -> Option<Message> {
-        let mut replies = vec![rx.handle(sender.begin())];
-        replies.extend(sender.chunks().map(|c| rx.handle(c)));
-        let last = rx.handle(sender.commit());
-        for reply in &replies {
+        let (nonce, device) = match rx.handle(sender.begin()) {
+            refused @ Some(Message::Rejected { .. }) => return refused,
+            reply => challenge(reply),
+        };
+        for chunk in sender.chunks() {
+            let reply = rx.handle(chunk);
             assert!(matches!(reply, Some(Message::Ack { .. })), "{reply:?}");
         }
-        last
+        rx.handle(sender.commit(&nonce, &device))
     }
 
     fn reason(reply: Option<Message>) -> String {
@@ -1251,7 +1486,13 @@ mod tests {
                 dim: 512,
                 space_id: "s".repeat(128),
                 n_labels: 0,
+                high_water: u64::MAX,
             }),
+            Message::Challenge {
+                transfer_id: u32::MAX,
+                nonce: [0; NONCE_LEN],
+                device: "d".repeat(MAX_DEVICE_NAME_LEN),
+            },
         ];
         for message in messages {
             let frame = encode_frame(&message);
@@ -1284,7 +1525,7 @@ mod tests {
         let mut bad_crc = good.clone();
         bad_crc[2] ^= 0x40;
         let other_version = {
-            let raw = postcard::to_stdvec_crc32(&(2u8, Message::Status), CRC32.digest()).unwrap();
+            let raw = postcard::to_stdvec_crc32(&(PROTOCOL_VERSION + 1, Message::Status), CRC32.digest()).unwrap();
             let mut f = cobs::encode_vec(&raw);
             f.push(0);
             f
@@ -1308,7 +1549,7 @@ mod tests {
             .collect();
         assert_eq!(kinds.len(), 5, "{kinds:?}");
         assert!(kinds[0].contains("CRC-32 mismatch"), "{kinds:?}");
-        assert!(kinds[1].contains("protocol version 2"), "{kinds:?}");
+        assert!(kinds[1].contains(&format!("protocol version {}", PROTOCOL_VERSION + 1)), "{kinds:?}");
         assert!(kinds[2].contains("longer than"), "{kinds:?}");
         assert!(kinds[3].contains("too short"), "{kinds:?}");
         assert_eq!(kinds[4], "Status");
@@ -1336,11 +1577,17 @@ mod tests {
     #[test]
     fn accepts_a_valid_transfer_and_persists_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut rx = receiver(&dir);
+        let (gate, delivered) = gate_with(&dir, UpdateLimits::default());
+        let mut rx = Receiver::new(gate.clone(), Line::Stream);
         let set = sample_set(2, 20);
         let sender = Sender::for_set(&set, false, Some(&key())).unwrap();
         assert!(sender.n_chunks() > 1);
-        let reply = transfer(&mut rx, &sender);
+        let (nonce, device) = challenge(rx.handle(sender.begin()));
+        assert_eq!(device, "cam-1");
+        // A Begin resent after a lost answer gets the same challenge.
+        assert_eq!(challenge(rx.handle(sender.begin())), (nonce, device.clone()));
+        sender.chunks().for_each(|c| drop(rx.handle(c)));
+        let reply = rx.handle(sender.commit(&nonce, &device));
         assert_eq!(
             reply,
             Some(Message::Accepted {
@@ -1348,14 +1595,118 @@ mod tests {
                 version: 2
             })
         );
-        assert_eq!(rx.take_accepted(), Some(set.clone()));
-        assert_eq!(rx.take_accepted(), None);
-        assert_eq!(LabelSet::load(&dir.path().join("labels.cls")).unwrap(), set);
+        assert_eq!(*delivered.lock().unwrap(), [set.clone()]);
+        let path = dir.path().join("labels.cls");
+        assert_eq!(LabelSet::load(&path).unwrap(), set);
+        assert_eq!(LabelSet::load(&gate::last_good_path(&path)).unwrap(), set);
+        assert_eq!(std::fs::read_to_string(gate::high_water_path(&path)).unwrap(), "2\n");
         assert_eq!(rx.status().version, Some(2));
         assert_eq!(rx.status().n_labels, 20);
-        // A repeated Commit (its answer was lost) gets the same answer again.
-        assert_eq!(rx.handle(sender.commit()), reply);
-        assert_eq!(rx.take_accepted(), None);
+        assert_eq!(gate.buffered_bytes(), 0, "the transfer's bytes are given back");
+        // A repeated Commit (its answer was lost) gets the same answer again, applying nothing.
+        assert_eq!(rx.handle(sender.commit(&nonce, &device)), reply);
+        assert_eq!(delivered.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_recorded_transfer_is_worth_nothing_a_second_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, delivered) = gate_with(&dir, UpdateLimits::default());
+        // A forced rollback, recorded on the wire.
+        let sender = Sender::for_set(&sample_set(1, 3), true, Some(&key())).unwrap();
+        let mut rx = Receiver::new(gate.clone(), Line::Stream);
+        let (nonce, device) = challenge(rx.handle(sender.begin()));
+        let recorded: Vec<Message> = std::iter::once(sender.begin())
+            .chain(sender.chunks())
+            .chain([sender.commit(&nonce, &device)])
+            .collect();
+        sender.chunks().for_each(|c| drop(rx.handle(c)));
+        assert!(matches!(rx.handle(sender.commit(&nonce, &device)), Some(Message::Accepted { version: 1, .. })));
+        // Played again, on a new line or the same one: a new nonce, so the old MAC fails.
+        for mut line in [Receiver::new(gate.clone(), Line::Stream), rx] {
+            let replies: Vec<Option<Message>> = recorded.iter().map(|m| line.handle(m.clone())).collect();
+            assert!(reason(replies.last().unwrap().clone()).contains("authentication failed"));
+        }
+        assert_eq!(delivered.lock().unwrap().len(), 1);
+        assert_eq!(gate.rejected_total(), 2);
+    }
+
+    #[test]
+    fn the_high_water_mark_outlives_rollbacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, delivered) = gate_with(&dir, UpdateLimits::default());
+        let mut rx = Receiver::new(gate.clone(), Line::Stream);
+        let push = |rx: &mut Receiver, version, force| transfer(rx, &Sender::for_set(&sample_set(version, 2), force, Some(&key())).unwrap());
+        assert!(matches!(push(&mut rx, 5, false), Some(Message::Accepted { version: 5, .. })));
+        assert!(matches!(push(&mut rx, 3, true), Some(Message::Accepted { version: 3, .. })));
+        assert_eq!(gate.status().high_water, 5);
+        let msg = reason(push(&mut rx, 4, false));
+        assert!(msg.contains("high-water version 5"), "{msg}");
+        assert!(matches!(push(&mut rx, 6, false), Some(Message::Accepted { version: 6, .. })));
+        let versions: Vec<u64> = delivered.lock().unwrap().iter().map(|s| s.version).collect();
+        assert_eq!(versions, [5, 3, 6]);
+    }
+
+    #[test]
+    fn transfers_and_unauthenticated_bytes_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = UpdateLimits { max_transfers: 1, max_buffered_bytes: 3 * MAX_CHUNK, ..UpdateLimits::default() };
+        let (gate, _) = gate_with(&dir, limits);
+        let small = Sender::for_set(&sample_set(2, 1), false, Some(&key())).unwrap();
+        let large = Sender::new(vec![7; 4 * MAX_CHUNK], 2, false, Some(&key()), 9).unwrap();
+        let mut first = Receiver::new(gate.clone(), Line::Stream);
+        let mut second = Receiver::new(gate.clone(), Line::Stream);
+        assert!(reason(first.handle(large.begin())).contains("exceeds this device's limit"));
+        challenge(first.handle(small.begin()));
+        assert!(reason(second.handle(small.begin())).contains("busy: 1 transfers already in progress"));
+        first.abort_transfer();
+        challenge(second.handle(small.begin()));
+        // Bytes: a message transport holds its payload, the stream line its chunks.
+        let held = gate.hold_bytes(3 * MAX_CHUNK - 10).unwrap();
+        let msg = reason(second.handle(small.chunks().next().unwrap()));
+        assert!(msg.contains("max_buffered_bytes"), "{msg}");
+        drop(held);
+        assert_eq!(gate.buffered_bytes(), 0);
+        assert!(matches!(transfer(&mut second, &small), Some(Message::Accepted { .. })));
+    }
+
+    #[test]
+    fn recovery_restores_the_last_good_copy_and_keeps_the_high_water() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.cls");
+        // Nothing persisted yet: nothing to recover.
+        assert_eq!(recover_store(&path), Recovery { high_water: 0, problem: None });
+        let (gate, _) = gate_with(&dir, UpdateLimits::default());
+        let mut rx = Receiver::new(gate, Line::Stream);
+        for (version, force) in [(7, false), (4, true)] {
+            let sender = Sender::for_set(&sample_set(version, 2), force, Some(&key())).unwrap();
+            assert!(matches!(transfer(&mut rx, &sender), Some(Message::Accepted { .. })));
+        }
+        let stale = dir.path().join(".labels.cls.tmp-123-4");
+        std::fs::write(&stale, b"half a set").unwrap();
+        std::fs::write(&path, b"corrupt").unwrap();
+        let recovery = recover_store(&path);
+        assert_eq!(recovery.high_water, 7);
+        assert!(recovery.problem.as_deref().unwrap().contains("restored version 4"), "{recovery:?}");
+        assert_eq!(LabelSet::load(&path).unwrap().version, 4);
+        assert!(!stale.exists());
+        // Both copies gone: the high-water file still holds.
+        std::fs::write(&path, b"x").unwrap();
+        std::fs::write(gate::last_good_path(&path), b"y").unwrap();
+        let recovery = recover_store(&path);
+        assert_eq!(recovery.high_water, 7);
+        assert!(recovery.problem.unwrap().contains("so is its copy"));
+    }
+
+    #[test]
+    fn rejections_are_counted_and_their_logging_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gate, _) = gate_with(&dir, UpdateLimits::default());
+        let mut rx = Receiver::new(gate.clone(), Line::Stream);
+        for id in 0..1000 {
+            rx.handle(Message::Commit { transfer_id: id, mac: [0; 32] });
+        }
+        assert_eq!(gate.rejected_total(), 1000);
     }
 
     #[test]
@@ -1389,14 +1740,14 @@ mod tests {
         let set = sample_set(2, 20);
         let stale = Sender::new(set.encode().unwrap(), 2, false, Some(&key()), 1).unwrap();
         let fresh = Sender::new(set.encode().unwrap(), 2, false, Some(&key()), 2).unwrap();
-        rx.handle(stale.begin());
+        let (nonce, device) = challenge(rx.handle(stale.begin()));
         rx.handle(stale.chunks().next().unwrap());
         assert!(matches!(
             transfer(&mut rx, &fresh),
             Some(Message::Accepted { version: 2, .. })
         ));
         assert_eq!(
-            reason(rx.handle(stale.commit())),
+            reason(rx.handle(stale.commit(&nonce, &device))),
             "no transfer 1 in progress"
         );
     }
@@ -1412,31 +1763,29 @@ mod tests {
             version,
             force: false,
         };
-        let too_large = reason(rx.handle(begin(MAX_SET_LEN + 1, u32::MAX, 2)));
-        assert!(too_large.contains("exceeds the limit"), "{too_large}");
+        let too_large = reason(rx.handle(begin(UpdateLimits::default().max_buffered_bytes as u32 + 1, u32::MAX, 2)));
+        assert!(too_large.contains("exceeds this device's limit"), "{too_large}");
         for (len, n) in [(0, 0), (0, 1), (1000, 1), (10, 11)] {
             let msg = reason(rx.handle(begin(len, n, 2)));
             assert!(msg.contains("cannot carry"), "{len}/{n}: {msg}");
         }
         let old = reason(rx.handle(begin(1000, 2, 1)));
         assert!(old.contains("not newer"), "{old}");
-        assert!(matches!(
-            rx.handle(begin(1000, 2, 2)),
-            Some(Message::Ack { next_index: 0, .. })
-        ));
+        challenge(rx.handle(begin(1000, 2, 2)));
     }
 
     #[test]
     fn commit_checks_completeness_mac_and_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("labels.cls");
-        let mut rx = receiver(&dir);
+        let (gate, delivered) = gate_with(&dir, UpdateLimits::default());
+        let mut rx = Receiver::new(gate.clone(), Line::Stream);
         let bytes = sample_set(2, 20).encode().unwrap();
 
         let sender = Sender::new(bytes.clone(), 2, false, Some(&key()), 10).unwrap();
-        rx.handle(sender.begin());
+        let (nonce, device) = challenge(rx.handle(sender.begin()));
         rx.handle(sender.chunks().next().unwrap());
-        let msg = reason(rx.handle(sender.commit()));
+        let msg = reason(rx.handle(sender.commit(&nonce, &device)));
         assert!(msg.starts_with("transfer incomplete"), "{msg}");
 
         let other = PreSharedKey::new(*b"another key, also long").unwrap();
@@ -1445,32 +1794,22 @@ mod tests {
         let sender = Sender::new(bytes.clone(), 2, false, None, 12).unwrap();
         assert!(reason(transfer(&mut rx, &sender)).contains("authentication failed"));
 
-        // The MAC covers `force`: turning a plain update into a forced one breaks it.
+        // The MAC covers `force`, the nonce and the device name.
         let sender = Sender::new(bytes.clone(), 2, false, Some(&key()), 13).unwrap();
-        let Message::Commit { mac, .. } = sender.commit() else {
-            unreachable!()
-        };
-        let Message::Begin {
-            total_len,
-            n_chunks,
-            ..
-        } = sender.begin()
-        else {
-            unreachable!()
-        };
-        rx.handle(Message::Begin {
-            transfer_id: 13,
-            total_len,
-            n_chunks,
-            version: 2,
-            force: true,
-        });
+        let Message::Begin { total_len, n_chunks, .. } = sender.begin() else { unreachable!() };
+        let forced = Message::Begin { transfer_id: 13, total_len, n_chunks, version: 2, force: true };
+        let (nonce, device) = challenge(rx.handle(forced));
         sender.chunks().for_each(|c| drop(rx.handle(c)));
-        let msg = reason(rx.handle(Message::Commit {
-            transfer_id: 13,
-            mac,
-        }));
+        let msg = reason(rx.handle(sender.commit(&nonce, &device)));
         assert!(msg.contains("authentication failed"), "{msg}");
+        for (nonce_of, device_of) in [(true, false), (false, true)] {
+            let (nonce, device) = challenge(rx.handle(sender.begin()));
+            sender.chunks().for_each(|c| drop(rx.handle(c)));
+            let nonce = if nonce_of { [0; NONCE_LEN] } else { nonce };
+            let device = if device_of { "cam-2".to_owned() } else { device };
+            let msg = reason(rx.handle(sender.commit(&nonce, &device)));
+            assert!(msg.contains("authentication failed"), "{msg}");
+        }
 
         let sender = Sender::new(bytes, 3, false, Some(&key()), 14).unwrap();
         let msg = reason(transfer(&mut rx, &sender));
@@ -1479,20 +1818,21 @@ mod tests {
             "Begin announced version 3, the label set holds version 2"
         );
         assert!(!path.exists());
-        assert_eq!(rx.current_version(), Some(1));
-        assert_eq!(rx.take_accepted(), None);
+        assert_eq!(rx.status().version, Some(1));
+        assert!(delivered.lock().unwrap().is_empty());
     }
 
     #[test]
     fn a_failed_save_is_a_rejection() {
         let dir = tempfile::tempdir().unwrap();
-        let mut rx = receiver(&dir);
-        rx.config.path = dir.path().join("missing-dir").join("labels.cls");
+        let mut config = config(&dir, UpdateLimits::default());
+        config.path = dir.path().join("missing-dir").join("labels.cls");
+        let gate = UpdateGate::new(config, Some(&sample_set(1, 1)), 1, |_| panic!("nothing is delivered"));
+        let mut rx = Receiver::new(gate, Line::Stream);
         let sender = Sender::for_set(&sample_set(2, 2), false, Some(&key())).unwrap();
         let msg = reason(transfer(&mut rx, &sender));
         assert!(msg.starts_with("label set not applied"), "{msg}");
-        assert_eq!(rx.current_version(), Some(1));
-        assert_eq!(rx.take_accepted(), None);
+        assert_eq!(rx.status().version, Some(1));
     }
 
     #[test]

@@ -147,12 +147,14 @@ labels_path = "/var/lib/clipact/labels.cls"
     );
     let mqtt = config.mqtt.as_ref().unwrap();
     assert_eq!(mqtt.port, DEFAULT_MQTT_PORT);
-    assert_eq!(
-        config.mqtt_client_id().as_deref(),
-        Some("clipact-barn-cam-1")
-    );
+    // Unguessable, so no other client can take the device's place on the broker.
+    let id = config.mqtt_client_id().unwrap();
+    let suffix = id.strip_prefix("clipact-barn-cam-1-").expect(&id);
+    assert!(suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert_ne!(config.mqtt_client_id(), Some(id));
     let updates = config.updates.as_ref().unwrap();
     assert_eq!(updates.serial_baud, 115_200);
+    assert_eq!(updates.limits(), clipact::update::UpdateLimits::default());
     assert_eq!(config.http.unwrap().listen.port(), 8080);
 }
 
@@ -407,6 +409,9 @@ fn validation_errors_name_the_field() {
             "key_file",
         ),
         ("[updates]\nserial_baud = 0\n", "updates.serial_baud", "positive"),
+        ("[updates]\nmax_buffered_bytes = 1000\n", "updates.max_buffered_bytes", "65536"),
+        ("[updates]\nmax_connections = 0\n", "updates.max_connections", "at least 1"),
+        ("[updates]\nidle_timeout_s = 0\n", "updates.idle_timeout_s", "at least 1"),
     ];
     for (text, field, hint) in cases {
         let e = parse(text).expect_err(text);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clipact::events::http::{serve, PROMETHEUS_CONTENT_TYPE};
-use clipact::events::{encode_transfer, DeviceView, LabelsDoc, Status, UpdateReply};
+use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, LabelsDoc, Status, UpdateReply};
 use clipact::labels::LabelSet;
 use clipact::update::Sender;
 use test_device::{key, set, TestDevice};
@@ -304,13 +304,19 @@ async fn signed_label_sets_can_be_posted_when_allowed() {
     let open = start(device.clone(), true).await;
 
     let new = set(2, 5, 4);
-    let body = encode_transfer(&Sender::for_set(&new, false, Some(&key())).unwrap());
-    // Not allowed on this server: nothing happens.
-    let reply = request(closed, "POST", "/labels", &body).await;
+    let sender = Sender::for_set(&new, false, Some(&key())).unwrap();
+    // Not allowed on this server: nothing happens, not even a challenge.
+    let reply = request(closed, "POST", "/labels", &encode_challenge_request(&sender)).await;
     assert_eq!(reply.status, 403);
     assert!(reason(reply.json()).contains("[updates] http"));
     assert_eq!(device.current().version, 1);
 
+    let reply = request(open, "POST", "/labels", &encode_challenge_request(&sender)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let challenge: UpdateReply = reply.json();
+    let (nonce, name) = challenge.challenge().expect("a challenge");
+    assert_eq!(name, "cam-h");
+    let body = encode_transfer(&sender, &nonce, name);
     let reply = request(open, "POST", "/labels", &body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(matches!(
@@ -322,8 +328,11 @@ async fn signed_label_sets_can_be_posted_when_allowed() {
     let labels: LabelsDoc = request(open, "GET", "/labels", b"").await.json();
     assert_eq!((labels.version, labels.labels.len()), (5, 4));
 
-    let unsigned = encode_transfer(&Sender::for_set(&set(3, 6, 1), false, None).unwrap());
-    let reply = request(open, "POST", "/labels", &unsigned).await;
+    let unsigned = Sender::for_set(&set(3, 6, 1), false, None).unwrap();
+    let reply = request(open, "POST", "/labels", &encode_challenge_request(&unsigned)).await;
+    let challenge: UpdateReply = reply.json();
+    let (nonce, name) = challenge.challenge().expect("a challenge");
+    let reply = request(open, "POST", "/labels", &encode_transfer(&unsigned, &nonce, name)).await;
     assert_eq!(reply.status, 422);
     assert!(reason(reply.json()).contains("authentication failed"));
     let reply = request(open, "POST", "/labels", b"not an update").await;
@@ -334,4 +343,23 @@ async fn signed_label_sets_can_be_posted_when_allowed() {
     assert_eq!(reply.status, 422);
     assert!(reason(reply.json()).contains("not newer"));
     assert_eq!(*device.current(), new);
+    // A forced rollback is accepted once; replayed, even after a fresh challenge for its
+    // transfer id, it is refused.
+    let rollback = Sender::for_set(&set(1, 1, 2), true, Some(&key())).unwrap();
+    let challenge: UpdateReply = request(open, "POST", "/labels", &encode_challenge_request(&rollback)).await.json();
+    let (nonce, name) = challenge.challenge().unwrap();
+    let recorded = encode_transfer(&rollback, &nonce, name);
+    assert_eq!(request(open, "POST", "/labels", &recorded).await.status, 200);
+    assert_eq!(device.current().version, 1);
+    for ask_again in [false, true] {
+        if ask_again {
+            request(open, "POST", "/labels", &encode_challenge_request(&rollback)).await;
+        }
+        let reply = request(open, "POST", "/labels", &recorded).await;
+        assert_eq!(reply.status, 422);
+        let why = reason(reply.json());
+        assert!(why.contains("no challenge") || why.contains("authentication failed"), "{why}");
+    }
+    assert_eq!(device.current().version, 1);
+    assert_eq!(device.gate.status().high_water, 5);
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use clipact::events::mqtt::{
     push_over_mqtt, Detection, EventKind, EventMessage, MqttPublisher, MqttSettings,
 };
-use clipact::events::{encode_transfer, DeviceView, Status, UpdateReply};
+use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, Status, UpdateReply};
 use clipact::update::Sender;
 use mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -337,9 +337,17 @@ async fn signed_updates_are_applied_and_bad_ones_rejected_with_a_reason() {
     let reply: UpdateReply = serde_json::from_slice(&state.payload).unwrap();
     assert!(reason(reply).contains("middle of a frame"));
     // A truncated signed update.
-    let mut cut = encode_transfer(&Sender::for_set(&set(5, 9, 1), false, Some(&key())).unwrap());
-    cut.truncate(cut.len() / 2);
-    let zero = cut.iter().rposition(|&b| b == 0).unwrap();
+    let sender = Sender::for_set(&set(5, 9, 1), false, Some(&key())).unwrap();
+    watch.publish("clipact/cam-3/labels/set", encode_challenge_request(&sender)).await;
+    let state = watch
+        .expect("a challenge", |m| m.topic == "clipact/cam-3/labels/state" && m.text().contains("challenge"))
+        .await;
+    let challenge: UpdateReply = serde_json::from_slice(&state.payload).unwrap();
+    let (nonce, name) = challenge.challenge().unwrap();
+    assert_eq!(name, "cam-3");
+    let mut cut = encode_transfer(&sender, &nonce, name);
+    // Without its last frame, the Commit.
+    let zero = cut[..cut.len() - 1].iter().rposition(|&b| b == 0).unwrap();
     cut.truncate(zero + 1);
     watch.publish("clipact/cam-3/labels/set", cut).await;
     let state = watch

@@ -11,7 +11,7 @@ use clipact::config::Config;
 use clipact::labels::LabelSet;
 use clipact::pipeline::Pipeline;
 use clipact::preprocess::Frame;
-use clipact::runtime::{
+use clipact::runtime::{LabelStore, 
     serve_tcp_updates, BoundOutput, DetectionEvent, EventKind, EventSink, Output, Runtime,
     RuntimeHandle, RuntimeOptions,
 };
@@ -59,7 +59,7 @@ fn runtime(bundle: &Bundle, labels_path: PathBuf, key: Option<PreSharedKey>, dur
         duration,
         ..RuntimeOptions::default()
     };
-    Runtime::new(pipeline, bundle, &config, labels_path, key, options)
+    Runtime::new(pipeline, bundle, &config, LabelStore::new(labels_path, key), options)
 }
 
 /// The pattern, submitting a label set through the handle when it produces frame `at`
@@ -337,10 +337,13 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     }
     assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
 
-    // A newer set arrives by another way (as TCP or MQTT would bring it): the serial line,
+    // A newer set arrives by another line (as TCP or MQTT would bring it): the first line,
     // open all along, must judge the next transfer against that set, not the one it last saw.
+    let (mut other, other_board) = io.block_on(async { tokio_serial::SerialStream::pair() }).unwrap();
+    io.spawn(clipact::runtime::serve_serial_updates(other_board, handle.clone()));
     let newer = renamed(&good);
-    handle.submit_labels(newer.clone()).unwrap();
+    io.block_on(Sender::for_set(&newer, false, None).unwrap().push(&mut other, &PushOptions::default()))
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while handle.labels().version != newer.version {
         assert!(Instant::now() < deadline, "the newer set was never swapped in");

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clipact::labels::LabelSet;
 use clipact::update::{
-    encode_frame, query_status, serve, FrameDecoder, Message, PreSharedKey, PushError, PushOptions,
-    Receiver, ReceiverConfig, Sender, MAX_FRAME_LEN,
+    encode_frame, query_status, serve, FrameDecoder, Line, Message, PreSharedKey, PushError, PushOptions,
+    Receiver, ReceiverConfig, Sender, UpdateGate, UpdateLimits, MAX_FRAME_LEN,
 };
 use proptest::prelude::*;
 use support::random::{label_set, Rng};
@@ -46,41 +46,45 @@ fn set(seed: u64, version: u64, dim: u32, space: &str) -> LabelSet {
     set
 }
 
-/// A device: a receiver persisting to `path`, with the sets it handed to its pipeline.
+/// A device: an update gate persisting to `path`, with the sets it handed to its pipeline.
 struct Device {
     path: PathBuf,
+    gate: Arc<UpdateGate>,
     applied: Arc<Mutex<Vec<LabelSet>>>,
 }
 
 impl Device {
     /// A device already running `initial`, saved to its file.
-    fn new(dir: &Path, key: Option<PreSharedKey>, initial: &LabelSet) -> (Self, Receiver) {
+    fn new(dir: &Path, key: Option<PreSharedKey>, initial: &LabelSet) -> Self {
         let path = dir.join("labels.cls");
         initial.save_atomic(&path).unwrap();
         let config = ReceiverConfig {
+            device_name: "test-device".into(),
             dim: DIM,
             space_id: SPACE.into(),
             path: path.clone(),
             key,
+            limits: UpdateLimits::default(),
         };
-        let device = Device {
-            path,
-            applied: Arc::default(),
-        };
-        (device, Receiver::new(config, Some(initial)))
+        let applied: Arc<Mutex<Vec<LabelSet>>> = Arc::default();
+        let sink = applied.clone();
+        let gate = UpdateGate::new(config, Some(initial), initial.version, move |set| {
+            sink.lock().unwrap().push(set);
+            Ok(())
+        });
+        Device { path, gate, applied }
     }
 
-    /// Serves `stream` with `receiver` on a task that ends with the stream.
-    fn serve<S>(&self, stream: S, mut receiver: Receiver) -> tokio::task::JoinHandle<Receiver>
+    /// Serves `stream` (a serial line: never closed when idle) with a new receiver on a task
+    /// that ends with the stream.
+    fn serve<S>(&self, stream: S) -> tokio::task::JoinHandle<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let applied = self.applied.clone();
+        let mut receiver = Receiver::new(self.gate.clone(), Line::Stream);
         tokio::spawn(async move {
-            let on_accept = |set| applied.lock().unwrap().push(set);
             // Errors end the connection, as they would on the device.
-            let _ = serve(stream, &mut receiver, on_accept).await;
-            receiver
+            let _ = serve(stream, &mut receiver, false).await;
         })
     }
 
@@ -191,9 +195,9 @@ async fn updates_over<S: AsyncRead + AsyncWrite + Unpin>(host: &mut S, device: &
 #[tokio::test]
 async fn updates_over_a_pty() {
     let dir = tempfile::tempdir().unwrap();
-    let (device, receiver) = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
+    let device = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
     let (mut host, board) = SerialStream::pair().expect("a pty pair");
-    let task = device.serve(board, receiver);
+    let task = device.serve(board);
     bounded("updates over a pty", updates_over(&mut host, &device)).await;
     task.abort();
 }
@@ -201,20 +205,16 @@ async fn updates_over_a_pty() {
 #[tokio::test]
 async fn updates_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let (device, receiver) = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
+    let device = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let applied = device.applied.clone();
-    // One connection after another, all served by the same receiver.
+    let gate = device.gate.clone();
+    // One connection after another, each with its own receiver on the device's gate.
     let task = tokio::spawn(async move {
-        let mut receiver = receiver;
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let applied = applied.clone();
-            let _ = serve(stream, &mut receiver, |set| {
-                applied.lock().unwrap().push(set)
-            })
-            .await;
+            let mut receiver = Receiver::new(gate.clone(), Line::Stream);
+            let _ = serve(stream, &mut receiver, true).await;
         }
     });
     bounded("updates over TCP", async {
@@ -240,9 +240,9 @@ async fn updates_over_tcp() {
 async fn a_keyless_serial_device_still_checks_the_set() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = set(1, 1, DIM, SPACE);
-    let (device, receiver) = Device::new(dir.path(), None, &v1);
+    let device = Device::new(dir.path(), None, &v1);
     let (mut host, board) = SerialStream::pair().unwrap();
-    let task = device.serve(board, receiver);
+    let task = device.serve(board);
     bounded("keyless pushes", async {
         let v2 = set(2, 2, DIM, SPACE);
         let mut bytes = v2.encode().unwrap();
@@ -303,21 +303,24 @@ fn noise(rng: &mut Rng, kind: usize, valid: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn garbage_on_the_line_does_not_stop_a_push() {
     let dir = tempfile::tempdir().unwrap();
-    let (device, receiver) = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
+    let device = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
     let (mut host, board) = SerialStream::pair().unwrap();
-    let task = device.serve(board, receiver);
+    let task = device.serve(board);
     let v2 = set(2, 2, DIM, SPACE);
     let sender = Sender::for_set(&v2, false, Some(&key())).unwrap();
     let id = sender.transfer_id();
     let mut rng = Rng::new(42);
     bounded("a noisy push", async {
         let mut decoder = FrameDecoder::new();
-        let messages: Vec<Message> = std::iter::once(sender.begin())
-            .chain(sender.chunks())
-            .chain(std::iter::once(sender.commit()))
-            .collect();
-        for (i, message) in messages.iter().enumerate() {
-            let frame = encode_frame(message);
+        let n = sender.n_chunks() as usize + 2;
+        let mut challenge: Option<([u8; 16], String)> = None;
+        for i in 0..n {
+            let message = match (i, &challenge) {
+                (0, _) => sender.begin(),
+                (i, Some((nonce, device))) if i + 1 == n => sender.commit(nonce, device.as_str()),
+                (i, _) => sender.chunks().nth(i - 1).unwrap(),
+            };
+            let frame = encode_frame(&message);
             for kind in [i, i + 1] {
                 host.write_all(&noise(&mut rng, kind, &frame))
                     .await
@@ -325,7 +328,13 @@ async fn garbage_on_the_line_does_not_stop_a_push() {
             }
             host.write_all(&frame).await.unwrap();
             let reply = next_message(&mut host, &mut decoder).await;
-            let expected = if i + 1 == messages.len() {
+            if i == 0 {
+                let Message::Challenge { transfer_id, nonce, device } = reply else { panic!("{reply:?}") };
+                assert_eq!((transfer_id, device.as_str()), (id, "test-device"));
+                challenge = Some((nonce, device));
+                continue;
+            }
+            let expected = if i + 1 == n {
                 Message::Accepted {
                     transfer_id: id,
                     version: 2,
@@ -349,9 +358,9 @@ async fn garbage_on_the_line_does_not_stop_a_push() {
 #[tokio::test]
 async fn push_retries_frames_lost_to_noise() {
     let dir = tempfile::tempdir().unwrap();
-    let (device, receiver) = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
+    let device = Device::new(dir.path(), Some(key()), &set(1, 1, DIM, SPACE));
     let (host, board) = SerialStream::pair().unwrap();
-    let task = device.serve(board, receiver);
+    let task = device.serve(board);
     let v2 = set(2, 2, DIM, SPACE);
     let mut host = Noisy {
         inner: host,

@@ -14,7 +14,8 @@
 # every label before calibration, default 0.4), TARGET_PRECISION (calibration, default 0.9),
 # TEXT_ONLY_BIAS (log-prior of the held-out actions' labels, default 2.0), STREAM_WINDOWS (share of
 # the fine-tuning windows cut from streams, with an `idle` background label; default 0: at 0.5 the
-# first stage lost 10 points of clip top-1, BENCHMARKS.md § Session 10), QUICK=1 for a
+# first stage lost 10 points of clip top-1, BENCHMARKS.md § Session 10), STREAM_WINDOWS_STAGE2 (the
+# same for the second stage only; default STREAM_WINDOWS), QUICK=1 for a
 # smoke run with fewer steps (minutes; numbers not representative), TEACHER=DIR to skip pretrain,
 # TEMPORAL=0 to ship plain WTI.
 #
@@ -50,8 +51,11 @@ else
     TRN2=(--steps 1000 --lr 3e-3 --clips-per-action 500 --encoder-lr 1e-4 --randomize-appearance 0.5 --wise-ft 0.75)
 fi
 BACKGROUND=()
-if [[ "${STREAM_WINDOWS:-0}" != 0 ]]; then
-    TRN+=(--stream-windows "$STREAM_WINDOWS"); TRN2+=(--stream-windows "$STREAM_WINDOWS"); BACKGROUND=(--background idle)
+STREAM_WINDOWS=${STREAM_WINDOWS:-0}; STREAM_WINDOWS_STAGE2=${STREAM_WINDOWS_STAGE2:-$STREAM_WINDOWS}
+if [[ "$STREAM_WINDOWS" != 0 ]]; then TRN+=(--stream-windows "$STREAM_WINDOWS"); fi
+# The shipped set is built through the second stage, whose label list has `idle` when it saw streams.
+if [[ "$STREAM_WINDOWS_STAGE2" != 0 ]]; then
+    TRN2+=(--stream-windows "$STREAM_WINDOWS_STAGE2"); BACKGROUND=(--background idle)
 fi
 
 # HOST_BIN / DEV_BIN: use already built binaries instead of building release ones.

@@ -5,10 +5,12 @@
 //! | `GET /status` | [`Status`](super::Status) as JSON |
 //! | `GET /metrics` | Prometheus text format ([`render_prometheus`]) |
 //! | `GET /labels` | [`LabelsDoc`](super::LabelsDoc) as JSON: the set in use, thresholds, scores |
-//! | `POST /labels` | a signed label-set update (body as on MQTT, see [`super::remote`]); answers [`UpdateReply`] JSON, 200 when accepted, 422 when refused; 403 unless the server was started with updates allowed |
+//! | `POST /labels` | a challenge request or a signed label-set update (bodies as on MQTT, see [`super::remote`]); answers [`UpdateReply`] JSON, 200 with the challenge or when accepted, 422 when refused, 503 when the device's budget for unauthenticated bytes is spent, 411 without `Content-Length`; 403 unless the server was started with updates allowed |
 //!
-//! HTTP/1.1 only, with hyper; each connection is served on its own task, and a client that
-//! does not finish its request headers in time is dropped.
+//! HTTP/1.1 only, with hyper; each connection is served on its own task. A client that does
+//! not finish its request headers in time is dropped, and so is one whose body outlasts the
+//! device's `body_timeout`; at most `max_connections` are open, a new one displacing the
+//! oldest idle one ([`Slots`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,21 +26,25 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use super::metrics::render_prometheus;
-use super::remote::UpdateReply;
+use super::remote::{apply_update, UpdateReply};
 use super::DeviceView;
-use crate::update::MAX_SET_LEN;
+use crate::update::Slots;
 
 /// The Prometheus text format's content type.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Largest `POST /labels` body: the largest label set plus framing overhead.
-const MAX_BODY: usize = MAX_SET_LEN as usize + MAX_SET_LEN as usize / 10 + 64 * 1024;
+/// Largest `POST /labels` body for a device that takes sets of up to `max_set` bytes: COBS,
+/// frame headers and CRCs add well under 10 %.
+pub fn max_update_body(max_set: usize) -> usize {
+    max_set + max_set / 10 + 64 * 1024
+}
 
 /// Serves `view` on `listener` until the task is dropped or aborted.
 ///
 /// `accept_updates` allows `POST /labels` (only with a device key: updates from a network
 /// must be signed, which [`DeviceView::apply_update`] enforces).
 pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_updates: bool) {
+    let slots = Slots::new(view.update_gate().config().limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -49,18 +55,34 @@ pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_upda
                 continue;
             }
         };
+        let Some(slot) = slots.admit() else {
+            tracing::debug!(%peer, "HTTP: every connection is busy; refused");
+            continue;
+        };
         let view = view.clone();
         tokio::spawn(async move {
+            let busy = slot.busy_flag();
             let service = service_fn(move |request| {
                 let view = view.clone();
-                async move { Ok::<_, Infallible>(route(request, view, accept_updates).await) }
+                let busy = busy.clone();
+                async move {
+                    busy.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let response = route(request, view, accept_updates).await;
+                    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, "HTTP connection: {e}");
+            tokio::select! {
+                result = connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, "HTTP connection: {e}");
+                    }
+                }
+                () = slot.displaced() => tracing::debug!(%peer, "HTTP connection displaced by a newer one"),
             }
         });
     }
@@ -98,26 +120,42 @@ async fn route(
                     },
                 );
             }
-            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-                Ok(body) => body.to_bytes(),
+            let gate = view.update_gate().clone();
+            let limits = gate.config().limits.clone();
+            let refuse = |status, reason: String| json(status, &UpdateReply::Rejected { transfer_id: None, reason });
+            let max = max_update_body(limits.max_buffered_bytes);
+            let length = request
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            let Some(length) = length else {
+                return refuse(StatusCode::LENGTH_REQUIRED, "POST /labels needs a Content-Length".into());
+            };
+            if length > max {
+                return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("an update of {length} bytes exceeds this device's limit of {max} (`[updates] max_buffered_bytes`)"));
+            }
+            // Held before a byte is read: unauthenticated bodies share one budget.
+            let _held = match gate.hold_bytes(length) {
+                Ok(held) => held,
                 Err(e) => {
-                    return json(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &UpdateReply::Rejected {
-                            transfer_id: None,
-                            reason: format!("reading the update: {e}"),
-                        },
-                    )
+                    gate.log_rejection(None, &e.to_string());
+                    return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 }
             };
-            let reply = tokio::task::spawn_blocking(move || view.apply_update(&body))
+            let body = match tokio::time::timeout(limits.body_timeout, Limited::new(request.into_body(), length).collect()).await {
+                Ok(Ok(body)) => body.to_bytes(),
+                Ok(Err(e)) => return refuse(StatusCode::BAD_REQUEST, format!("reading the update: {e}")),
+                Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, format!("the update's body took longer than {:?} (`[updates] body_timeout_s`)", limits.body_timeout)),
+            };
+            let reply = tokio::task::spawn_blocking(move || apply_update(&gate, &body))
                 .await
                 .unwrap_or_else(|e| UpdateReply::Rejected {
                     transfer_id: None,
                     reason: format!("the update handler failed: {e}"),
                 });
             let status = match reply {
-                UpdateReply::Accepted { .. } => StatusCode::OK,
+                UpdateReply::Accepted { .. } | UpdateReply::Challenge { .. } => StatusCode::OK,
                 UpdateReply::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             };
             json(status, &reply)

@@ -83,6 +83,12 @@ pub struct MetricsSnapshot {
     pub label_set_version: u64,
     /// Label sets swapped in.
     pub label_updates_total: u64,
+    /// The highest label-set version ever accepted.
+    pub label_set_high_water: u64,
+    /// Label-set updates refused, over every transport.
+    pub updates_rejected_total: u64,
+    /// Persisted label sets found unusable at start (see the log).
+    pub label_set_recoveries_total: u64,
     /// Per label of the set in use.
     pub labels: Vec<LabelMetrics>,
 }
@@ -195,6 +201,27 @@ pub fn render_prometheus(snapshot: &MetricsSnapshot) -> String {
         "counter",
         "Label sets swapped in since the runtime started.",
         &one("label_updates_total", snapshot.label_updates_total.to_string()),
+    );
+    write_family(
+        &mut out,
+        "label_set_high_water",
+        "gauge",
+        "The highest label-set version ever accepted; an update must be newer unless forced.",
+        &one("label_set_high_water", snapshot.label_set_high_water.to_string()),
+    );
+    write_family(
+        &mut out,
+        "updates_rejected_total",
+        "counter",
+        "Label-set updates refused since the runtime started, over every transport.",
+        &one("updates_rejected_total", snapshot.updates_rejected_total.to_string()),
+    );
+    write_family(
+        &mut out,
+        "label_set_recoveries_total",
+        "counter",
+        "Persisted label sets found unusable at start (restored from the last-good copy or replaced by the bundle's).",
+        &one("label_set_recoveries_total", snapshot.label_set_recoveries_total.to_string()),
     );
     let per_label = |name: &str, value: &dyn Fn(&LabelMetrics) -> String| -> Vec<(String, String)> {
         snapshot

@@ -12,12 +12,11 @@ pub mod remote;
 mod wiring;
 
 pub use metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
-pub use remote::{apply_update, encode_transfer, UpdateReply};
+pub use remote::{apply_update, encode_challenge_request, encode_transfer, UpdateReply};
 pub use wiring::{start, EventsError};
 
 /// What the MQTT and HTTP servers read from the running device. Called from async tasks and
-/// worker threads: every method must be quick, except [`DeviceView::apply_update`], which
-/// runs on a blocking thread.
+/// worker threads: every method must be quick.
 pub trait DeviceView: Send + Sync + 'static {
     /// The device at a glance (`GET /status`, MQTT `stats`).
     fn status(&self) -> Status;
@@ -25,7 +24,7 @@ pub trait DeviceView: Send + Sync + 'static {
     fn labels(&self) -> LabelsDoc;
     /// Counters and gauges for `GET /metrics`.
     fn metrics(&self) -> MetricsSnapshot;
-    /// Applies a signed whole-transfer update ([`remote::apply_update`]) and, when accepted,
-    /// hands the new set to the pipeline. Blocking (it persists the set).
-    fn apply_update(&self, payload: &[u8]) -> UpdateReply;
+    /// The device's update gate: label sets arriving by MQTT or HTTP go through it
+    /// ([`remote::apply_update`]), like those of every other transport.
+    fn update_gate(&self) -> &std::sync::Arc<crate::update::UpdateGate>;
 }

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::metrics::Status;
-use super::remote::{encode_transfer, UpdateReply};
+use super::remote::{apply_update, encode_challenge_request, encode_transfer, UpdateReply};
 use super::DeviceView;
-use crate::update::{Sender, MAX_SET_LEN};
+use crate::update::{Reservation, Sender};
 
 /// Topic levels under `clipact/<device>/` that are not label states: a label with one of these
 /// names gets the level `label_<name>` instead.
@@ -173,7 +173,7 @@ pub struct MqttSettings {
     pub reconnect_delay: Duration,
     /// How often [`Status`] goes to `stats`; `None`: never.
     pub stats_interval: Option<Duration>,
-    /// Subscribe to `labels/set` and apply signed updates through [`DeviceView::apply_update`].
+    /// Subscribe to `labels/set` and apply signed updates through [`DeviceView::update_gate`].
     pub accept_updates: bool,
 }
 
@@ -242,9 +242,10 @@ impl MqttPublisher {
                 QoS::AtLeastOnce,
                 true,
             ));
-        if settings.accept_updates {
-            // A whole label set arrives in one message: COBS and framing add well under 10 %.
-            let max = MAX_SET_LEN as usize + MAX_SET_LEN as usize / 10 + 64 * 1024;
+        if let (true, Some(view)) = (settings.accept_updates, &view) {
+            // A whole label set arrives in one message. A larger packet makes rumqttc drop the
+            // connection (and reconnect) before buffering it.
+            let max = super::http::max_update_body(view.update_gate().config().limits.max_buffered_bytes);
             options.set_max_packet_size(max, 256 * 1024);
         } else {
             options.set_max_packet_size(64 * 1024, 256 * 1024);
@@ -478,14 +479,20 @@ async fn run_connection(
     let topics = shared.topics.clone();
     let mut workers = Vec::new();
     // Updates are applied off the polling task, so the connection stays alive meanwhile.
-    let (update_tx, mut update_rx) = mpsc::channel::<Vec<u8>>(2);
+    // Queued payloads hold their bytes against the device's budget: that, not this capacity,
+    // bounds what a flood can make the device hold.
+    let (update_tx, mut update_rx) = mpsc::channel::<(hyper::body::Bytes, Reservation)>(16);
     if let (true, Some(view)) = (settings.accept_updates, view.clone()) {
         let client = client.clone();
         let topic = topics.labels_state();
         workers.push(tokio::spawn(async move {
-            while let Some(payload) = update_rx.recv().await {
-                let view = view.clone();
-                let reply = tokio::task::spawn_blocking(move || view.apply_update(&payload))
+            while let Some((payload, held)) = update_rx.recv().await {
+                let gate = view.update_gate().clone();
+                let reply = tokio::task::spawn_blocking(move || {
+                    let reply = apply_update(&gate, &payload);
+                    drop(held);
+                    reply
+                })
                     .await
                     .unwrap_or_else(|e| UpdateReply::Rejected {
                         transfer_id: None,
@@ -535,13 +542,16 @@ async fn run_connection(
                 shared.subscribed.store(true, Ordering::Relaxed);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if publish.topic == topics.labels_set() && settings.accept_updates {
-                    tracing::info!(bytes = publish.payload.len(), "MQTT: label-set update received");
-                    if update_tx.try_send(publish.payload.to_vec()).is_err() {
-                        let reply = UpdateReply::Rejected {
-                            transfer_id: None,
-                            reason: "busy: another update is being applied; send it again".into(),
-                        };
+                let gate = view.as_ref().map(|v| v.update_gate());
+                if let (true, true, Some(gate)) = (publish.topic == topics.labels_set(), settings.accept_updates, gate) {
+                    tracing::debug!(bytes = publish.payload.len(), "MQTT: label-set update received");
+                    let queued = match gate.hold_bytes(publish.payload.len()) {
+                        Ok(held) => update_tx.try_send((publish.payload, held)).map_err(|_| "busy: 16 updates are queued; try again".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(reason) = queued {
+                        gate.log_rejection(None, &reason);
+                        let reply = UpdateReply::Rejected { transfer_id: None, reason };
                         let json = serde_json::to_vec(&reply).unwrap_or_default();
                         let _ = client.try_publish(topics.labels_state(), QoS::AtLeastOnce, true, json);
                     }
@@ -631,9 +641,11 @@ pub enum MqttPushError {
 }
 
 /// Sends `sender`'s transfer to `device` through the broker at `host:port` (on its
-/// `labels/set` topic) and waits up to `timeout` for the device's reply on `labels/state`.
+/// `labels/set` topic) and waits up to `timeout` for the device's verdict on `labels/state`.
 ///
-/// Replies to other transfers (the retained outcome of an earlier push) are skipped.
+/// Two messages: the challenge request, then, once the device's challenge for this transfer
+/// arrives, the transfer signed for it ([`super::remote`]). Replies to other transfers (the
+/// retained outcome of an earlier push) are skipped.
 pub async fn push_over_mqtt(
     host: &str,
     port: u16,
@@ -642,13 +654,17 @@ pub async fn push_over_mqtt(
     timeout: Duration,
 ) -> Result<UpdateReply, MqttPushError> {
     let topics = Topics::new(device);
-    let payload = encode_transfer(sender);
-    let client_id = format!("clipact-push-{:08x}", sender.transfer_id());
+    let request = encode_challenge_request(sender);
+    let mut client_id = [0u8; 4];
+    let _ = getrandom::fill(&mut client_id);
+    let client_id = format!("clipact-push-{:08x}", u32::from_le_bytes(client_id));
     let mut options = MqttOptions::new(client_id, host, port);
+    // The transfer is about as large as the set; COBS and framing add under 10 %.
+    let max = super::http::max_update_body(sender.len());
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
-        .set_max_packet_size(256 * 1024, payload.len() + 64 * 1024);
+        .set_max_packet_size(256 * 1024, max);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let broker = |message: String| MqttPushError::Broker {
         host: host.to_owned(),
@@ -658,7 +674,8 @@ pub async fn push_over_mqtt(
     let state_topic = topics.labels_state();
     let want = sender.transfer_id();
     let run = async {
-        let mut published = false;
+        let mut asked = false;
+        let mut sent = false;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -667,21 +684,32 @@ pub async fn push_over_mqtt(
                         .await
                         .map_err(|e| broker(e.to_string()))?;
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) if !published => {
-                    published = true;
-                    tracing::info!(bytes = payload.len(), topic = %topics.labels_set(), "publishing the label set");
+                Ok(Event::Incoming(Packet::SubAck(_))) if !asked => {
+                    asked = true;
                     client
-                        .publish(topics.labels_set(), QoS::AtLeastOnce, false, payload.clone())
+                        .publish(topics.labels_set(), QoS::AtLeastOnce, false, request.clone())
                         .await
                         .map_err(|e| broker(e.to_string()))?;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == state_topic => {
                     match serde_json::from_slice::<UpdateReply>(&p.payload) {
-                        Ok(reply) if reply.transfer_id() == Some(want) => return Ok(reply),
+                        Ok(reply) if reply.transfer_id() == Some(want) => match reply.challenge() {
+                            Some((nonce, name)) if !sent => {
+                                sent = true;
+                                let payload = encode_transfer(sender, &nonce, name);
+                                tracing::info!(bytes = payload.len(), topic = %topics.labels_set(), "publishing the label set");
+                                client
+                                    .publish(topics.labels_set(), QoS::AtLeastOnce, false, payload)
+                                    .await
+                                    .map_err(|e| broker(e.to_string()))?;
+                            }
+                            Some(_) => {}
+                            None => return Ok(reply),
+                        },
                         // A rejection that could not name the transfer (a garbled payload)
                         // arriving after ours was sent is ours.
                         Ok(reply @ UpdateReply::Rejected { transfer_id: None, .. })
-                            if published && !p.retain =>
+                            if asked && !p.retain =>
                         {
                             return Ok(reply)
                         }

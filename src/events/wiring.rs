@@ -11,10 +11,10 @@ use std::time::{Duration, SystemTime};
 use super::http;
 use super::metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
 use super::mqtt::{label_level, unix_seconds, Detection, EventKind, MqttPublisher, MqttSettings};
-use super::remote::{apply_update, UpdateReply};
 use super::DeviceView;
 use crate::config::Config;
 use crate::labels::LabelSet;
+use crate::update::UpdateGate;
 use crate::runtime::{self, DetectionEvent, EventSink, RuntimeHandle};
 
 /// How long closing waits for the last MQTT messages (`offline`) to go out.
@@ -185,6 +185,9 @@ impl DeviceView for RuntimeView {
             pipeline_seconds_sum: load(&m.pipeline_ns_total) as f64 / 1e9,
             label_set_version: load(&m.label_set_version),
             label_updates_total: load(&m.label_updates),
+            label_set_high_water: self.handle.gate().status().high_water,
+            updates_rejected_total: self.handle.gate().rejected_total(),
+            label_set_recoveries_total: load(&m.label_set_recoveries),
             labels: self
                 .handle
                 .label_states()
@@ -199,19 +202,8 @@ impl DeviceView for RuntimeView {
         }
     }
 
-    fn apply_update(&self, payload: &[u8]) -> UpdateReply {
-        let current: Arc<LabelSet> = self.handle.labels();
-        let (reply, accepted) = apply_update(self.handle.receiver_config(), Some(current.as_ref()), payload);
-        match (accepted, reply) {
-            (Some(set), reply) => match self.handle.submit_labels(set) {
-                Ok(()) => reply,
-                Err(e) => UpdateReply::Rejected {
-                    transfer_id: reply.transfer_id(),
-                    reason: format!("label set saved but not applied: {e}"),
-                },
-            },
-            (None, reply) => reply,
-        }
+    fn update_gate(&self) -> &Arc<UpdateGate> {
+        self.handle.gate()
     }
 }
 

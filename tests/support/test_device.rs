@@ -1,18 +1,15 @@
 #![allow(dead_code)]
 //! A device for the MQTT and HTTP tests: a label set in use, counters, and the real update
-//! path ([`clipact::events::apply_update`] with a real [`ReceiverConfig`] persisting to a
-//! temporary file). What the pipeline would do with an accepted set is to use it: so does this.
+//! path (a real [`UpdateGate`] persisting to a temporary file). What the pipeline would do with
+//! an accepted set is to use it: so does this.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use clipact::events::{
-    apply_update, DeviceView, LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status,
-    UpdateReply,
-};
+use clipact::events::{DeviceView, LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
 use clipact::labels::LabelSet;
-use clipact::update::{PreSharedKey, ReceiverConfig};
+use clipact::update::{PreSharedKey, ReceiverConfig, UpdateGate, UpdateLimits};
 
 use crate::support::random::{label_set, Rng};
 
@@ -43,26 +40,54 @@ pub struct TestDevice {
     pub events: Mutex<Vec<u64>>,
     pub frames: AtomicU64,
     pub dropped: AtomicU64,
-    pub key: Option<PreSharedKey>,
     pub path: PathBuf,
+    pub gate: Arc<UpdateGate>,
 }
 
 impl TestDevice {
     /// A device named `name` using `set`, persisting accepted sets to `path`.
     pub fn new(name: &str, set: LabelSet, key: Option<PreSharedKey>, path: PathBuf) -> Arc<Self> {
+        Self::with_limits(name, set, key, path, UpdateLimits::default())
+    }
+
+    /// [`TestDevice::new`] with other bounds on unauthenticated data.
+    pub fn with_limits(name: &str, set: LabelSet, key: Option<PreSharedKey>, path: PathBuf, limits: UpdateLimits) -> Arc<Self> {
         let n = set.labels.len();
         set.save_atomic(&path).unwrap();
-        Arc::new(Self {
-            name: name.into(),
-            labels: Mutex::new(Arc::new(set)),
-            scores: Mutex::new(vec![0.0; n]),
-            active: Mutex::new(vec![false; n]),
-            events: Mutex::new(vec![0; n]),
-            frames: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+        let config = ReceiverConfig {
+            device_name: name.into(),
+            dim: DIM,
+            space_id: SPACE.into(),
+            path: path.clone(),
             key,
-            path,
+            limits,
+        };
+        Arc::new_cyclic(|me: &Weak<Self>| {
+            let me = me.clone();
+            let gate = UpdateGate::new(config, Some(&set), set.version, move |set| {
+                me.upgrade().ok_or("the device is gone")?.install(set);
+                Ok(())
+            });
+            Self {
+                name: name.into(),
+                labels: Mutex::new(Arc::new(set)),
+                scores: Mutex::new(vec![0.0; n]),
+                active: Mutex::new(vec![false; n]),
+                events: Mutex::new(vec![0; n]),
+                frames: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                path,
+                gate,
+            }
         })
+    }
+
+    fn install(&self, set: LabelSet) {
+        let n = set.labels.len();
+        *self.labels.lock().unwrap() = Arc::new(set);
+        *self.scores.lock().unwrap() = vec![0.0; n];
+        *self.active.lock().unwrap() = vec![false; n];
+        *self.events.lock().unwrap() = vec![0; n];
     }
 
     /// The set in use.
@@ -135,6 +160,9 @@ impl DeviceView for TestDevice {
             pipeline_seconds_sum: 0.5,
             label_set_version: labels.version,
             label_updates_total: 0,
+            label_set_high_water: self.gate.status().high_water,
+            updates_rejected_total: self.gate.rejected_total(),
+            label_set_recoveries_total: 0,
             labels: labels
                 .labels
                 .iter()
@@ -149,22 +177,7 @@ impl DeviceView for TestDevice {
         }
     }
 
-    fn apply_update(&self, payload: &[u8]) -> UpdateReply {
-        let config = ReceiverConfig {
-            dim: DIM,
-            space_id: SPACE.into(),
-            path: self.path.clone(),
-            key: self.key.clone(),
-        };
-        let current = self.current();
-        let (reply, accepted) = apply_update(config, Some(&current), payload);
-        if let Some(set) = accepted {
-            let n = set.labels.len();
-            *self.labels.lock().unwrap() = Arc::new(set);
-            *self.scores.lock().unwrap() = vec![0.0; n];
-            *self.active.lock().unwrap() = vec![false; n];
-            *self.events.lock().unwrap() = vec![0; n];
-        }
-        reply
+    fn update_gate(&self) -> &Arc<UpdateGate> {
+        &self.gate
     }
 }
