@@ -803,6 +803,11 @@ impl Receiver {
             };
             match held {
                 Ok(()) => {
+                    if t.data.is_empty() {
+                        // Pages are touched only as chunks fill them, and the buffer never
+                        // moves: what it holds is what the budget counts.
+                        t.data.reserve_exact(t.total_len as usize);
+                    }
                     t.data.extend_from_slice(data);
                     t.next_index += 1;
                     return Message::Ack {

@@ -143,8 +143,8 @@ async fn route(
                     return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
                 }
             };
-            let body = match tokio::time::timeout(limits.body_timeout, Limited::new(request.into_body(), length).collect()).await {
-                Ok(Ok(body)) => body.to_bytes(),
+            let body = match tokio::time::timeout(limits.body_timeout, read_body(request.into_body(), length)).await {
+                Ok(Ok(body)) => body,
                 Ok(Err(e)) => return refuse(StatusCode::BAD_REQUEST, format!("reading the update: {e}")),
                 Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, format!("the update's body took longer than {:?} (`[updates] body_timeout_s`)", limits.body_timeout)),
             };
@@ -171,6 +171,19 @@ async fn route(
             response
         }
     }
+}
+
+/// Reads a body of `length` bytes into one buffer of that size (no second copy: the bytes held
+/// are the bytes counted against the budget).
+async fn read_body(body: Incoming, length: usize) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut body = Limited::new(body, length);
+    let mut bytes = Vec::with_capacity(length);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
@@ -207,4 +220,78 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
     response
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+/// Why a push over HTTP failed before the device answered.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpPushError {
+    /// The device could not be reached, or its answer was not HTTP.
+    #[error("HTTP {host}:{port}: {message}")]
+    Connection {
+        /// Device host.
+        host: String,
+        /// Device port.
+        port: u16,
+        /// What went wrong.
+        message: String,
+    },
+    /// The device answered with something that is not an update reply.
+    #[error("HTTP {host}:{port} answered {status}: {body}")]
+    Unexpected {
+        /// Device host.
+        host: String,
+        /// Device port.
+        port: u16,
+        /// HTTP status.
+        status: u16,
+        /// The body, as text.
+        body: String,
+    },
+}
+
+/// Sends `sender`'s transfer to the device's `POST /labels` at `host:port`, in two requests
+/// (the challenge request, then the transfer signed for the device's challenge), each within
+/// `timeout`, and returns the device's verdict.
+pub async fn push_over_http(host: &str, port: u16, sender: &crate::update::Sender, timeout: Duration) -> Result<UpdateReply, HttpPushError> {
+    let challenge = post_update(host, port, &super::remote::encode_challenge_request(sender), timeout).await?;
+    let Some((nonce, device)) = challenge.challenge() else { return Ok(challenge) };
+    let payload = super::remote::encode_transfer(sender, &nonce, device);
+    post_update(host, port, &payload, timeout).await
+}
+
+/// One `POST /labels` over HTTP/1.1 (`Connection: close`), its JSON answer decoded.
+async fn post_update(host: &str, port: u16, body: &[u8], timeout: Duration) -> Result<UpdateReply, HttpPushError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |message: String| HttpPushError::Connection { host: host.to_owned(), port, message };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| fail(e.to_string()))?;
+        let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let head = format!(
+            "POST /labels HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.map_err(|e| fail(e.to_string()))?;
+        stream.write_all(body).await.map_err(|e| fail(e.to_string()))?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.map_err(|e| fail(e.to_string()))?;
+        Ok::<_, HttpPushError>(answer)
+    };
+    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| fail(format!("no answer within {timeout:?}")))??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| fail("the answer is not HTTP".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| fail(format!("no HTTP status in {:?}", head.lines().next().unwrap_or(""))))?;
+    // hyper sends a fixed Content-Length for these answers: the body is not chunked.
+    serde_json::from_str::<UpdateReply>(body.trim()).map_err(|_| HttpPushError::Unexpected {
+        host: host.to_owned(),
+        port,
+        status,
+        body: body.trim().chars().take(300).collect(),
+    })
 }

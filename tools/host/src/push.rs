@@ -1,10 +1,12 @@
 //! `clipact-host push`: sends a label set to a running device and reports its verdict.
 //!
-//! Three transports, one protocol (`clipact::update`): a TCP connection to the device's
-//! `[updates] tcp_listen`, a serial line to its `[updates] serial_port`, or an MQTT broker the
-//! device is connected to (`clipact/<device>/labels/set`, answer on `labels/state`). The set is
-//! signed with the pre-shared key (`--key-file`, the same file as the device's
-//! `[updates] key_file`); a device refuses unsigned sets from a network.
+//! Four transports, one protocol (`clipact::update`): a TCP connection to the device's
+//! `[updates] tcp_listen`, a serial line to its `[updates] serial_port`, an MQTT broker the
+//! device is connected to (`clipact/<device>/labels/set`, answer on `labels/state`), or its
+//! HTTP server (`POST /labels`, with `[updates] http = true`). The set is signed with the
+//! pre-shared key (`--key-file`, the same file as the device's `[updates] key_file`) for the
+//! nonce the device answers the transfer's `Begin` with; a device refuses unsigned sets from a
+//! network, and every signed transfer works once.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use clipact::events::http::push_over_http;
 use clipact::events::mqtt::push_over_mqtt;
 use clipact::events::UpdateReply;
 use clipact::labels::LabelSet;
@@ -40,6 +43,13 @@ pub enum Target {
         /// Baud rate.
         baud: u32,
     },
+    /// `http://HOST:PORT`: the device's `[http]` server, `POST /labels`.
+    Http {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
     /// `mqtt://HOST[:PORT]/DEVICE`: through the broker the device is connected to.
     Mqtt {
         /// Broker host.
@@ -53,7 +63,7 @@ pub enum Target {
 
 /// A `--to` that is none of the accepted forms.
 #[derive(Debug, thiserror::Error)]
-#[error("--to {given:?}: {problem}; expected tcp://HOST:PORT, serial:/dev/ttyUSB0[@115200] or mqtt://HOST[:PORT]/DEVICE")]
+#[error("--to {given:?}: {problem}; expected tcp://HOST:PORT, serial:/dev/ttyUSB0[@115200], mqtt://HOST[:PORT]/DEVICE or http://HOST:PORT")]
 pub struct TargetError {
     given: String,
     problem: String,
@@ -100,6 +110,9 @@ impl FromStr for Target {
         if let Some(rest) = given.strip_prefix("tcp://") {
             let (host, port) = host_port(given, rest.trim_end_matches('/'), None)?;
             Ok(Self::Tcp { host, port })
+        } else if let Some(rest) = given.strip_prefix("http://") {
+            let (host, port) = host_port(given, rest.trim_end_matches('/'), Some(80))?;
+            Ok(Self::Http { host, port })
         } else if let Some(rest) = given.strip_prefix("serial:") {
             let (path, baud) = match rest.rsplit_once('@') {
                 Some((path, baud)) => (
@@ -149,6 +162,8 @@ impl fmt::Display for Target {
         match self {
             Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp://[{host}]:{port}"),
             Self::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Self::Http { host, port } if host.contains(':') => write!(f, "http://[{host}]:{port}"),
+            Self::Http { host, port } => write!(f, "http://{host}:{port}"),
             Self::Serial { path, baud } => write!(f, "serial:{}@{baud}", path.display()),
             Self::Mqtt { host, port, device } => write!(f, "mqtt://{host}:{port}/{device}"),
         }
@@ -160,13 +175,15 @@ impl fmt::Display for Target {
 #[command(after_help = "Examples:\n  \
     clipact-host push --to tcp://barn-cam-1.local:7878 --labels labels.cls --key-file update.key\n  \
     clipact-host push --to serial:/dev/ttyUSB0@115200 --labels labels.cls --key-file update.key\n  \
-    clipact-host push --to mqtt://broker.local/barn-cam-1 --labels labels.cls --key-file update.key\n\n\
+    clipact-host push --to mqtt://broker.local/barn-cam-1 --labels labels.cls --key-file update.key\n  \
+    clipact-host push --to http://barn-cam-1.local:8080 --labels labels.cls --key-file update.key\n\n\
     Exit status: 0 when the device accepted the set, 1 when it refused it (the reason is printed) \
     or could not be reached.")]
 pub struct PushArgs {
     /// The device: tcp://HOST:PORT (its `[updates] tcp_listen`), serial:/dev/ttyUSB0[@BAUD]
-    /// (its `[updates] serial_port`; default 115200 baud) or mqtt://HOST[:PORT]/DEVICE (through
-    /// the broker of its `[mqtt]`, DEVICE = its `device_name`).
+    /// (its `[updates] serial_port`; default 115200 baud), mqtt://HOST[:PORT]/DEVICE (through
+    /// the broker of its `[mqtt]`, DEVICE = its `device_name`) or http://HOST:PORT (its
+    /// `[http] listen`, with `[updates] http = true`).
     #[arg(long, value_name = "TARGET")]
     pub to: Target,
     /// The label set to send (labels.cls, from `clipact-host labels build`).
@@ -251,6 +268,9 @@ pub fn push(args: &PushArgs) -> anyhow::Result<UpdateReply> {
                     .await
                     .with_context(|| format!("pushing to {}", args.to))
             }
+            Target::Http { host, port } => push_over_http(host, *port, &sender, timeout)
+                .await
+                .with_context(|| format!("pushing to {}", args.to)),
         }
     })
 }
@@ -266,6 +286,7 @@ pub fn run_push(args: &PushArgs) -> anyhow::Result<()> {
             println!("rejected: {reason}");
             bail!("{} refused the label set: {reason}", args.to)
         }
+        UpdateReply::Challenge { .. } => bail!("{} answered the transfer with another challenge", args.to),
     }
 }
 
@@ -315,6 +336,14 @@ mod tests {
             "mqtt://10.0.0.2:1884/cam".parse::<Target>().unwrap().to_string(),
             "mqtt://10.0.0.2:1884/cam"
         );
+        assert_eq!(
+            "http://cam.local:8080/".parse::<Target>().unwrap(),
+            Target::Http {
+                host: "cam.local".into(),
+                port: 8080
+            }
+        );
+        assert_eq!("http://[::1]".parse::<Target>().unwrap().to_string(), "http://[::1]:80");
     }
 
     #[test]
@@ -327,7 +356,8 @@ mod tests {
             ("serial:", "no serial device"),
             ("mqtt://broker", "no device name"),
             ("mqtt://broker/a/b", "device name"),
-            ("http://host:80", "unknown scheme"),
+            ("https://host:443", "unknown scheme"),
+            ("http://:80", "no host"),
         ] {
             let e = given.parse::<Target>().unwrap_err().to_string();
             assert!(e.contains(problem), "{given}: {e}");

@@ -22,7 +22,7 @@ use std::time::Duration;
 use clipact::events::mqtt::{MqttPublisher, MqttSettings};
 use clipact::events::DeviceView;
 use clipact::labels::LabelSet;
-use clipact::update::{serve, Receiver, ReceiverConfig};
+use clipact::update::{serve, Line, Receiver, ReceiverConfig, UpdateGate, UpdateLimits};
 use test_device::{set, TestDevice, DIM, SPACE};
 use tokio::net::TcpListener;
 
@@ -106,36 +106,36 @@ fn assert_rejected(out: &Output, reason: &str) {
     assert!(text(&out.stderr).contains("refused the label set"));
 }
 
-/// A device's update receiver (with the key), persisting to `path`, recording applied sets.
-fn receiver(path: &Path, initial: &LabelSet) -> Receiver {
+/// A device's update gate (with the key), persisting to `path`, recording applied versions.
+fn gate(path: &Path, initial: &LabelSet, applied: Arc<Mutex<Vec<u64>>>) -> Arc<UpdateGate> {
     initial.save_atomic(path).unwrap();
-    Receiver::new(
-        ReceiverConfig {
-            dim: DIM,
-            space_id: SPACE.into(),
-            path: path.to_owned(),
-            key: Some(clipact::update::PreSharedKey::new(KEY).unwrap()),
-        },
-        Some(initial),
-    )
+    let config = ReceiverConfig {
+        device_name: "cam-push".into(),
+        dim: DIM,
+        space_id: SPACE.into(),
+        path: path.to_owned(),
+        key: Some(clipact::update::PreSharedKey::new(KEY).unwrap()),
+        limits: UpdateLimits::default(),
+    };
+    UpdateGate::new(config, Some(initial), initial.version, move |set| {
+        applied.lock().unwrap().push(set.version);
+        Ok(())
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_over_tcp() {
     let files = Files::new();
     let device_file: PathBuf = files.dir.path().join("device.cls");
-    let mut rx = receiver(&device_file, &set(1, 3, 2));
     let applied: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let gate = gate(&device_file, &set(1, 3, 2), applied.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let log = applied.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let log = log.clone();
-            serve(stream, &mut rx, move |set| log.lock().unwrap().push(set.version))
-                .await
-                .ok();
+            let mut rx = Receiver::new(gate.clone(), Line::Stream);
+            serve(stream, &mut rx, true).await.ok();
         }
     });
     let to = format!("tcp://127.0.0.1:{port}");
@@ -187,13 +187,12 @@ async fn push_over_a_serial_line() {
     use tokio_serial::SerialPort;
     let files = Files::new();
     let device_file = files.dir.path().join("device.cls");
-    let mut rx = receiver(&device_file, &set(1, 1, 2));
+    let mut rx = Receiver::new(gate(&device_file, &set(1, 1, 2), Arc::default()), Line::Stream);
     let (device_end, host_end) = tokio_serial::SerialStream::pair().expect("pty pair");
     let host_path = host_end.name().expect("pty name");
     let device = tokio::spawn(async move {
-        let mut applied = Vec::new();
         // Serves until the test ends (a pty never reports the far end closing).
-        let _ = serve(device_end, &mut rx, |set| applied.push(set.version)).await;
+        let _ = serve(device_end, &mut rx, false).await;
     });
     let to = format!("serial:{host_path}@115200");
     let v2 = set(2, 2, 4);
@@ -250,4 +249,28 @@ async fn push_over_mqtt() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("no answer from device `ghost`"), "{}", text(&out.stderr));
     mqtt.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_over_http() {
+    let files = Files::new();
+    let device_file = files.dir.path().join("device.cls");
+    let key = clipact::update::PreSharedKey::new(KEY).unwrap();
+    let device = TestDevice::new("cam-web", set(1, 1, 2), Some(key), device_file.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let view: Arc<dyn DeviceView> = device.clone();
+    tokio::spawn(clipact::events::http::serve(listener, view, true));
+    let v3 = set(2, 3, 2);
+    assert_accepted(&push(args(&to, &files.set("v3.cls", &v3), Some(&files.key()), &[])).await, 3);
+    assert_eq!(*device.current(), v3);
+    assert_eq!(LabelSet::load(&device_file).unwrap(), v3);
+    let v1 = files.set("v1.cls", &set(3, 1, 1));
+    assert_rejected(&push(args(&to, &v1, Some(&files.key()), &[])).await, "not newer");
+    assert_rejected(&push(args(&to, &v1, Some(&files.path("wrong.key")), &["--force"])).await, "authentication failed");
+    assert_accepted(&push(args(&to, &v1, Some(&files.key()), &["--force"])).await, 1);
+    // After the rollback, a set between it and the highest version ever accepted is refused.
+    let v2 = files.set("v2.cls", &set(4, 2, 1));
+    assert_rejected(&push(args(&to, &v2, Some(&files.key()), &[])).await, "high-water version 3");
+    assert_eq!(device.current().version, 1);
 }
