@@ -319,6 +319,30 @@ pub struct Http {
     /// Address and port to listen on (default [`DEFAULT_HTTP_LISTEN`]).
     #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// Ask for credentials (HTTP Basic) on every route but the signed `POST /labels`.
+    /// Default: on, unless `listen` is a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<bool>,
+    /// The user name asked for (default `clipact`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// File holding the password (its text without trailing whitespace). Needed when `auth`
+    /// is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Http {
+    /// Whether the server asks for credentials: `auth`, else whether `listen` can be reached
+    /// from another machine.
+    pub fn auth_required(&self) -> bool {
+        self.auth.unwrap_or(!self.listen.ip().is_loopback())
+    }
+
+    /// The user name asked for.
+    pub fn user(&self) -> &str {
+        self.username.as_deref().unwrap_or("clipact")
+    }
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -329,6 +353,9 @@ impl Default for Http {
     fn default() -> Self {
         Self {
             listen: default_http_listen(),
+            auth: None,
+            username: None,
+            password_file: None,
         }
     }
 }
@@ -559,6 +586,21 @@ impl Config {
                     "mqtt.password_file",
                     "needs `username` too: MQTT 3.1.1 sends no password without a user name",
                 ));
+            }
+        }
+        if let Some(http) = &self.http {
+            if http.auth_required() && http.password_file.is_none() {
+                return Err(invalid(
+                    "http.password_file",
+                    format!(
+                        "needed: `listen = \"{}\"` can be reached from other machines, and the page and GET routes ask for credentials (user `{}`); set `password_file`, or `auth = false` to serve them to anyone who can connect",
+                        http.listen,
+                        http.user()
+                    ),
+                ));
+            }
+            if http.username.as_deref().is_some_and(|u| u.is_empty() || u.contains(':')) {
+                return Err(invalid("http.username", "must not be empty nor contain `:`"));
             }
         }
         if let Some(updates) = &self.updates {

@@ -1703,6 +1703,22 @@ mod tests {
         assert!(recovery.problem.unwrap().contains("so is its copy"));
     }
 
+    #[tokio::test]
+    async fn a_full_listener_displaces_its_oldest_idle_connection() {
+        let slots = Slots::new(2);
+        let oldest = slots.admit().unwrap();
+        let busy = slots.admit().unwrap();
+        busy.set_busy(true);
+        let newest = slots.admit().expect("room made by displacing the idle one");
+        tokio::time::timeout(Duration::from_secs(5), oldest.displaced()).await.expect("the oldest idle connection is told to go");
+        drop(oldest);
+        assert_eq!(slots.open(), 2);
+        newest.set_busy(true);
+        assert!(slots.admit().is_none(), "every connection is transferring: the new one is refused");
+        drop(busy);
+        assert!(slots.admit().is_some());
+    }
+
     #[test]
     fn rejections_are_counted_and_their_logging_limited() {
         let dir = tempfile::tempdir().unwrap();

@@ -113,6 +113,7 @@ username = "cam"
 password_file = "/etc/clipact/mqtt.password"
 [http]
 listen = "0.0.0.0:8080"
+password_file = "/etc/clipact/http.password"
 [updates]
 tcp_listen = "0.0.0.0:7878"
 key_file = "/etc/clipact/update.key"
@@ -179,9 +180,16 @@ fn an_empty_config_is_the_default_run() {
     assert_eq!(config.mqtt_client_id(), None);
     Config::default().validate().unwrap();
     // Tables present but empty take their defaults too.
-    let config = parse("[decision]\n[http]\n").unwrap();
+    let config = parse("[decision]\n[http]\npassword_file = \"p\"\n").unwrap();
     assert_eq!(config.decision, Decision::default());
-    assert_eq!(config.http.unwrap().listen.to_string(), "0.0.0.0:8080");
+    let http = config.http.unwrap();
+    assert_eq!(http.listen.to_string(), "0.0.0.0:8080");
+    assert!(http.auth_required());
+    assert_eq!(http.user(), "clipact");
+    // On loopback, credentials are off unless asked for.
+    let http = parse("[http]\nlisten = \"127.0.0.1:8080\"\n").unwrap().http.unwrap();
+    assert!(!http.auth_required());
+    assert!(parse("[http]\nlisten = \"0.0.0.0:8080\"\nauth = false\n").is_ok());
 }
 
 #[test]
@@ -283,7 +291,7 @@ fn an_unknown_key_far_from_any_lists_the_known_ones() {
     let (message, _) = error("[http]\ncolour = 1\n");
     assert_contains(
         &message,
-        &["unknown key `colour` in [http]; known keys: `listen`"],
+        &["unknown key `colour` in [http]; known keys: `listen`, `auth`, `username`, `password_file`"],
     );
 }
 
@@ -409,6 +417,9 @@ fn validation_errors_name_the_field() {
             "key_file",
         ),
         ("[updates]\nserial_baud = 0\n", "updates.serial_baud", "positive"),
+        ("[http]\n", "http.password_file", "reached from other machines"),
+        ("[http]\nlisten = \"127.0.0.1:1\"\nauth = true\n", "http.password_file", "set `password_file`"),
+        ("[http]\npassword_file = \"p\"\nusername = \"a:b\"\n", "http.username", "`:`"),
         ("[updates]\nmax_buffered_bytes = 1000\n", "updates.max_buffered_bytes", "65536"),
         ("[updates]\nmax_connections = 0\n", "updates.max_connections", "at least 1"),
         ("[updates]\nidle_timeout_s = 0\n", "updates.idle_timeout_s", "at least 1"),

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clipact::events::http::{serve, PROMETHEUS_CONTENT_TYPE};
+use clipact::events::http::{serve, BasicAuth, PROMETHEUS_CONTENT_TYPE};
 use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, LabelsDoc, Status, UpdateReply};
 use clipact::labels::LabelSet;
 use clipact::update::Sender;
@@ -43,11 +43,16 @@ impl Reply {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`); reads the whole answer.
 async fn request(port: u16, method: &str, path: &str, body: &[u8]) -> Reply {
+    request_with(port, method, path, body, "").await
+}
+
+/// [`request`] with `extra` header lines (each ending in `\r\n`).
+async fn request_with(port: u16, method: &str, path: &str, body: &[u8], extra: &str) -> Reply {
     let run = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-             Content-Length: {}\r\n\r\n",
+             Content-Length: {}\r\n{extra}\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).await.unwrap();
@@ -88,8 +93,34 @@ async fn start(device: Arc<TestDevice>, accept_updates: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let view: Arc<dyn DeviceView> = device;
-    tokio::spawn(serve(listener, view, accept_updates));
+    tokio::spawn(serve(listener, view, accept_updates, None));
     port
+}
+
+#[tokio::test]
+async fn credentials_guard_every_route_but_the_signed_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = TestDevice::new("cam-a", set(1, 1, 2), Some(key()), dir.path().join("l.cls"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let view: Arc<dyn DeviceView> = device.clone();
+    tokio::spawn(serve(listener, view, true, Some(BasicAuth::new("clipact", "s3cret pass"))));
+    for path in ["/status", "/metrics", "/labels", "/nowhere"] {
+        let reply = request(port, "GET", path, b"").await;
+        assert_eq!(reply.status, 401, "{path}");
+        assert!(reply.headers["www-authenticate"].starts_with("Basic realm="));
+        // clipact:wrong
+        let wrong = request_with(port, "GET", path, b"", "Authorization: Basic Y2xpcGFjdDp3cm9uZw==\r\n").await;
+        assert_eq!(wrong.status, 401, "{path}");
+    }
+    // clipact:s3cret pass
+    let right = "Authorization: Basic Y2xpcGFjdDpzM2NyZXQgcGFzcw==\r\n";
+    assert_eq!(request_with(port, "GET", "/status", b"", right).await.status, 200);
+    assert_eq!(request_with(port, "GET", "/nowhere", b"", right).await.status, 404);
+    // A label-set update is authenticated by its signature, not by these credentials.
+    let sender = Sender::for_set(&set(2, 2, 2), false, Some(&key())).unwrap();
+    let reply = request(port, "POST", "/labels", &encode_challenge_request(&sender)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
 }
 
 /// A set whose first label's name needs escaping in Prometheus label values.

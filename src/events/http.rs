@@ -7,6 +7,9 @@
 //! | `GET /labels` | [`LabelsDoc`](super::LabelsDoc) as JSON: the set in use, thresholds, scores |
 //! | `POST /labels` | a challenge request or a signed label-set update (bodies as on MQTT, see [`super::remote`]); answers [`UpdateReply`] JSON, 200 with the challenge or when accepted, 422 when refused, 503 when the device's budget for unauthenticated bytes is spent, 411 without `Content-Length`; 403 unless the server was started with updates allowed |
 //!
+//! With [`BasicAuth`], every route but `POST /labels` (authenticated by its signature) asks
+//! for the device's credentials: 401 without them.
+//!
 //! HTTP/1.1 only, with hyper; each connection is served on its own task. A client that does
 //! not finish its request headers in time is dropped, and so is one whose body outlasts the
 //! device's `body_timeout`; at most `max_connections` are open, a new one displacing the
@@ -39,11 +42,57 @@ pub fn max_update_body(max_set: usize) -> usize {
     max_set + max_set / 10 + 64 * 1024
 }
 
+/// The credentials a server asks for (HTTP Basic, RFC 7617).
+#[derive(Clone)]
+pub struct BasicAuth {
+    /// `Basic <base64 of user:password>`, as a client sends it.
+    expected: Vec<u8>,
+}
+
+impl BasicAuth {
+    /// Credentials `user` / `password` (`user` without `:`).
+    pub fn new(user: &str, password: &str) -> Self {
+        let mut expected = b"Basic ".to_vec();
+        expected.extend(base64(format!("{user}:{password}").as_bytes()).bytes());
+        Self { expected }
+    }
+
+    /// Whether `request` carries these credentials (compared in constant time).
+    fn admits<B>(&self, request: &Request<B>) -> bool {
+        let given = request.headers().get(hyper::header::AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes());
+        given.len() == self.expected.len() && given.iter().zip(&self.expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BasicAuth(..)")
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Serves `view` on `listener` until the task is dropped or aborted.
 ///
 /// `accept_updates` allows `POST /labels` (only with a device key: updates from a network
-/// must be signed, which [`DeviceView::apply_update`] enforces).
-pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_updates: bool) {
+/// must be signed, which the device's [`UpdateGate`](crate::update::UpdateGate) enforces).
+/// With `auth`, every other route asks for those credentials.
+pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_updates: bool, auth: Option<BasicAuth>) {
     let slots = Slots::new(view.update_gate().config().limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -60,12 +109,19 @@ pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_upda
             continue;
         };
         let view = view.clone();
+        let auth = auth.clone();
         tokio::spawn(async move {
             let busy = slot.busy_flag();
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let view = view.clone();
                 let busy = busy.clone();
+                // A label-set update carries its own authentication, its signature.
+                let signed = request.method() == Method::POST && request.uri().path() == "/labels";
+                let admitted = signed || auth.as_ref().is_none_or(|auth| auth.admits(&request));
                 async move {
+                    if !admitted {
+                        return Ok::<_, Infallible>(unauthorized());
+                    }
                     busy.store(true, std::sync::atomic::Ordering::Relaxed);
                     let response = route(request, view, accept_updates).await;
                     busy.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -211,6 +267,14 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::UNAUTHORIZED, "this device asks for its credentials (`[http] username`, `password_file`)\n".into());
+    response
+        .headers_mut()
+        .insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"clipact\", charset=\"UTF-8\""));
+    response
+}
+
 fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     let mut response = text(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -294,4 +358,18 @@ async fn post_update(host: &str, port: u16, body: &[u8], timeout: Duration) -> R
         status,
         body: body.trim().chars().take(300).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (plain, encoded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
+        // RFC 7617's example.
+        assert_eq!(BasicAuth::new("Aladdin", "open sesame").expected, b"Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+    }
 }

@@ -32,8 +32,8 @@ pub enum EventsError {
         #[source]
         source: std::io::Error,
     },
-    /// `[mqtt] password_file` could not be read.
-    #[error("[mqtt] password_file: cannot read {path}: {source}")]
+    /// A `password_file` (`[mqtt]`, `[http]`) could not be read.
+    #[error("password_file: cannot read {path}: {source}")]
     PasswordFile {
         /// The file.
         path: PathBuf,
@@ -84,7 +84,11 @@ pub fn start(
         let accept_updates = config.updates.as_ref().is_some_and(|u| u.http) && key_file.is_some();
         tracing::info!(%local, accept_updates, "HTTP: serving /status, /metrics, /labels");
         let view: Arc<dyn DeviceView> = view.clone();
-        let task = tokio.spawn(http::serve(listener, view, accept_updates));
+        let auth = match (&http.password_file, http.auth_required()) {
+            (Some(path), true) => Some(http::BasicAuth::new(http.user(), &read_secret(path)?)),
+            _ => None,
+        };
+        let task = tokio.spawn(http::serve(listener, view, accept_updates, auth));
         sinks.push(Box::new(HttpSink { task }));
     }
     if let Some(mqtt) = &config.mqtt {
@@ -94,14 +98,7 @@ pub fn start(
         }
         if let Some(user) = &mqtt.username {
             let password = match &mqtt.password_file {
-                // Like key files: the file's text without trailing whitespace (the newline
-                // an editor adds is not part of the password).
-                Some(path) => std::fs::read_to_string(path)
-                    .map(|text| text.trim_end().to_owned())
-                    .map_err(|source| EventsError::PasswordFile {
-                        path: path.clone(),
-                        source,
-                    })?,
+                Some(path) => read_secret(path)?,
                 None => String::new(),
             };
             settings.credentials = Some((user.clone(), password));
@@ -116,6 +113,14 @@ pub fn start(
         }));
     }
     Ok(sinks)
+}
+
+/// A password file's text without trailing whitespace (the newline an editor adds is not
+/// part of the password).
+fn read_secret(path: &std::path::Path) -> Result<String, EventsError> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim_end().to_owned())
+        .map_err(|source| EventsError::PasswordFile { path: path.to_owned(), source })
 }
 
 /// The running device as the servers see it.
