@@ -1695,6 +1695,13 @@ mod tests {
         assert!(recovery.problem.as_deref().unwrap().contains("restored version 4"), "{recovery:?}");
         assert_eq!(LabelSet::load(&path).unwrap().version, 4);
         assert!(!stale.exists());
+        // A crash between a set and its mark: recovery writes the mark, so that a rollback
+        // overwriting both copies cannot take it down.
+        std::fs::write(gate::high_water_path(&path), "3\n").unwrap();
+        assert_eq!(recover_store(&path).high_water, 4);
+        let mark = std::fs::read_to_string(gate::high_water_path(&path)).unwrap();
+        assert_eq!(mark, "4\n", "the sets' version, written back");
+        std::fs::write(gate::high_water_path(&path), "7\n").unwrap();
         // Both copies gone: the high-water file still holds.
         std::fs::write(&path, b"x").unwrap();
         std::fs::write(gate::last_good_path(&path), b"y").unwrap();

@@ -369,7 +369,7 @@ pub fn recover_store(path: &Path) -> Recovery {
     remove_stale_temp_files(path);
     let good = last_good_path(path);
     let mark = high_water_path(path);
-    let mut high_water = match std::fs::read_to_string(&mark) {
+    let recorded = match std::fs::read_to_string(&mark) {
         Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|e| {
             tracing::error!(path = %mark.display(), "unreadable high-water mark ({e}); using the sets' versions");
             0
@@ -378,8 +378,13 @@ pub fn recover_store(path: &Path) -> Recovery {
     };
     let primary = LabelSet::load(path);
     let second = LabelSet::load(&good);
-    for set in [&primary, &second].into_iter().flatten() {
-        high_water = high_water.max(set.version);
+    let high_water = [&primary, &second].into_iter().flatten().map(|set| set.version).fold(recorded, u64::max);
+    if high_water > recorded {
+        // A crash came between writing a set and its mark: write the mark now, or a rollback
+        // that overwrites both copies would take the mark down with them.
+        if let Err(e) = write_atomic(&mark, format!("{high_water}\n").as_bytes()) {
+            tracing::error!(path = %mark.display(), "cannot write the high-water mark: {e}");
+        }
     }
     let problem = match (primary, second) {
         (Ok(_), _) => None,
