@@ -131,6 +131,9 @@ pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_upda
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                // hyper's default lets each connection buffer ~400 KB; bodies are read as they
+                // come (and counted against the update budget), so a small buffer does.
+                .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = connection => {

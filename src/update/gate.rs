@@ -52,7 +52,7 @@ pub struct UpdateLimits {
 impl Default for UpdateLimits {
     fn default() -> Self {
         Self {
-            max_buffered_bytes: 8 * 1024 * 1024,
+            max_buffered_bytes: 4 * 1024 * 1024,
             max_transfers: 2,
             max_connections: 32,
             idle_timeout: Duration::from_secs(30),
