@@ -28,8 +28,9 @@
 //!
 //! The host sends one chunk at a time and waits for its acknowledgement (stop-and-wait): a
 //! serial line has tiny buffers and no flow control, and a lost frame is found by a timeout
-//! and resent. The device acknowledges a repeated chunk again without storing it twice, and
-//! answers a repeated `Commit` with the outcome it already sent, so every retry is harmless.
+//! and resent. The device answers a repeated `Begin` with the same challenge (until the first
+//! chunk), acknowledges a repeated chunk again without storing it twice, and answers a repeated
+//! `Commit` with the outcome it already sent, so every retry is harmless.
 //!
 //! # Authentication
 //!

@@ -86,10 +86,12 @@ impl Device {
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         self.child = Some(child);
         let (mut tcp, mut http) = (None, None);
+        let mut serial = !std::fs::read_to_string(&self.config).unwrap().contains("serial_port");
         let mut line = String::new();
-        while tcp.is_none() || http.is_none() {
+        while tcp.is_none() || http.is_none() || !serial {
             line.clear();
             assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before listening");
+            serial |= line.contains("updates on the serial line");
             if let Some(rest) = line.split("updates over TCP on ").nth(1) {
                 tcp = Some(rest.trim().to_owned());
             }
@@ -168,7 +170,7 @@ async fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String
 }
 
 /// Sends `messages` as frames on `stream` and returns the device's reply to each.
-async fn play(stream: &mut TcpStream, messages: &[Message]) -> Vec<Message> {
+async fn play<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, messages: &[Message]) -> Vec<Message> {
     let mut decoder = FrameDecoder::new();
     let mut replies = Vec::new();
     let mut buf = [0u8; 4096];
@@ -186,6 +188,26 @@ async fn play(stream: &mut TcpStream, messages: &[Message]) -> Vec<Message> {
     replies
 }
 
+/// Pushes `sender` by hand on `stream`, checks it is accepted, and returns its messages as
+/// they crossed the wire.
+async fn record<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, sender: &Sender) -> Vec<Message> {
+    let challenge = play(stream, &[sender.begin()]).await.remove(0);
+    let Message::Challenge { nonce, device, .. } = challenge else { panic!("{challenge:?}") };
+    assert_eq!(device, "attacked");
+    let mut recorded = vec![sender.begin()];
+    recorded.extend(sender.chunks());
+    recorded.push(sender.commit(&nonce, &device));
+    let replies = play(stream, &recorded[1..]).await;
+    assert!(matches!(replies.last(), Some(Message::Accepted { .. })), "{replies:?}");
+    recorded
+}
+
+#[track_caller]
+fn assert_refused_as_unsigned(replies: Vec<Message>) {
+    let Some(Message::Rejected { reason, .. }) = replies.last() else { panic!("{replies:?}") };
+    assert!(reason.contains("authentication failed"), "{reason}");
+}
+
 fn reason(reply: &UpdateReply) -> &str {
     match reply {
         UpdateReply::Rejected { reason, .. } => reason,
@@ -195,27 +217,30 @@ fn reason(reply: &UpdateReply) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_transfers_are_refused_on_every_transport() {
+    use tokio_serial::SerialPort;
     let broker = mosquitto::Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let device = Device::start(dir.path(), Some(broker.port()), "");
+    // The device's serial line: one end of a pty pair, opened by the binary by its path.
+    let (mut line, board) = tokio_serial::SerialStream::pair().expect("a pty pair");
+    let serial = format!("serial_port = {:?}\n", board.name().expect("pty name"));
+    let device = Device::start(dir.path(), Some(broker.port()), &serial);
 
-    // TCP: a forced rollback, recorded frame by frame as it crossed the wire.
+    // TCP and the serial line: a forced rollback, recorded frame by frame as it crossed the
+    // wire, then played again.
     let rollback = Sender::for_set(&set(1, "tcp"), true, Some(&key())).unwrap();
     let mut stream = TcpStream::connect(&device.tcp).await.unwrap();
-    let challenge = play(&mut stream, &[rollback.begin()]).await.remove(0);
-    let Message::Challenge { nonce, device: name, .. } = challenge else { panic!("{challenge:?}") };
-    assert_eq!(name, "attacked");
-    let mut recorded = vec![rollback.begin()];
-    recorded.extend(rollback.chunks());
-    recorded.push(rollback.commit(&nonce, &name));
-    let replies = play(&mut stream, &recorded[1..]).await;
-    assert!(matches!(replies.last(), Some(Message::Accepted { version: 1, .. })), "{replies:?}");
+    let recorded = record(&mut stream, &rollback).await;
     for _ in 0..3 {
         let mut again = TcpStream::connect(&device.tcp).await.unwrap();
-        let replies = play(&mut again, &recorded).await;
-        let Some(Message::Rejected { reason, .. }) = replies.last() else { panic!("{replies:?}") };
-        assert!(reason.contains("authentication failed"), "{reason}");
+        assert_refused_as_unsigned(play(&mut again, &recorded).await);
     }
+    let rollback = Sender::for_set(&set(1, "serial"), true, Some(&key())).unwrap();
+    line.write_all(&[0]).await.unwrap();
+    let recorded = record(&mut line, &rollback).await;
+    for _ in 0..3 {
+        assert_refused_as_unsigned(play(&mut line, &recorded).await);
+    }
+    drop(board);
 
     // HTTP: the signed body of a forced rollback, posted again as is and after a new challenge.
     let rollback = Sender::for_set(&set(1, "http"), true, Some(&key())).unwrap();
@@ -245,7 +270,7 @@ async fn recorded_transfers_are_refused_on_every_transport() {
         assert!(reason(&reply).contains("no challenge"), "{reply:?}");
     }
     let (_, metrics) = device.get("/metrics").await;
-    assert!(metrics.contains("clipact_updates_rejected_total{device=\"attacked\"} 10"), "{metrics}");
+    assert!(metrics.contains("clipact_updates_rejected_total{device=\"attacked\"} 13"), "{metrics}");
     assert_eq!(device.version_in_use().await, 1);
 }
 
