@@ -375,6 +375,39 @@ async fn unauthenticated_floods_are_bounded_and_pushes_still_get_through() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_floods_do_not_stop_updates() {
+    let broker = mosquitto::Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::start(dir.path(), Some(broker.port()), "");
+    let watch = Watcher::start(broker.port(), "clipact/attacked/labels/state").await;
+    let before = device.memory_kib("VmRSS:");
+    // Messages larger than the device takes (its client drops the connection and comes back),
+    // then many that fit, none signed.
+    for _ in 0..3 {
+        watch.publish("clipact/attacked/labels/set", vec![0x55; 16 * 1024 * 1024]).await;
+    }
+    for _ in 0..20 {
+        watch.publish("clipact/attacked/labels/set", vec![0x55; 1024 * 1024]).await;
+    }
+    let sender = Sender::for_set(&set(2, "mqtt"), false, Some(&key())).unwrap();
+    let mut reply = None;
+    for _ in 0..5 {
+        // A push published while the device reconnects is lost with its session: try again.
+        match push_over_mqtt("127.0.0.1", broker.port(), "attacked", &sender, Duration::from_secs(10)).await {
+            Ok(r) => {
+                reply = Some(r);
+                break;
+            }
+            Err(e) => eprintln!("push during the flood: {e}"),
+        }
+    }
+    assert!(matches!(reply, Some(UpdateReply::Accepted { version: 2, .. })), "{reply:?}");
+    let grown = device.memory_kib("VmHWM:").saturating_sub(before);
+    eprintln!("peak RSS growth over an MQTT flood of 3 x 16 MiB and 20 x 1 MiB: +{grown} KiB");
+    assert!(grown <= 8 * 1024, "an MQTT flood grew the device by {grown} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_lock_out_a_push_or_status() {
     let dir = tempfile::tempdir().unwrap();
     let device = Device::start(dir.path(), None, "");
