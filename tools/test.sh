@@ -45,3 +45,23 @@ else
 ################################################################################
 MSG
 fi
+
+# The update paths' decoders under libFuzzer (fuzz/, its own workspace; needs nightly and
+# cargo-fuzz, installed here when missing), each target for a short, bounded time. A crash
+# fails the run; the long runs are in BENCHMARKS.md.
+echo "==> fuzz: every target of fuzz/ for ${FUZZ_SECONDS:=20} s"
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
+fuzz_log=$(mktemp)
+for fuzz_target in $(cargo +nightly fuzz list); do
+  # -rss_limit_mb: a target holds at most its gate's budget; anything near this is a leak.
+  if ! cargo +nightly fuzz run "$fuzz_target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=1024 \
+      -print_final_stats=1 >"$fuzz_log" 2>&1; then
+    cat "$fuzz_log"
+    echo "fuzz target $fuzz_target failed" >&2
+    exit 1
+  fi
+  grep -E "^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)" "$fuzz_log" | sed "s/^/  $fuzz_target /"
+done
+rm -f "$fuzz_log"
+

@@ -11,9 +11,14 @@ use clipact::events::UpdateReply;
 use clipact::update::{FrameDecoder, Line, PreSharedKey, Receiver, ReceiverConfig, UpdateGate, UpdateLimits};
 use libfuzzer_sys::fuzz_target;
 
+/// A fresh gate per input (no state carries over), persisting into one directory per process.
 fn gate() -> Arc<UpdateGate> {
-    let dir = std::env::temp_dir().join(format!("clipact-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("clipact-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    });
     let config = ReceiverConfig {
         device_name: "fuzz".into(),
         dim: 4,
