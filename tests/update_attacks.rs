@@ -53,6 +53,11 @@ struct Device {
 
 impl Device {
     fn start(dir: &Path, mqtt_port: Option<u16>, extra: &str) -> Self {
+        Self::try_start(dir, mqtt_port, extra).unwrap_or_else(|log| panic!("clipact exited before listening:\n{log}"))
+    }
+
+    /// [`Device::start`], or the log of a binary that exited before listening.
+    fn try_start(dir: &Path, mqtt_port: Option<u16>, extra: &str) -> Result<Self, String> {
         let key_file = dir.join("update.key");
         std::fs::write(&key_file, KEY).unwrap();
         let labels_path = dir.join("labels.cls");
@@ -69,12 +74,16 @@ impl Device {
         )
         .unwrap();
         let mut device = Self { child: None, tcp: String::new(), http: String::new(), labels_path, config };
-        device.spawn();
-        device
+        device.try_spawn()?;
+        Ok(device)
     }
 
     /// Starts the binary and reads its listeners' addresses from the log.
     fn spawn(&mut self) {
+        self.try_spawn().unwrap_or_else(|log| panic!("clipact exited before listening:\n{log}"));
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut child = support::clipact_command()
             .args(["run", "--config", self.config.to_str().unwrap(), "--for", "100000"])
             .env("RUST_LOG", "clipact=info")
@@ -88,9 +97,14 @@ impl Device {
         let (mut tcp, mut http) = (None, None);
         let mut serial = !std::fs::read_to_string(&self.config).unwrap().contains("serial_port");
         let mut line = String::new();
+        let mut log = String::new();
         while tcp.is_none() || http.is_none() || !serial {
             line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before listening");
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                self.kill();
+                return Err(log);
+            }
+            log.push_str(&line);
             serial |= line.contains("updates on the serial line");
             if let Some(rest) = line.split("updates over TCP on ").nth(1) {
                 tcp = Some(rest.trim().to_owned());
@@ -102,6 +116,7 @@ impl Device {
         // Keep draining the log so the device never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         (self.tcp, self.http) = (tcp.unwrap(), http.unwrap());
+        Ok(())
     }
 
     fn pid(&self) -> u32 {
@@ -217,16 +232,11 @@ fn reason(reply: &UpdateReply) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_transfers_are_refused_on_every_transport() {
-    use tokio_serial::SerialPort;
     let broker = mosquitto::Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    // The device's serial line: one end of a pty pair, opened by the binary by its path.
-    let (mut line, board) = tokio_serial::SerialStream::pair().expect("a pty pair");
-    let serial = format!("serial_port = {:?}\n", board.name().expect("pty name"));
-    let device = Device::start(dir.path(), Some(broker.port()), &serial);
+    let device = Device::start(dir.path(), Some(broker.port()), "");
 
-    // TCP and the serial line: a forced rollback, recorded frame by frame as it crossed the
-    // wire, then played again.
+    // TCP: a forced rollback, recorded frame by frame as it crossed the wire, then played again.
     let rollback = Sender::for_set(&set(1, "tcp"), true, Some(&key())).unwrap();
     let mut stream = TcpStream::connect(&device.tcp).await.unwrap();
     let recorded = record(&mut stream, &rollback).await;
@@ -234,13 +244,6 @@ async fn recorded_transfers_are_refused_on_every_transport() {
         let mut again = TcpStream::connect(&device.tcp).await.unwrap();
         assert_refused_as_unsigned(play(&mut again, &recorded).await);
     }
-    let rollback = Sender::for_set(&set(1, "serial"), true, Some(&key())).unwrap();
-    line.write_all(&[0]).await.unwrap();
-    let recorded = record(&mut line, &rollback).await;
-    for _ in 0..3 {
-        assert_refused_as_unsigned(play(&mut line, &recorded).await);
-    }
-    drop(board);
 
     // HTTP: the signed body of a forced rollback, posted again as is and after a new challenge.
     let rollback = Sender::for_set(&set(1, "http"), true, Some(&key())).unwrap();
@@ -270,8 +273,36 @@ async fn recorded_transfers_are_refused_on_every_transport() {
         assert!(reason(&reply).contains("no challenge"), "{reply:?}");
     }
     let (_, metrics) = device.get("/metrics").await;
-    assert!(metrics.contains("clipact_updates_rejected_total{device=\"attacked\"} 13"), "{metrics}");
+    assert!(metrics.contains("clipact_updates_rejected_total{device=\"attacked\"} 10"), "{metrics}");
     assert_eq!(device.version_in_use().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serial_line_refuses_a_recorded_transfer() {
+    use tokio_serial::SerialPort;
+    let dir = tempfile::tempdir().unwrap();
+    // The device's serial line: one end of a pty pair, opened by the binary by its path.
+    let (mut line, board) = tokio_serial::SerialStream::pair().expect("a pty pair");
+    let serial = format!("serial_port = {:?}\n", board.name().expect("pty name"));
+    let device = match Device::try_start(dir.path(), None, &serial) {
+        Ok(device) => device,
+        // qemu-user (the aarch64 leg) does not emulate the serial ioctls: the binary must then
+        // refuse to start, naming the port. The arm64 VM (issue #19) runs this for real.
+        Err(log) if std::env::var("CLIPACT_TEST_RUNNER").is_ok_and(|r| r.contains("qemu")) => {
+            assert!(log.contains("[updates] serial_port") && log.contains("Function not implemented"), "{log}");
+            eprintln!("under qemu-user: the serial port cannot be opened, and the binary says so");
+            return;
+        }
+        Err(log) => panic!("clipact exited before listening:\n{log}"),
+    };
+    let rollback = Sender::for_set(&set(1, "serial"), true, Some(&key())).unwrap();
+    line.write_all(&[0]).await.unwrap();
+    let recorded = record(&mut line, &rollback).await;
+    for _ in 0..3 {
+        assert_refused_as_unsigned(play(&mut line, &recorded).await);
+    }
+    assert_eq!(device.version_in_use().await, 1);
+    drop(board);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
