@@ -101,11 +101,9 @@ fn peak(c: &mut Criterion) {
             .expect("the matmul model loads");
         let a = Tensor::from_shape(&[m, k], &vec![0.5f32; m * k]).unwrap();
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        group.bench_with_input(
-            BenchmarkId::new("tract_matmul", format!("{m}x{k}x{n}")),
-            &a,
-            |b, a| b.iter(|| plan.run(tvec!(a.clone().into_tvalue())).unwrap()),
-        );
+        group.bench_with_input(BenchmarkId::new("tract_matmul", format!("{m}x{k}x{n}")), &a, |b, a| {
+            b.iter(|| plan.run(tvec!(a.clone().into_tvalue())).unwrap())
+        });
     }
     group.finish();
 }
@@ -159,7 +157,11 @@ fn profile(path: &str, frames: usize) -> TractResult<()> {
     kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
     println!("{path}: {:.2} ms per frame, {} nodes", per_frame(total), model.nodes().len());
     for (kind, (t, n)) in kinds {
-        println!("{:>8.3} ms {:>5.1} %  {kind} ({n} nodes)", per_frame(t), 100.0 * t.as_secs_f64() / total.as_secs_f64());
+        println!(
+            "{:>8.3} ms {:>5.1} %  {kind} ({n} nodes)",
+            per_frame(t),
+            100.0 * t.as_secs_f64() / total.as_secs_f64()
+        );
     }
     // CLIPACT_PROFILE_NODES=all: every node in evaluation order instead of the 25 slowest.
     let all = std::env::var("CLIPACT_PROFILE_NODES").is_ok_and(|v| v == "all");
@@ -172,8 +174,11 @@ fn profile(path: &str, frames: usize) -> TractResult<()> {
     }
     for (id, t) in nodes {
         let node = model.node(id);
-        let inputs: Vec<String> =
-            node.inputs.iter().map(|o| model.outlet_fact(*o).map(|f| format!("{:?}", f.shape)).unwrap_or_default()).collect();
+        let inputs: Vec<String> = node
+            .inputs
+            .iter()
+            .map(|o| model.outlet_fact(*o).map(|f| format!("{:?}", f.shape)).unwrap_or_default())
+            .collect();
         println!(
             "{:>8.3} ms  #{id} {} {} {:?} <- {}",
             per_frame(t),

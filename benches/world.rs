@@ -23,9 +23,7 @@ fn bench_world(c: &mut Criterion) {
     }
     group.throughput(Throughput::Elements(1));
     let mut stream = WorldStream::new(1, Split::Id, 64);
-    group.bench_function("stream_frame_64px", |b| {
-        b.iter(|| black_box(stream.next_frame().1))
-    });
+    group.bench_function("stream_frame_64px", |b| b.iter(|| black_box(stream.next_frame().1)));
     group.finish();
 }
 

@@ -28,17 +28,13 @@ fn incremental_wti(c: &mut Criterion) {
             scorer.push(frame, 0.0).unwrap();
         }
         group.throughput(Throughput::Elements(1));
-        group.bench_with_input(
-            BenchmarkId::from_parameter(format!("{n_labels}_labels")),
-            &frames,
-            |b, frames| {
-                let mut t = 0;
-                b.iter(|| {
-                    t = (t + 1) % frames.len();
-                    scorer.push(&frames[t], t as f32 * 0.01).unwrap()[0]
-                })
-            },
-        );
+        group.bench_with_input(BenchmarkId::from_parameter(format!("{n_labels}_labels")), &frames, |b, frames| {
+            let mut t = 0;
+            b.iter(|| {
+                t = (t + 1) % frames.len();
+                scorer.push(&frames[t], t as f32 * 0.01).unwrap()[0]
+            })
+        });
     }
     group.finish();
 }

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clipact::bundle::{
-    EncoderSpec, InputSpec, Manifest, Provenance, WindowSpec, LABELS_FILE, MANIFEST_FILE,
-    MANIFEST_FORMAT,
+    EncoderSpec, InputSpec, Manifest, Provenance, WindowSpec, LABELS_FILE, MANIFEST_FILE, MANIFEST_FORMAT,
 };
 use clipact::labels::{write_atomic, Label, LabelSet};
 use clipact::onnx::{Attribute, GraphBuilder};
@@ -32,9 +31,7 @@ fn projection() -> Vec<[f32; DIM]> {
     for _ in 0..4 {
         let mut row = [0.0f32; DIM];
         for x in row.iter_mut() {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             *x = ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5;
         }
         for prev in &rows {
@@ -50,23 +47,15 @@ fn projection() -> Vec<[f32; DIM]> {
 
 /// Normalized pixel values of the pattern's gray scene.
 fn gray() -> [f32; 3] {
-    let rgb = SCENES
-        .iter()
-        .find(|(name, _)| *name == "gray")
-        .expect("the pattern has a gray scene")
-        .1;
+    let rgb = SCENES.iter().find(|(name, _)| *name == "gray").expect("the pattern has a gray scene").1;
     std::array::from_fn(|c| (rgb[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c])
 }
 
 /// What the encoder computes for a uniform frame of colour `rgb`.
 fn embed(rows: &[[f32; DIM]], rgb: [f32; 3]) -> Vec<f32> {
     let gray = gray();
-    let m: Vec<f32> = (0..3)
-        .map(|c| (rgb[c] / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c] - gray[c])
-        .collect();
-    (0..DIM)
-        .map(|k| (0..3).map(|c| m[c] * rows[c][k]).sum::<f32>() + rows[3][k])
-        .collect()
+    let m: Vec<f32> = (0..3).map(|c| (rgb[c] / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c] - gray[c]).collect();
+    (0..DIM).map(|k| (0..3).map(|c| m[c] * rows[c][k]).sum::<f32>() + rows[3][k]).collect()
 }
 
 fn normalized(v: &[f32]) -> Vec<f32> {
@@ -83,10 +72,7 @@ fn encoder(rows: &[[f32; DIM]]) -> Vec<u8> {
         "ReduceMean",
         &["pixels"],
         &["mean_colour"],
-        [
-            Attribute::ints("axes", [2, 3]),
-            Attribute::int("keepdims", 0),
-        ],
+        [Attribute::ints("axes", [2, 3]), Attribute::int("keepdims", 0)],
     );
     let gray = g.initializer("gray", &[3], &gray());
     g.node("Sub", &["mean_colour", &gray], &["colour_offset"], []);
@@ -112,10 +98,8 @@ fn labels(rows: &[[f32; DIM]]) -> LabelSet {
         .map(|(name, rgb)| {
             let colour = rgb.map(f32::from);
             // Two "tokens": the scene colour and the colour as seen with the dark moving block.
-            let tokens: Vec<f32> = [colour, colour.map(|c| c * 0.85)]
-                .iter()
-                .flat_map(|c| normalized(&embed(rows, *c)))
-                .collect();
+            let tokens: Vec<f32> =
+                [colour, colour.map(|c| c * 0.85)].iter().flat_map(|c| normalized(&embed(rows, *c))).collect();
             Label {
                 name: name.to_string(),
                 text: format!("a {name} scene"),
@@ -126,13 +110,7 @@ fn labels(rows: &[[f32; DIM]]) -> LabelSet {
             }
         })
         .collect();
-    LabelSet {
-        calibration: None,
-        version: 1,
-        dim: DIM as u32,
-        space_id: SPACE_ID.into(),
-        labels,
-    }
+    LabelSet { calibration: None, version: 1, dim: DIM as u32, space_id: SPACE_ID.into(), labels }
 }
 
 /// Writes the demo bundle into `dir`.
@@ -144,20 +122,9 @@ pub fn write_bundle(dir: &Path) -> Result<()> {
         name: "colour-demo".into(),
         dim: DIM as u32,
         space_id: SPACE_ID.into(),
-        input: InputSpec {
-            size: INPUT_SIZE,
-            mean: CLIP_MEAN,
-            std: CLIP_STD,
-        },
-        window: WindowSpec {
-            frames: 4,
-            stride: 1,
-        },
-        encoder: EncoderSpec {
-            file: "encoder.onnx".into(),
-            precision: "f32".into(),
-            int8_file: None,
-        },
+        input: InputSpec { size: INPUT_SIZE, mean: CLIP_MEAN, std: CLIP_STD },
+        window: WindowSpec { frames: 4, stride: 1 },
+        encoder: EncoderSpec { file: "encoder.onnx".into(), precision: "f32".into(), int8_file: None },
         logit_scale: 100f32.ln(),
         interaction: "wti".into(),
         temporal: None,
@@ -170,18 +137,12 @@ pub fn write_bundle(dir: &Path) -> Result<()> {
     };
     write_atomic(&dir.join("encoder.onnx"), &encoder(&rows))?;
     labels(&rows).save_atomic(&dir.join(LABELS_FILE))?;
-    write_atomic(
-        &dir.join(MANIFEST_FILE),
-        toml::to_string(&manifest)?.as_bytes(),
-    )?;
+    write_atomic(&dir.join(MANIFEST_FILE), toml::to_string(&manifest)?.as_bytes())?;
     Ok(())
 }
 
 fn main() -> Result<()> {
-    let dir: PathBuf = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "models/colour-demo".into());
+    let dir: PathBuf = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| "models/colour-demo".into());
     write_bundle(&dir)?;
     println!("wrote {}", dir.display());
     Ok(())

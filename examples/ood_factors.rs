@@ -41,8 +41,11 @@ fn main() -> anyhow::Result<()> {
     let dir = args.get(1).map_or("models/demo", String::as_str);
     let per_action: usize = args.get(2).map_or(Ok(40), |s| s.parse()).context("clips per action")?;
     let bundle = Bundle::open(Path::new(dir)).with_context(|| format!("opening bundle {dir}"))?;
-    let interaction =
-        if bundle.temporal_path().is_some() { Interaction::WeightedTokenWiseTemporal } else { Interaction::WeightedTokenWise };
+    let interaction = if bundle.temporal_path().is_some() {
+        Interaction::WeightedTokenWiseTemporal
+    } else {
+        Interaction::WeightedTokenWise
+    };
     let opts = EvalOptions {
         source: SyntheticSource { seed: 7, split: Split::Id },
         clips: per_action * actions_in(Split::Id).len(),

@@ -71,11 +71,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Overhead { bundle, labels, frames } => overhead(bundle, labels, frames),
         Command::Latency { bundle, seconds, split, seed, threshold } => {
-            let thresholds = if threshold.is_empty() {
-                vec![Config::default().decision.threshold]
-            } else {
-                threshold
-            };
+            let thresholds = if threshold.is_empty() { vec![Config::default().decision.threshold] } else { threshold };
             for t in thresholds {
                 latency(&bundle, seconds, &split, seed, t)?;
             }

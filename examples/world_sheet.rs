@@ -18,10 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut split = Split::Train;
     let mut seed = 1u64;
     let mut randomized = false;
-    let mut cfg = RenderConfig {
-        size: 96,
-        frames: 8,
-    };
+    let mut cfg = RenderConfig { size: 96, frames: 8 };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
@@ -31,17 +28,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--frames" => cfg.frames = value("--frames")?.parse()?,
             "--randomized" => randomized = true,
             "-h" | "--help" => {
-                println!(
-                    "usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]"
-                );
+                println!("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]");
                 return Ok(());
             }
             _ if out.is_none() && !arg.starts_with('-') => out = Some(arg),
             _ => return Err(format!("unexpected argument {arg:?}").into()),
         }
     }
-    let out =
-        out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]")?;
+    let out = out.ok_or("usage: world_sheet OUT.png [--split S] [--seed N] [--size PX] [--frames N] [--randomized]")?;
     let side = cfg.size as usize;
     let gap = 2;
     let width = cfg.frames * (side + gap);
@@ -58,16 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (col, frame) in clip.frames.iter().enumerate() {
             for y in 0..side {
                 let dst = ((row * (side + gap) + y) * width + col * (side + gap)) * 3;
-                sheet[dst..dst + side * 3]
-                    .copy_from_slice(&frame[y * side * 3..(y + 1) * side * 3]);
+                sheet[dst..dst + side * 3].copy_from_slice(&frame[y * side * 3..(y + 1) * side * 3]);
             }
         }
-        println!(
-            "{row:2} {:<18} | {} | {}",
-            action.name,
-            clip.captions[0],
-            clip.captions[clip.captions.len() - 1]
-        );
+        println!("{row:2} {:<18} | {} | {}", action.name, clip.captions[0], clip.captions[clip.captions.len() - 1]);
     }
     let file = std::fs::File::create(&out).map_err(|e| format!("creating {out}: {e}"))?;
     let mut encoder = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);

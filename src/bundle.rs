@@ -207,10 +207,7 @@ pub const MANIFEST_FILE: &str = "manifest.toml";
 impl Manifest {
     /// Parses and checks a manifest; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, BundleError> {
-        let bad = |message: String| BundleError::Manifest {
-            path: path.to_owned(),
-            message,
-        };
+        let bad = |message: String| BundleError::Manifest { path: path.to_owned(), message };
         let manifest: Manifest = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(bad(format!(
@@ -222,24 +219,12 @@ impl Manifest {
             return Err(bad("dim must be positive".into()));
         }
         if manifest.input.size == 0 || manifest.window.frames == 0 || manifest.window.stride == 0 {
-            return Err(bad(
-                "input.size, window.frames and window.stride must be positive".into(),
-            ));
+            return Err(bad("input.size, window.frames and window.stride must be positive".into()));
         }
-        if manifest
-            .input
-            .std
-            .iter()
-            .any(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return Err(bad(format!(
-                "input.std {:?} must be positive",
-                manifest.input.std
-            )));
+        if manifest.input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(bad(format!("input.std {:?} must be positive", manifest.input.std)));
         }
-        let interaction = manifest
-            .interaction()
-            .map_err(|e| bad(format!("interaction: {e}")))?;
+        let interaction = manifest.interaction().map_err(|e| bad(format!("interaction: {e}")))?;
         if interaction.is_temporal() && manifest.temporal.is_none() {
             return Err(bad(format!(
                 "interaction = \"{}\" needs the temporal head: add a [temporal] section with file = \"{}\"",
@@ -247,11 +232,7 @@ impl Manifest {
                 crate::temporal::TEMPORAL_FILE
             )));
         }
-        if manifest
-            .temporal
-            .as_ref()
-            .is_some_and(|t| t.file.trim().is_empty())
-        {
+        if manifest.temporal.as_ref().is_some_and(|t| t.file.trim().is_empty()) {
             return Err(bad("temporal.file must name a file".into()));
         }
         Ok(manifest)
@@ -264,11 +245,7 @@ impl Manifest {
 
     /// The preprocessing this bundle's encoder expects.
     pub fn preprocess_config(&self) -> PreprocessConfig {
-        PreprocessConfig {
-            size: self.input.size,
-            mean: self.input.mean,
-            std: self.input.std,
-        }
+        PreprocessConfig { size: self.input.size, mean: self.input.mean, std: self.input.std }
     }
 }
 
@@ -276,10 +253,8 @@ impl Bundle {
     /// Opens `dir`: parses the manifest, loads the label set and checks that it fits.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| BundleError::Io {
-            path: manifest_path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|source| BundleError::Io { path: manifest_path.clone(), source })?;
         let manifest = Manifest::parse(&text, &manifest_path)?;
         let encoder = dir.join(&manifest.encoder.file);
         if !encoder.is_file() {
@@ -307,19 +282,10 @@ impl Bundle {
                 .map_err(|source| BundleError::Temporal { path, source })?;
         }
         let labels_path = dir.join(LABELS_FILE);
-        let labels_error = |source| BundleError::Labels {
-            path: labels_path.clone(),
-            source,
-        };
+        let labels_error = |source| BundleError::Labels { path: labels_path.clone(), source };
         let labels = LabelSet::load(&labels_path).map_err(labels_error)?;
-        labels
-            .check_compatible(manifest.dim, &manifest.space_id, None, false)
-            .map_err(labels_error)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            manifest,
-            labels,
-        })
+        labels.check_compatible(manifest.dim, &manifest.space_id, None, false).map_err(labels_error)?;
+        Ok(Self { dir: dir.to_owned(), manifest, labels })
     }
 
     /// Path of the f32 encoder.

@@ -263,8 +263,7 @@ impl GpioOutput {
     /// The line to request. Assumes a validated config (`chip` non-empty); an empty chip
     /// becomes an empty label, which no chip has.
     pub fn selector(&self) -> LineSelector {
-        let chip = ChipSelector::parse(&self.chip)
-            .unwrap_or_else(|_| ChipSelector::Label(self.chip.clone()));
+        let chip = ChipSelector::parse(&self.chip).unwrap_or_else(|_| ChipSelector::Label(self.chip.clone()));
         LineSelector::new(chip, self.line.clone())
     }
 
@@ -272,9 +271,7 @@ impl GpioOutput {
     pub fn trigger_mode(&self) -> Mode {
         match self.mode {
             GpioMode::Level => Mode::Level,
-            GpioMode::Pulse => Mode::Pulse {
-                duration: Duration::from_millis(self.pulse_ms.unwrap_or(0)),
-            },
+            GpioMode::Pulse => Mode::Pulse { duration: Duration::from_millis(self.pulse_ms.unwrap_or(0)) },
         }
     }
 }
@@ -351,12 +348,7 @@ fn default_http_listen() -> SocketAddr {
 
 impl Default for Http {
     fn default() -> Self {
-        Self {
-            listen: default_http_listen(),
-            auth: None,
-            username: None,
-            password_file: None,
-        }
+        Self { listen: default_http_listen(), auth: None, username: None, password_file: None }
     }
 }
 
@@ -453,10 +445,7 @@ pub struct Invalid {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+    Invalid { field: field.into(), message: message.into() }
 }
 
 /// Why a config could not be loaded.
@@ -518,21 +507,14 @@ impl ConfigError {
 impl Config {
     /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates a config; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| parse_error(text, path, e.message(), e.span()))?;
-        config.validate().map_err(|source| ConfigError::Invalid {
-            path: path.to_owned(),
-            source,
-        })?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, path, e.message(), e.span()))?;
+        config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
         Ok(config)
     }
 
@@ -546,11 +528,7 @@ impl Config {
             return Err(invalid("source", "must not be empty"));
         }
         check_device_name(&self.device_name)?;
-        check_decision(
-            "decision",
-            Some(self.decision.threshold),
-            Some(self.decision.hysteresis),
-        )?;
+        check_decision("decision", Some(self.decision.threshold), Some(self.decision.hysteresis))?;
         for (name, o) in &self.labels {
             let table = format!("labels.{}", quote_key(name));
             if name.is_empty() {
@@ -564,16 +542,10 @@ impl Config {
                 return Err(invalid("mqtt.host", "must not be empty"));
             }
             if mqtt.port == 0 {
-                return Err(invalid(
-                    "mqtt.port",
-                    "must be 1..=65535 (1883 is plain MQTT)",
-                ));
+                return Err(invalid("mqtt.port", "must be 1..=65535 (1883 is plain MQTT)"));
             }
             if mqtt.client_id.as_deref().is_some_and(|id| id.is_empty()) {
-                return Err(invalid(
-                    "mqtt.client_id",
-                    "must not be empty; leave it out for `clipact-<device_name>`",
-                ));
+                return Err(invalid("mqtt.client_id", "must not be empty; leave it out for `clipact-<device_name>`"));
             }
             if mqtt.stats_interval_s == 0 {
                 return Err(invalid(
@@ -617,20 +589,17 @@ impl Config {
                 ));
             }
             if updates.http && self.http.is_none() {
-                return Err(invalid(
-                    "updates.http",
-                    "needs an `[http]` table: the server that takes POST /labels",
-                ));
+                return Err(invalid("updates.http", "needs an `[http]` table: the server that takes POST /labels"));
             }
             if updates.serial_baud == 0 {
-                return Err(invalid(
-                    "updates.serial_baud",
-                    "must be positive, e.g. 115200",
-                ));
+                return Err(invalid("updates.serial_baud", "must be positive, e.g. 115200"));
             }
             let max_set = crate::update::MAX_SET_LEN as usize;
             if !(64 * 1024..=max_set).contains(&updates.max_buffered_bytes) {
-                return Err(invalid("updates.max_buffered_bytes", format!("must be 65536..={max_set} (bytes; the default is 4194304)")));
+                return Err(invalid(
+                    "updates.max_buffered_bytes",
+                    format!("must be 65536..={max_set} (bytes; the default is 4194304)"),
+                ));
             }
             for (key, value) in [
                 ("updates.max_transfers", updates.max_transfers as u64),
@@ -651,10 +620,7 @@ impl Config {
         for (i, out) in self.gpio.iter().enumerate() {
             let at = |key: &str| format!("gpio[{i}].{key}");
             if out.label.trim().is_empty() {
-                return Err(invalid(
-                    at("label"),
-                    "must name the label that drives the line",
-                ));
+                return Err(invalid(at("label"), "must name the label that drives the line"));
             }
             if out.chip.trim().is_empty() {
                 return Err(invalid(
@@ -663,17 +629,10 @@ impl Config {
                 ));
             }
             match (out.mode, out.pulse_ms) {
-                (GpioMode::Pulse, None) => {
-                    return Err(invalid(at("pulse_ms"), "is required with mode = \"pulse\""))
-                }
-                (GpioMode::Pulse, Some(0)) => {
-                    return Err(invalid(at("pulse_ms"), "must be > 0 with mode = \"pulse\""))
-                }
+                (GpioMode::Pulse, None) => return Err(invalid(at("pulse_ms"), "is required with mode = \"pulse\"")),
+                (GpioMode::Pulse, Some(0)) => return Err(invalid(at("pulse_ms"), "must be > 0 with mode = \"pulse\"")),
                 (GpioMode::Level, Some(_)) => {
-                    return Err(invalid(
-                        at("pulse_ms"),
-                        "applies only to mode = \"pulse\"; remove it or set the mode",
-                    ))
+                    return Err(invalid(at("pulse_ms"), "applies only to mode = \"pulse\"; remove it or set the mode"))
                 }
                 _ => {}
             }
@@ -682,10 +641,7 @@ impl Config {
             if !seen.insert((out.chip.as_str(), &out.line)) {
                 return Err(invalid(
                     at("line"),
-                    format!(
-                        "line {} on chip `{}` is already driven by an earlier [[gpio]]",
-                        out.line, out.chip
-                    ),
+                    format!("line {} on chip `{}` is already driven by an earlier [[gpio]]", out.line, out.chip),
                 ));
             }
         }
@@ -753,9 +709,7 @@ impl Config {
 fn check_device_name(name: &str) -> Result<(), Invalid> {
     let ok = !name.is_empty()
         && name.len() <= crate::update::MAX_DEVICE_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -769,11 +723,7 @@ fn check_device_name(name: &str) -> Result<(), Invalid> {
     }
 }
 
-fn check_decision(
-    table: &str,
-    threshold: Option<f32>,
-    hysteresis: Option<f32>,
-) -> Result<(), Invalid> {
+fn check_decision(table: &str, threshold: Option<f32>, hysteresis: Option<f32>) -> Result<(), Invalid> {
     if let Some(t) = threshold {
         if !(-1.0..=1.0).contains(&t) {
             return Err(invalid(
@@ -785,10 +735,7 @@ fn check_decision(
     if let Some(h) = hysteresis {
         // `!(h >= 0)` also refuses NaN.
         if !(h >= 0.0) || !h.is_finite() {
-            return Err(invalid(
-                format!("{table}.hysteresis"),
-                format!("{h} must be a finite number ≥ 0"),
-            ));
+            return Err(invalid(format!("{table}.hysteresis"), format!("{h} must be a finite number ≥ 0")));
         }
     }
     Ok(())
@@ -796,10 +743,7 @@ fn check_decision(
 
 /// A label name as a TOML key: bare when it can be, quoted otherwise.
 fn quote_key(name: &str) -> String {
-    let bare = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let bare = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if bare {
         name.to_owned()
     } else {
@@ -815,10 +759,7 @@ fn quote_key(name: &str) -> String {
 /// `[table]` or `[[array]]` header before the span, and dotted or inline-table keys on the
 /// span's line.
 fn parse_error(text: &str, path: &Path, message: &str, span: Option<Range<usize>>) -> ConfigError {
-    let (line, column) = span
-        .as_ref()
-        .map(|s| line_column(text, s.start))
-        .unwrap_or((0, 0));
+    let (line, column) = span.as_ref().map(|s| line_column(text, s.start)).unwrap_or((0, 0));
     let table = span.as_ref().map(|s| table_at(text, s.start));
     let ticked = backticked(message);
     let mut key = None;
@@ -864,13 +805,7 @@ fn parse_error(text: &str, path: &Path, message: &str, span: Option<Range<usize>
         }
         _ => message.to_owned(),
     };
-    ConfigError::Parse {
-        path: path.to_owned(),
-        line,
-        column,
-        key,
-        message,
-    }
+    ConfigError::Parse { path: path.to_owned(), line, column, key, message }
 }
 
 /// A hint for serde's "expected TYPE" messages, which speak Rust, not TOML.
@@ -902,11 +837,7 @@ impl TableAt {
     fn join(&self, inline: &[String]) -> TableAt {
         let mut path = self.path.clone();
         path.extend(inline.iter().cloned());
-        let header = if inline.is_empty() {
-            self.header.clone()
-        } else {
-            Some(format!("[{}]", path.join(".")))
-        };
+        let header = if inline.is_empty() { self.header.clone() } else { Some(format!("[{}]", path.join("."))) };
         TableAt { path, header }
     }
 
@@ -928,13 +859,8 @@ impl TableAt {
 /// serde points "missing field" at the table). Array-of-tables headers are numbered by how
 /// many of the same came before.
 fn table_at(text: &str, offset: usize) -> TableAt {
-    let end = text[offset.min(text.len())..]
-        .find('\n')
-        .map_or(text.len(), |i| offset + i);
-    let mut current = TableAt {
-        path: Vec::new(),
-        header: None,
-    };
+    let end = text[offset.min(text.len())..].find('\n').map_or(text.len(), |i| offset + i);
+    let mut current = TableAt { path: Vec::new(), header: None };
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for line in text[..end].lines() {
         let line = line.trim_start();
@@ -947,18 +873,12 @@ fn table_at(text: &str, offset: usize) -> TableAt {
                 if let Some(last) = path.last_mut() {
                     last.push_str(&format!("[{}]", *n - 1));
                 }
-                current = TableAt {
-                    path,
-                    header: Some(format!("[[{name}]] #{n}")),
-                };
+                current = TableAt { path, header: Some(format!("[[{name}]] #{n}")) };
             }
         } else if let Some(rest) = line.strip_prefix('[') {
             if let Some(name) = rest.split(']').next() {
                 let name = clean_key(name);
-                current = TableAt {
-                    path: split_key(&name),
-                    header: Some(format!("[{name}]")),
-                };
+                current = TableAt { path: split_key(&name), header: Some(format!("[{name}]")) };
             }
         }
     }
@@ -1021,19 +941,11 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// The `backticked` words of a serde message, in order.
 fn backticked(message: &str) -> Vec<String> {
-    message
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
+    message.split('`').skip(1).step_by(2).map(str::to_owned).collect()
 }
 
 fn list(keys: &[String]) -> String {
-    keys.iter()
-        .map(|k| format!("`{k}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
 }
 
 /// The candidate closest to `unknown`, if close enough to be a plausible typo: edit distance
@@ -1041,21 +953,9 @@ fn list(keys: &[String]) -> String {
 /// characters), 2 up to 8 characters, 3 beyond, or one a prefix of the other (3 characters
 /// or more), ignoring case and `-` versus `_`. The nearest wins; ties go to the first
 /// candidate.
-pub(crate) fn closest<'a>(
-    unknown: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
-    let norm = |s: &str| -> Vec<char> {
-        s.chars()
-            .map(|c| {
-                if c == '-' {
-                    '_'
-                } else {
-                    c.to_ascii_lowercase()
-                }
-            })
-            .collect()
-    };
+pub(crate) fn closest<'a>(unknown: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let norm =
+        |s: &str| -> Vec<char> { s.chars().map(|c| if c == '-' { '_' } else { c.to_ascii_lowercase() }).collect() };
     let u = norm(unknown);
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
@@ -1159,15 +1059,9 @@ mod tests {
     fn keys_are_found_on_the_line() {
         let text = "mqtt = { host = \"x\", prot = 1 }\n";
         let s = text.find("prot").unwrap();
-        assert_eq!(
-            key_at(text, &(s..s + 4), true),
-            (vec!["mqtt".to_owned()], "prot".to_owned())
-        );
+        assert_eq!(key_at(text, &(s..s + 4), true), (vec!["mqtt".to_owned()], "prot".to_owned()));
         let text = "decision.threshold = \"x\"\n";
         let s = text.find('"').unwrap();
-        assert_eq!(
-            key_at(text, &(s..s + 3), false),
-            (vec!["decision".to_owned()], "threshold".to_owned())
-        );
+        assert_eq!(key_at(text, &(s..s + 3), false), (vec!["decision".to_owned()], "threshold".to_owned()));
     }
 }

@@ -62,11 +62,19 @@ pub enum Transition {
 enum State {
     Idle,
     /// Above the threshold since `since`, waiting for the minimum duration.
-    Pending { since: Duration },
+    Pending {
+        since: Duration,
+    },
     /// Reported; `reported` is the score of its start or last update.
-    Active { since: Duration, peak: f32, reported: f32 },
+    Active {
+        since: Duration,
+        peak: f32,
+        reported: f32,
+    },
     /// Quiet until `until`.
-    Cooldown { until: Duration },
+    Cooldown {
+        until: Duration,
+    },
 }
 
 /// The decision state of one label. Allocation-free; a few words of state.
@@ -81,12 +89,7 @@ pub struct LabelDecider {
 impl LabelDecider {
     /// A decider in the idle state for `policy`.
     pub fn new(policy: Decision) -> Self {
-        Self {
-            policy,
-            state: State::Idle,
-            smoothed: None,
-            last_time: Duration::ZERO,
-        }
+        Self { policy, state: State::Idle, smoothed: None, last_time: Duration::ZERO }
     }
 
     /// The policy this decider applies.
@@ -147,13 +150,8 @@ impl LabelDecider {
             State::Pending { .. } => self.step_pending(score, time),
             State::Active { since, peak, reported } => {
                 if score < p.threshold - p.hysteresis {
-                    self.state = if p.cooldown_ms > 0 {
-                        State::Cooldown {
-                            until: time + p.cooldown(),
-                        }
-                    } else {
-                        State::Idle
-                    };
+                    self.state =
+                        if p.cooldown_ms > 0 { State::Cooldown { until: time + p.cooldown() } } else { State::Idle };
                     Some(Transition::Ended { since, peak })
                 } else if score >= reported + UPDATE_STEP {
                     self.state = State::Active { since, peak: peak.max(score), reported: score };
@@ -284,7 +282,9 @@ impl Decisions {
         }
         let leader = match self.mode {
             DecisionMode::Independent => None,
-            DecisionMode::Exclusive => self.smoothed.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i),
+            DecisionMode::Exclusive => {
+                self.smoothed.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i)
+            }
         };
         for (label, (decider, &smoothed)) in self.deciders.iter_mut().zip(&self.smoothed).enumerate() {
             let may_be_on = leader.is_none_or(|l| l == label) && !self.background[label];
@@ -325,10 +325,7 @@ mod tests {
 
     #[test]
     fn smoothing_weights_by_elapsed_time() {
-        let policy = Decision {
-            smoothing_ms: 100,
-            ..Decision::default()
-        };
+        let policy = Decision { smoothing_ms: 100, ..Decision::default() };
         let mut d = LabelDecider::new(policy);
         assert_eq!(d.update(0.0, ms(0)).0, 0.0);
         let one_step = d.clone().update(1.0, ms(100)).0;

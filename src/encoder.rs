@@ -114,10 +114,7 @@ pub struct EncoderOptions {
 
 impl Default for EncoderOptions {
     fn default() -> Self {
-        Self {
-            precision: Precision::F32,
-            threads: 1,
-        }
+        Self { precision: Precision::F32, threads: 1 }
     }
 }
 
@@ -195,7 +192,9 @@ pub enum EncoderError {
         names: Vec<String>,
     },
     /// The model's input is declared with a shape that cannot hold `[1,3,H,W]`.
-    #[error("the encoder's input `{name}` is declared as {declared}, it cannot take the expected [1,3,{height},{width}]")]
+    #[error(
+        "the encoder's input `{name}` is declared as {declared}, it cannot take the expected [1,3,{height},{width}]"
+    )]
     InputShape {
         /// The input's name.
         name: String,
@@ -215,10 +214,7 @@ pub enum EncoderError {
         declared: String,
     },
     /// A required output is not among the model's outputs.
-    #[error(
-        "the encoder model has no output named `{name}` (its outputs: {})",
-        outputs_list(available)
-    )]
+    #[error("the encoder model has no output named `{name}` (its outputs: {})", outputs_list(available))]
     MissingOutput {
         /// The missing output: [`EMBEDDING_OUTPUT`] or [`WEIGHT_LOGIT_OUTPUT`].
         name: &'static str,
@@ -282,11 +278,7 @@ fn outputs_list(names: &[String]) -> String {
     if names.is_empty() {
         "none".to_owned()
     } else {
-        names
-            .iter()
-            .map(|n| format!("`{n}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -317,23 +309,13 @@ impl Encoder {
 
     /// Like [`load`](Self::load), in the given precision and thread count. For
     /// [`Precision::Int8`], `path` is the int8 file.
-    pub fn load_with(
-        path: &Path,
-        height: u32,
-        width: u32,
-        options: &EncoderOptions,
-    ) -> Result<Self, EncoderError> {
+    pub fn load_with(path: &Path, height: u32, width: u32, options: &EncoderOptions) -> Result<Self, EncoderError> {
         let _memory = LoadMemory::begin();
         let bytes = std::fs::read(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                EncoderError::NotFound {
-                    path: path.to_owned(),
-                }
+                EncoderError::NotFound { path: path.to_owned() }
             } else {
-                EncoderError::Io {
-                    path: path.to_owned(),
-                    source,
-                }
+                EncoderError::Io { path: path.to_owned(), source }
             }
         })?;
         let origin = ModelOrigin::File(path.to_owned());
@@ -341,10 +323,7 @@ impl Encoder {
         // The file's bytes are not needed once decoded: dropping them here keeps one copy of
         // the weights fewer alive while tract parses and optimises (peak RSS).
         drop(bytes);
-        let dir = path
-            .parent()
-            .and_then(Path::to_str)
-            .map(|d| if d.is_empty() { "." } else { d });
+        let dir = path.parent().and_then(Path::to_str).map(|d| if d.is_empty() { "." } else { d });
         Self::from_proto(proto, origin, dir, height, width, options)
     }
 
@@ -382,16 +361,11 @@ impl Encoder {
         if options.threads == 0 {
             return Err(EncoderError::InvalidThreads);
         }
-        let invalid = |source: anyhow::Error| EncoderError::InvalidModel {
-            origin: origin.clone(),
-            source,
-        };
+        let invalid = |source: anyhow::Error| EncoderError::InvalidModel { origin: origin.clone(), source };
         if proto.graph.is_none() {
             return Err(invalid(anyhow::anyhow!("the model holds no graph")));
         }
-        let parsed = tract_onnx::onnx()
-            .parse(&proto, model_dir)
-            .map_err(invalid)?;
+        let parsed = tract_onnx::onnx().parse(&proto, model_dir).map_err(invalid)?;
         drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
             return Err(invalid(anyhow::anyhow!(
@@ -403,18 +377,10 @@ impl Encoder {
         check_input(&model, height, width)?;
         let (embedding, weight_logit) = find_outputs(&model)?;
 
-        let prepare = |source| EncoderError::Prepare {
-            height,
-            width,
-            source,
-        };
+        let prepare = |source| EncoderError::Prepare { height, width, source };
         let shape = [1, 3, height as usize, width as usize];
-        model
-            .select_output_outlets(&[embedding, weight_logit])
-            .map_err(prepare)?;
-        model
-            .set_input_fact(0, f32::fact(shape).into())
-            .map_err(prepare)?;
+        model.select_output_outlets(&[embedding, weight_logit]).map_err(prepare)?;
+        model.set_input_fact(0, f32::fact(shape).into()).map_err(prepare)?;
         let model = match options.precision {
             Precision::F32 | Precision::Int8 => model.into_optimized().map_err(prepare)?,
             Precision::F16 => {
@@ -429,25 +395,13 @@ impl Encoder {
         let dim = check_outputs(&model, height, width)?;
         let macs = count_macs(&model);
         let run_options = RunOptions {
-            executor: (options.threads > 1)
-                .then(|| multithread::Executor::multithread(options.threads)),
+            executor: (options.threads > 1).then(|| multithread::Executor::multithread(options.threads)),
             ..RunOptions::default()
         };
         let input_type = model.input_fact(0).map_err(prepare)?.datum_type;
-        let state = model
-            .into_runnable_with_options(&run_options)
-            .and_then(|plan| plan.spawn())
-            .map_err(prepare)?;
+        let state = model.into_runnable_with_options(&run_options).and_then(|plan| plan.spawn()).map_err(prepare)?;
         let input = Arc::new(Tensor::zero_dt(input_type, &shape).map_err(prepare)?);
-        Ok(Encoder {
-            state,
-            input,
-            height,
-            width,
-            dim,
-            options: *options,
-            macs,
-        })
+        Ok(Encoder { state, input, height, width, dim, options: *options, macs })
     }
 
     /// Multiply-accumulates per frame, as tract's cost model counts them on the optimised
@@ -495,10 +449,7 @@ impl Encoder {
             });
         }
         if embedding.len() != self.dim {
-            return Err(EncoderError::EmbeddingLength {
-                expected: self.dim,
-                got: embedding.len(),
-            });
+            return Err(EncoderError::EmbeddingLength { expected: self.dim, got: embedding.len() });
         }
         let run = |source| EncoderError::Run { source };
         // tract drops its reference to the input when the run ends, so the tensor is ours
@@ -523,18 +474,11 @@ impl Encoder {
             })
             .map_err(run)?;
 
-        let outputs = self
-            .state
-            .run(tvec!(self.input.clone().into_tvalue()))
-            .map_err(run)?;
+        let outputs = self.state.run(tvec!(self.input.clone().into_tvalue())).map_err(run)?;
         let read = |ix: usize, into: &mut [f32]| -> TractResult<f32> {
             let plain = outputs[ix].try_as_plain_ram()?;
             let len = plain.len();
-            anyhow::ensure!(
-                len == into.len().max(1),
-                "output {ix} has {len} values, expected {}",
-                into.len().max(1)
-            );
+            anyhow::ensure!(len == into.len().max(1), "output {ix} has {len} values, expected {}", into.len().max(1));
             if plain.datum_type() == f16::datum_type() {
                 let values = plain.as_slice::<f16>()?;
                 for (to, from) in into.iter_mut().zip(values) {
@@ -616,12 +560,7 @@ fn decode(bytes: &[u8], origin: &ModelOrigin) -> Result<pb::ModelProto, EncoderE
 fn count_macs(model: &TypedModel) -> Option<u64> {
     let mut total = 0u64;
     for node in model.nodes() {
-        let inputs = node
-            .inputs
-            .iter()
-            .map(|o| model.outlet_fact(*o))
-            .collect::<TractResult<TVec<_>>>()
-            .ok()?;
+        let inputs = node.inputs.iter().map(|o| model.outlet_fact(*o)).collect::<TractResult<TVec<_>>>().ok()?;
         for (cost, count) in node.op.cost(&inputs).ok()? {
             if let tract_onnx::tract_core::ops::Cost::FMA(_) = cost {
                 total = total.checked_add(u64::try_from(count.to_i64().ok()?).ok()?)?;
@@ -644,44 +583,21 @@ fn to_f16(model: InferenceModel) -> TractResult<TypedModel> {
 /// Checks that the model has a single input whose declared type and shape can take
 /// f32 `[1,3,height,width]`. Unknown (symbolic or undeclared) dimensions are fine.
 fn check_input(model: &InferenceModel, height: u32, width: u32) -> Result<(), EncoderError> {
-    let inputs = model.input_outlets().map_err(|e| EncoderError::Prepare {
-        height,
-        width,
-        source: e,
-    })?;
-    let names: Vec<String> = inputs
-        .iter()
-        .map(|o| model.node(o.node).name.clone())
-        .collect();
+    let inputs = model.input_outlets().map_err(|e| EncoderError::Prepare { height, width, source: e })?;
+    let names: Vec<String> = inputs.iter().map(|o| model.node(o.node).name.clone()).collect();
     if inputs.len() != 1 {
-        return Err(EncoderError::InputCount {
-            count: inputs.len(),
-            names,
-        });
+        return Err(EncoderError::InputCount { count: inputs.len(), names });
     }
     let name = names[0].clone();
-    let fact = model
-        .input_fact(0)
-        .map_err(|source| EncoderError::Prepare {
-            height,
-            width,
-            source,
-        })?;
+    let fact = model.input_fact(0).map_err(|source| EncoderError::Prepare { height, width, source })?;
     if let Some(dt) = fact.datum_type.concretize() {
         if dt != f32::datum_type() {
-            return Err(EncoderError::InputType {
-                name,
-                declared: format!("{dt:?}"),
-            });
+            return Err(EncoderError::InputType { name, declared: format!("{dt:?}") });
         }
     }
     let expected = [1i64, 3, height as i64, width as i64];
     let dims: Vec<_> = fact.shape.dims().collect();
-    let rank_ok = if fact.shape.is_open() {
-        dims.len() <= 4
-    } else {
-        dims.len() == 4
-    };
+    let rank_ok = if fact.shape.is_open() { dims.len() <= 4 } else { dims.len() == 4 };
     let dims_ok = dims.iter().zip(expected).all(|(d, want)| {
         match d.concretize().map(|d| d.to_i64()) {
             Some(Ok(v)) => v == want,
@@ -689,22 +605,14 @@ fn check_input(model: &InferenceModel, height: u32, width: u32) -> Result<(), En
         }
     });
     if !rank_ok || !dims_ok {
-        return Err(EncoderError::InputShape {
-            name,
-            declared: format!("[{:?}]", fact.shape),
-            height,
-            width,
-        });
+        return Err(EncoderError::InputShape { name, declared: format!("[{:?}]", fact.shape), height, width });
     }
     Ok(())
 }
 
 /// Finds the `embedding` and `weight_logit` outlets among the model's declared outputs.
 fn find_outputs(model: &InferenceModel) -> Result<(OutletId, OutletId), EncoderError> {
-    let outputs = model
-        .output_outlets()
-        .map(|o| o.to_vec())
-        .unwrap_or_default();
+    let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
     let labelled: Vec<(OutletId, String)> = outputs
         .iter()
         .map(|&o| {
@@ -716,14 +624,10 @@ fn find_outputs(model: &InferenceModel) -> Result<(OutletId, OutletId), EncoderE
         })
         .collect();
     let find = |name: &'static str| {
-        labelled
-            .iter()
-            .find(|(_, l)| l == name)
-            .map(|(o, _)| *o)
-            .ok_or_else(|| EncoderError::MissingOutput {
-                name,
-                available: labelled.iter().map(|(_, l)| l.clone()).collect(),
-            })
+        labelled.iter().find(|(_, l)| l == name).map(|(o, _)| *o).ok_or_else(|| EncoderError::MissingOutput {
+            name,
+            available: labelled.iter().map(|(_, l)| l.clone()).collect(),
+        })
     };
     Ok((find(EMBEDDING_OUTPUT)?, find(WEIGHT_LOGIT_OUTPUT)?))
 }
@@ -732,18 +636,8 @@ fn find_outputs(model: &InferenceModel) -> Result<(OutletId, OutletId), EncoderE
 /// returns D. f16 outputs (of an f16-converted model) count as f32: `run` converts them.
 fn check_outputs(model: &TypedModel, height: u32, width: u32) -> Result<usize, EncoderError> {
     let describe = |fact: &TypedFact| format!("{:?}{}", fact.datum_type, shape_string(fact));
-    let float = |fact: &TypedFact| {
-        fact.datum_type == f32::datum_type() || fact.datum_type == f16::datum_type()
-    };
-    let fact = |ix: usize| {
-        model
-            .output_fact(ix)
-            .map_err(|source| EncoderError::Prepare {
-                height,
-                width,
-                source,
-            })
-    };
+    let float = |fact: &TypedFact| fact.datum_type == f32::datum_type() || fact.datum_type == f16::datum_type();
+    let fact = |ix: usize| model.output_fact(ix).map_err(|source| EncoderError::Prepare { height, width, source });
 
     let emb = fact(0)?;
     let dim = match emb.shape.as_concrete() {
@@ -757,10 +651,7 @@ fn check_outputs(model: &TypedModel, height: u32, width: u32) -> Result<usize, E
         }
     };
     let wl = fact(1)?;
-    let single = wl
-        .shape
-        .as_concrete()
-        .is_some_and(|s| s.iter().product::<usize>() == 1);
+    let single = wl.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == 1);
     if !single || !float(wl) {
         return Err(EncoderError::OutputShape {
             name: WEIGHT_LOGIT_OUTPUT,
@@ -788,24 +679,13 @@ mod tests {
         let mut g = GraphBuilder::new("reuse");
         g.input("pixels", &[1, 3, 2, 2]);
         let w = g.initializer("w", &[12, 2], &[0.25; 24]);
-        g.node(
-            "Flatten",
-            &["pixels"],
-            &["flat"],
-            [Attribute::int("axis", 1)],
-        )
-        .node("MatMul", &["flat", &w], &["embedding"], [])
-        .node("ReduceSum", &["embedding"], &["weight_logit"], [])
-        .output("embedding", &[1, 2])
-        .output("weight_logit", &[1, 1]);
+        g.node("Flatten", &["pixels"], &["flat"], [Attribute::int("axis", 1)])
+            .node("MatMul", &["flat", &w], &["embedding"], [])
+            .node("ReduceSum", &["embedding"], &["weight_logit"], [])
+            .output("embedding", &[1, 2])
+            .output("weight_logit", &[1, 1]);
         let mut encoder = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap();
-        let buffer = encoder
-            .input
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .as_ptr();
+        let buffer = encoder.input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().as_ptr();
         let mut embedding = [0.0; 2];
         for k in 1..=3 {
             let pixels = [k as f32; 12];
@@ -813,13 +693,7 @@ mod tests {
             assert_eq!(embedding, [3.0 * k as f32; 2]);
             assert_eq!(u, 6.0 * k as f32);
             assert_eq!(Arc::strong_count(&encoder.input), 1, "tract kept the input");
-            let now = encoder
-                .input
-                .try_as_plain_ram()
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap()
-                .as_ptr();
+            let now = encoder.input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().as_ptr();
             assert_eq!(now, buffer, "the input tensor was reallocated");
         }
     }

@@ -27,8 +27,8 @@ use crate::bundle::Bundle;
 use crate::encoder::Encoder;
 use crate::labels::{DecisionMode, LabelSet};
 use crate::preprocess::{Frame, PixelFormat, Preprocessor};
-use crate::world::{self, Clip, RenderConfig, Split};
 use crate::temporal::TemporalHead;
+use crate::world::{self, Clip, RenderConfig, Split};
 use crate::wti::{score_window, score_window_temporal, Interaction, LabelMatrix};
 
 /// Why an evaluation could not run.
@@ -80,7 +80,10 @@ impl std::str::FromStr for SyntheticSource {
         for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or_else(|| bad(format!("`{part}` is not key=value")))?;
             match key.trim() {
-                "seed" => out.seed = value.trim().parse().map_err(|_| bad(format!("seed `{value}` is not an unsigned integer")))?,
+                "seed" => {
+                    out.seed =
+                        value.trim().parse().map_err(|_| bad(format!("seed `{value}` is not an unsigned integer")))?
+                }
                 "split" => out.split = value.parse().map_err(|e: world::UnknownSplit| bad(e.to_string()))?,
                 other => return Err(bad(format!("unknown key `{other}` (expected seed, split)"))),
             }
@@ -187,7 +190,11 @@ fn candidate_set(set: &LabelSet, split: Split, candidates: Candidates) -> Result
 /// Evaluates `bundle` on `opts.clips` clips; one report per interaction.
 ///
 /// `progress` is called after every clip with (done, total).
-pub fn evaluate(bundle: &Bundle, opts: &EvalOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<EvalReport>, EvalError> {
+pub fn evaluate(
+    bundle: &Bundle,
+    opts: &EvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<EvalReport>, EvalError> {
     let split = opts.source.split;
     evaluate_rendered(bundle, opts, &mut |action, seed, cfg| world::render_clip(split, action, seed, cfg), progress)
 }
@@ -212,15 +219,14 @@ pub fn evaluate_rendered(
     let names: Vec<String> = set.labels.iter().map(|l| l.name.clone()).collect();
     let matrix = LabelMatrix::new(&set);
     // Clips of the split's actions that have a label (a set may cover only some of them).
-    let actions: Vec<usize> = world::actions_in(split)
-        .into_iter()
-        .filter(|&a| names.iter().any(|n| n == world::ACTIONS[a].name))
-        .collect();
+    let actions: Vec<usize> =
+        world::actions_in(split).into_iter().filter(|&a| names.iter().any(|n| n == world::ACTIONS[a].name)).collect();
     let size = bundle.manifest.input.size;
     let frames = bundle.manifest.window.frames as usize;
     let cfg = RenderConfig { size, frames };
     let path = encoder_file(bundle, opts.int8)?;
-    let mut encoder = Encoder::load(&path, size, size).map_err(|e| EvalError::Encoder(format!("{}: {e}", path.display())))?;
+    let mut encoder =
+        Encoder::load(&path, size, size).map_err(|e| EvalError::Encoder(format!("{}: {e}", path.display())))?;
     let mut pre = Preprocessor::new(bundle.manifest.preprocess_config());
     let dim = encoder.dim();
     let mut temporal = if opts.interactions.iter().any(|i| i.is_temporal()) {
@@ -295,7 +301,11 @@ pub fn evaluate_rendered(
                 .enumerate()
                 .map(|(c, name)| {
                     let clips: usize = confusion[c].iter().sum();
-                    ClassAccuracy { label: name.clone(), clips, top1: if clips == 0 { 0.0 } else { confusion[c][c] as f64 / clips as f64 } }
+                    ClassAccuracy {
+                        label: name.clone(),
+                        clips,
+                        top1: if clips == 0 { 0.0 } else { confusion[c][c] as f64 / clips as f64 },
+                    }
                 })
                 .collect();
             EvalReport {
@@ -318,12 +328,9 @@ pub fn encoder_file(bundle: &Bundle, int8: bool) -> Result<PathBuf, EvalError> {
     if !int8 {
         return Ok(bundle.encoder_path());
     }
-    let file = bundle
-        .manifest
-        .encoder
-        .int8_file
-        .as_ref()
-        .ok_or_else(|| EvalError::Encoder(format!("bundle {} has no int8 encoder (manifest encoder.int8_file)", bundle.dir.display())))?;
+    let file = bundle.manifest.encoder.int8_file.as_ref().ok_or_else(|| {
+        EvalError::Encoder(format!("bundle {} has no int8 encoder (manifest encoder.int8_file)", bundle.dir.display()))
+    })?;
     Ok(bundle.dir.join(file))
 }
 

@@ -78,13 +78,7 @@ impl<P: OutputPin> Trigger<P> {
         // Written before `Self` exists: on error the pin is dropped as it is, without a
         // second attempt from `Drop`.
         write(&mut pin, false, active_low)?;
-        Ok(Self {
-            pin,
-            mode,
-            active_low,
-            active: false,
-            pulse_end: None,
-        })
+        Ok(Self { pin, mode, active_low, active: false, pulse_end: None })
     }
 
     /// The trigger's mode.
@@ -214,11 +208,7 @@ impl ChipSelector {
         if s.trim().is_empty() {
             return Err(SelectorError::EmptyChip);
         }
-        Ok(if s.starts_with('/') {
-            Self::Path(PathBuf::from(s))
-        } else {
-            Self::Label(s.to_owned())
-        })
+        Ok(if s.starts_with('/') { Self::Path(PathBuf::from(s)) } else { Self::Label(s.to_owned()) })
     }
 }
 
@@ -247,9 +237,7 @@ impl LineRef {
             return Err(SelectorError::EmptyLine);
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
-            s.parse()
-                .map(Self::Offset)
-                .map_err(|_| SelectorError::OffsetRange(s.to_owned()))
+            s.parse().map(Self::Offset).map_err(|_| SelectorError::OffsetRange(s.to_owned()))
         } else {
             Ok(Self::Name(s.to_owned()))
         }
@@ -287,15 +275,11 @@ impl<'de> Deserialize<'de> for LineRef {
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<LineRef, E> {
-                u32::try_from(v)
-                    .map(LineRef::Offset)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                u32::try_from(v).map(LineRef::Offset).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<LineRef, E> {
-                u32::try_from(v)
-                    .map(LineRef::Offset)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                u32::try_from(v).map(LineRef::Offset).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
             }
         }
 
@@ -336,13 +320,8 @@ impl FromStr for LineSelector {
     type Err = SelectorError;
 
     fn from_str(s: &str) -> Result<Self, SelectorError> {
-        let (chip, line) = s
-            .rsplit_once(':')
-            .ok_or_else(|| SelectorError::NoColon(s.to_owned()))?;
-        Ok(Self {
-            chip: ChipSelector::parse(chip)?,
-            line: LineRef::parse(line)?,
-        })
+        let (chip, line) = s.rsplit_once(':').ok_or_else(|| SelectorError::NoColon(s.to_owned()))?;
+        Ok(Self { chip: ChipSelector::parse(chip)?, line: LineRef::parse(line)? })
     }
 }
 
@@ -392,11 +371,7 @@ pub mod linux {
         #[error("cannot list GPIO chips in /dev: {0}")]
         ListChips(#[source] gpiocdev::Error),
         /// No chip carries the label.
-        #[error(
-            "no GPIO chip labelled `{label}` (found: {}){}",
-            found_list(found),
-            chip_name_hint(label)
-        )]
+        #[error("no GPIO chip labelled `{label}` (found: {}){}", found_list(found), chip_name_hint(label))]
         NoSuchLabel {
             /// The label asked for.
             label: String,
@@ -490,9 +465,8 @@ pub mod linux {
     }
 
     fn chip_name_hint(label: &str) -> &'static str {
-        let is_chip_name = label
-            .strip_prefix("gpiochip")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let is_chip_name =
+            label.strip_prefix("gpiochip").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         if is_chip_name {
             "; `gpiochipN` is a chip name, not a label: write its path (`/dev/gpiochipN`) or, \
              better, its label, which does not change between kernels"
@@ -516,10 +490,7 @@ pub mod linux {
     pub fn find_chip(selector: &ChipSelector) -> Result<(Chip, String), OpenError> {
         match selector {
             ChipSelector::Path(path) => {
-                let chip_error = |source| OpenError::Chip {
-                    chip: path.display().to_string(),
-                    source,
-                };
+                let chip_error = |source| OpenError::Chip { chip: path.display().to_string(), source };
                 let chip = Chip::from_path(path).map_err(chip_error)?;
                 let label = chip.info().map_err(chip_error)?.label;
                 Ok((chip, label))
@@ -544,17 +515,11 @@ pub mod linux {
                     }
                 }
                 match matches.len() {
-                    0 => Err(OpenError::NoSuchLabel {
-                        label: wanted.clone(),
-                        found,
-                    }),
+                    0 => Err(OpenError::NoSuchLabel { label: wanted.clone(), found }),
                     1 => Ok(matches.pop().expect("one match")),
                     _ => Err(OpenError::AmbiguousLabel {
                         label: wanted.clone(),
-                        paths: matches
-                            .iter()
-                            .map(|(chip, _)| chip.path().display().to_string())
-                            .collect(),
+                        paths: matches.iter().map(|(chip, _)| chip.path().display().to_string()).collect(),
                     }),
                 }
             }
@@ -567,11 +532,7 @@ pub mod linux {
     /// The initial value is what makes a restart safe: after a crash the kernel released the
     /// line, and requesting it with any other value would pulse the load (see the module
     /// docs).
-    pub fn open_trigger(
-        selector: &LineSelector,
-        mode: Mode,
-        active_low: bool,
-    ) -> Result<Trigger<Pin>, OpenError> {
+    pub fn open_trigger(selector: &LineSelector, mode: Mode, active_low: bool) -> Result<Trigger<Pin>, OpenError> {
         let pin = open_output(selector, active_low)?;
         let (line, chip) = (selector.line.to_string(), selector.chip.to_string());
         Trigger::new(pin, mode, active_low).map_err(|source| OpenError::Pin { line, chip, source })
@@ -583,19 +544,12 @@ pub mod linux {
     pub fn open_output(selector: &LineSelector, active_low: bool) -> Result<Pin, OpenError> {
         let (chip, label) = find_chip(&selector.chip)?;
         let chip_desc = describe(&chip, &label);
-        let chip_error = |source| OpenError::Chip {
-            chip: chip_desc.clone(),
-            source,
-        };
+        let chip_error = |source| OpenError::Chip { chip: chip_desc.clone(), source };
         let info = match &selector.line {
             LineRef::Offset(offset) => {
                 let num_lines = chip.info().map_err(chip_error)?.num_lines;
                 if *offset >= num_lines {
-                    return Err(OpenError::OffsetRange {
-                        offset: *offset,
-                        chip: chip_desc,
-                        num_lines,
-                    });
+                    return Err(OpenError::OffsetRange { offset: *offset, chip: chip_desc, num_lines });
                 }
                 chip.line_info(*offset).map_err(chip_error)?
             }
@@ -610,11 +564,7 @@ pub mod linux {
                     }
                     names.push(info.name);
                 }
-                hit.ok_or_else(|| OpenError::NoSuchLine {
-                    name: name.clone(),
-                    chip: chip_desc.clone(),
-                    names,
-                })?
+                hit.ok_or_else(|| OpenError::NoSuchLine { name: name.clone(), chip: chip_desc.clone(), names })?
             }
         };
         let line = if info.name.is_empty() {
@@ -624,34 +574,18 @@ pub mod linux {
         };
         // Checked up front for the message: the kernel would only say EBUSY.
         if info.used {
-            return Err(OpenError::Busy {
-                line,
-                chip: chip_desc,
-                consumer: info.consumer,
-            });
+            return Err(OpenError::Busy { line, chip: chip_desc, consumer: info.consumer });
         }
         // Electrical level, since the request sets no active-low flag: Active = high.
-        let inactive = if active_low {
-            Value::Active
-        } else {
-            Value::Inactive
-        };
+        let inactive = if active_low { Value::Active } else { Value::Inactive };
         let request = gpiocdev::Request::builder()
             .on_chip(chip.path())
             .with_consumer(CONSUMER)
             .with_line(info.offset)
             .as_output(inactive)
             .request()
-            .map_err(|source| OpenError::Request {
-                line: line.clone(),
-                chip: chip_desc.clone(),
-                source,
-            })?;
-        Pin::try_from(request).map_err(|source| OpenError::Pin {
-            line,
-            chip: chip_desc,
-            source,
-        })
+            .map_err(|source| OpenError::Request { line: line.clone(), chip: chip_desc.clone(), source })?;
+        Pin::try_from(request).map_err(|source| OpenError::Pin { line, chip: chip_desc, source })
     }
 
     #[cfg(test)]
@@ -664,10 +598,7 @@ pub mod linux {
                 label: "pinctrl-rp1".into(),
                 found: vec!["/dev/gpiochip0 `pinctrl-bcm2711`".into()],
             };
-            assert_eq!(
-                e.to_string(),
-                "no GPIO chip labelled `pinctrl-rp1` (found: /dev/gpiochip0 `pinctrl-bcm2711`)"
-            );
+            assert_eq!(e.to_string(), "no GPIO chip labelled `pinctrl-rp1` (found: /dev/gpiochip0 `pinctrl-bcm2711`)");
             let e = OpenError::NoSuchLabel {
                 label: "gpiochip4".into(),
                 found: vec![format!("/dev/gpiochip0 ({UNREADABLE}: Permission denied)")],
@@ -675,14 +606,8 @@ pub mod linux {
             let msg = e.to_string();
             assert!(msg.contains("in group `gpio`"), "{msg}");
             assert!(msg.contains("/dev/gpiochipN"), "{msg}");
-            let e = OpenError::NoSuchLabel {
-                label: "pinctrl-rp1".into(),
-                found: vec![],
-            };
-            assert_eq!(
-                e.to_string(),
-                "no GPIO chip labelled `pinctrl-rp1` (found: no GPIO chips in /dev)"
-            );
+            let e = OpenError::NoSuchLabel { label: "pinctrl-rp1".into(), found: vec![] };
+            assert_eq!(e.to_string(), "no GPIO chip labelled `pinctrl-rp1` (found: no GPIO chips in /dev)");
         }
 
         #[test]
@@ -740,18 +665,9 @@ mod tests {
 
     #[test]
     fn selector_errors() {
-        assert_eq!(
-            "GPIO17".parse::<LineSelector>(),
-            Err(SelectorError::NoColon("GPIO17".into()))
-        );
-        assert_eq!(
-            ":GPIO17".parse::<LineSelector>(),
-            Err(SelectorError::EmptyChip)
-        );
-        assert_eq!(
-            "pinctrl-rp1:".parse::<LineSelector>(),
-            Err(SelectorError::EmptyLine)
-        );
+        assert_eq!("GPIO17".parse::<LineSelector>(), Err(SelectorError::NoColon("GPIO17".into())));
+        assert_eq!(":GPIO17".parse::<LineSelector>(), Err(SelectorError::EmptyChip));
+        assert_eq!("pinctrl-rp1:".parse::<LineSelector>(), Err(SelectorError::EmptyLine));
         assert_eq!(
             "pinctrl-rp1:99999999999".parse::<LineSelector>(),
             Err(SelectorError::OffsetRange("99999999999".into()))
@@ -770,10 +686,7 @@ mod tests {
         assert_eq!(t.line, LineRef::Name("17".into()));
         let e = toml::from_str::<T>("line = -1").err().unwrap().to_string();
         assert!(e.contains("line offset"), "{e}");
-        let e = toml::from_str::<T>("line = true")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = toml::from_str::<T>("line = true").err().unwrap().to_string();
         assert!(e.contains("a line name (a string) or a line offset"), "{e}");
     }
 }

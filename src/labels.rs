@@ -152,9 +152,7 @@ pub enum LabelSetError {
         found: [u8; 8],
     },
     /// A format this build cannot read.
-    #[error(
-        "unsupported label-set format version {found} (this build reads versions 1 to {FORMAT_VERSION})"
-    )]
+    #[error("unsupported label-set format version {found} (this build reads versions 1 to {FORMAT_VERSION})")]
     UnsupportedFormat {
         /// The format version found.
         found: u16,
@@ -168,9 +166,7 @@ pub enum LabelSetError {
         available: usize,
     },
     /// The CRC does not match: the bytes were corrupted.
-    #[error(
-        "label set is corrupt: CRC-32 mismatch (stored {stored:#010x}, computed {computed:#010x})"
-    )]
+    #[error("label set is corrupt: CRC-32 mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     CrcMismatch {
         /// CRC stored in the envelope.
         stored: u32,
@@ -200,7 +196,9 @@ pub enum LabelSetError {
         found: String,
     },
     /// The set is not newer than the one in use.
-    #[error("label set version {offered} is not newer than the current version {current} (force the update to roll back)")]
+    #[error(
+        "label set version {offered} is not newer than the current version {current} (force the update to roll back)"
+    )]
     NotNewer {
         /// Version in use.
         current: u64,
@@ -258,29 +256,16 @@ impl LabelSet {
                 ));
             }
             if label.pooled.len() != dim {
-                return invalid(format!(
-                    "{at}: pooled embedding has {} values, expected {dim}",
-                    label.pooled.len()
-                ));
+                return invalid(format!("{at}: pooled embedding has {} values, expected {dim}", label.pooled.len()));
             }
             if let Some(row) = label.tokens.chunks_exact(dim).position(|t| !is_unit(t)) {
-                return invalid(format!(
-                    "{at}: token {row} is not an L2-normalized finite vector"
-                ));
+                return invalid(format!("{at}: token {row} is not an L2-normalized finite vector"));
             }
             if !is_unit(&label.pooled) {
-                return invalid(format!(
-                    "{at}: pooled embedding is not L2-normalized and finite"
-                ));
+                return invalid(format!("{at}: pooled embedding is not L2-normalized and finite"));
             }
-            if label
-                .token_weights
-                .iter()
-                .any(|w| !w.is_finite() || *w < 0.0)
-            {
-                return invalid(format!(
-                    "{at}: token weights must be finite and non-negative"
-                ));
+            if label.token_weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+                return invalid(format!("{at}: token weights must be finite and non-negative"));
             }
             let sum: f32 = label.token_weights.iter().sum();
             if (sum - 1.0).abs() > WEIGHT_SUM_TOLERANCE {
@@ -332,7 +317,12 @@ impl LabelSet {
                             label.name
                         ))
                     }
-                    None => return Err(format!("label {:?} has no threshold (exclusive mode needs one per label)", label.name)),
+                    None => {
+                        return Err(format!(
+                            "label {:?} has no threshold (exclusive mode needs one per label)",
+                            label.name
+                        ))
+                    }
                 }
             }
         }
@@ -348,9 +338,8 @@ impl LabelSet {
             Some(_) => (FORMAT_VERSION, postcard::to_stdvec(self)),
         };
         let body = body.map_err(LabelSetError::Body)?;
-        let body_len = u32::try_from(body.len()).map_err(|_| {
-            LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len()))
-        })?;
+        let body_len = u32::try_from(body.len())
+            .map_err(|_| LabelSetError::Invalid(format!("body of {} bytes exceeds 4 GiB", body.len())))?;
         let mut out = Vec::with_capacity(ENVELOPE_LEN + body.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&format.to_le_bytes());
@@ -380,10 +369,7 @@ impl LabelSet {
         let header_len = MAGIC.len() + 6;
         let available = bytes.len() - header_len;
         if body_len.checked_add(4) != Some(available) {
-            return Err(LabelSetError::LengthMismatch {
-                announced: body_len.saturating_add(4),
-                available,
-            });
+            return Err(LabelSetError::LengthMismatch { announced: body_len.saturating_add(4), available });
         }
         let (covered, crc_bytes) = bytes.split_at(bytes.len() - 4);
         let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
@@ -394,16 +380,19 @@ impl LabelSet {
         let body = &covered[header_len..];
         let (set, unread) = if format == 1 {
             let (v1, unread) = postcard::take_from_bytes::<BodyV1>(body).map_err(LabelSetError::Body)?;
-            let set = LabelSet { version: v1.version, dim: v1.dim, space_id: v1.space_id, labels: v1.labels, calibration: None };
+            let set = LabelSet {
+                version: v1.version,
+                dim: v1.dim,
+                space_id: v1.space_id,
+                labels: v1.labels,
+                calibration: None,
+            };
             (set, unread)
         } else {
             postcard::take_from_bytes::<LabelSet>(body).map_err(LabelSetError::Body)?
         };
         if !unread.is_empty() {
-            return Err(LabelSetError::Invalid(format!(
-                "{} unread bytes after the body",
-                unread.len()
-            )));
+            return Err(LabelSetError::Invalid(format!("{} unread bytes after the body", unread.len())));
         }
         set.validate()?;
         Ok(set)
@@ -411,11 +400,8 @@ impl LabelSet {
 
     /// Reads and decodes a label-set file.
     pub fn load(path: &Path) -> Result<Self, LabelSetError> {
-        let bytes = fs::read(path).map_err(|source| LabelSetError::Io {
-            action: "reading",
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes =
+            fs::read(path).map_err(|source| LabelSetError::Io { action: "reading", path: path.to_owned(), source })?;
         Self::decode(&bytes)
     }
 
@@ -441,22 +427,15 @@ impl LabelSet {
         force: bool,
     ) -> Result<(), LabelSetError> {
         if self.dim != dim {
-            return Err(LabelSetError::DimMismatch {
-                expected: dim,
-                found: self.dim,
-            });
+            return Err(LabelSetError::DimMismatch { expected: dim, found: self.dim });
         }
         if self.space_id != space_id {
-            return Err(LabelSetError::SpaceMismatch {
-                expected: space_id.to_owned(),
-                found: self.space_id.clone(),
-            });
+            return Err(LabelSetError::SpaceMismatch { expected: space_id.to_owned(), found: self.space_id.clone() });
         }
         match current {
-            Some(current) if !force && self.version <= current => Err(LabelSetError::NotNewer {
-                current,
-                offered: self.version,
-            }),
+            Some(current) if !force && self.version <= current => {
+                Err(LabelSetError::NotNewer { current, offered: self.version })
+            }
             _ => Ok(()),
         }
     }
@@ -479,9 +458,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     // Unique to this write: two writers (threads or processes) never share a temporary file.
@@ -511,9 +490,7 @@ mod tests {
     pub(crate) fn sample_set() -> LabelSet {
         let dim = 4;
         let unit = |seed: usize| -> Vec<f32> {
-            let v: Vec<f32> = (0..dim)
-                .map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5)
-                .collect();
+            let v: Vec<f32> = (0..dim).map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5).collect();
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.into_iter().map(|x| x / n).collect()
         };
@@ -626,10 +603,7 @@ mod tests {
                     10..=13 => "truncated or has trailing bytes",
                     _ => "CRC-32 mismatch",
                 };
-                assert!(
-                    err.to_string().contains(expected),
-                    "byte {pos} ^ {flip:#x}: {err}"
-                );
+                assert!(err.to_string().contains(expected), "byte {pos} ^ {flip:#x}: {err}");
             }
         }
     }
@@ -638,20 +612,14 @@ mod tests {
     fn trailing_bytes_are_an_error() {
         let mut bytes = sample_set().encode().unwrap();
         bytes.push(0);
-        assert!(matches!(
-            LabelSet::decode(&bytes),
-            Err(LabelSetError::LengthMismatch { .. })
-        ));
+        assert!(matches!(LabelSet::decode(&bytes), Err(LabelSetError::LengthMismatch { .. })));
     }
 
     #[test]
     fn invariants_are_checked() {
         let cases: Vec<(&str, Box<dyn Fn(&mut LabelSet)>)> = vec![
             ("no labels", Box::new(|s| s.labels.clear())),
-            (
-                "duplicate name",
-                Box::new(|s| s.labels[1].name = "waves".into()),
-            ),
+            ("duplicate name", Box::new(|s| s.labels[1].name = "waves".into())),
             ("empty name", Box::new(|s| s.labels[0].name = " ".into())),
             (
                 "token features for",
@@ -659,25 +627,13 @@ mod tests {
                     s.labels[0].tokens.pop();
                 }),
             ),
-            (
-                "not an L2-normalized",
-                Box::new(|s| s.labels[0].tokens[0] = 5.0),
-            ),
+            ("not an L2-normalized", Box::new(|s| s.labels[0].tokens[0] = 5.0)),
             ("sum to", Box::new(|s| s.labels[1].token_weights[0] = 0.9)),
-            (
-                "non-negative",
-                Box::new(|s| s.labels[1].token_weights[0] = f32::NAN),
-            ),
-            (
-                "pooled embedding has",
-                Box::new(|s| s.labels[0].pooled.push(0.0)),
-            ),
+            ("non-negative", Box::new(|s| s.labels[1].token_weights[0] = f32::NAN)),
+            ("pooled embedding has", Box::new(|s| s.labels[0].pooled.push(0.0))),
             ("embedding dim is 0", Box::new(|s| s.dim = 0)),
             ("embedding-space id", Box::new(|s| s.space_id.clear())),
-            (
-                "threshold",
-                Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY)),
-            ),
+            ("threshold", Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY))),
         ];
         for (expected, corrupt) in cases {
             let mut set = sample_set();
@@ -690,29 +646,14 @@ mod tests {
     #[test]
     fn compatibility_checks_name_the_mismatch() {
         let set = sample_set();
-        assert!(set
-            .check_compatible(4, "test-space", Some(2), false)
-            .is_ok());
+        assert!(set.check_compatible(4, "test-space", Some(2), false).is_ok());
         assert!(set.check_compatible(4, "test-space", None, false).is_ok());
-        let err = set
-            .check_compatible(8, "test-space", None, false)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "label set has embedding dim 4, the encoder produces 8"
-        );
+        let err = set.check_compatible(8, "test-space", None, false).unwrap_err();
+        assert_eq!(err.to_string(), "label set has embedding dim 4, the encoder produces 8");
         let err = set.check_compatible(4, "other", None, false).unwrap_err();
         assert!(err.to_string().contains("\"other\""), "{err}");
-        let err = set
-            .check_compatible(4, "test-space", Some(3), false)
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            LabelSetError::NotNewer {
-                current: 3,
-                offered: 3
-            }
-        ));
+        let err = set.check_compatible(4, "test-space", Some(3), false).unwrap_err();
+        assert!(matches!(err, LabelSetError::NotNewer { current: 3, offered: 3 }));
         assert!(set.check_compatible(4, "test-space", Some(9), true).is_ok());
     }
 
@@ -725,10 +666,7 @@ mod tests {
         set.version = 4;
         set.save_atomic(&path).unwrap();
         assert_eq!(LabelSet::load(&path).unwrap().version, 4);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("labels.cls")]);
     }
 

@@ -153,8 +153,7 @@ struct EmbedArgs {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "clipact=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "clipact=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -193,9 +192,8 @@ fn bench(args: BenchArgs) -> Result<()> {
     let bundle = open_bundle(&args.bundle)?;
     let cache = PrecisionCache::default_location();
     let load_start = Instant::now();
-    let (mut encoder, selection) =
-        precision::open_encoder(&bundle, choice, args.threads, cache.as_ref())
-            .with_context(|| format!("loading the encoder of {}", args.bundle.display()))?;
+    let (mut encoder, selection) = precision::open_encoder(&bundle, choice, args.threads, cache.as_ref())
+        .with_context(|| format!("loading the encoder of {}", args.bundle.display()))?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let how = match &selection {
         Selection::Fixed(_) => "fixed",
@@ -220,9 +218,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     let fps = args.frames as f64 / start.elapsed().as_secs_f64();
     let encoder_stats = Percentiles::of(&mut latencies_ms);
-    let gflops = encoder
-        .macs_per_frame()
-        .map(|macs| 2.0 * macs as f64 * fps / 1e9);
+    let gflops = encoder.macs_per_frame().map(|macs| 2.0 * macs as f64 * fps / 1e9);
 
     // The rest of the pipeline on a VGA camera frame: preprocessing, then WTI scoring and
     // the per-label threshold decisions against the bundle's label set.
@@ -264,10 +260,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             args.frames
         );
         if let (Some(macs), Some(gflops)) = (encoder.macs_per_frame(), gflops) {
-            println!(
-                "compute    {:.3} GMAC/frame, {gflops:.1} GFLOP/s",
-                macs as f64 / 1e9
-            );
+            println!("compute    {:.3} GMAC/frame, {gflops:.1} GFLOP/s", macs as f64 / 1e9);
         }
         println!(
             "pipeline   beyond the encoder p50 {:.3} ms (preprocess {}x{} {:.3} ms, WTI + decisions over {} labels {:.3} ms); {:.1} fps with the encoder",
@@ -298,11 +291,7 @@ impl Percentiles {
     fn of(values: &mut [f64]) -> Self {
         values.sort_by(f64::total_cmp);
         let at = |p: f64| values[((values.len() - 1) as f64 * p).round() as usize];
-        Self {
-            p50: at(0.5),
-            p99: at(0.99),
-            mean: values.iter().sum::<f64>() / values.len() as f64,
-        }
+        Self { p50: at(0.5), p99: at(0.99), mean: values.iter().sum::<f64>() / values.len() as f64 }
     }
 }
 
@@ -316,21 +305,13 @@ struct BeyondEncoder {
 /// Times preprocessing of a [`BENCH_FRAME`] RGB frame and WTI scoring with per-label
 /// threshold decisions, `frames` times; the encoder runs between them (untimed) so the
 /// window holds real embeddings.
-fn pipeline_beyond_encoder(
-    bundle: &Bundle,
-    encoder: &mut Encoder,
-    frames: usize,
-) -> Result<BeyondEncoder> {
+fn pipeline_beyond_encoder(bundle: &Bundle, encoder: &mut Encoder, frames: usize) -> Result<BeyondEncoder> {
     let manifest = &bundle.manifest;
     let mut preprocessor = Preprocessor::new(manifest.preprocess_config());
     // The bundle's interaction, with its temporal head when it ships one.
     let mut scorer = BundleScorer::new(bundle, LabelMatrix::new(&bundle.labels))?;
-    let thresholds: Vec<f32> = bundle
-        .labels
-        .labels
-        .iter()
-        .map(|l| l.threshold.unwrap_or(clipact::pipeline::DEFAULT_THRESHOLD))
-        .collect();
+    let thresholds: Vec<f32> =
+        bundle.labels.labels.iter().map(|l| l.threshold.unwrap_or(clipact::pipeline::DEFAULT_THRESHOLD)).collect();
     let mut active = vec![false; thresholds.len()];
     let mut source = PatternSource::new(BENCH_FRAME.0, BENCH_FRAME.1, 30, 1);
     let mut pixels = vec![0.0f32; preprocessor.output_len()];
@@ -374,55 +355,34 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn embed(args: EmbedArgs) -> Result<()> {
     let bundle = open_bundle(&args.bundle)?;
-    let bytes = std::fs::read(&args.pixels)
-        .with_context(|| format!("reading {}", args.pixels.display()))?;
-    let tensors = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parsing {}", args.pixels.display()))?;
+    let bytes = std::fs::read(&args.pixels).with_context(|| format!("reading {}", args.pixels.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", args.pixels.display()))?;
     let pixels = tensors
         .tensor("pixel_values")
         .with_context(|| format!("{}: no tensor `pixel_values`", args.pixels.display()))?;
     let shape = pixels.shape().to_vec();
     if pixels.dtype() != Dtype::F32 || shape.len() != 4 || shape[1] != 3 {
-        bail!(
-            "{}: `pixel_values` must be f32[B,3,H,W], got {:?}{:?}",
-            args.pixels.display(),
-            pixels.dtype(),
-            shape
-        );
+        bail!("{}: `pixel_values` must be f32[B,3,H,W], got {:?}{:?}", args.pixels.display(), pixels.dtype(), shape);
     }
     let (batch, height, width) = (shape[0], shape[2] as u32, shape[3] as u32);
     let path = precision::encoder_path(&bundle, args.precision)?;
-    let options = EncoderOptions {
-        precision: args.precision,
-        threads: 1,
-    };
+    let options = EncoderOptions { precision: args.precision, threads: 1 };
     let mut encoder = Encoder::load_with(&path, height, width, &options)?;
-    let values: Vec<f32> = pixels
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let values: Vec<f32> =
+        pixels.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let dim = encoder.dim();
     let mut embeddings = vec![0.0f32; batch * dim];
     let mut logits = vec![0.0f32; batch];
-    for ((image, embedding), logit) in values
-        .chunks_exact(encoder.input_len())
-        .zip(embeddings.chunks_exact_mut(dim))
-        .zip(logits.iter_mut())
+    for ((image, embedding), logit) in
+        values.chunks_exact(encoder.input_len()).zip(embeddings.chunks_exact_mut(dim)).zip(logits.iter_mut())
     {
         *logit = encoder.run(image, embedding)?;
     }
     let to_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (embedding_bytes, logit_bytes) = (to_bytes(&embeddings), to_bytes(&logits));
     let views = [
-        (
-            "embedding",
-            TensorView::new(Dtype::F32, vec![batch, dim], &embedding_bytes)?,
-        ),
-        (
-            "weight_logit",
-            TensorView::new(Dtype::F32, vec![batch, 1], &logit_bytes)?,
-        ),
+        ("embedding", TensorView::new(Dtype::F32, vec![batch, dim], &embedding_bytes)?),
+        ("weight_logit", TensorView::new(Dtype::F32, vec![batch, 1], &logit_bytes)?),
     ];
     safetensors::serialize_to_file(views, None, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -461,7 +421,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     .remove(0);
     if args.json {
         let mut v = serde_json::to_value(&report)?;
-        v["per_class"] = report.per_class.iter().map(|c| (c.label.clone(), json!(c.top1))).collect::<serde_json::Map<_, _>>().into();
+        v["per_class"] =
+            report.per_class.iter().map(|c| (c.label.clone(), json!(c.top1))).collect::<serde_json::Map<_, _>>().into();
         v["seconds"] = json!(start.elapsed().as_secs_f64());
         println!("{v}");
     } else {
@@ -523,7 +484,10 @@ fn eval_stream(args: &EvalArgs, bundle: &Bundle, source: clipact::eval::Syntheti
         report.false_alarms_per_hour,
         pct(report.window_top1)
     );
-    println!("  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}", "label", "instances", "recall", "events", "precision", "idle", "p50");
+    println!(
+        "  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}",
+        "label", "instances", "recall", "events", "precision", "idle", "p50"
+    );
     for r in &report.per_label {
         println!(
             "  {:<20} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8}",

@@ -53,35 +53,22 @@ pub struct Attribute(pb::AttributeProto);
 
 impl Attribute {
     fn proto(name: &str, ty: AttributeType) -> pb::AttributeProto {
-        pb::AttributeProto {
-            name: name.to_owned(),
-            r#type: ty as i32,
-            ..Default::default()
-        }
+        pb::AttributeProto { name: name.to_owned(), r#type: ty as i32, ..Default::default() }
     }
 
     /// A single integer (`axis`, `keepdims`, `transB`, `group`, ...).
     pub fn int(name: &str, value: i64) -> Self {
-        Attribute(pb::AttributeProto {
-            i: value,
-            ..Self::proto(name, AttributeType::Int)
-        })
+        Attribute(pb::AttributeProto { i: value, ..Self::proto(name, AttributeType::Int) })
     }
 
     /// A list of integers (`perm`, `axes`, `kernel_shape`, `strides`, `pads`, ...).
     pub fn ints(name: &str, values: impl IntoIterator<Item = i64>) -> Self {
-        Attribute(pb::AttributeProto {
-            ints: values.into_iter().collect(),
-            ..Self::proto(name, AttributeType::Ints)
-        })
+        Attribute(pb::AttributeProto { ints: values.into_iter().collect(), ..Self::proto(name, AttributeType::Ints) })
     }
 
     /// A single float (`alpha`, `beta`, `epsilon`, ...).
     pub fn float(name: &str, value: f32) -> Self {
-        Attribute(pb::AttributeProto {
-            f: value,
-            ..Self::proto(name, AttributeType::Float)
-        })
+        Attribute(pb::AttributeProto { f: value, ..Self::proto(name, AttributeType::Float) })
     }
 
     /// A list of floats.
@@ -94,10 +81,7 @@ impl Attribute {
 
     /// A string (`auto_pad`, `mode`, ...).
     pub fn string(name: &str, value: &str) -> Self {
-        Attribute(pb::AttributeProto {
-            s: value.as_bytes().to_vec(),
-            ..Self::proto(name, AttributeType::String)
-        })
+        Attribute(pb::AttributeProto { s: value.as_bytes().to_vec(), ..Self::proto(name, AttributeType::String) })
     }
 
     /// The attribute's name.
@@ -150,17 +134,15 @@ impl fmt::Display for GraphError {
             GraphError::DuplicateValue { name } => {
                 write!(f, "value `{name}` is defined more than once in the graph")
             }
-            GraphError::UndefinedInput { node, name } => write!(
-                f,
-                "node {node} reads `{name}`, which no graph input, initializer or earlier node defines"
-            ),
+            GraphError::UndefinedInput { node, name } => {
+                write!(f, "node {node} reads `{name}`, which no graph input, initializer or earlier node defines")
+            }
             GraphError::UndefinedOutput { name } => {
                 write!(f, "graph output `{name}` is not produced by any node, input or initializer")
             }
-            GraphError::InitializerSize { name, expected, got } => write!(
-                f,
-                "initializer `{name}` has {got} values, its shape holds {expected}"
-            ),
+            GraphError::InitializerSize { name, expected, got } => {
+                write!(f, "initializer `{name}` has {got} values, its shape holds {expected}")
+            }
         }
     }
 }
@@ -185,13 +167,7 @@ pub struct GraphBuilder {
 
 fn value_info(name: &str, elem_type: DataType, shape: &[i64]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    let dim = shape
-        .iter()
-        .map(|&d| Dimension {
-            value: Some(Value::DimValue(d)),
-            ..Default::default()
-        })
-        .collect();
+    let dim = shape.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
     pb::ValueInfoProto {
         name: name.to_owned(),
         r#type: Some(pb::TypeProto {
@@ -208,10 +184,7 @@ fn value_info(name: &str, elem_type: DataType, shape: &[i64]) -> pb::ValueInfoPr
 impl GraphBuilder {
     /// An empty graph called `name`.
     pub fn new(name: &str) -> Self {
-        GraphBuilder {
-            name: name.to_owned(),
-            ..Default::default()
-        }
+        GraphBuilder { name: name.to_owned(), ..Default::default() }
     }
 
     /// Sets the graph's documentation string.
@@ -223,10 +196,7 @@ impl GraphBuilder {
     /// Adds a model metadata entry (`metadata_props`; tract exposes them as
     /// `onnx.metadata_props.<key>` properties).
     pub fn metadata(&mut self, key: &str, value: &str) -> &mut Self {
-        self.metadata.push(pb::StringStringEntryProto {
-            key: key.to_owned(),
-            value: value.to_owned(),
-        });
+        self.metadata.push(pb::StringStringEntryProto { key: key.to_owned(), value: value.to_owned() });
         self
     }
 
@@ -259,13 +229,7 @@ impl GraphBuilder {
         self.push_initializer(name, &[data.len() as i64], DataType::Int64, raw_data)
     }
 
-    fn push_initializer(
-        &mut self,
-        name: &str,
-        shape: &[i64],
-        data_type: DataType,
-        raw_data: Vec<u8>,
-    ) -> String {
+    fn push_initializer(&mut self, name: &str, shape: &[i64], data_type: DataType, raw_data: Vec<u8>) -> String {
         self.initializers.push(pb::TensorProto {
             name: name.to_owned(),
             dims: shape.to_vec(),
@@ -308,30 +272,16 @@ impl GraphBuilder {
         let mut defined: HashSet<&str> = HashSet::new();
         for t in &self.initializers {
             let expected: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
-            let width = if t.data_type == DataType::Int64 as i32 {
-                8
-            } else {
-                4
-            };
+            let width = if t.data_type == DataType::Int64 as i32 { 8 } else { 4 };
             let got = t.raw_data.len() / width;
             if got != expected {
-                return Err(GraphError::InitializerSize {
-                    name: t.name.clone(),
-                    expected,
-                    got,
-                });
+                return Err(GraphError::InitializerSize { name: t.name.clone(), expected, got });
             }
         }
-        let defs = self
-            .inputs
-            .iter()
-            .map(|i| i.name.as_str())
-            .chain(self.initializers.iter().map(|t| t.name.as_str()));
+        let defs = self.inputs.iter().map(|i| i.name.as_str()).chain(self.initializers.iter().map(|t| t.name.as_str()));
         for name in defs {
             if !defined.insert(name) {
-                return Err(GraphError::DuplicateValue {
-                    name: name.to_owned(),
-                });
+                return Err(GraphError::DuplicateValue { name: name.to_owned() });
             }
         }
         for node in &self.nodes {
@@ -345,17 +295,13 @@ impl GraphBuilder {
             }
             for output in node.output.iter().filter(|s| !s.is_empty()) {
                 if !defined.insert(output.as_str()) {
-                    return Err(GraphError::DuplicateValue {
-                        name: output.clone(),
-                    });
+                    return Err(GraphError::DuplicateValue { name: output.clone() });
                 }
             }
         }
         for output in &self.outputs {
             if !defined.contains(output.name.as_str()) {
-                return Err(GraphError::UndefinedOutput {
-                    name: output.name.clone(),
-                });
+                return Err(GraphError::UndefinedOutput { name: output.name.clone() });
             }
         }
         Ok(())
@@ -380,10 +326,7 @@ impl GraphBuilder {
         let metadata_props = std::mem::take(&mut self.metadata);
         pb::ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: OPSET_VERSION,
-            }],
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: OPSET_VERSION }],
             producer_name: PRODUCER_NAME.to_owned(),
             producer_version: env!("CARGO_PKG_VERSION").to_owned(),
             metadata_props,
@@ -404,20 +347,10 @@ mod tests {
     use tract_onnx::prelude::*;
 
     fn run(bytes: &[u8], input: Tensor) -> Vec<f32> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &*bytes)
-            .unwrap()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap();
+        let model =
+            tract_onnx::onnx().model_for_read(&mut &*bytes).unwrap().into_optimized().unwrap().into_runnable().unwrap();
         let out = model.run(tvec!(input.into_tvalue())).unwrap();
-        out[0]
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec()
+        out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
     }
 
     /// Transpose → Reshape → Gemm(transB, alpha) → Relu → Softmax → Mul → ReduceMean → Sigmoid
@@ -433,31 +366,16 @@ mod tests {
         let shape = g.initializer_i64("shape", &[3, 2]);
         let wn = g.initializer("w", &[4, 2], &w);
         let bn = g.initializer("b", &[4], &b);
-        g.node(
-            "Transpose",
-            &["x"],
-            &["t"],
-            [Attribute::ints("perm", [0, 2, 1])],
-        )
-        .node("Reshape", &["t", &shape], &["r"], [])
-        .node(
-            "Gemm",
-            &["r", &wn, &bn],
-            &["g"],
-            [Attribute::int("transB", 1), Attribute::float("alpha", 0.5)],
-        )
-        .node("Relu", &["g"], &["relu"], [])
-        .node("Softmax", &["relu"], &["s"], [Attribute::int("axis", -1)])
-        .node("Mul", &["s", "g"], &["m"], [])
-        .node(
-            "ReduceMean",
-            &["m"],
-            &["mean"],
-            [Attribute::ints("axes", [1]), Attribute::int("keepdims", 0)],
-        )
-        .node("Sigmoid", &["mean"], &["sig"], [])
-        .node("Tanh", &["sig"], &["y"], [])
-        .output("y", &[3]);
+        g.node("Transpose", &["x"], &["t"], [Attribute::ints("perm", [0, 2, 1])])
+            .node("Reshape", &["t", &shape], &["r"], [])
+            .node("Gemm", &["r", &wn, &bn], &["g"], [Attribute::int("transB", 1), Attribute::float("alpha", 0.5)])
+            .node("Relu", &["g"], &["relu"], [])
+            .node("Softmax", &["relu"], &["s"], [Attribute::int("axis", -1)])
+            .node("Mul", &["s", "g"], &["m"], [])
+            .node("ReduceMean", &["m"], &["mean"], [Attribute::ints("axes", [1]), Attribute::int("keepdims", 0)])
+            .node("Sigmoid", &["mean"], &["sig"], [])
+            .node("Tanh", &["sig"], &["y"], [])
+            .output("y", &[3]);
         g.validate().unwrap();
         let got = run(&g.to_bytes(), tensor1(&x).into_shape(&[1, 2, 3]).unwrap());
 
@@ -465,16 +383,11 @@ mod tests {
         let mut want = vec![];
         for i in 0..3 {
             let r = [x[i], x[3 + i]];
-            let gv: Vec<f32> = (0..4)
-                .map(|o| 0.5 * (r[0] * w[o * 2] + r[1] * w[o * 2 + 1]) + b[o])
-                .collect();
+            let gv: Vec<f32> = (0..4).map(|o| 0.5 * (r[0] * w[o * 2] + r[1] * w[o * 2 + 1]) + b[o]).collect();
             let relu: Vec<f32> = gv.iter().map(|v| v.max(0.0)).collect();
             let mx = relu.iter().cloned().fold(f32::MIN, f32::max);
             let z: f32 = relu.iter().map(|v| (v - mx).exp()).sum();
-            let mean: f32 = (0..4)
-                .map(|o| (relu[o] - mx).exp() / z * gv[o])
-                .sum::<f32>()
-                / 4.0;
+            let mean: f32 = (0..4).map(|o| (relu[o] - mx).exp() / z * gv[o]).sum::<f32>() / 4.0;
             want.push((1.0 / (1.0 + (-mean).exp())).tanh());
         }
         assert_eq!(got.len(), 3);
@@ -486,9 +399,7 @@ mod tests {
     #[test]
     fn model_header_and_metadata() {
         let mut g = GraphBuilder::new("id");
-        g.input("x", &[2])
-            .node("Relu", &["x"], &["y"], [])
-            .output("y", &[2]);
+        g.input("x", &[2]).node("Relu", &["x"], &["y"], []).output("y", &[2]);
         g.metadata("clipact.kind", "test");
         let model = g.into_model();
         assert_eq!(model.ir_version, 8);
@@ -497,29 +408,20 @@ mod tests {
         let bytes = model.encode_to_vec();
         let parsed = tract_onnx::onnx().model_for_read(&mut &*bytes).unwrap();
         let key = "onnx.metadata_props.clipact.kind";
-        assert!(
-            parsed.properties.contains_key(key),
-            "{:?}",
-            parsed.properties.keys()
-        );
+        assert!(parsed.properties.contains_key(key), "{:?}", parsed.properties.keys());
         assert_eq!(run(&bytes, tensor1(&[-1.0f32, 2.0])), vec![0.0, 2.0]);
     }
 
     #[test]
     fn validate_names_the_problem() {
         let mut g = GraphBuilder::new("bad");
-        g.input("x", &[2])
-            .node("Relu", &["nope"], &["y"], [])
-            .output("y", &[2]);
+        g.input("x", &[2]).node("Relu", &["nope"], &["y"], []).output("y", &[2]);
         let e = g.validate().unwrap_err();
         assert!(e.to_string().contains("`nope`"), "{e}");
 
         let mut g = GraphBuilder::new("bad");
         g.input("x", &[2]).node("Relu", &["x"], &["x"], []);
-        assert_eq!(
-            g.validate(),
-            Err(GraphError::DuplicateValue { name: "x".into() })
-        );
+        assert_eq!(g.validate(), Err(GraphError::DuplicateValue { name: "x".into() }));
 
         let mut g = GraphBuilder::new("bad");
         g.input("x", &[2]).output("z", &[2]);
@@ -527,13 +429,6 @@ mod tests {
 
         let mut g = GraphBuilder::new("bad");
         g.initializer("w", &[2, 2], &[1.0; 3]);
-        assert_eq!(
-            g.validate(),
-            Err(GraphError::InitializerSize {
-                name: "w".into(),
-                expected: 4,
-                got: 3
-            })
-        );
+        assert_eq!(g.validate(), Err(GraphError::InitializerSize { name: "w".into(), expected: 4, got: 3 }));
     }
 }

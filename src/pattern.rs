@@ -9,12 +9,8 @@
 use crate::preprocess::{Frame, PixelFormat};
 
 /// The scenes the pattern cycles through: a name and its dominant RGB colour.
-pub const SCENES: [(&str, [u8; 3]); 4] = [
-    ("red", [200, 30, 30]),
-    ("green", [30, 180, 40]),
-    ("blue", [30, 50, 200]),
-    ("gray", [120, 120, 120]),
-];
+pub const SCENES: [(&str, [u8; 3]); 4] =
+    [("red", [200, 30, 30]), ("green", [30, 180, 40]), ("blue", [30, 50, 200]), ("gray", [120, 120, 120])];
 
 /// Generates RGB8 frames: each scene lasts `scene_frames` frames, in an order drawn from the seed.
 #[derive(Debug, Clone)]
@@ -76,8 +72,7 @@ impl PatternSource {
         for y in 0..h {
             for x in 0..w {
                 let noise = (self.random() % 41) as i32 - 20;
-                let in_block =
-                    x >= block_x && x < block_x + block && y >= h / 3 && y < h / 3 + block;
+                let in_block = x >= block_x && x < block_x + block && y >= h / 3 && y < h / 3 + block;
                 let i = (y * w + x) * 3;
                 for (out, &channel) in self.pixels[i..i + 3].iter_mut().zip(&base) {
                     let channel = if in_block { channel as i32 / 3 } else { channel as i32 };
@@ -86,12 +81,7 @@ impl PatternSource {
             }
         }
         self.frame_index += 1;
-        let frame = Frame {
-            format: PixelFormat::Rgb8,
-            width: self.width,
-            height: self.height,
-            data: &self.pixels,
-        };
+        let frame = Frame { format: PixelFormat::Rgb8, width: self.width, height: self.height, data: &self.pixels };
         (frame, truth)
     }
 }
@@ -122,9 +112,6 @@ mod tests {
         let colour = SCENES.iter().find(|(name, _)| *name == truth).unwrap().1;
         let mean_red = frame.data.chunks_exact(3).map(|p| p[0] as f32).sum::<f32>() / (32.0 * 24.0);
         // The block darkens part of the frame; the mean stays near the scene colour.
-        assert!(
-            (mean_red - colour[0] as f32).abs() < colour[0] as f32 * 0.3 + 10.0,
-            "{mean_red} vs {colour:?}"
-        );
+        assert!((mean_red - colour[0] as f32).abs() < colour[0] as f32 * 0.3 + 10.0, "{mean_red} vs {colour:?}");
     }
 }

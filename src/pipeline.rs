@@ -101,11 +101,7 @@ impl Pipeline {
 
     /// [`Pipeline::new`] with an encoder loaded by the caller (another precision, more
     /// threads); it must take the bundle's input size and emit its dim.
-    pub fn with_encoder(
-        bundle: &Bundle,
-        config: &Config,
-        encoder: Encoder,
-    ) -> Result<Self, PipelineError> {
+    pub fn with_encoder(bundle: &Bundle, config: &Config, encoder: Encoder) -> Result<Self, PipelineError> {
         let manifest = &bundle.manifest;
         if encoder.dim() != manifest.dim as usize {
             return Err(PipelineError::DimMismatch {
@@ -172,11 +168,7 @@ impl Pipeline {
 
     /// Runs one frame through the pipeline with the wall-clock time since the pipeline was
     /// built as its stream time; see [`Pipeline::process_at`].
-    pub fn process(
-        &mut self,
-        frame: &Frame,
-        events: &mut Vec<Event>,
-    ) -> Result<&[f32], PipelineError> {
+    pub fn process(&mut self, frame: &Frame, events: &mut Vec<Event>) -> Result<&[f32], PipelineError> {
         let time = self.created.elapsed();
         self.process_at(frame, time, events)
     }
@@ -206,11 +198,8 @@ impl Pipeline {
             self.decisions.update(scores, time, events);
         }
         let done = Instant::now();
-        self.timings = FrameTimings {
-            preprocess: preprocessed - start,
-            encoder: encoded - preprocessed,
-            scoring: done - encoded,
-        };
+        self.timings =
+            FrameTimings { preprocess: preprocessed - start, encoder: encoded - preprocessed, scoring: done - encoded };
         Ok(scores)
     }
 }

@@ -140,11 +140,12 @@ pub fn encoder_path(bundle: &Bundle, precision: Precision) -> Result<PathBuf, Pr
     match precision {
         Precision::F32 | Precision::F16 => Ok(bundle.encoder_path()),
         Precision::Int8 => {
-            let file = bundle.manifest.encoder.int8_file.as_ref().ok_or_else(|| {
-                PrecisionError::NoInt8File {
-                    bundle: bundle.dir.clone(),
-                }
-            })?;
+            let file = bundle
+                .manifest
+                .encoder
+                .int8_file
+                .as_ref()
+                .ok_or_else(|| PrecisionError::NoInt8File { bundle: bundle.dir.clone() })?;
             let path = bundle.dir.join(file);
             if path.is_file() {
                 Ok(path)
@@ -156,20 +157,11 @@ pub fn encoder_path(bundle: &Bundle, precision: Precision) -> Result<PathBuf, Pr
 }
 
 /// Loads `bundle`'s encoder in `precision` with `threads` matmul threads, for its input size.
-pub fn load_encoder(
-    bundle: &Bundle,
-    precision: Precision,
-    threads: usize,
-) -> Result<Encoder, PrecisionError> {
+pub fn load_encoder(bundle: &Bundle, precision: Precision, threads: usize) -> Result<Encoder, PrecisionError> {
     let path = encoder_path(bundle, precision)?;
     let size = bundle.manifest.input.size;
-    Encoder::load_with(&path, size, size, &EncoderOptions { precision, threads }).map_err(|source| {
-        PrecisionError::Encoder {
-            precision,
-            bundle: bundle.dir.clone(),
-            source,
-        }
-    })
+    Encoder::load_with(&path, size, size, &EncoderOptions { precision, threads })
+        .map_err(|source| PrecisionError::Encoder { precision, bundle: bundle.dir.clone(), source })
 }
 
 /// The precisions `auto` considers for `bundle` on this CPU: f32; f16 with FP16 arithmetic;
@@ -216,11 +208,7 @@ pub fn measure(
         let mut encoder = load_encoder(bundle, precision, threads)?;
         let pixels = bench_pixels(encoder.input_len());
         let mut embedding = vec![0.0f32; encoder.dim()];
-        let fail = |source| PrecisionError::Encoder {
-            precision,
-            bundle: bundle.dir.clone(),
-            source,
-        };
+        let fail = |source| PrecisionError::Encoder { precision, bundle: bundle.dir.clone(), source };
         let mut time_one = |encoder: &mut Encoder| -> Result<f64, PrecisionError> {
             let t = Instant::now();
             encoder.run(&pixels, &mut embedding).map_err(fail)?;
@@ -233,11 +221,7 @@ pub fn measure(
                 let first = time_one(&mut encoder)?;
                 if first > ABANDON_FACTOR * f32_ms {
                     tracing::info!(%precision, ms = first, f32_ms, "precision far slower than f32, not measured further");
-                    out.push(Measurement {
-                        precision,
-                        ms_per_frame: first,
-                        abandoned: true,
-                    });
+                    out.push(Measurement { precision, ms_per_frame: first, abandoned: true });
                     continue;
                 }
             }
@@ -251,11 +235,7 @@ pub fn measure(
         if precision == Precision::F32 {
             reference = Some(median);
         }
-        out.push(Measurement {
-            precision,
-            ms_per_frame: median,
-            abandoned: false,
-        });
+        out.push(Measurement { precision, ms_per_frame: median, abandoned: false });
     }
     Ok(out)
 }
@@ -272,19 +252,15 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// Deterministic pixels in about [-1.9, 2.1] (the range of CLIP-normalized input), for timing.
 pub fn bench_pixels(len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7919) % 255) as f32 / 63.75 - 1.9)
-        .collect()
+    (0..len).map(|i| ((i * 7919) % 255) as f32 / 63.75 - 1.9).collect()
 }
 
 /// The precision to run, given measurements: the fastest one that beats f32 by at least
 /// [`SPEEDUP_MARGIN`], else f32. Never returns a precision measured slower than f32; without
 /// an f32 measurement it returns f32 (nothing is known to beat it).
 pub fn choose(measurements: &[Measurement]) -> Precision {
-    let Some(f32_ms) = measurements
-        .iter()
-        .find(|m| m.precision == Precision::F32 && !m.abandoned)
-        .map(|m| m.ms_per_frame)
+    let Some(f32_ms) =
+        measurements.iter().find(|m| m.precision == Precision::F32 && !m.abandoned).map(|m| m.ms_per_frame)
     else {
         return Precision::F32;
     };
@@ -468,12 +444,7 @@ pub fn cache_key(bundle: &Bundle, threads: usize) -> Result<String, PrecisionErr
     hash.update((threads as u64).to_le_bytes());
     hash.update(env!("CARGO_PKG_VERSION").as_bytes());
     hash.update(cpu_description().as_bytes());
-    Ok(hash
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hash.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
 }
 
 /// Resolves `choice` for `bundle`: a fixed precision as is; `auto` from `cache` if it holds
@@ -506,9 +477,7 @@ pub fn resolve(
         bundle: bundle.dir.display().to_string(),
         cpu: cpu_description().split("; flags").next().unwrap_or("").to_owned(),
         threads,
-        measured_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        measured_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         measurements,
     };
     if let Some(cache) = cache {
@@ -536,11 +505,7 @@ mod tests {
     use super::*;
 
     fn m(precision: Precision, ms: f64) -> Measurement {
-        Measurement {
-            precision,
-            ms_per_frame: ms,
-            abandoned: false,
-        }
+        Measurement { precision, ms_per_frame: ms, abandoned: false }
     }
 
     #[test]
@@ -553,10 +518,7 @@ mod tests {
         // Clearly faster: the fastest wins.
         let a76 = [m(Precision::F32, 10.0), m(Precision::F16, 6.0), m(Precision::Int8, 4.0)];
         assert_eq!(choose(&a76), Precision::Int8);
-        let abandoned = Measurement {
-            abandoned: true,
-            ..m(Precision::Int8, 1.0)
-        };
+        let abandoned = Measurement { abandoned: true, ..m(Precision::Int8, 1.0) };
         assert_eq!(choose(&[m(Precision::F32, 10.0), abandoned]), Precision::F32);
         assert_eq!(choose(&[m(Precision::Int8, 1.0)]), Precision::F32, "no f32 reference");
         assert_eq!(choose(&[m(Precision::F32, 10.0), m(Precision::F16, f64::NAN)]), Precision::F32);

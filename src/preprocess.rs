@@ -131,11 +131,7 @@ pub struct PreprocessConfig {
 impl Default for PreprocessConfig {
     /// CLIP's: 224×224, [`CLIP_MEAN`], [`CLIP_STD`].
     fn default() -> Self {
-        PreprocessConfig {
-            size: 224,
-            mean: CLIP_MEAN,
-            std: CLIP_STD,
-        }
+        PreprocessConfig { size: 224, mean: CLIP_MEAN, std: CLIP_STD }
     }
 }
 
@@ -254,12 +250,7 @@ impl Preprocessor {
                 *slot = (scaled - config.mean[c]) / config.std[c];
             }
         }
-        Preprocessor {
-            config,
-            lut,
-            pixels: Vec::new(),
-            plan: None,
-        }
+        Preprocessor { config, lut, pixels: Vec::new(), plan: None }
     }
 
     /// The configuration this preprocessor was built with.
@@ -322,11 +313,7 @@ fn resize_scratch(buf: &mut Vec<u8>, len: usize) {
 fn check_frame(frame: &Frame) -> Result<(), PreprocessError> {
     let (format, width, height) = (frame.format, frame.width, frame.height);
     if width == 0 || height == 0 {
-        return Err(PreprocessError::EmptyFrame {
-            format,
-            width,
-            height,
-        });
+        return Err(PreprocessError::EmptyFrame { format, width, height });
     }
     if format == PixelFormat::Yuyv && width % 2 != 0 {
         return Err(PreprocessError::OddYuyvWidth { width });
@@ -336,21 +323,11 @@ fn check_frame(frame: &Frame) -> Result<(), PreprocessError> {
     let pixels = (width as usize)
         .checked_mul(height as usize)
         .filter(|n| n.checked_mul(3).is_some())
-        .ok_or(PreprocessError::TooLarge {
-            format,
-            width,
-            height,
-        })?;
+        .ok_or(PreprocessError::TooLarge { format, width, height })?;
     if let Some(bpp) = format.bytes_per_pixel() {
         let expected = pixels * bpp;
         if frame.data.len() != expected {
-            return Err(PreprocessError::WrongDataLength {
-                format,
-                width,
-                height,
-                expected,
-                actual: frame.data.len(),
-            });
+            return Err(PreprocessError::WrongDataLength { format, width, height, expected, actual: frame.data.len() });
         }
     }
     Ok(())
@@ -361,26 +338,11 @@ fn check_frame(frame: &Frame) -> Result<(), PreprocessError> {
 /// Each pair of pixels shares its U/V sample (no chroma interpolation), as most capture stacks
 /// do; the result matches `ffmpeg -sws_flags neighbor+accurate_rnd+full_chroma_int` within 1.
 /// `dst` must hold exactly `3 * width * height` bytes.
-pub fn yuyv_to_rgb(
-    src: &[u8],
-    width: u32,
-    height: u32,
-    dst: &mut [u8],
-) -> Result<(), PreprocessError> {
-    check_frame(&Frame {
-        format: PixelFormat::Yuyv,
-        width,
-        height,
-        data: src,
-    })?;
+pub fn yuyv_to_rgb(src: &[u8], width: u32, height: u32, dst: &mut [u8]) -> Result<(), PreprocessError> {
+    check_frame(&Frame { format: PixelFormat::Yuyv, width, height, data: src })?;
     let expected = width as usize * height as usize * 3;
     if dst.len() != expected {
-        return Err(PreprocessError::WrongRgbLength {
-            width,
-            height,
-            expected,
-            actual: dst.len(),
-        });
+        return Err(PreprocessError::WrongRgbLength { width, height, expected, actual: dst.len() });
     }
     yuyv_to_rgb_unchecked(src, dst);
     Ok(())
@@ -421,25 +383,15 @@ fn yuyv_to_rgb_unchecked(src: &[u8], dst: &mut [u8]) {
 
 /// Decodes an MJPEG frame into `pixels`; returns the channel count (1 for grayscale JPEGs, else 3).
 fn decode_jpeg(frame: &Frame, pixels: &mut Vec<u8>) -> Result<usize, PreprocessError> {
-    let jpeg_err = |e: zune_jpeg::errors::DecodeErrors| PreprocessError::Jpeg {
-        reason: e.to_string(),
-    };
+    let jpeg_err = |e: zune_jpeg::errors::DecodeErrors| PreprocessError::Jpeg { reason: e.to_string() };
     // Strict mode turns a truncated scan into an error; the lenient default would fill the
     // missing rows with grey and hand the encoder a frame that never happened.
-    let options = DecoderOptions::default()
-        .set_strict_mode(true)
-        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let options = DecoderOptions::default().set_strict_mode(true).jpeg_set_out_colorspace(ColorSpace::RGB);
     // zune-jpeg zero-fills a scan that ends early in its last MCU row without complaint, so
     // insist on the end-of-image marker. Zero padding after it (some UVC cameras add it) is fine.
-    let end = frame
-        .data
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(0, |i| i + 1);
+    let end = frame.data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     if !frame.data[..end].ends_with(&[0xFF, 0xD9]) {
-        return Err(PreprocessError::Jpeg {
-            reason: "no end-of-image marker (truncated frame?)".into(),
-        });
+        return Err(PreprocessError::Jpeg { reason: "no end-of-image marker (truncated frame?)".into() });
     }
     let mut decoder = JpegDecoder::new_with_options(frame.data, options);
     decoder.decode_headers().map_err(jpeg_err)?;
@@ -453,13 +405,9 @@ fn decode_jpeg(frame: &Frame, pixels: &mut Vec<u8>) -> Result<usize, PreprocessE
         });
     }
     // Grayscale JPEGs decode to one channel whatever colour space was asked for.
-    let channels = decoder
-        .get_output_colorspace()
-        .map_or(3, |c| c.num_components());
+    let channels = decoder.get_output_colorspace().map_or(3, |c| c.num_components());
     if channels != 1 && channels != 3 {
-        return Err(PreprocessError::Jpeg {
-            reason: format!("unsupported output with {channels} channels"),
-        });
+        return Err(PreprocessError::Jpeg { reason: format!("unsupported output with {channels} channels") });
     }
     resize_scratch(pixels, jw * jh * channels);
     decoder.decode_into(pixels).map_err(jpeg_err)?;
@@ -512,17 +460,7 @@ impl Plan {
         let first_row = vert.start[0];
         let last_row = vert.start[size - 1] + vert.len[size - 1];
         let rows = last_row - first_row;
-        Plan {
-            in_w,
-            in_h,
-            size,
-            horiz,
-            vert,
-            first_row,
-            rows,
-            tmp: vec![0; rows * size * 3],
-            acc: vec![0; size * 3],
-        }
+        Plan { in_w, in_h, size, horiz, vert, first_row, rows, tmp: vec![0; rows * size * 3], acc: vec![0; size * 3] }
     }
 }
 
@@ -586,11 +524,7 @@ impl Filter {
             for (w, &kx) in weights.iter_mut().zip(&k[..n]) {
                 let kx = if ww != 0.0 { kx / ww } else { kx };
                 let fixed = kx * (1u32 << PRECISION_BITS) as f64;
-                *w = if kx < 0.0 {
-                    (-0.5 + fixed) as i32
-                } else {
-                    (0.5 + fixed) as i32
-                };
+                *w = if kx < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
             }
             filter.start.push(xmin);
             filter.len.push(n);
@@ -610,12 +544,7 @@ const ROUND: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Resizes and crops `src` (`C` interleaved channels, `plan.in_w × plan.in_h`) and writes the
 /// normalized CHW tensor. A one-channel source fills all three output channels.
-fn resize_crop<const C: usize>(
-    plan: &mut Plan,
-    src: &[u8],
-    lut: &[[f32; 256]; 3],
-    out: &mut [f32],
-) {
+fn resize_crop<const C: usize>(plan: &mut Plan, src: &[u8], lut: &[[f32; 256]; 3], out: &mut [f32]) {
     let s = plan.size;
     let row_len = plan.in_w * C;
     let tmp_row_len = s * C;
@@ -707,31 +636,16 @@ mod tests {
         let f = Filter::bicubic(640, 298, 37, 224);
         for i in 0..224 {
             let sum: i32 = f.weights[i * f.stride..][..f.len[i]].iter().sum();
-            assert!(
-                (sum - (1 << PRECISION_BITS)).abs() <= f.len[i] as i32,
-                "output {i}: {sum}"
-            );
+            assert!((sum - (1 << PRECISION_BITS)).abs() <= f.len[i] as i32, "output {i}: {sum}");
         }
     }
 
     #[test]
     fn constant_image_stays_constant() {
-        let mut p = Preprocessor::new(PreprocessConfig {
-            size: 8,
-            ..Default::default()
-        });
+        let mut p = Preprocessor::new(PreprocessConfig { size: 8, ..Default::default() });
         let data = vec![200u8; 13 * 7 * 3];
         let mut out = vec![0.0; p.output_len()];
-        p.run(
-            &Frame {
-                format: PixelFormat::Rgb8,
-                width: 13,
-                height: 7,
-                data: &data,
-            },
-            &mut out,
-        )
-        .unwrap();
+        p.run(&Frame { format: PixelFormat::Rgb8, width: 13, height: 7, data: &data }, &mut out).unwrap();
         for c in 0..3 {
             let want = p.lut[c][200];
             assert!(out[c * 64..][..64].iter().all(|&v| v == want));

@@ -83,11 +83,7 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        Self {
-            min_weight_elements: 256,
-            convolutions: true,
-            reduce_range: false,
-        }
+        Self { min_weight_elements: 256, convolutions: true, reduce_range: false }
     }
 }
 
@@ -190,7 +186,9 @@ pub enum QuantizeError {
         op: String,
     },
     /// No MatMul, Gemm or Conv has a constant f32 weight large enough to quantize.
-    #[error("nothing to quantize: no MatMul, Gemm or Conv with a constant f32 weight of at least {min_elements} elements")]
+    #[error(
+        "nothing to quantize: no MatMul, Gemm or Conv with a constant f32 weight of at least {min_elements} elements"
+    )]
     NothingToQuantize {
         /// [`QuantizeOptions::min_weight_elements`].
         min_elements: usize,
@@ -249,10 +247,7 @@ fn check_model(model: &pb::ModelProto) -> Result<(), QuantizeError> {
 
 /// The elements of an f32 initializer, row-major.
 fn f32_data(t: &pb::TensorProto) -> Result<Vec<f32>, QuantizeError> {
-    let err = |message: String| QuantizeError::Initializer {
-        name: t.name.clone(),
-        message,
-    };
+    let err = |message: String| QuantizeError::Initializer { name: t.name.clone(), message };
     if t.data_type != DataType::Float as i32 {
         return Err(err(format!("data type {} is not f32", t.data_type)));
     }
@@ -265,12 +260,7 @@ fn f32_data(t: &pb::TensorProto) -> Result<Vec<f32>, QuantizeError> {
     let n: usize = t.dims.iter().map(|&d| d as usize).product();
     if !t.raw_data.is_empty() {
         if t.raw_data.len() != 4 * n {
-            return Err(err(format!(
-                "holds {} bytes, its shape {:?} needs {}",
-                t.raw_data.len(),
-                t.dims,
-                4 * n
-            )));
+            return Err(err(format!("holds {} bytes, its shape {:?} needs {}", t.raw_data.len(), t.dims, 4 * n)));
         }
         Ok(t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     } else if t.float_data.len() == n {
@@ -335,7 +325,13 @@ fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
     }
 }
 
-fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str], attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
+fn node(
+    op: &str,
+    name: String,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
     pb::NodeProto {
         name,
         op_type: op.to_owned(),
@@ -347,12 +343,7 @@ fn node(op: &str, name: String, inputs: &[&str], outputs: &[&str], attribute: Ve
 }
 
 fn attr_int(name: &str, value: i64) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.to_owned(),
-        r#type: AttributeType::Int as i32,
-        i: value,
-        ..Default::default()
-    }
+    pb::AttributeProto { name: name.to_owned(), r#type: AttributeType::Int as i32, i: value, ..Default::default() }
 }
 
 fn get_int(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
@@ -434,11 +425,7 @@ impl<'a> Rewriter<'a> {
     }
 
     fn keep(&mut self, n: &pb::NodeProto, reason: impl Into<String>) {
-        self.report.kept.push(KeptLayer {
-            node: Self::label(n),
-            op: n.op_type.clone(),
-            reason: reason.into(),
-        });
+        self.report.kept.push(KeptLayer { node: Self::label(n), op: n.op_type.clone(), reason: reason.into() });
         self.nodes.push(n.clone());
     }
 
@@ -517,15 +504,17 @@ impl<'a> Rewriter<'a> {
     }
 
     /// `MatMul(x, W)` or `Gemm(x, W, C)` (`gemm_trans_b = Some(transB)`).
-    fn matmul(&mut self, n: &pb::NodeProto, w: &pb::TensorProto, gemm_trans_b: Option<bool>) -> Result<(), QuantizeError> {
+    fn matmul(
+        &mut self,
+        n: &pb::NodeProto,
+        w: &pb::TensorProto,
+        gemm_trans_b: Option<bool>,
+    ) -> Result<(), QuantizeError> {
         let data = f32_data(w)?;
         let trans_b = gemm_trans_b.unwrap_or(false);
         // The product needs W as [K, N]: channels are the N columns.
-        let (k, n_out) = if trans_b {
-            (w.dims[1] as usize, w.dims[0] as usize)
-        } else {
-            (w.dims[0] as usize, w.dims[1] as usize)
-        };
+        let (k, n_out) =
+            if trans_b { (w.dims[1] as usize, w.dims[0] as usize) } else { (w.dims[0] as usize, w.dims[1] as usize) };
         let key = (w.name.clone(), if trans_b { "kn_from_nk" } else { "kn" });
         let (wq_name, scale_name) = match self.quantized_weights.get(&key) {
             Some(names) => names.clone(),
@@ -603,7 +592,8 @@ impl<'a> Rewriter<'a> {
         let (wq_name, scale_name) = match self.quantized_weights.get(&key) {
             Some(names) => names.clone(),
             None => {
-                let (q, scales) = quantize_channels(&data, out_channels, per_channel, |c, j| c * per_channel + j, self.qmax);
+                let (q, scales) =
+                    quantize_channels(&data, out_channels, per_channel, |c, j| c * per_channel + j, self.qmax);
                 let qu8: Vec<u8> = q.iter().map(|&v| (v as i16 + 128) as u8).collect();
                 let wq_name = self.fresh(&format!("{}.uint8", w.name));
                 let scale_name = self.fresh(&format!("{}.scale", w.name));
@@ -646,11 +636,10 @@ impl<'a> Rewriter<'a> {
             }
             Some(bias) => {
                 // Conv's bias is [O]; broadcast it over [N, O, H, W] as [O, 1, 1].
-                let b = self
-                    .weights
-                    .get(&bias)
-                    .copied()
-                    .ok_or_else(|| QuantizeError::Invalid(format!("Conv `{base}`: bias `{bias}` is not a constant")))?;
+                let b =
+                    self.weights.get(&bias).copied().ok_or_else(|| {
+                        QuantizeError::Invalid(format!("Conv `{base}`: bias `{bias}` is not a constant"))
+                    })?;
                 let b = f32_data(b)?;
                 let bias_name = self.fresh(&format!("{bias}.broadcast"));
                 self.new_initializers.push(tensor_f32(&bias_name, &[b.len() as i64, 1, 1], &b));
@@ -685,10 +674,7 @@ pub fn quantize_model(
     check_model(model)?;
     let graph = model.graph.as_ref().expect("checked");
     if let Some(n) = graph.node.iter().find(|n| INTEGER_OPS.contains(&n.op_type.as_str())) {
-        return Err(QuantizeError::AlreadyQuantized {
-            node: Rewriter::label(n),
-            op: n.op_type.clone(),
-        });
+        return Err(QuantizeError::AlreadyQuantized { node: Rewriter::label(n), op: n.op_type.clone() });
     }
     let mut used_names: HashSet<String> = graph.input.iter().map(|i| i.name.clone()).collect();
     used_names.extend(graph.initializer.iter().map(|t| t.name.clone()));
@@ -712,9 +698,7 @@ pub fn quantize_model(
         rw.rewrite(n)?;
     }
     if rw.report.layers.is_empty() {
-        return Err(QuantizeError::NothingToQuantize {
-            min_elements: opts.min_weight_elements,
-        });
+        return Err(QuantizeError::NothingToQuantize { min_elements: opts.min_weight_elements });
     }
     let read: HashSet<&str> = rw.nodes.iter().flat_map(|n| n.input.iter().map(|s| s.as_str())).collect();
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
@@ -730,17 +714,10 @@ pub fn quantize_model(
     let defined: HashSet<&str> = rw.nodes.iter().flat_map(|n| n.output.iter().map(|s| s.as_str())).collect();
     let value_info = graph.value_info.iter().filter(|v| defined.contains(v.name.as_str())).cloned().collect();
     let mut out = model.clone();
-    out.graph = Some(pb::GraphProto {
-        node: rw.nodes,
-        initializer,
-        value_info,
-        ..graph.clone()
-    });
+    out.graph = Some(pb::GraphProto { node: rw.nodes, initializer, value_info, ..graph.clone() });
     out.metadata_props.retain(|p| p.key != PRECISION_METADATA_KEY);
-    out.metadata_props.push(pb::StringStringEntryProto {
-        key: PRECISION_METADATA_KEY.into(),
-        value: INT8_PRECISION.into(),
-    });
+    out.metadata_props
+        .push(pb::StringStringEntryProto { key: PRECISION_METADATA_KEY.into(), value: INT8_PRECISION.into() });
     // DynamicQuantizeLinear needs opset ≥ 11; an older model gets its import raised to 13,
     // whose semantics for the ops a vision encoder uses match the older ones it imported.
     for o in out.opset_import.iter_mut().filter(|o| o.domain.is_empty() || o.domain == "ai.onnx") {
@@ -761,15 +738,9 @@ pub fn quantize_bytes(bytes: &[u8], opts: &QuantizeOptions) -> Result<(Vec<u8>, 
 
 /// Reads the f32 model at `input`, writes its int8 form to `output`.
 pub fn quantize_file(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport, QuantizeError> {
-    let bytes = std::fs::read(input).map_err(|source| QuantizeError::Read {
-        path: input.to_owned(),
-        source,
-    })?;
+    let bytes = std::fs::read(input).map_err(|source| QuantizeError::Read { path: input.to_owned(), source })?;
     let (q, report) = quantize_bytes(&bytes, opts)?;
-    std::fs::write(output, q).map_err(|source| QuantizeError::Write {
-        path: output.to_owned(),
-        source,
-    })?;
+    std::fs::write(output, q).map_err(|source| QuantizeError::Write { path: output.to_owned(), source })?;
     Ok(report)
 }
 
@@ -818,12 +789,7 @@ pub fn compare_models(
     }
     let mut stats: Vec<OutputAgreement> = names
         .iter()
-        .map(|n| OutputAgreement {
-            name: n.clone(),
-            min_cosine: f32::INFINITY,
-            mean_cosine: 0.0,
-            max_abs_diff: 0.0,
-        })
+        .map(|n| OutputAgreement { name: n.clone(), min_cosine: f32::INFINITY, mean_cosine: 0.0, max_abs_diff: 0.0 })
         .collect();
     let len: usize = shape.iter().product();
     if inputs.is_empty() {

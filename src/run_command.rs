@@ -79,17 +79,15 @@ pub fn run(request: RunRequest) -> Result<()> {
         }
     }
     let updates = config.updates.clone();
-    let labels_path = updates
-        .as_ref()
-        .and_then(|u| u.labels_path.clone())
-        .unwrap_or_else(|| config.bundle.join(LABELS_FILE));
+    let labels_path =
+        updates.as_ref().and_then(|u| u.labels_path.clone()).unwrap_or_else(|| config.bundle.join(LABELS_FILE));
     // Before the bundle opens: its own labels.cls may be the persisted set.
     let recovery = match &updates {
         Some(_) => clipact::update::recover_store(&labels_path),
         None => clipact::update::Recovery { high_water: 0, problem: None },
     };
-    let mut bundle = Bundle::open(&config.bundle)
-        .with_context(|| format!("opening bundle {}", config.bundle.display()))?;
+    let mut bundle =
+        Bundle::open(&config.bundle).with_context(|| format!("opening bundle {}", config.bundle.display()))?;
     bundle.labels = initial_labels(&bundle, &labels_path);
     let key = match updates.as_ref().and_then(|u| u.key_file.as_ref()) {
         Some(path) => Some(runtime::load_key(path).map_err(anyhow::Error::msg)?),
@@ -107,17 +105,12 @@ pub fn run(request: RunRequest) -> Result<()> {
     };
     // The config's precision (`auto`: measured once on this CPU and cached).
     let cache = clipact::precision::PrecisionCache::default_location();
-    let (encoder, selection) =
-        clipact::precision::open_encoder(&bundle, config.precision, 1, cache.as_ref())
-            .context("loading the encoder")?;
-    let pipeline =
-        Pipeline::with_encoder(&bundle, &config, encoder).context("building the pipeline")?;
-    let outputs = runtime::open_gpio(&config)
-        .map_err(anyhow::Error::msg)
-        .context("opening GPIO outputs")?;
-    let source = spec
-        .open(bundle.manifest.input.size)
-        .with_context(|| format!("opening source {:?}", config.source))?;
+    let (encoder, selection) = clipact::precision::open_encoder(&bundle, config.precision, 1, cache.as_ref())
+        .context("loading the encoder")?;
+    let pipeline = Pipeline::with_encoder(&bundle, &config, encoder).context("building the pipeline")?;
+    let outputs = runtime::open_gpio(&config).map_err(anyhow::Error::msg).context("opening GPIO outputs")?;
+    let source =
+        spec.open(bundle.manifest.input.size).with_context(|| format!("opening source {:?}", config.source))?;
     let options = RuntimeOptions {
         duration: seconds.map(Duration::from_secs_f64),
         source_name: config.source.clone(),
@@ -134,15 +127,10 @@ pub fn run(request: RunRequest) -> Result<()> {
     let store = LabelStore { path: labels_path, key, recovery };
     let mut rt = Runtime::new(pipeline, &bundle, &config, store, options);
     rt.add_outputs(outputs);
-    rt.add_sink(Box::new(JsonLinesSink::new(
-        std::io::stdout(),
-        config.device_name.clone(),
-    )));
+    rt.add_sink(Box::new(JsonLinesSink::new(std::io::stdout(), config.device_name.clone())));
     let handle = rt.handle();
     // MQTT and HTTP, when the config has them.
-    for sink in clipact::events::start(&config, &handle, io.handle())
-        .context("starting MQTT/HTTP events")?
-    {
+    for sink in clipact::events::start(&config, &handle, io.handle()).context("starting MQTT/HTTP events")? {
         rt.add_sink(sink);
     }
 

@@ -370,10 +370,7 @@ pub struct JsonLinesSink<W: Write + Send> {
 impl<W: Write + Send> JsonLinesSink<W> {
     /// Lines go to `out`, tagged with `device`.
     pub fn new(out: W, device: impl Into<String>) -> Self {
-        Self {
-            out,
-            device: device.into(),
-        }
+        Self { out, device: device.into() }
     }
 }
 
@@ -455,11 +452,7 @@ pub fn open_gpio(config: &Config) -> Result<Vec<BoundOutput>, String> {
             let selector = g.selector();
             let trigger = crate::gpio::linux::open_trigger(&selector, g.trigger_mode(), g.active_low)
                 .map_err(|e| format!("gpio[{i}] (label `{}`, {selector}): {e}", g.label))?;
-            Ok(BoundOutput {
-                label: g.label.clone(),
-                name: selector.to_string(),
-                output: Box::new(trigger),
-            })
+            Ok(BoundOutput { label: g.label.clone(), name: selector.to_string(), output: Box::new(trigger) })
         })
         .collect()
 }
@@ -523,12 +516,7 @@ impl OwnedFrame {
 
     /// The frame as the pipeline takes it.
     pub fn frame(&self) -> Frame<'_> {
-        Frame {
-            format: self.format,
-            width: self.width,
-            height: self.height,
-            data: &self.data,
-        }
+        Frame { format: self.format, width: self.width, height: self.height, data: &self.data }
     }
 }
 
@@ -565,12 +553,7 @@ impl FrameQueue {
 
     /// A buffer to fill (recycled when one is free).
     pub fn buffer(&self) -> OwnedFrame {
-        self.state
-            .lock()
-            .expect("queue lock")
-            .free
-            .pop()
-            .unwrap_or_else(OwnedFrame::empty)
+        self.state.lock().expect("queue lock").free.pop().unwrap_or_else(OwnedFrame::empty)
     }
 
     /// Returns a processed frame's buffer to the pool.
@@ -708,7 +691,13 @@ pub struct Runtime {
 impl Runtime {
     /// A runtime over `pipeline` (built from `bundle` and `config`). Accepted label sets are
     /// persisted to `store`.
-    pub fn new(pipeline: Pipeline, bundle: &Bundle, config: &Config, store: LabelStore, options: RuntimeOptions) -> Self {
+    pub fn new(
+        pipeline: Pipeline,
+        bundle: &Bundle,
+        config: &Config,
+        store: LabelStore,
+        options: RuntimeOptions,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         let set = Arc::new(pipeline.labels().clone());
         let updates = Arc::new(Mutex::new(Some(tx)));
@@ -740,10 +729,7 @@ impl Runtime {
             gate,
             queue: Arc::new(FrameQueue::new(options.queue_len)),
         });
-        shared
-            .metrics
-            .label_set_version
-            .store(set.version, Ordering::Relaxed);
+        shared.metrics.label_set_version.store(set.version, Ordering::Relaxed);
         let recovered = u64::from(store.recovery.problem.is_some());
         shared.metrics.label_set_recoveries.store(recovered, Ordering::Relaxed);
         let mut runtime = Self {
@@ -783,14 +769,7 @@ impl Runtime {
         self.names = labels.iter().map(|l| Arc::from(l.name.as_str())).collect();
         self.bindings = labels
             .iter()
-            .map(|l| {
-                self.outputs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, o)| o.label == l.name)
-                    .map(|(i, _)| i)
-                    .collect()
-            })
+            .map(|l| self.outputs.iter().enumerate().filter(|(_, o)| o.label == l.name).map(|(i, _)| i).collect())
             .collect();
         let names: Vec<&str> = labels.iter().map(|l| l.name.as_str()).collect();
         for name in self.config.unknown_labels(&names) {
@@ -861,11 +840,7 @@ impl Runtime {
             sink.close();
         }
         // A capture blocked in a read (a pipe with no writer) is left to the process exit.
-        let capture_result = if capture.is_finished() {
-            capture.join().unwrap_or(Ok(()))
-        } else {
-            Ok(())
-        };
+        let capture_result = if capture.is_finished() { capture.join().unwrap_or(Ok(())) } else { Ok(()) };
         result?;
         capture_result?;
         Ok(RunSummary { stats })
@@ -909,9 +884,7 @@ impl Runtime {
                 Err(()) => return Ok(()),
             };
             events.clear();
-            let result = self
-                .pipeline
-                .process_at(&frame.frame(), frame.time, &mut events);
+            let result = self.pipeline.process_at(&frame.frame(), frame.time, &mut events);
             let m = &shared.metrics;
             match result {
                 Ok(_) => {
@@ -1137,10 +1110,7 @@ mod tests {
     use super::*;
 
     fn frame(i: u64) -> OwnedFrame {
-        OwnedFrame {
-            index: i,
-            ..OwnedFrame::empty()
-        }
+        OwnedFrame { index: i, ..OwnedFrame::empty() }
     }
 
     #[test]

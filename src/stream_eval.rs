@@ -25,8 +25,8 @@ use crate::bundle::Bundle;
 use crate::config::Config;
 use crate::decision::Decisions;
 use crate::encoder::Encoder;
-use crate::labels::LabelSet;
 use crate::eval::{encoder_file, EvalError, SyntheticSource};
+use crate::labels::LabelSet;
 use crate::pipeline::{Event, Pipeline};
 use crate::world::{self, WorldStream};
 
@@ -97,10 +97,10 @@ pub fn record(
     }
     let size = bundle.manifest.input.size;
     let path = encoder_file(bundle, int8)?;
-    let encoder = Encoder::load(&path, size, size)
-        .map_err(|e| EvalError::Encoder(format!("{}: {e}", path.display())))?;
-    let mut pipeline = Pipeline::with_encoder(bundle, &Config::default(), encoder)
-        .map_err(|e| EvalError::Pipeline(e.to_string()))?;
+    let encoder =
+        Encoder::load(&path, size, size).map_err(|e| EvalError::Encoder(format!("{}: {e}", path.display())))?;
+    let mut pipeline =
+        Pipeline::with_encoder(bundle, &Config::default(), encoder).map_err(|e| EvalError::Pipeline(e.to_string()))?;
     pipeline.set_labels(labels.clone()).map_err(|e| EvalError::Pipeline(e.to_string()))?;
     let fps = f64::from(WorldStream::FPS);
     let frames = (seconds * fps).round() as usize;
@@ -113,23 +113,14 @@ pub fn record(
         let (frame, t) = stream.next_frame();
         let time = Duration::from_secs_f64(f as f64 / fps);
         events.clear();
-        let raw = pipeline
-            .process_at(&frame, time, &mut events)
-            .map_err(|e| EvalError::Pipeline(e.to_string()))?;
+        let raw = pipeline.process_at(&frame, time, &mut events).map_err(|e| EvalError::Pipeline(e.to_string()))?;
         scores.extend_from_slice(raw);
         truth.push(t.action);
         if (f + 1) % 100 == 0 || f + 1 == frames {
             progress(f + 1, frames);
         }
     }
-    Ok(StreamRecording {
-        source,
-        labels,
-        window: pipeline.window_frames(),
-        fps,
-        truth,
-        scores,
-    })
+    Ok(StreamRecording { source, labels, window: pipeline.window_frames(), fps, truth, scores })
 }
 
 /// A `new` event: label `label` started at frame `frame`.
@@ -157,12 +148,7 @@ pub fn replay(
         if f + 1 >= recording.window {
             decisions.update(recording.frame_scores(f), recording.time(f), &mut events);
         }
-        out.extend(
-            events
-                .iter()
-                .filter(|e| e.active && !e.update)
-                .map(|e| NewEvent { frame: f, label: e.label }),
-        );
+        out.extend(events.iter().filter(|e| e.active && !e.update).map(|e| NewEvent { frame: f, label: e.label }));
         on_frame(f, decisions, &events);
     }
     out

@@ -87,9 +87,7 @@ impl TemporalWeights {
             }
         }
         if !self.output_bias.is_finite() {
-            return Err(TemporalError::Weights(
-                "`frame_weight.2.bias` is not finite".into(),
-            ));
+            return Err(TemporalError::Weights("`frame_weight.2.bias` is not finite".into()));
         }
         Ok(())
     }
@@ -114,50 +112,20 @@ impl TemporalWeights {
         g.doc("d = W_d · delta (delta = v_{j+1} − v_j), weight_logit = f_v(d): the difference columns of wti-temporal");
         g.metadata("clipact.embedding_dim", &d.to_string());
         g.input(DELTA_INPUT, &[1, di]);
-        let w_d = g.initializer(
-            "temporal.weight_t",
-            &[di, di],
-            &transposed(&self.difference, d),
-        );
+        let w_d = g.initializer("temporal.weight_t", &[di, di], &transposed(&self.difference, d));
         g.node("MatMul", &[DELTA_INPUT, &w_d], &[EMBEDDING_OUTPUT], []);
-        let w0 = g.initializer(
-            "frame_weight.0.weight_t",
-            &[di, di],
-            &transposed(&self.hidden_weight, d),
-        );
+        let w0 = g.initializer("frame_weight.0.weight_t", &[di, di], &transposed(&self.hidden_weight, d));
         let b0 = g.initializer("frame_weight.0.bias", &[di], &self.hidden_bias);
-        g.node(
-            "MatMul",
-            &[EMBEDDING_OUTPUT, &w0],
-            &["frame_weight.0.matmul"],
-            [],
-        );
-        g.node(
-            "Add",
-            &["frame_weight.0.matmul", &b0],
-            &["frame_weight.0.out"],
-            [],
-        );
+        g.node("MatMul", &[EMBEDDING_OUTPUT, &w0], &["frame_weight.0.matmul"], []);
+        g.node("Add", &["frame_weight.0.matmul", &b0], &["frame_weight.0.out"], []);
         g.node("Relu", &["frame_weight.0.out"], &["frame_weight.1.out"], []);
         let w2 = g.initializer("frame_weight.2.weight_t", &[di, 1], &self.output_weight);
         let b2 = g.initializer("frame_weight.2.bias", &[1], &[self.output_bias]);
-        g.node(
-            "MatMul",
-            &["frame_weight.1.out", &w2],
-            &["frame_weight.2.matmul"],
-            [],
-        );
-        g.node(
-            "Add",
-            &["frame_weight.2.matmul", &b2],
-            &[WEIGHT_LOGIT_OUTPUT],
-            [],
-        );
+        g.node("MatMul", &["frame_weight.1.out", &w2], &["frame_weight.2.matmul"], []);
+        g.node("Add", &["frame_weight.2.matmul", &b2], &[WEIGHT_LOGIT_OUTPUT], []);
         g.output(EMBEDDING_OUTPUT, &[1, di]);
         g.output(WEIGHT_LOGIT_OUTPUT, &[1, 1]);
-        g.validate().map_err(|e| {
-            TemporalError::Weights(format!("the temporal graph is inconsistent: {e}"))
-        })?;
+        g.validate().map_err(|e| TemporalError::Weights(format!("the temporal graph is inconsistent: {e}")))?;
         Ok(g)
     }
 }
@@ -219,10 +187,7 @@ pub struct TemporalHead {
 impl TemporalHead {
     /// Loads the temporal head from `path` for embeddings of dimension `dim`.
     pub fn load(path: &Path, dim: usize) -> Result<Self, TemporalError> {
-        let bytes = std::fs::read(path).map_err(|source| TemporalError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| TemporalError::Io { path: path.to_owned(), source })?;
         Self::prepare(&bytes, format!("`{}`", path.display()), dim)
     }
 
@@ -232,14 +197,8 @@ impl TemporalHead {
     }
 
     fn prepare(bytes: &[u8], origin: String, dim: usize) -> Result<Self, TemporalError> {
-        let invalid = |source: anyhow::Error| TemporalError::InvalidModel {
-            origin: origin.clone(),
-            source,
-        };
-        let interface = |message: String| TemporalError::Interface {
-            origin: origin.clone(),
-            message,
-        };
+        let invalid = |source: anyhow::Error| TemporalError::InvalidModel { origin: origin.clone(), source };
+        let interface = |message: String| TemporalError::Interface { origin: origin.clone(), message };
         if dim == 0 {
             return Err(interface("dim must be positive".into()));
         }
@@ -258,21 +217,13 @@ impl TemporalHead {
         let mut model = parsed.model;
         let inputs = model.input_outlets().map_err(invalid)?.len();
         if inputs != 1 {
-            return Err(interface(format!(
-                "expected one input (`{DELTA_INPUT}` f32[1,{dim}]), found {inputs}"
-            )));
+            return Err(interface(format!("expected one input (`{DELTA_INPUT}` f32[1,{dim}]), found {inputs}")));
         }
         let fact = model.input_fact(0).map_err(invalid)?;
-        let declared: Vec<Option<i64>> = fact
-            .shape
-            .dims()
-            .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
-            .collect();
-        let fits = declared.len() == 2
-            && declared
-                .iter()
-                .zip([1, dim as i64])
-                .all(|(d, want)| d.is_none_or(|d| d == want));
+        let declared: Vec<Option<i64>> =
+            fact.shape.dims().map(|d| d.concretize().and_then(|d| d.to_i64().ok())).collect();
+        let fits =
+            declared.len() == 2 && declared.iter().zip([1, dim as i64]).all(|(d, want)| d.is_none_or(|d| d == want));
         if !fact.shape.is_open() && !fits {
             return Err(interface(format!(
                 "input is declared as [{:?}], it cannot take a f32[1, {dim}] delta (the bundle's dim is {dim})",
@@ -280,40 +231,25 @@ impl TemporalHead {
             )));
         }
         let outputs = model.output_outlets().map_err(invalid)?.to_vec();
-        let labels: Vec<String> = outputs
-            .iter()
-            .map(|&o| model.outlet_label(o).unwrap_or_default().to_owned())
-            .collect();
+        let labels: Vec<String> =
+            outputs.iter().map(|&o| model.outlet_label(o).unwrap_or_default().to_owned()).collect();
         let find = |name: &str| {
             outputs
                 .iter()
                 .zip(&labels)
                 .find(|(_, l)| *l == name)
                 .map(|(o, _)| *o)
-                .ok_or_else(|| {
-                    interface(format!("has no output `{name}` (its outputs: {labels:?})"))
-                })
+                .ok_or_else(|| interface(format!("has no output `{name}` (its outputs: {labels:?})")))
         };
         let (embedding, weight_logit) = (find(EMBEDDING_OUTPUT)?, find(WEIGHT_LOGIT_OUTPUT)?);
-        let prepare = |e: anyhow::Error| {
-            interface(format!(
-                "cannot be prepared for a f32[1,{dim}] delta: {e:#}"
-            ))
-        };
-        model
-            .select_output_outlets(&[embedding, weight_logit])
-            .map_err(prepare)?;
-        model
-            .set_input_fact(0, f32::fact([1, dim]).into())
-            .map_err(prepare)?;
+        let prepare = |e: anyhow::Error| interface(format!("cannot be prepared for a f32[1,{dim}] delta: {e:#}"));
+        model.select_output_outlets(&[embedding, weight_logit]).map_err(prepare)?;
+        model.set_input_fact(0, f32::fact([1, dim]).into()).map_err(prepare)?;
         let model = model.into_optimized().map_err(prepare)?;
         let shape_of = |ix: usize| -> Result<Vec<usize>, TemporalError> {
             let fact = model.output_fact(ix).map_err(prepare)?;
             if fact.datum_type != f32::datum_type() {
-                return Err(interface(format!(
-                    "output {ix} is {:?}, not f32",
-                    fact.datum_type
-                )));
+                return Err(interface(format!("output {ix} is {:?}, not f32", fact.datum_type)));
             }
             fact.shape
                 .as_concrete()
@@ -322,19 +258,12 @@ impl TemporalHead {
         };
         let (e, w) = (shape_of(0)?, shape_of(1)?);
         if e.iter().product::<usize>() != dim || e.last() != Some(&dim) {
-            return Err(interface(format!(
-                "`{EMBEDDING_OUTPUT}` is {e:?}, expected [1, {dim}] (the bundle's dim)"
-            )));
+            return Err(interface(format!("`{EMBEDDING_OUTPUT}` is {e:?}, expected [1, {dim}] (the bundle's dim)")));
         }
         if w.iter().product::<usize>() != 1 {
-            return Err(interface(format!(
-                "`{WEIGHT_LOGIT_OUTPUT}` is {w:?}, expected a single value [1, 1]"
-            )));
+            return Err(interface(format!("`{WEIGHT_LOGIT_OUTPUT}` is {w:?}, expected a single value [1, 1]")));
         }
-        let state = model
-            .into_runnable()
-            .and_then(|plan| plan.spawn())
-            .map_err(prepare)?;
+        let state = model.into_runnable().and_then(|plan| plan.spawn()).map_err(prepare)?;
         let input = Arc::new(Tensor::zero::<f32>(&[1, dim]).map_err(prepare)?);
         Ok(Self { state, input, dim })
     }
@@ -349,10 +278,7 @@ impl TemporalHead {
     pub fn run(&mut self, delta: &[f32], embedding: &mut [f32]) -> Result<f32, TemporalError> {
         for found in [delta.len(), embedding.len()] {
             if found != self.dim {
-                return Err(TemporalError::Length {
-                    expected: self.dim,
-                    found,
-                });
+                return Err(TemporalError::Length { expected: self.dim, found });
             }
         }
         // tract drops its reference to the input when the run ends; if anything still holds
@@ -368,13 +294,8 @@ impl TemporalHead {
                 Ok(())
             })
             .map_err(TemporalError::Run)?;
-        let outputs = self
-            .state
-            .run(tvec!(self.input.clone().into_tvalue()))
-            .map_err(TemporalError::Run)?;
-        let read = |ix: usize| -> TractResult<&[f32]> {
-            outputs[ix].try_as_plain_ram()?.as_slice::<f32>()
-        };
+        let outputs = self.state.run(tvec!(self.input.clone().into_tvalue())).map_err(TemporalError::Run)?;
+        let read = |ix: usize| -> TractResult<&[f32]> { outputs[ix].try_as_plain_ram()?.as_slice::<f32>() };
         embedding.copy_from_slice(read(0).map_err(TemporalError::Run)?);
         let logit = read(1).map_err(TemporalError::Run)?[0];
         Ok(logit)
@@ -418,10 +339,7 @@ impl BundleScorer {
     /// A scorer for `bundle`'s window and interaction over `labels`; loads the bundle's
     /// temporal head when its interaction is `wti-temporal`.
     pub fn new(bundle: &Bundle, labels: LabelMatrix) -> Result<Self, ScorerError> {
-        let interaction = bundle
-            .manifest
-            .interaction()
-            .map_err(ScorerError::Interaction)?;
+        let interaction = bundle.manifest.interaction().map_err(ScorerError::Interaction)?;
         Self::with_interaction(bundle, labels, interaction)
     }
 
@@ -459,11 +377,7 @@ impl BundleScorer {
         let temporal = match (interaction.is_temporal(), head) {
             (true, Some(head)) => {
                 if head.dim() != dim {
-                    return Err(WtiError::DimMismatch {
-                        expected: dim,
-                        found: head.dim(),
-                    }
-                    .into());
+                    return Err(WtiError::DimMismatch { expected: dim, found: head.dim() }.into());
                 }
                 Some(TemporalState {
                     head,
@@ -472,17 +386,10 @@ impl BundleScorer {
                     difference: vec![0.0; dim],
                 })
             }
-            (true, None) => {
-                return Err(ScorerError::Interaction(
-                    "wti-temporal needs a temporal head".into(),
-                ))
-            }
+            (true, None) => return Err(ScorerError::Interaction("wti-temporal needs a temporal head".into())),
             (false, _) => None,
         };
-        Ok(Self {
-            scorer: WindowScorer::new(labels, window, interaction)?,
-            temporal,
-        })
+        Ok(Self { scorer: WindowScorer::new(labels, window, interaction)?, temporal })
     }
 
     /// The incremental scorer (window, labels, current scores).
@@ -514,11 +421,7 @@ impl BundleScorer {
             return Ok(self.scorer.push(embedding, weight_logit)?);
         };
         if embedding.len() != t.previous.len() {
-            return Err(WtiError::DimMismatch {
-                expected: t.previous.len(),
-                found: embedding.len(),
-            }
-            .into());
+            return Err(WtiError::DimMismatch { expected: t.previous.len(), found: embedding.len() }.into());
         }
         let difference = if self.scorer.is_empty() {
             None
@@ -529,9 +432,7 @@ impl BundleScorer {
             let logit = t.head.run(&t.delta, &mut t.difference)?;
             Some((t.difference.as_slice(), logit))
         };
-        let scores = self
-            .scorer
-            .push_with_difference(embedding, weight_logit, difference)?;
+        let scores = self.scorer.push_with_difference(embedding, weight_logit, difference)?;
         t.previous.copy_from_slice(embedding);
         Ok(scores)
     }

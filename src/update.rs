@@ -198,10 +198,7 @@ impl Message {
             }
             reason.truncate(end);
         }
-        Message::Rejected {
-            transfer_id,
-            reason,
-        }
+        Message::Rejected { transfer_id, reason }
     }
 }
 
@@ -330,12 +327,7 @@ impl FrameDecoder {
 
     /// A decoder for frames of up to `max_len` encoded bytes.
     pub fn with_max_len(max_len: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            max_len,
-            discarding: false,
-            bad_frames: 0,
-        }
+        Self { buf: Vec::new(), max_len, discarding: false, bad_frames: 0 }
     }
 
     /// Consumes `bytes` and returns the outcome of every frame they complete, in order.
@@ -537,9 +529,7 @@ pub enum UpdateError {
         total_len: u32,
     },
     /// `Commit` before every chunk arrived.
-    #[error(
-        "transfer incomplete: {received} of {total_len} bytes in {chunks} of {n_chunks} chunks"
-    )]
+    #[error("transfer incomplete: {received} of {total_len} bytes in {chunks} of {n_chunks} chunks")]
     Incomplete {
         /// Bytes received.
         received: usize,
@@ -551,7 +541,9 @@ pub enum UpdateError {
         n_chunks: u32,
     },
     /// The MAC does not verify under the device's key (or was made for another nonce).
-    #[error("authentication failed: the HMAC does not match this device's pre-shared key and this transfer's challenge")]
+    #[error(
+        "authentication failed: the HMAC does not match this device's pre-shared key and this transfer's challenge"
+    )]
     BadMac,
     /// The set's version differs from the one `Begin` announced.
     #[error("Begin announced version {announced}, the label set holds version {found}")]
@@ -648,12 +640,7 @@ pub struct Receiver {
 impl Receiver {
     /// A receiver for one line of the device behind `gate`.
     pub fn new(gate: Arc<UpdateGate>, line: Line) -> Self {
-        Self {
-            gate,
-            line,
-            transfer: None,
-            last_outcome: None,
-        }
+        Self { gate, line, transfer: None, last_outcome: None }
     }
 
     /// What [`Message::Status`] answers.
@@ -678,18 +665,10 @@ impl Receiver {
     /// devices wired to each other talk forever.
     pub fn handle(&mut self, message: Message) -> Option<Message> {
         match message {
-            Message::Begin {
-                transfer_id,
-                total_len,
-                n_chunks,
-                version,
-                force,
-            } => Some(self.begin(transfer_id, total_len, n_chunks, version, force)),
-            Message::Chunk {
-                transfer_id,
-                index,
-                data,
-            } => Some(self.chunk(transfer_id, index, &data)),
+            Message::Begin { transfer_id, total_len, n_chunks, version, force } => {
+                Some(self.begin(transfer_id, total_len, n_chunks, version, force))
+            }
+            Message::Chunk { transfer_id, index, data } => Some(self.chunk(transfer_id, index, &data)),
             Message::Commit { transfer_id, mac } => Some(self.commit(transfer_id, &mac)),
             Message::Abort { transfer_id } => {
                 if self.transfer.as_ref().is_some_and(|t| t.id == transfer_id) {
@@ -706,17 +685,13 @@ impl Receiver {
         }
     }
 
-    fn begin(
-        &mut self,
-        id: u32,
-        total_len: u32,
-        n_chunks: u32,
-        version: u64,
-        force: bool,
-    ) -> Message {
+    fn begin(&mut self, id: u32, total_len: u32, n_chunks: u32, version: u64, force: bool) -> Message {
         if let Some(t) = &self.transfer {
             // A Begin resent because its answer was lost: the same challenge again.
-            if t.id == id && t.next_index == 0 && (t.total_len, t.n_chunks, t.version, t.force) == (total_len, n_chunks, version, force) {
+            if t.id == id
+                && t.next_index == 0
+                && (t.total_len, t.n_chunks, t.version, t.force) == (total_len, n_chunks, version, force)
+            {
                 return Message::Challenge {
                     transfer_id: id,
                     nonce: t.nonce,
@@ -731,17 +706,11 @@ impl Receiver {
             // also refuses an empty set.
             let fewest = total_len.div_ceil(MAX_CHUNK as u32);
             if n_chunks == 0 || n_chunks < fewest || n_chunks > total_len {
-                return Err(UpdateError::BadChunkCount {
-                    total_len,
-                    n_chunks,
-                });
+                return Err(UpdateError::BadChunkCount { total_len, n_chunks });
             }
             let nonce = match self.line {
                 Line::Stream => gate::fresh_nonce(),
-                Line::Message => self
-                    .gate
-                    .take_challenge(id)
-                    .ok_or(UpdateError::NoChallenge { transfer_id: id })?,
+                Line::Message => self.gate.take_challenge(id).ok_or(UpdateError::NoChallenge { transfer_id: id })?,
             };
             Ok((nonce, self.gate.reserve()?))
         })();
@@ -758,11 +727,7 @@ impl Receiver {
                     data: Vec::new(),
                     reservation,
                 });
-                Message::Challenge {
-                    transfer_id: id,
-                    nonce,
-                    device: self.gate.config().device_name.clone(),
-                }
+                Message::Challenge { transfer_id: id, nonce, device: self.gate.config().device_name.clone() }
             }
             Err(e) => self.reject(id, e),
         }
@@ -775,27 +740,14 @@ impl Receiver {
         };
         if index < t.next_index {
             // A retry after a lost Ack: the bytes are already stored.
-            return Message::Ack {
-                transfer_id: id,
-                next_index: t.next_index,
-            };
+            return Message::Ack { transfer_id: id, next_index: t.next_index };
         }
         let error = if index > t.next_index {
-            UpdateError::OutOfOrder {
-                index,
-                expected: t.next_index,
-            }
+            UpdateError::OutOfOrder { index, expected: t.next_index }
         } else if data.is_empty() || data.len() > MAX_CHUNK {
-            UpdateError::BadChunkLen {
-                index,
-                len: data.len(),
-            }
+            UpdateError::BadChunkLen { index, len: data.len() }
         } else if index >= t.n_chunks || t.data.len() + data.len() > t.total_len as usize {
-            UpdateError::Overrun {
-                index,
-                n_chunks: t.n_chunks,
-                total_len: t.total_len,
-            }
+            UpdateError::Overrun { index, n_chunks: t.n_chunks, total_len: t.total_len }
         } else {
             // A message's bytes are held by its transport already.
             let held = match line {
@@ -811,10 +763,7 @@ impl Receiver {
                     }
                     t.data.extend_from_slice(data);
                     t.next_index += 1;
-                    return Message::Ack {
-                        transfer_id: id,
-                        next_index: t.next_index,
-                    };
+                    return Message::Ack { transfer_id: id, next_index: t.next_index };
                 }
                 Err(e) => e,
             }
@@ -850,10 +799,7 @@ impl Receiver {
         let outcome = match outcome {
             Ok(set) => {
                 tracing::info!(version = set.version, labels = set.labels.len(), "label set accepted");
-                Message::Accepted {
-                    transfer_id: id,
-                    version: set.version,
-                }
+                Message::Accepted { transfer_id: id, version: set.version }
             }
             Err(e) => self.reject(id, e),
         };
@@ -918,11 +864,7 @@ pub struct PushOptions {
 
 impl Default for PushOptions {
     fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(2),
-            commit_timeout: Duration::from_secs(30),
-            retries: 3,
-        }
+        Self { timeout: Duration::from_secs(2), commit_timeout: Duration::from_secs(30), retries: 3 }
     }
 }
 
@@ -952,21 +894,11 @@ impl Sender {
         if set.len() > MAX_SET_LEN as usize {
             return Err(PushError::TooLarge { len: set.len() });
         }
-        Ok(Self {
-            transfer_id,
-            version,
-            force,
-            set,
-            key: key.cloned(),
-        })
+        Ok(Self { transfer_id, version, force, set, key: key.cloned() })
     }
 
     /// Prepares a transfer of `set` under a fresh transfer id.
-    pub fn for_set(
-        set: &LabelSet,
-        force: bool,
-        key: Option<&PreSharedKey>,
-    ) -> Result<Self, PushError> {
+    pub fn for_set(set: &LabelSet, force: bool, key: Option<&PreSharedKey>) -> Result<Self, PushError> {
         Self::new(set.encode()?, set.version, force, key, fresh_transfer_id())
     }
 
@@ -1003,25 +935,16 @@ impl Sender {
 
     /// The chunk messages, in order.
     pub fn chunks(&self) -> impl Iterator<Item = Message> + '_ {
-        self.set
-            .chunks(MAX_CHUNK)
-            .enumerate()
-            .map(|(index, data)| Message::Chunk {
-                transfer_id: self.transfer_id,
-                index: index as u32,
-                data: data.to_vec(),
-            })
+        self.set.chunks(MAX_CHUNK).enumerate().map(|(index, data)| Message::Chunk {
+            transfer_id: self.transfer_id,
+            index: index as u32,
+            data: data.to_vec(),
+        })
     }
 
     /// The message that ends the transfer, signed for the device's challenge.
     pub fn commit(&self, nonce: &Nonce, device: &str) -> Message {
-        let signed = Signed {
-            nonce,
-            device,
-            transfer_id: self.transfer_id,
-            version: self.version,
-            force: self.force,
-        };
+        let signed = Signed { nonce, device, transfer_id: self.transfer_id, version: self.version, force: self.force };
         Message::Commit {
             transfer_id: self.transfer_id,
             mac: self.key.as_ref().map_or([0; 32], |key| transfer_mac(key, signed, &self.set)),
@@ -1062,19 +985,10 @@ impl Sender {
                 })
                 .await?;
             }
-            link.exchange(
-                &self.commit(&nonce, &device),
-                id,
-                options.commit_timeout,
-                options.retries,
-                |m| match m {
-                    Message::Accepted {
-                        transfer_id,
-                        version,
-                    } if *transfer_id == id => Some(*version),
-                    _ => None,
-                },
-            )
+            link.exchange(&self.commit(&nonce, &device), id, options.commit_timeout, options.retries, |m| match m {
+                Message::Accepted { transfer_id, version } if *transfer_id == id => Some(*version),
+                _ => None,
+            })
             .await
         }
         .await;
@@ -1087,26 +1001,17 @@ impl Sender {
 }
 
 /// Asks the device on `stream` for its [`DeviceStatus`].
-pub async fn query_status<S>(
-    stream: &mut S,
-    options: &PushOptions,
-) -> Result<DeviceStatus, PushError>
+pub async fn query_status<S>(stream: &mut S, options: &PushOptions) -> Result<DeviceStatus, PushError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut link = Link::new(stream);
     link.write(&[0]).await?;
     // No transfer id: Rejected never matches one, since a device does not reject Status.
-    link.exchange(
-        &Message::Status,
-        u32::MAX,
-        options.timeout,
-        options.retries,
-        |m| match m {
-            Message::StatusReply(status) => Some(status.clone()),
-            _ => None,
-        },
-    )
+    link.exchange(&Message::Status, u32::MAX, options.timeout, options.retries, |m| match m {
+        Message::StatusReply(status) => Some(status.clone()),
+        _ => None,
+    })
     .await
 }
 
@@ -1129,11 +1034,7 @@ struct Link<'a, S> {
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> Link<'a, S> {
     fn new(stream: &'a mut S) -> Self {
-        Self {
-            stream,
-            decoder: FrameDecoder::new(),
-            pending: VecDeque::new(),
-        }
+        Self { stream, decoder: FrameDecoder::new(), pending: VecDeque::new() }
     }
 
     async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -1186,21 +1087,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Link<'a, S> {
                 if let Some(answer) = want(&reply) {
                     return Ok(answer);
                 }
-                if let Message::Rejected {
-                    transfer_id,
-                    reason,
-                } = reply
-                {
+                if let Message::Rejected { transfer_id, reason } = reply {
                     if transfer_id == id {
                         return Err(PushError::Rejected { reason });
                     }
                 }
             }
         }
-        Err(PushError::Timeout {
-            what: describe(message),
-            attempts: retries + 1,
-        })
+        Err(PushError::Timeout { what: describe(message), attempts: retries + 1 })
     }
 }
 
@@ -1233,7 +1127,12 @@ where
 }
 
 /// [`serve`], telling `busy` whether a transfer is in progress.
-async fn serve_line<S>(mut stream: S, receiver: &mut Receiver, close_when_idle: bool, busy: Option<&AtomicBool>) -> io::Result<()>
+async fn serve_line<S>(
+    mut stream: S,
+    receiver: &mut Receiver,
+    close_when_idle: bool,
+    busy: Option<&AtomicBool>,
+) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1314,9 +1213,7 @@ struct SlotList {
 impl Slots {
     /// Room for `max` connections (at least one).
     pub fn new(max: usize) -> Self {
-        Self {
-            inner: Arc::new(std::sync::Mutex::new(SlotList { max: max.max(1), next_id: 0, open: VecDeque::new() })),
-        }
+        Self { inner: Arc::new(std::sync::Mutex::new(SlotList { max: max.max(1), next_id: 0, open: VecDeque::new() })) }
     }
 
     /// A slot for a new connection, displacing the oldest idle one when full; `None` when
@@ -1392,9 +1289,7 @@ mod tests {
     use crate::labels::Label;
 
     fn unit(seed: usize, dim: usize) -> Vec<f32> {
-        let v: Vec<f32> = (0..dim)
-            .map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5)
-            .collect();
+        let v: Vec<f32> = (0..dim).map(|k| ((seed * 7 + k * 3) % 5) as f32 - 1.5).collect();
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.into_iter().map(|x| x / n).collect()
     }
@@ -1435,7 +1330,10 @@ mod tests {
     }
 
     /// A gate for a device running version 1, and the sets it delivered.
-    fn gate_with(dir: &tempfile::TempDir, limits: UpdateLimits) -> (Arc<UpdateGate>, Arc<std::sync::Mutex<Vec<LabelSet>>>) {
+    fn gate_with(
+        dir: &tempfile::TempDir,
+        limits: UpdateLimits,
+    ) -> (Arc<UpdateGate>, Arc<std::sync::Mutex<Vec<LabelSet>>>) {
         let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = delivered.clone();
         let gate = UpdateGate::new(config(dir, limits), Some(&sample_set(1, 1)), 1, move |set| {
@@ -1481,11 +1379,7 @@ mod tests {
     fn frames_round_trip_and_match_postcard_crc32() {
         let messages = [
             Message::Status,
-            Message::Chunk {
-                transfer_id: 7,
-                index: 3,
-                data: (0..=255).chain(0..=255).collect(),
-            },
+            Message::Chunk { transfer_id: 7, index: 3, data: (0..=255).chain(0..=255).collect() },
             Message::rejected(9, "x".repeat(5000)),
             Message::StatusReply(DeviceStatus {
                 version: None,
@@ -1505,8 +1399,7 @@ mod tests {
             assert!(frame.len() <= MAX_FRAME_LEN, "{} bytes", frame.len());
             assert_eq!(frame.iter().position(|&b| b == 0), Some(frame.len() - 1));
             let raw = cobs::decode_vec(&frame[..frame.len() - 1]).unwrap();
-            let (version, decoded): (u8, Message) =
-                postcard::from_bytes_crc32(&raw, CRC32.digest()).unwrap();
+            let (version, decoded): (u8, Message) = postcard::from_bytes_crc32(&raw, CRC32.digest()).unwrap();
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(decoded, message);
             let mut decoder = FrameDecoder::new();
@@ -1518,8 +1411,7 @@ mod tests {
 
     #[test]
     fn rejected_reasons_are_cut_on_a_char_boundary() {
-        let Message::Rejected { reason, .. } = Message::rejected(1, "é".repeat(MAX_REASON_LEN))
-        else {
+        let Message::Rejected { reason, .. } = Message::rejected(1, "é".repeat(MAX_REASON_LEN)) else {
             unreachable!()
         };
         assert!(reason.len() <= MAX_REASON_LEN && reason.len() >= MAX_REASON_LEN - 1);
@@ -1594,13 +1486,7 @@ mod tests {
         assert_eq!(challenge(rx.handle(sender.begin())), (nonce, device.clone()));
         sender.chunks().for_each(|c| drop(rx.handle(c)));
         let reply = rx.handle(sender.commit(&nonce, &device));
-        assert_eq!(
-            reply,
-            Some(Message::Accepted {
-                transfer_id: sender.transfer_id(),
-                version: 2
-            })
-        );
+        assert_eq!(reply, Some(Message::Accepted { transfer_id: sender.transfer_id(), version: 2 }));
         assert_eq!(*delivered.lock().unwrap(), [set.clone()]);
         let path = dir.path().join("labels.cls");
         assert_eq!(LabelSet::load(&path).unwrap(), set);
@@ -1622,10 +1508,8 @@ mod tests {
         let sender = Sender::for_set(&sample_set(1, 3), true, Some(&key())).unwrap();
         let mut rx = Receiver::new(gate.clone(), Line::Stream);
         let (nonce, device) = challenge(rx.handle(sender.begin()));
-        let recorded: Vec<Message> = std::iter::once(sender.begin())
-            .chain(sender.chunks())
-            .chain([sender.commit(&nonce, &device)])
-            .collect();
+        let recorded: Vec<Message> =
+            std::iter::once(sender.begin()).chain(sender.chunks()).chain([sender.commit(&nonce, &device)]).collect();
         sender.chunks().for_each(|c| drop(rx.handle(c)));
         assert!(matches!(rx.handle(sender.commit(&nonce, &device)), Some(Message::Accepted { version: 1, .. })));
         // Played again, on a new line or the same one: a new nonce, so the old MAC fails.
@@ -1642,7 +1526,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (gate, delivered) = gate_with(&dir, UpdateLimits::default());
         let mut rx = Receiver::new(gate.clone(), Line::Stream);
-        let push = |rx: &mut Receiver, version, force| transfer(rx, &Sender::for_set(&sample_set(version, 2), force, Some(&key())).unwrap());
+        let push = |rx: &mut Receiver, version, force| {
+            transfer(rx, &Sender::for_set(&sample_set(version, 2), force, Some(&key())).unwrap())
+        };
         assert!(matches!(push(&mut rx, 5, false), Some(Message::Accepted { version: 5, .. })));
         assert!(matches!(push(&mut rx, 3, true), Some(Message::Accepted { version: 3, .. })));
         assert_eq!(gate.status().high_water, 5);
@@ -1718,7 +1604,9 @@ mod tests {
         let busy = slots.admit().unwrap();
         busy.set_busy(true);
         let newest = slots.admit().expect("room made by displacing the idle one");
-        tokio::time::timeout(Duration::from_secs(5), oldest.displaced()).await.expect("the oldest idle connection is told to go");
+        tokio::time::timeout(Duration::from_secs(5), oldest.displaced())
+            .await
+            .expect("the oldest idle connection is told to go");
         drop(oldest);
         assert_eq!(slots.open(), 2);
         newest.set_busy(true);
@@ -1748,13 +1636,7 @@ mod tests {
         rx.handle(sender.begin());
         rx.handle(chunks[0].clone());
         let ack = rx.handle(chunks[0].clone());
-        assert_eq!(
-            ack,
-            Some(Message::Ack {
-                transfer_id: id,
-                next_index: 1
-            })
-        );
+        assert_eq!(ack, Some(Message::Ack { transfer_id: id, next_index: 1 }));
         let gap = reason(rx.handle(chunks[2].clone()));
         assert_eq!(gap, "chunk 2 out of order: expected chunk 1");
         // The transfer is gone.
@@ -1771,14 +1653,8 @@ mod tests {
         let fresh = Sender::new(set.encode().unwrap(), 2, false, Some(&key()), 2).unwrap();
         let (nonce, device) = challenge(rx.handle(stale.begin()));
         rx.handle(stale.chunks().next().unwrap());
-        assert!(matches!(
-            transfer(&mut rx, &fresh),
-            Some(Message::Accepted { version: 2, .. })
-        ));
-        assert_eq!(
-            reason(rx.handle(stale.commit(&nonce, &device))),
-            "no transfer 1 in progress"
-        );
+        assert!(matches!(transfer(&mut rx, &fresh), Some(Message::Accepted { version: 2, .. })));
+        assert_eq!(reason(rx.handle(stale.commit(&nonce, &device))), "no transfer 1 in progress");
     }
 
     #[test]
@@ -1842,10 +1718,7 @@ mod tests {
 
         let sender = Sender::new(bytes, 3, false, Some(&key()), 14).unwrap();
         let msg = reason(transfer(&mut rx, &sender));
-        assert_eq!(
-            msg,
-            "Begin announced version 3, the label set holds version 2"
-        );
+        assert_eq!(msg, "Begin announced version 3, the label set holds version 2");
         assert!(!path.exists());
         assert_eq!(rx.status().version, Some(1));
         assert!(delivered.lock().unwrap().is_empty());
@@ -1868,13 +1741,7 @@ mod tests {
     fn host_messages_are_not_answered() {
         let dir = tempfile::tempdir().unwrap();
         let mut rx = receiver(&dir);
-        assert_eq!(
-            rx.handle(Message::Ack {
-                transfer_id: 1,
-                next_index: 1
-            }),
-            None
-        );
+        assert_eq!(rx.handle(Message::Ack { transfer_id: 1, next_index: 1 }), None);
         assert_eq!(rx.handle(Message::rejected(1, "no")), None);
         assert_eq!(rx.handle(Message::Abort { transfer_id: 1 }), None);
     }

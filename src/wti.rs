@@ -72,10 +72,7 @@ impl Interaction {
     /// Whether frames (and tokens) are weighted by their trained heads (softmax of the weight
     /// logits, `w_t`) rather than uniformly.
     fn is_weighted(self) -> bool {
-        matches!(
-            self,
-            Self::WeightedTokenWise | Self::WeightedTokenWiseTemporal
-        )
+        matches!(self, Self::WeightedTokenWise | Self::WeightedTokenWiseTemporal)
     }
 }
 
@@ -88,9 +85,7 @@ impl std::str::FromStr for Interaction {
             "ti" | "token-wise" => Ok(Self::TokenWise),
             "wti" | "weighted-token-wise" => Ok(Self::WeightedTokenWise),
             "wti-temporal" | "weighted-token-wise-temporal" => Ok(Self::WeightedTokenWiseTemporal),
-            other => Err(format!(
-                "unknown interaction {other:?} (expected mean, ti, wti or wti-temporal)"
-            )),
+            other => Err(format!("unknown interaction {other:?} (expected mean, ti, wti or wti-temporal)")),
         }
     }
 }
@@ -155,14 +150,7 @@ impl LabelMatrix {
             offsets.push(weights.len());
             pooled.extend_from_slice(&label.pooled);
         }
-        Self {
-            dim: set.dim as usize,
-            tokens,
-            weights,
-            uniform,
-            offsets,
-            pooled,
-        }
+        Self { dim: set.dim as usize, tokens, weights, uniform, offsets, pooled }
     }
 
     /// Embedding dimension `D`.
@@ -198,10 +186,7 @@ impl LabelMatrix {
     /// `per_label[c] = max_{i ∈ c} column[i]`.
     fn label_maxima(&self, column: &[f32], per_label: &mut [f32]) {
         for (c, out) in per_label.iter_mut().enumerate() {
-            *out = column[self.offsets[c]..self.offsets[c + 1]]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
+            *out = column[self.offsets[c]..self.offsets[c + 1]].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         }
     }
 
@@ -263,13 +248,7 @@ pub fn score_window_temporal(
     }
     let columns = [frames, differences].concat();
     let logits = [weight_logits, difference_logits].concat();
-    score_columns(
-        labels,
-        &columns,
-        &logits,
-        Interaction::WeightedTokenWiseTemporal,
-        scores,
-    )
+    score_columns(labels, &columns, &logits, Interaction::WeightedTokenWiseTemporal, scores)
 }
 
 /// Checks the lengths and values of one kind of column (`what`: frame or difference).
@@ -283,10 +262,7 @@ fn check_window(
     let dim = labels.dim;
     let n = weight_logits.len();
     if columns.len() != n * dim {
-        return Err(WtiError::Shape(format!(
-            "{} {what} values for {n} weight logits of dim {dim}",
-            columns.len()
-        )));
+        return Err(WtiError::Shape(format!("{} {what} values for {n} weight logits of dim {dim}", columns.len())));
     }
     if columns.iter().chain(weight_logits).any(|x| !x.is_finite()) {
         return Err(WtiError::NonFinite);
@@ -329,10 +305,7 @@ fn score_columns(
     // S as T columns of `total_tokens`.
     let total = labels.total_tokens();
     let mut similarity = vec![0.0; n_frames * total];
-    for (frame, column) in normalized
-        .chunks_exact(dim)
-        .zip(similarity.chunks_exact_mut(total))
-    {
+    for (frame, column) in normalized.chunks_exact(dim).zip(similarity.chunks_exact_mut(total)) {
         labels.similarity_column(frame, column);
     }
     for (c, score) in scores.iter_mut().enumerate() {
@@ -340,22 +313,14 @@ fn score_columns(
         let t2v: f32 = rows
             .clone()
             .map(|i| {
-                let best = similarity
-                    .chunks_exact(total)
-                    .map(|col| col[i])
-                    .fold(f32::NEG_INFINITY, f32::max);
+                let best = similarity.chunks_exact(total).map(|col| col[i]).fold(f32::NEG_INFINITY, f32::max);
                 token_weights[i] * best
             })
             .sum();
         let v2t: f32 = similarity
             .chunks_exact(total)
             .zip(&frame_weights)
-            .map(|(col, w)| {
-                w * col[rows.clone()]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max)
-            })
+            .map(|(col, w)| w * col[rows.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max))
             .sum();
         *score = 0.5 * (t2v + v2t);
     }
@@ -405,20 +370,12 @@ pub struct WindowScorer {
 
 impl WindowScorer {
     /// A scorer over windows of `window` frames (`T`).
-    pub fn new(
-        labels: LabelMatrix,
-        window: usize,
-        interaction: Interaction,
-    ) -> Result<Self, WtiError> {
+    pub fn new(labels: LabelMatrix, window: usize, interaction: Interaction) -> Result<Self, WtiError> {
         if window == 0 {
             return Err(WtiError::EmptyWindow);
         }
         let dim = labels.dim;
-        let difference_capacity = if interaction.is_temporal() {
-            window - 1
-        } else {
-            0
-        };
+        let difference_capacity = if interaction.is_temporal() { window - 1 } else { 0 };
         let slots = window + difference_capacity;
         let mut scorer = Self {
             labels,
@@ -448,8 +405,7 @@ impl WindowScorer {
     fn size_label_buffers(&mut self) {
         let slots = self.slots();
         self.columns.resize(slots * self.labels.total_tokens(), 0.0);
-        self.column_maxima
-            .resize(slots * self.labels.n_labels(), 0.0);
+        self.column_maxima.resize(slots * self.labels.n_labels(), 0.0);
         self.scores.resize(self.labels.n_labels(), 0.0);
     }
 
@@ -491,10 +447,7 @@ impl WindowScorer {
     /// change. Reallocates only if the new set has more tokens or labels than any before.
     pub fn set_labels(&mut self, labels: LabelMatrix) -> Result<(), WtiError> {
         if labels.dim != self.labels.dim {
-            return Err(WtiError::DimMismatch {
-                expected: self.labels.dim,
-                found: labels.dim,
-            });
+            return Err(WtiError::DimMismatch { expected: self.labels.dim, found: labels.dim });
         }
         self.labels = labels;
         self.size_label_buffers();
@@ -533,10 +486,7 @@ impl WindowScorer {
         let dim = self.labels.dim;
         let check = |column: &[f32], logit: f32| {
             if column.len() != dim {
-                return Err(WtiError::DimMismatch {
-                    expected: dim,
-                    found: column.len(),
-                });
+                return Err(WtiError::DimMismatch { expected: dim, found: column.len() });
             }
             if !logit.is_finite() || column.iter().any(|x| !x.is_finite()) {
                 return Err(WtiError::NonFinite);
@@ -554,8 +504,7 @@ impl WindowScorer {
                 }
                 (None, _) => {
                     return Err(WtiError::Difference(
-                        "wti-temporal needs the difference column of every frame after the first"
-                            .into(),
+                        "wti-temporal needs the difference column of every frame after the first".into(),
                     ))
                 }
                 (Some((column, logit)), _) => {
@@ -605,35 +554,22 @@ impl WindowScorer {
         if self.interaction == Interaction::MeanPooling {
             return;
         }
-        let (dim, total, n_labels) = (
-            self.labels.dim,
-            self.labels.total_tokens(),
-            self.labels.n_labels(),
-        );
+        let (dim, total, n_labels) = (self.labels.dim, self.labels.total_tokens(), self.labels.n_labels());
         let frame = &self.frames[slot * dim..(slot + 1) * dim];
         let column = &mut self.columns[slot * total..(slot + 1) * total];
         self.labels.similarity_column(frame, column);
-        self.labels.label_maxima(
-            column,
-            &mut self.column_maxima[slot * n_labels..(slot + 1) * n_labels],
-        );
+        self.labels.label_maxima(column, &mut self.column_maxima[slot * n_labels..(slot + 1) * n_labels]);
     }
 
     fn compute_scores(&mut self) {
-        let (dim, total, n_labels, n) = (
-            self.labels.dim,
-            self.labels.total_tokens(),
-            self.labels.n_labels(),
-            self.len,
-        );
+        let (dim, total, n_labels, n) = (self.labels.dim, self.labels.total_tokens(), self.labels.n_labels(), self.len);
         if self.interaction == Interaction::MeanPooling {
             self.mean.fill(0.0);
             for frame in self.frames[..n * dim].chunks_exact(dim) {
                 add_assign(&mut self.mean, frame);
             }
             normalize_in_place(&mut self.mean);
-            self.labels
-                .mean_pooling_scores(&self.mean, &mut self.scores);
+            self.labels.mean_pooling_scores(&self.mean, &mut self.scores);
             return;
         }
         // Frame columns are slots 0..n, difference columns T..T + n_diff: two contiguous runs.
@@ -662,9 +598,7 @@ impl WindowScorer {
             for i in self.labels.offsets[c]..self.labels.offsets[c + 1] {
                 let mut best = f32::NEG_INFINITY;
                 for &(start, count) in &runs {
-                    for column in
-                        self.columns[start * total..(start + count) * total].chunks_exact(total)
-                    {
+                    for column in self.columns[start * total..(start + count) * total].chunks_exact(total) {
                         best = best.max(column[i]);
                     }
                 }
@@ -717,8 +651,7 @@ fn add_assign(acc: &mut [f32], v: &[f32]) {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { dot_avx2_fma(a, b) };
         }
@@ -740,19 +673,10 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; LANES];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for k in 0..LANES {
-            acc[k] = if FUSED {
-                x[k].mul_add(y[k], acc[k])
-            } else {
-                acc[k] + x[k] * y[k]
-            };
+            acc[k] = if FUSED { x[k].mul_add(y[k], acc[k]) } else { acc[k] + x[k] * y[k] };
         }
     }
     acc.iter().sum::<f32>() + tail

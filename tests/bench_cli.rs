@@ -17,20 +17,12 @@ fn demo() -> PathBuf {
 /// The `clipact` binary, through `CLIPACT_TEST_RUNNER` (qemu in tools/test.sh's aarch64 leg)
 /// when set; `auto`'s cache goes to `cache_dir`.
 fn clipact(args: &[&str], cache_dir: &Path) -> Output {
-    support::clipact_command()
-        .env("CLIPACT_CACHE_DIR", cache_dir)
-        .args(args)
-        .output()
-        .expect("clipact runs")
+    support::clipact_command().env("CLIPACT_CACHE_DIR", cache_dir).args(args).output().expect("clipact runs")
 }
 
 fn clipact_ok(args: &[&str], cache_dir: &Path) -> Output {
     let out = clipact(args, cache_dir);
-    assert!(
-        out.status.success(),
-        "clipact {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "clipact {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -57,17 +49,12 @@ fn demo_with_int8(dir: &Path) -> PathBuf {
         std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
     }
     // The demo encoder's matmuls are small: quantize them all.
-    let options = QuantizeOptions {
-        min_weight_elements: 1,
-        ..QuantizeOptions::default()
-    };
+    let options = QuantizeOptions { min_weight_elements: 1, ..QuantizeOptions::default() };
     let report = quantize_file(&bundle.join("encoder.onnx"), &bundle.join("encoder.int8.onnx"), &options).unwrap();
     assert!(!report.layers.is_empty());
     let manifest = std::fs::read_to_string(bundle.join("manifest.toml")).unwrap();
-    let manifest = manifest.replace(
-        "precision = \"f32\"\n",
-        "precision = \"f32\"\nint8_file = \"encoder.int8.onnx\"\n",
-    );
+    let manifest =
+        manifest.replace("precision = \"f32\"\n", "precision = \"f32\"\nint8_file = \"encoder.int8.onnx\"\n");
     assert!(manifest.contains("int8_file"));
     std::fs::write(bundle.join("manifest.toml"), manifest).unwrap();
     bundle
@@ -108,24 +95,15 @@ fn bench_threads_and_auto() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = demo_with_int8(dir.path());
     let bundle = bundle.to_str().unwrap();
-    let r = bench_json(
-        &["bench", "--bundle", bundle, "--threads", "2", "--frames", "5", "--json"],
-        dir.path(),
-    );
+    let r = bench_json(&["bench", "--bundle", bundle, "--threads", "2", "--frames", "5", "--json"], dir.path());
     assert_eq!(r["threads"], 2);
     // auto measures at the first start and writes the cache, then reads it.
-    let r = bench_json(
-        &["bench", "--bundle", bundle, "--precision", "auto", "--frames", "5", "--json"],
-        dir.path(),
-    );
+    let r = bench_json(&["bench", "--bundle", bundle, "--precision", "auto", "--frames", "5", "--json"], dir.path());
     assert_eq!(r["selection"], "auto (measured now)", "{r}");
     let chosen = r["precision"].as_str().unwrap().to_owned();
     assert!(["f32", "f16", "int8"].contains(&chosen.as_str()));
     assert!(dir.path().join("precision.toml").is_file(), "the cache was written");
-    let r = bench_json(
-        &["bench", "--bundle", bundle, "--precision", "auto", "--frames", "5", "--json"],
-        dir.path(),
-    );
+    let r = bench_json(&["bench", "--bundle", bundle, "--precision", "auto", "--frames", "5", "--json"], dir.path());
     assert_eq!(r["selection"], "auto (cached)", "{r}");
     assert_eq!(r["precision"], chosen.as_str());
 }
@@ -174,8 +152,15 @@ fn embed_runs_in_every_precision_close_to_f32() {
         let out = dir.path().join(format!("{precision}.safetensors"));
         clipact_ok(
             &[
-                "embed", "--bundle", bundle.to_str().unwrap(), "--pixels", input.to_str().unwrap(),
-                "--out", out.to_str().unwrap(), "--precision", precision,
+                "embed",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--pixels",
+                input.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--precision",
+                precision,
             ],
             dir.path(),
         );
@@ -195,7 +180,17 @@ fn embed_runs_in_every_precision_close_to_f32() {
         }
     }
     let err = clipact_err(
-        &["embed", "--bundle", "models/colour-demo", "--pixels", input.to_str().unwrap(), "--out", "x.safetensors", "--precision", "int8"],
+        &[
+            "embed",
+            "--bundle",
+            "models/colour-demo",
+            "--pixels",
+            input.to_str().unwrap(),
+            "--out",
+            "x.safetensors",
+            "--precision",
+            "int8",
+        ],
         dir.path(),
     );
     assert!(err.contains("int8_file"), "{err}");

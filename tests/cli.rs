@@ -34,11 +34,7 @@ fn clipact(args: &[&str]) -> std::process::Output {
 /// Runs `clipact` and fails the test, showing its stderr, unless it succeeds.
 fn clipact_ok(args: &[&str]) -> std::process::Output {
     let out = clipact(args);
-    assert!(
-        out.status.success(),
-        "clipact {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "clipact {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -69,11 +65,7 @@ fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
 fn run_with_no_arguments_runs_the_demo_bundle_on_the_synthetic_world() {
     let cache = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = command()
-            .args(args)
-            .env("CLIPACT_CACHE_DIR", cache.path())
-            .output()
-            .expect("clipact runs");
+        let out = command().args(args).env("CLIPACT_CACHE_DIR", cache.path()).output().expect("clipact runs");
         assert!(out.status.success(), "clipact {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         (json_lines(&out.stdout), String::from_utf8_lossy(&out.stderr).into_owned())
     };
@@ -82,10 +74,7 @@ fn run_with_no_arguments_runs_the_demo_bundle_on_the_synthetic_world() {
     let demo = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
     let labels: Vec<&str> = demo.labels.labels.iter().map(|l| l.name.as_str()).collect();
     let actions: Vec<&str> = clipact::world::ACTIONS.iter().map(|a| a.name).collect();
-    assert!(
-        events.iter().any(|e| e["type"] == "new"),
-        "no detection in 30 s of the synthetic world: {events:?}"
-    );
+    assert!(events.iter().any(|e| e["type"] == "new"), "no detection in 30 s of the synthetic world: {events:?}");
     let mut seen_actions = 0;
     for e in &events {
         assert!(labels.contains(&e["label"].as_str().unwrap()), "{e}");
@@ -125,22 +114,14 @@ fn run_on_the_colour_pattern_detects_its_scenes() {
     }
     // Every detection ends before or when the next one of the same label starts.
     let ends = events.iter().filter(|e| e["type"] == "end").count();
-    assert!(
-        ends + 3 >= new.len(),
-        "{ends} ends for {} starts",
-        new.len()
-    );
+    assert!(ends + 3 >= new.len(), "{ends} ends for {} starts", new.len());
 }
 
 #[test]
 fn run_takes_thresholds_from_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n",
-    )
-    .unwrap();
+    std::fs::write(&config, "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n").unwrap();
     let with_config = on_colour(&["--config", config.to_str().unwrap(), "--for", "60"]);
     let out = clipact_ok(&[&["run"], &with_config[..]].concat());
     let events = json_lines(&out.stdout);
@@ -182,9 +163,7 @@ fn run_rejects_bad_arguments_clearly() {
 fn embed_matches_the_encoder() {
     let dir = tempfile::tempdir().unwrap();
     let (batch, size) = (3usize, 32usize);
-    let values: Vec<f32> = (0..batch * 3 * size * size)
-        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
-        .collect();
+    let values: Vec<f32> = (0..batch * 3 * size * size).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let pixels = dir.path().join("pixels.safetensors");
     let view = TensorView::new(Dtype::F32, vec![batch, 3, size, size], &bytes).unwrap();
@@ -204,13 +183,7 @@ fn embed_matches_the_encoder() {
     let tensors = SafeTensors::deserialize(&written).unwrap();
     let floats = |name: &str| -> (Vec<usize>, Vec<f32>) {
         let t = tensors.tensor(name).unwrap();
-        (
-            t.shape().to_vec(),
-            t.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-        )
+        (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
     };
     let (shape, embeddings) = floats("embedding");
     assert_eq!(shape, vec![batch, 16]);
@@ -221,12 +194,7 @@ fn embed_matches_the_encoder() {
     let mut encoder = Encoder::load(&bundle.encoder_path(), 32, 32).unwrap();
     let mut expected = vec![0.0; 16];
     for b in 0..batch {
-        let logit = encoder
-            .run(
-                &values[b * 3 * size * size..(b + 1) * 3 * size * size],
-                &mut expected,
-            )
-            .unwrap();
+        let logit = encoder.run(&values[b * 3 * size * size..(b + 1) * 3 * size * size], &mut expected).unwrap();
         assert_eq!(&embeddings[b * 16..(b + 1) * 16], &expected[..]);
         assert_eq!(logits[b], logit);
     }
@@ -234,20 +202,10 @@ fn embed_matches_the_encoder() {
 
 #[test]
 fn bench_json_has_the_contract_fields() {
-    let out = clipact_ok(&[
-        "bench",
-        "--bundle",
-        "models/colour-demo",
-        "--frames",
-        "20",
-        "--json",
-    ]);
+    let out = clipact_ok(&["bench", "--bundle", "models/colour-demo", "--frames", "20", "--json"]);
     let report = &json_lines(&out.stdout)[0];
     for key in ["fps", "p50_ms", "p99_ms", "peak_rss_mb"] {
-        assert!(
-            report[key].as_f64().is_some_and(|v| v > 0.0),
-            "{key} in {report}"
-        );
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
     }
     assert!(report["p99_ms"].as_f64() >= report["p50_ms"].as_f64());
     assert_eq!(report["precision"], "f32");
@@ -270,11 +228,7 @@ fn broken_bundles_are_refused_with_the_reason() {
             "unknown manifest key",
             |d| {
                 let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
-                std::fs::write(
-                    d.join("manifest.toml"),
-                    text.replace("[window]", "[window]\nframez = 3"),
-                )
-                .unwrap();
+                std::fs::write(d.join("manifest.toml"), text.replace("[window]", "[window]\nframez = 3")).unwrap();
             },
             "unknown field `framez`",
         ),
@@ -286,17 +240,12 @@ fn broken_bundles_are_refused_with_the_reason() {
             },
             "truncated",
         ),
-        (
-            "missing encoder",
-            |d| std::fs::remove_file(d.join("encoder.onnx")).unwrap(),
-            "encoder.onnx",
-        ),
+        ("missing encoder", |d| std::fs::remove_file(d.join("encoder.onnx")).unwrap(), "encoder.onnx"),
         (
             "dim mismatch",
             |d| {
                 let text = std::fs::read_to_string(d.join("manifest.toml")).unwrap();
-                std::fs::write(d.join("manifest.toml"), text.replace("dim = 16", "dim = 8"))
-                    .unwrap();
+                std::fs::write(d.join("manifest.toml"), text.replace("dim = 16", "dim = 8")).unwrap();
             },
             "embedding dim 16, the encoder produces 8",
         ),
@@ -368,9 +317,9 @@ fn run_reads_pipes_and_files() {
 /// reason and keeps running on its set, and exits cleanly on SIGTERM.
 #[test]
 fn run_takes_tcp_updates_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader};
     use clipact::labels::LabelSet;
     use clipact::update::{PreSharedKey, PushOptions, Sender};
+    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("update.key");
     std::fs::write(&key_file, "0123456789abcdef-test-key\n").unwrap();
@@ -484,11 +433,20 @@ fn eval_stream_grades_the_events_the_device_starts() {
     let bundle = bundle.to_str().unwrap();
     let stream = |split: &str| -> serde_json::Value {
         let source = format!("synthetic:seed=5,split={split}");
-        let out = clipact_ok(&["eval", "--bundle", bundle, "--source", &source, "--stream", "--seconds", "30", "--json"]);
+        let out =
+            clipact_ok(&["eval", "--bundle", bundle, "--source", &source, "--stream", "--seconds", "30", "--json"]);
         serde_json::from_slice(&out.stdout).expect("one JSON object")
     };
     let report = stream("id");
-    for key in ["new_events", "event_precision", "event_recall", "latency_p50_s", "latency_p99_s", "false_alarms_per_hour", "window_top1"] {
+    for key in [
+        "new_events",
+        "event_precision",
+        "event_recall",
+        "latency_p50_s",
+        "latency_p99_s",
+        "false_alarms_per_hour",
+        "window_top1",
+    ] {
         assert!(report.get(key).is_some(), "no {key} in {report}");
     }
     let n = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key} in {report}"));
@@ -507,7 +465,17 @@ fn eval_stream_grades_the_events_the_device_starts() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("device.toml");
     std::fs::write(&config, "precision = \"f32\"\n").unwrap();
-    let out = clipact_ok(&["run", "--config", config.to_str().unwrap(), "--bundle", bundle, "--source", "synthetic:seed=5,split=id", "--for", "30"]);
+    let out = clipact_ok(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--bundle",
+        bundle,
+        "--source",
+        "synthetic:seed=5,split=id",
+        "--for",
+        "30",
+    ]);
     let news: Vec<serde_json::Value> = json_lines(&out.stdout).into_iter().filter(|e| e["type"] == "new").collect();
     assert_eq!(news.len() as u64, n("new_events"), "run and eval --stream disagree");
     let on_their_action = news.iter().filter(|e| e["truth"]["action"] == e["label"]).count() as u64;

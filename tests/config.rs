@@ -19,10 +19,7 @@ fn error(text: &str) -> (String, Option<String>) {
 
 fn assert_contains(message: &str, needles: &[&str]) {
     for needle in needles {
-        assert!(
-            message.contains(needle),
-            "{needle:?} not in error message:\n{message}"
-        );
+        assert!(message.contains(needle), "{needle:?} not in error message:\n{message}");
     }
 }
 
@@ -37,24 +34,11 @@ fn every_board_config_loads() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     boards.sort();
-    assert!(
-        boards.len() >= 4,
-        "board configs in {}: {boards:?}",
-        dir.display()
-    );
+    assert!(boards.len() >= 4, "board configs in {}: {boards:?}", dir.display());
     for path in &boards {
         let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
-        assert_ne!(
-            config.device_name,
-            "clipact",
-            "{}: set a device name",
-            path.display()
-        );
-        assert!(
-            config.bundle.is_absolute(),
-            "{}: bundle path",
-            path.display()
-        );
+        assert_ne!(config.device_name, "clipact", "{}: set a device name", path.display());
+        assert!(config.bundle.is_absolute(), "{}: bundle path", path.display());
     }
 }
 
@@ -62,22 +46,11 @@ fn every_board_config_loads() {
 fn board_configs_use_the_chip_labels_of_boards_readme() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("boards");
     let chips = |file: &str| -> Vec<String> {
-        Config::load(&dir.join(file))
-            .unwrap()
-            .gpio
-            .iter()
-            .map(|g| g.chip.clone())
-            .collect()
+        Config::load(&dir.join(file)).unwrap().gpio.iter().map(|g| g.chip.clone()).collect()
     };
-    assert!(chips("raspberry-pi-4.toml")
-        .iter()
-        .all(|c| c == "pinctrl-bcm2711"));
-    assert!(chips("raspberry-pi-5.toml")
-        .iter()
-        .all(|c| c == "pinctrl-rp1"));
-    assert!(chips("jetson-orin-nano.toml")
-        .iter()
-        .all(|c| c == "tegra234-gpio" || c == "tegra234-gpio-aon"));
+    assert!(chips("raspberry-pi-4.toml").iter().all(|c| c == "pinctrl-bcm2711"));
+    assert!(chips("raspberry-pi-5.toml").iter().all(|c| c == "pinctrl-rp1"));
+    assert!(chips("jetson-orin-nano.toml").iter().all(|c| c == "tegra234-gpio" || c == "tegra234-gpio-aon"));
     assert!(!chips("raspberry-pi-5.toml").is_empty());
     assert!(chips("x86-64.toml").is_empty());
 }
@@ -127,25 +100,14 @@ labels_path = "/var/lib/clipact/labels.cls"
     assert_eq!(pulse.mode, GpioMode::Pulse);
     assert_eq!(
         pulse.selector(),
-        LineSelector::new(
-            ChipSelector::Label("pinctrl-rp1".into()),
-            LineRef::Name("GPIO17".into())
-        )
+        LineSelector::new(ChipSelector::Label("pinctrl-rp1".into()), LineRef::Name("GPIO17".into()))
     );
-    assert_eq!(
-        pulse.trigger_mode(),
-        Mode::Pulse {
-            duration: Duration::from_millis(2000)
-        }
-    );
+    assert_eq!(pulse.trigger_mode(), Mode::Pulse { duration: Duration::from_millis(2000) });
     let level = &config.gpio[1];
     assert_eq!(level.mode, GpioMode::Level);
     assert!(!level.active_low);
     assert_eq!(level.trigger_mode(), Mode::Level);
-    assert_eq!(
-        level.selector(),
-        "/dev/gpiochip0:4".parse::<LineSelector>().unwrap()
-    );
+    assert_eq!(level.selector(), "/dev/gpiochip0:4".parse::<LineSelector>().unwrap());
     let mqtt = config.mqtt.as_ref().unwrap();
     assert_eq!(mqtt.port, DEFAULT_MQTT_PORT);
     // Unguessable, so no other client can take the device's place on the broker.
@@ -167,14 +129,8 @@ fn an_empty_config_is_the_default_run() {
     assert_eq!(config.source, "synthetic");
     assert_eq!(config.device_name, "clipact");
     assert_eq!(config.decision, Decision::default());
-    assert_eq!(
-        config.decision.threshold,
-        clipact::pipeline::DEFAULT_THRESHOLD
-    );
-    assert_eq!(
-        config.decision.hysteresis,
-        clipact::pipeline::DEFAULT_HYSTERESIS
-    );
+    assert_eq!(config.decision.threshold, clipact::pipeline::DEFAULT_THRESHOLD);
+    assert_eq!(config.decision.hysteresis, clipact::pipeline::DEFAULT_HYSTERESIS);
     assert!(config.labels.is_empty() && config.gpio.is_empty());
     assert!(config.mqtt.is_none() && config.http.is_none() && config.updates.is_none());
     assert_eq!(config.mqtt_client_id(), None);
@@ -208,10 +164,7 @@ fn decisions_resolve_in_order() {
     .unwrap();
     // [decision] only.
     let d = config.decision_for("c", None, None);
-    assert_eq!(
-        (d.threshold, d.cooldown()),
-        (0.4, Duration::from_millis(100))
-    );
+    assert_eq!((d.threshold, d.cooldown()), (0.4, Duration::from_millis(100)));
     // The label set's threshold beats [decision]...
     assert_eq!(config.decision_for("c", None, Some(0.6)).threshold, 0.6);
     assert_eq!(config.decision_for("b", None, Some(0.6)).threshold, 0.6);
@@ -238,37 +191,20 @@ fn smoothing_is_a_decision_key_with_per_label_overrides() {
 #[test]
 fn a_misspelt_key_gets_a_suggestion() {
     let (message, key) = error("[decision]\ntreshold = 0.3\n");
-    assert_contains(
-        &message,
-        &[
-            "test.toml:2:1",
-            "unknown key `treshold` in [decision]; did you mean `threshold`?",
-        ],
-    );
+    assert_contains(&message, &["test.toml:2:1", "unknown key `treshold` in [decision]; did you mean `threshold`?"]);
     assert_eq!(key.as_deref(), Some("decision.treshold"));
 
     let (message, key) = error("bundel = \"x\"\n");
-    assert_contains(
-        &message,
-        &["unknown key `bundel` at the top level; did you mean `bundle`?"],
-    );
+    assert_contains(&message, &["unknown key `bundel` at the top level; did you mean `bundle`?"]);
     assert_eq!(key.as_deref(), Some("bundel"));
 
     let (message, key) = error("[labels.falls_down]\ncooldown = 5\n");
-    assert_contains(
-        &message,
-        &["unknown key `cooldown` in [labels.falls_down]; did you mean `cooldown_ms`?"],
-    );
+    assert_contains(&message, &["unknown key `cooldown` in [labels.falls_down]; did you mean `cooldown_ms`?"]);
     assert_eq!(key.as_deref(), Some("labels.falls_down.cooldown"));
 
     // The second [[gpio]].
-    let (message, key) = error(&format!(
-        "{GPIO}[[gpio]]\nlabel = \"x\"\nchip = \"c\"\nline = 4\npulse_len = 10\n"
-    ));
-    assert_contains(
-        &message,
-        &["unknown key `pulse_len` in [[gpio]] #2; did you mean `pulse_ms`?"],
-    );
+    let (message, key) = error(&format!("{GPIO}[[gpio]]\nlabel = \"x\"\nchip = \"c\"\nline = 4\npulse_len = 10\n"));
+    assert_contains(&message, &["unknown key `pulse_len` in [[gpio]] #2; did you mean `pulse_ms`?"]);
     assert_eq!(key.as_deref(), Some("gpio[1].pulse_len"));
 
     let (message, _) = error("[mqtt]\nhost = \"h\"\nuser = \"u\"\n");
@@ -279,10 +215,7 @@ fn a_misspelt_key_gets_a_suggestion() {
     assert_contains(&message, &["in [decision]; did you mean `threshold`?"]);
     assert_eq!(key.as_deref(), Some("decision.treshold"));
     let (message, key) = error("mqtt = { host = \"h\", prot = 1 }\n");
-    assert_contains(
-        &message,
-        &["unknown key `prot` in [mqtt]; did you mean `port`?"],
-    );
+    assert_contains(&message, &["unknown key `prot` in [mqtt]; did you mean `port`?"]);
     assert_eq!(key.as_deref(), Some("mqtt.prot"));
 }
 
@@ -298,15 +231,7 @@ fn an_unknown_key_far_from_any_lists_the_known_ones() {
 #[test]
 fn a_wrong_type_names_the_key_and_hints() {
     let (message, key) = error("[decision]\nthreshold = \"high\"\n");
-    assert_contains(
-        &message,
-        &[
-            "test.toml:2:13",
-            "`decision.threshold`",
-            "expected f32",
-            "without quotes",
-        ],
-    );
+    assert_contains(&message, &["test.toml:2:13", "`decision.threshold`", "expected f32", "without quotes"]);
     assert_eq!(key.as_deref(), Some("decision.threshold"));
 
     let (message, key) = error(&format!("{GPIO}active_low = \"yes\"\n"));
@@ -326,13 +251,7 @@ fn a_wrong_type_names_the_key_and_hints() {
     assert_eq!(key.as_deref(), Some("gpio[0].mode"));
 
     let (message, key) = error("[[gpio]]\nlabel = \"a\"\nchip = \"c\"\nline = true\n");
-    assert_contains(
-        &message,
-        &[
-            "`gpio[0].line`",
-            "a line name (a string) or a line offset (an integer)",
-        ],
-    );
+    assert_contains(&message, &["`gpio[0].line`", "a line name (a string) or a line offset (an integer)"]);
     assert_eq!(key.as_deref(), Some("gpio[0].line"));
 
     let (message, key) = error("device_name = 5\n");
@@ -439,7 +358,10 @@ fn validation_errors_name_the_field() {
 #[test]
 fn the_same_line_by_name_and_offset_is_not_a_duplicate() {
     // Only the spelling is compared (resolving names needs the chip): both parse.
-    parse("[[gpio]]\nlabel = \"a\"\nchip = \"c\"\nline = 17\n[[gpio]]\nlabel = \"a\"\nchip = \"c\"\nline = \"GPIO17\"\n").unwrap();
+    parse(
+        "[[gpio]]\nlabel = \"a\"\nchip = \"c\"\nline = 17\n[[gpio]]\nlabel = \"a\"\nchip = \"c\"\nline = \"GPIO17\"\n",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -453,16 +375,9 @@ fn load_reports_a_missing_file() {
 fn load_reads_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        "device_name = \"file-cam\"\n[decision]\ntreshold = 1\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "device_name = \"file-cam\"\n[decision]\ntreshold = 1\n").unwrap();
     let e = Config::load(&path).unwrap_err();
-    assert_contains(
-        &e.to_string(),
-        &[&path.display().to_string(), "did you mean `threshold`?"],
-    );
+    assert_contains(&e.to_string(), &[&path.display().to_string(), "did you mean `threshold`?"]);
     std::fs::write(&path, "device_name = \"file-cam\"\n").unwrap();
     assert_eq!(Config::load(&path).unwrap().device_name, "file-cam");
 }

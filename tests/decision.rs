@@ -31,11 +31,8 @@ fn a_detection_is_updated_when_its_score_climbs_a_step_above_the_last_report() {
     // not a step above 0.56, 0.62 is; falling scores and a return to an old peak are quiet.
     let scores = [0.5, 0.53, 0.56, 0.6, 0.62, 0.55, 0.62, 0.3];
     let mut d = LabelDecider::new(policy());
-    let got: Vec<(usize, Transition)> = scores
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &s)| d.update(s, ms(100 * i as u64)).1.map(|t| (i, t)))
-        .collect();
+    let got: Vec<(usize, Transition)> =
+        scores.iter().enumerate().filter_map(|(i, &s)| d.update(s, ms(100 * i as u64)).1.map(|t| (i, t))).collect();
     let since = ms(0);
     assert_eq!(
         got,
@@ -49,11 +46,7 @@ fn a_detection_is_updated_when_its_score_climbs_a_step_above_the_last_report() {
 }
 
 fn policy() -> Decision {
-    Decision {
-        threshold: 0.5,
-        hysteresis: 0.1,
-        ..Decision::default()
-    }
+    Decision { threshold: 0.5, hysteresis: 0.1, ..Decision::default() }
 }
 
 #[test]
@@ -68,10 +61,7 @@ fn hysteresis_keeps_a_hovering_score_on() {
     assert_eq!(run(policy(), &scores), [(0, true), (4, false), (6, true)]);
     // Without hysteresis the same scores flap.
     let flappy = Decision { hysteresis: 0.0, ..policy() };
-    assert_eq!(
-        run(flappy, &scores),
-        [(0, true), (1, false), (2, true), (3, false), (6, true)]
-    );
+    assert_eq!(run(flappy, &scores), [(0, true), (1, false), (2, true), (3, false), (6, true)]);
 }
 
 #[test]
@@ -209,7 +199,8 @@ fn exclusive_mode_fires_the_label_that_wins_and_ends_it_when_another_takes_over(
     // (0.62, above 0.6 − 0.1): no second event. Frame 3: b leads, so a ends and b starts on
     // the same frame. Frame 4: a tie, c (the last of the leaders) leads with 1/3: b ends and
     // nothing starts.
-    let frames: [&[f32]; 5] = [&[0.5, 0.48, 0.1], &[0.6, 0.3, 0.1], &[0.6, 0.55, 0.1], &[0.3, 0.6, 0.1], &[0.0, 0.0, 0.0]];
+    let frames: [&[f32]; 5] =
+        [&[0.5, 0.48, 0.1], &[0.6, 0.3, 0.1], &[0.6, 0.55, 0.1], &[0.3, 0.6, 0.1], &[0.0, 0.0, 0.0]];
     assert_eq!(run_set(&set, &Config::default(), &frames), [(1, 0, true), (3, 0, false), (3, 1, true), (4, 1, false)]);
 }
 

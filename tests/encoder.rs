@@ -40,10 +40,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= TOL,
-            "{what}[{i}]: tract {g}, by hand {w}\n{got:?}\n{want:?}"
-        );
+        assert!((g - w).abs() <= TOL, "{what}[{i}]: tract {g}, by hand {w}\n{got:?}\n{want:?}");
     }
 }
 
@@ -51,15 +48,7 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 fn affine(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
     let n = b.len();
     assert_eq!(w.len(), x.len() * n);
-    (0..n)
-        .map(|j| {
-            b[j] + x
-                .iter()
-                .enumerate()
-                .map(|(i, xi)| xi * w[i * n + j])
-                .sum::<f32>()
-        })
-        .collect()
+    (0..n).map(|j| b[j] + x.iter().enumerate().map(|(i, xi)| xi * w[i * n + j]).sum::<f32>()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -79,15 +68,7 @@ impl Linear {
     fn new(h: usize, w: usize, d: usize, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let n = 3 * h * w;
-        Linear {
-            h,
-            w,
-            d,
-            w1: rng.vec(n * d, 0.2),
-            b1: rng.vec(d, 0.5),
-            w2: rng.vec(d, 0.5),
-            b2: rng.vec(1, 0.5),
-        }
+        Linear { h, w, d, w1: rng.vec(n * d, 0.2), b1: rng.vec(d, 0.5), w2: rng.vec(d, 0.5), b2: rng.vec(1, 0.5) }
     }
 
     /// The graph, with the input shape as declared and the outputs as given (so tests can
@@ -100,24 +81,18 @@ impl Linear {
         let b1 = g.initializer("b1", &[d], &self.b1);
         let w2 = g.initializer("w2", &[d, 1], &self.w2);
         let b2 = g.initializer("b2", &[1], &self.b2);
-        g.node(
-            "Flatten",
-            &["pixels"],
-            &["flat"],
-            [Attribute::int("axis", 1)],
-        )
-        .node("MatMul", &["flat", &w1], &["xw"], [])
-        .node("Add", &["xw", &b1], &["embedding"], [])
-        .node("MatMul", &["embedding", &w2], &["ew"], [])
-        .node("Add", &["ew", &b2], &["u"], [])
-        .node("Tanh", &["u"], &["weight_logit"], []);
+        g.node("Flatten", &["pixels"], &["flat"], [Attribute::int("axis", 1)])
+            .node("MatMul", &["flat", &w1], &["xw"], [])
+            .node("Add", &["xw", &b1], &["embedding"], [])
+            .node("MatMul", &["embedding", &w2], &["ew"], [])
+            .node("Add", &["ew", &b2], &["u"], [])
+            .node("Tanh", &["u"], &["weight_logit"], []);
         g
     }
 
     fn bytes(&self) -> Vec<u8> {
         let mut g = self.builder(&[1, 3, self.h as i64, self.w as i64]);
-        g.output("embedding", &[1, self.d as i64])
-            .output("weight_logit", &[1, 1]);
+        g.output("embedding", &[1, self.d as i64]).output("weight_logit", &[1, 1]);
         g.validate().unwrap();
         g.to_bytes()
     }
@@ -230,13 +205,7 @@ impl PatchEmbed {
     }
 
     fn bytes(&self) -> Vec<u8> {
-        let (h, w, p, e, d) = (
-            self.h as i64,
-            self.w as i64,
-            self.patch as i64,
-            self.e as i64,
-            self.d as i64,
-        );
+        let (h, w, p, e, d) = (self.h as i64, self.w as i64, self.patch as i64, self.e as i64, self.d as i64);
         let tokens = (h / p) * (w / p);
         let mut g = GraphBuilder::new("patch_encoder");
         g.input("pixels", &[1, 3, h, w]);
@@ -258,24 +227,9 @@ impl PatchEmbed {
             ],
         )
         .node("Reshape", &["patches", &shape], &["tokens_et"], [])
-        .node(
-            "Transpose",
-            &["tokens_et"],
-            &["tokens"],
-            [Attribute::ints("perm", [0, 2, 1])],
-        )
-        .node(
-            "ReduceMean",
-            &["tokens"],
-            &["pooled"],
-            [Attribute::ints("axes", [1]), Attribute::int("keepdims", 0)],
-        )
-        .node(
-            "Gemm",
-            &["pooled", &pw, &pb],
-            &["embedding"],
-            [Attribute::int("transB", 1)],
-        )
+        .node("Transpose", &["tokens_et"], &["tokens"], [Attribute::ints("perm", [0, 2, 1])])
+        .node("ReduceMean", &["tokens"], &["pooled"], [Attribute::ints("axes", [1]), Attribute::int("keepdims", 0)])
+        .node("Gemm", &["pooled", &pw, &pb], &["embedding"], [Attribute::int("transB", 1)])
         .node("Relu", &["embedding"], &["hidden"], [])
         .node("MatMul", &["hidden", &hw], &["hw"], [])
         .node("Add", &["hw", &hb], &["logit"], [])
@@ -310,12 +264,7 @@ impl PatchEmbed {
             *pooled_o /= (gh * gw) as f32;
         }
         let emb: Vec<f32> = (0..self.d)
-            .map(|j| {
-                self.proj_b[j]
-                    + (0..e)
-                        .map(|k| pooled[k] * self.proj_w[j * e + k])
-                        .sum::<f32>()
-            })
+            .map(|j| self.proj_b[j] + (0..e).map(|k| pooled[k] * self.proj_w[j * e + k]).sum::<f32>())
             .collect();
         let hidden: Vec<f32> = emb.iter().map(|v| v.max(0.0)).collect();
         let logit = affine(&hidden, &self.head_w, &self.head_b)[0];
@@ -369,10 +318,7 @@ fn directory_is_an_io_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let err = load_err(dir.path(), 8, 8);
     assert!(matches!(err, EncoderError::Io { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains(&dir.path().display().to_string()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
     assert!(std::error::Error::source(&err).is_some());
 }
 
@@ -380,10 +326,7 @@ fn directory_is_an_io_error_naming_the_path() {
 fn truncated_file_is_not_a_valid_onnx_model() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = Linear::new(8, 8, 16, 1).bytes();
-    for (name, len) in [
-        ("half.onnx", bytes.len() / 2),
-        ("tail.onnx", bytes.len() - 3),
-    ] {
+    for (name, len) in [("half.onnx", bytes.len() / 2), ("tail.onnx", bytes.len() - 3)] {
         let path = write(dir.path(), name, &bytes[..len]);
         let err = load_err(&path, 8, 8);
         assert!(matches!(err, EncoderError::InvalidModel { .. }), "{err:?}");
@@ -396,35 +339,23 @@ fn truncated_file_is_not_a_valid_onnx_model() {
 #[test]
 fn garbage_and_empty_are_not_valid_onnx_models() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in [
-        (
-            "text.onnx",
-            &b"this is not a protobuf at all, just some text\n"[..],
-        ),
-        ("empty.onnx", &b""[..]),
-    ] {
+    for (name, bytes) in
+        [("text.onnx", &b"this is not a protobuf at all, just some text\n"[..]), ("empty.onnx", &b""[..])]
+    {
         let path = write(dir.path(), name, bytes);
         let err = load_err(&path, 8, 8);
-        assert!(
-            matches!(err, EncoderError::InvalidModel { .. }),
-            "{name}: {err:?}"
-        );
+        assert!(matches!(err, EncoderError::InvalidModel { .. }), "{name}: {err:?}");
         assert!(err.to_string().contains("not a valid ONNX model"), "{err}");
     }
     let err = Encoder::from_bytes(b"\xff\xff\xff", 8, 8).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("in-memory model is not a valid ONNX model"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("in-memory model is not a valid ONNX model"), "{err}");
 }
 
 #[test]
 fn input_shape_that_cannot_take_the_frame_says_expected_and_declared() {
     let model = Linear::new(16, 16, 4, 9);
     let mut g = model.builder(&[1, 3, 16, 16]);
-    g.output("embedding", &[1, 4])
-        .output("weight_logit", &[1, 1]);
+    g.output("embedding", &[1, 4]).output("weight_logit", &[1, 1]);
     let bytes = g.to_bytes();
     // The declared size itself loads.
     Encoder::from_bytes(&bytes, 16, 16).unwrap();
@@ -437,8 +368,7 @@ fn input_shape_that_cannot_take_the_frame_says_expected_and_declared() {
 
     // Wrong rank too.
     let mut g = model.builder(&[3, 16, 16]);
-    g.output("embedding", &[1, 4])
-        .output("weight_logit", &[1, 1]);
+    g.output("embedding", &[1, 4]).output("weight_logit", &[1, 1]);
     let err = Encoder::from_bytes(&g.to_bytes(), 16, 16).unwrap_err();
     assert!(matches!(err, EncoderError::InputShape { .. }), "{err:?}");
     assert!(err.to_string().contains("[3,16,16]"), "{err}");
@@ -449,14 +379,7 @@ fn missing_output_is_named() {
     let model = Linear::new(4, 4, 4, 10);
     for (declared, missing) in [("embedding", "weight_logit"), ("weight_logit", "embedding")] {
         let mut g = model.builder(&[1, 3, 4, 4]);
-        g.output(
-            declared,
-            if declared == "embedding" {
-                &[1, 4]
-            } else {
-                &[1, 1]
-            },
-        );
+        g.output(declared, if declared == "embedding" { &[1, 4] } else { &[1, 1] });
         let err = Encoder::from_bytes(&g.to_bytes(), 4, 4).unwrap_err();
         match &err {
             EncoderError::MissingOutput { name, available } => {
@@ -466,10 +389,7 @@ fn missing_output_is_named() {
             other => panic!("expected MissingOutput, got {other:?}"),
         }
         let msg = err.to_string();
-        assert!(
-            msg.contains(&format!("no output named `{missing}`")),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("no output named `{missing}`")), "{msg}");
         assert!(msg.contains(&format!("`{declared}`")), "{msg}");
     }
 }
@@ -480,13 +400,7 @@ fn base(d: i64) -> GraphBuilder {
     let mut g = GraphBuilder::new("bad_outputs");
     g.input("pixels", &[1, 3, 2, 2]);
     let w = g.initializer("w", &[12, d], &vec![0.1; 12 * d as usize]);
-    g.node(
-        "Flatten",
-        &["pixels"],
-        &["flat"],
-        [Attribute::int("axis", 1)],
-    )
-    .node("MatMul", &["flat", &w], &["raw"], []);
+    g.node("Flatten", &["pixels"], &["flat"], [Attribute::int("axis", 1)]).node("MatMul", &["flat", &w], &["raw"], []);
     g
 }
 
@@ -496,48 +410,23 @@ fn embedding_of_the_wrong_shape_is_refused() {
     let mut g = base(8);
     let shape = g.initializer_i64("shape", &[1, 2, 4]);
     g.node("Reshape", &["raw", &shape], &["embedding"], [])
-        .node(
-            "ReduceMean",
-            &["raw"],
-            &["weight_logit"],
-            [Attribute::ints("axes", [1])],
-        )
+        .node("ReduceMean", &["raw"], &["weight_logit"], [Attribute::ints("axes", [1])])
         .output("embedding", &[1, 2, 4])
         .output("weight_logit", &[1, 1]);
     let err = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EncoderError::OutputShape {
-                name: "embedding",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::OutputShape { name: "embedding", .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("`embedding`") && msg.contains("[1, 2, 4]"),
-        "{msg}"
-    );
+    assert!(msg.contains("`embedding`") && msg.contains("[1, 2, 4]"), "{msg}");
 
     // A rank-1 embedding [D].
     let mut g = base(8);
     let shape = g.initializer_i64("shape", &[8]);
     g.node("Reshape", &["raw", &shape], &["embedding"], [])
-        .node(
-            "ReduceMean",
-            &["raw"],
-            &["weight_logit"],
-            [Attribute::ints("axes", [1])],
-        )
+        .node("ReduceMean", &["raw"], &["weight_logit"], [Attribute::ints("axes", [1])])
         .output("embedding", &[8])
         .output("weight_logit", &[1, 1]);
     let err = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap_err();
-    assert!(
-        err.to_string().contains("`embedding` must be f32[1,D]"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`embedding` must be f32[1,D]"), "{err}");
 }
 
 #[test]
@@ -549,59 +438,29 @@ fn weight_logit_that_is_not_a_single_value_is_refused() {
         .output("embedding", &[1, 8])
         .output("weight_logit", &[1, 2]);
     let err = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EncoderError::OutputShape {
-                name: "weight_logit",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::OutputShape { name: "weight_logit", .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("`weight_logit`") && msg.contains("single"),
-        "{msg}"
-    );
+    assert!(msg.contains("`weight_logit`") && msg.contains("single"), "{msg}");
     assert!(msg.contains("[1, 2]"), "{msg}");
 }
 
 #[test]
 fn two_inputs_are_refused() {
     let mut g = GraphBuilder::new("two_inputs");
-    g.input("pixels", &[1, 3, 2, 2])
-        .input("extra", &[1, 3, 2, 2]);
+    g.input("pixels", &[1, 3, 2, 2]).input("extra", &[1, 3, 2, 2]);
     g.node("Add", &["pixels", "extra"], &["embedding"], [])
-        .node(
-            "ReduceMean",
-            &["embedding"],
-            &["weight_logit"],
-            [Attribute::ints("axes", [1, 2, 3])],
-        )
+        .node("ReduceMean", &["embedding"], &["weight_logit"], [Attribute::ints("axes", [1, 2, 3])])
         .output("embedding", &[1, 3, 2, 2])
         .output("weight_logit", &[1, 1, 1, 1]);
     let err = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap_err();
-    assert!(
-        matches!(err, EncoderError::InputCount { count: 2, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::InputCount { count: 2, .. }), "{err:?}");
     assert!(err.to_string().contains("exactly one input"), "{err}");
 }
 
 #[test]
 fn zero_size_is_refused() {
     let err = Encoder::from_bytes(&Linear::new(2, 2, 2, 1).bytes(), 0, 2).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EncoderError::InvalidSize {
-                height: 0,
-                width: 2
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::InvalidSize { height: 0, width: 2 }), "{err:?}");
 }
 
 #[test]
@@ -610,39 +469,14 @@ fn wrong_buffer_lengths_in_run_are_refused() {
     let mut embedding = vec![0.0; 5];
 
     let err = encoder.run(&[0.0; 47], &mut embedding).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EncoderError::PixelsLength {
-                expected: 48,
-                got: 47,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::PixelsLength { expected: 48, got: 47, .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("47") && msg.contains("48") && msg.contains("pixels"),
-        "{msg}"
-    );
+    assert!(msg.contains("47") && msg.contains("48") && msg.contains("pixels"), "{msg}");
 
     let err = encoder.run(&[0.0; 48], &mut [0.0; 6]).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EncoderError::EmbeddingLength {
-                expected: 5,
-                got: 6
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, EncoderError::EmbeddingLength { expected: 5, got: 6 }), "{err:?}");
     let msg = err.to_string();
-    assert!(
-        msg.contains("embedding") && msg.contains('5') && msg.contains('6'),
-        "{msg}"
-    );
+    assert!(msg.contains("embedding") && msg.contains('5') && msg.contains('6'), "{msg}");
 
     // The encoder still works after refusing.
     encoder.run(&[0.0; 48], &mut embedding).unwrap();
@@ -654,21 +488,11 @@ fn model_that_cannot_compute_is_a_prepare_error() {
     let mut g = GraphBuilder::new("broken");
     g.input("pixels", &[1, 3, 2, 2]);
     let w = g.initializer("w", &[10, 4], &[0.0; 40]);
-    g.node(
-        "Flatten",
-        &["pixels"],
-        &["flat"],
-        [Attribute::int("axis", 1)],
-    )
-    .node("MatMul", &["flat", &w], &["embedding"], [])
-    .node(
-        "ReduceMean",
-        &["embedding"],
-        &["weight_logit"],
-        [Attribute::ints("axes", [1])],
-    )
-    .output("embedding", &[1, 4])
-    .output("weight_logit", &[1, 1]);
+    g.node("Flatten", &["pixels"], &["flat"], [Attribute::int("axis", 1)])
+        .node("MatMul", &["flat", &w], &["embedding"], [])
+        .node("ReduceMean", &["embedding"], &["weight_logit"], [Attribute::ints("axes", [1])])
+        .output("embedding", &[1, 4])
+        .output("weight_logit", &[1, 1]);
     let err = Encoder::from_bytes(&g.to_bytes(), 2, 2).unwrap_err();
     assert!(matches!(err, EncoderError::Prepare { .. }), "{err:?}");
     assert!(err.to_string().contains("[1,3,2,2]"), "{err}");

@@ -8,9 +8,7 @@ use clipact::gpio::{Mode, Trigger};
 use embedded_hal_mock::eh1::digital::{Mock, State, Transaction as T};
 use embedded_hal_mock::eh1::MockError;
 
-const PULSE: Mode = Mode::Pulse {
-    duration: Duration::from_millis(100),
-};
+const PULSE: Mode = Mode::Pulse { duration: Duration::from_millis(100) };
 
 fn ms(t0: Instant, ms: u64) -> Instant {
     t0 + Duration::from_millis(ms)
@@ -18,12 +16,7 @@ fn ms(t0: Instant, ms: u64) -> Instant {
 
 /// Runs `body` on a trigger over a pin that expects `expected` (the initial safe-state write,
 /// the body's writes, and the write on drop), then checks nothing else happened.
-fn with_trigger(
-    mode: Mode,
-    active_low: bool,
-    expected: &[T],
-    body: impl FnOnce(&mut Trigger<Mock>),
-) {
+fn with_trigger(mode: Mode, active_low: bool, expected: &[T], body: impl FnOnce(&mut Trigger<Mock>)) {
     let mut pin = Mock::new(expected);
     // The mock is a handle on shared expectations: the clone checks them after the trigger
     // (and its drop-time write) is gone.
@@ -216,10 +209,7 @@ fn new_returns_the_pin_error() {
 
 #[test]
 fn a_failing_drop_does_not_panic() {
-    let mut pin = Mock::new(&[
-        T::set(State::Low),
-        T::set(State::Low).with_error(MockError::Io(ErrorKind::Other)),
-    ]);
+    let mut pin = Mock::new(&[T::set(State::Low), T::set(State::Low).with_error(MockError::Io(ErrorKind::Other))]);
     drop(Trigger::new(pin.clone(), Mode::Level, false).unwrap());
     pin.done();
 }

@@ -33,10 +33,7 @@ impl Reply {
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self) -> T {
-        assert_eq!(
-            self.headers.get("content-type").map(String::as_str),
-            Some("application/json")
-        );
+        assert_eq!(self.headers.get("content-type").map(String::as_str), Some("application/json"));
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
     }
 }
@@ -61,13 +58,8 @@ async fn request_with(port: u16, method: &str, path: &str, body: &[u8], extra: &
         stream.read_to_end(&mut raw).await.unwrap();
         raw
     };
-    let raw = tokio::time::timeout(WAIT, run)
-        .await
-        .expect("HTTP request timed out");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("no end of headers");
+    let raw = tokio::time::timeout(WAIT, run).await.expect("HTTP request timed out");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
     let head = std::str::from_utf8(&raw[..split]).unwrap();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
@@ -81,11 +73,7 @@ async fn request_with(port: u16, method: &str, path: &str, body: &[u8], extra: &
     if let Some(len) = headers.get("content-length") {
         assert_eq!(len.parse::<usize>().unwrap(), body.len(), "Content-Length");
     }
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply { status, headers, body }
 }
 
 /// Serves `device` on a free port; returns the port.
@@ -182,19 +170,12 @@ async fn metrics_are_valid_prometheus_text() {
 
     let reply = request(port, "GET", "/metrics", b"").await;
     assert_eq!(reply.status, 200);
-    assert_eq!(
-        reply.headers.get("content-type").unwrap(),
-        PROMETHEUS_CONTENT_TYPE
-    );
+    assert_eq!(reply.headers.get("content-type").unwrap(), PROMETHEUS_CONTENT_TYPE);
     let text = reply.text();
     let lines: Vec<&str> = text.lines().collect();
-    let scrape = prometheus_parse::Scrape::parse(lines.iter().map(|l| Ok(l.to_string())))
-        .expect("parsable exposition");
+    let scrape = prometheus_parse::Scrape::parse(lines.iter().map(|l| Ok(l.to_string()))).expect("parsable exposition");
     // The parser skips lines it cannot read: every sample line must have become a sample.
-    let sample_lines = lines
-        .iter()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .count();
+    let sample_lines = lines.iter().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
     assert_eq!(scrape.samples.len(), sample_lines, "unparsed lines in:\n{text}");
     // Every family is documented and typed.
     let helps = lines.iter().filter(|l| l.starts_with("# HELP ")).count();
@@ -221,9 +202,7 @@ async fn metrics_are_valid_prometheus_text() {
     };
     // Both parsers agree where the lenient one can read the line.
     for sample in &scrape.samples {
-        if let prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) =
-            sample.value
-        {
+        if let prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) = sample.value {
             if let Some(label) = sample.labels.get("label").filter(|l| l.starts_with("label_")) {
                 assert_eq!(value(&sample.metric, Some(label)), v);
             }
@@ -235,26 +214,20 @@ async fn metrics_are_valid_prometheus_text() {
     assert_eq!(value("clipact_inference_seconds_sum", None), 0.25);
     assert_eq!(value("clipact_inference_seconds_count", None), 300.0);
     // The escaped label name comes back as it was.
-    assert_eq!(
-        value("clipact_label_score", Some("sit \"down\"\\now")),
-        0.125
-    );
+    assert_eq!(value("clipact_label_score", Some("sit \"down\"\\now")), 0.125);
     assert_eq!(value("clipact_label_score", Some("label_2")), -0.5);
     assert_eq!(value("clipact_events_total", Some("sit \"down\"\\now")), 4.0);
     assert_eq!(value("clipact_events_total", Some("label_2")), 1.0);
     assert_eq!(value("clipact_label_active", Some("label_1")), 0.0);
-    let counters = scrape
-        .samples
-        .iter()
-        .filter(|s| matches!(s.value, prometheus_parse::Value::Counter(_)))
-        .count();
+    let counters = scrape.samples.iter().filter(|s| matches!(s.value, prometheus_parse::Value::Counter(_))).count();
     assert!(counters >= 5, "counters typed as counters:\n{text}");
 }
 
 /// Parses one sample line of the text exposition format strictly:
 /// `name{label="value",...} value`, label values with `\\`, `\"` and `\n` escapes.
 fn parse_sample(line: &str) -> Result<(String, HashMap<String, String>, f64), String> {
-    let is_name = |c: char, first: bool| c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit());
+    let is_name =
+        |c: char, first: bool| c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit());
     let mut chars = line.chars().peekable();
     let mut name = String::new();
     while let Some(&c) = chars.peek() {
@@ -350,10 +323,7 @@ async fn signed_label_sets_can_be_posted_when_allowed() {
     let body = encode_transfer(&sender, &nonce, name);
     let reply = request(open, "POST", "/labels", &body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert!(matches!(
-        reply.json(),
-        UpdateReply::Accepted { version: 5, .. }
-    ));
+    assert!(matches!(reply.json(), UpdateReply::Accepted { version: 5, .. }));
     assert_eq!(*device.current(), new);
     assert_eq!(LabelSet::load(&path).unwrap(), new);
     let labels: LabelsDoc = request(open, "GET", "/labels", b"").await.json();

@@ -3,18 +3,16 @@
 //! label-set updates on `labels/set` with the outcome on `labels/state`, and reconnection after
 //! the broker restarts. Every wait is bounded.
 
-mod support;
 #[path = "support/mosquitto.rs"]
 mod mosquitto;
+mod support;
 #[path = "support/test_device.rs"]
 mod test_device;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use clipact::events::mqtt::{
-    push_over_mqtt, Detection, EventKind, EventMessage, MqttPublisher, MqttSettings,
-};
+use clipact::events::mqtt::{push_over_mqtt, Detection, EventKind, EventMessage, MqttPublisher, MqttSettings};
 use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, Status, UpdateReply};
 use clipact::update::Sender;
 use mosquitto::Mosquitto;
@@ -67,20 +65,15 @@ impl Observer {
                         let _ = subscribed_tx.send(());
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let _ = tx.send(Received {
-                            topic: p.topic.clone(),
-                            payload: p.payload.to_vec(),
-                            retain: p.retain,
-                        });
+                        let _ =
+                            tx.send(Received { topic: p.topic.clone(), payload: p.payload.to_vec(), retain: p.retain });
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        tokio::time::timeout(WAIT, subscribed.recv())
-            .await
-            .expect("observer did not get its SubAck");
+        tokio::time::timeout(WAIT, subscribed.recv()).await.expect("observer did not get its SubAck");
         Self { rx, task, client }
     }
 
@@ -99,10 +92,7 @@ impl Observer {
 
     /// Publishes raw bytes (as any client could).
     async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
     }
 }
 
@@ -139,12 +129,7 @@ fn is(topic: &str, payload: &str) -> impl Fn(&Received) -> bool {
 }
 
 fn names(device: &TestDevice) -> Vec<String> {
-    device
-        .current()
-        .labels
-        .iter()
-        .map(|l| l.name.clone())
-        .collect()
+    device.current().labels.iter().map(|l| l.name.clone()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,9 +144,7 @@ async fn availability_events_states_and_stats_reach_subscribers() {
     let view: Arc<dyn DeviceView> = device.clone();
     let mut mqtt = MqttPublisher::start(s, Some(view), &tokio::runtime::Handle::current());
     mqtt.set_labels(&names(&device), SystemTime::now());
-    watch
-        .expect("online", is("clipact/cam-1/available", "online"))
-        .await;
+    watch.expect("online", is("clipact/cam-1/available", "online")).await;
     watch.expect("label_1 OFF", is("clipact/cam-1/label_1", "OFF")).await;
 
     mqtt.publish(0, EventKind::New, detection("label_0", 0.6, 10, None));
@@ -203,9 +186,7 @@ async fn availability_events_states_and_stats_reach_subscribers() {
     assert!(available.retain);
     assert_eq!(available.text(), "online");
 
-    let stats = watch
-        .expect("stats", |m| m.topic == "clipact/cam-1/stats")
-        .await;
+    let stats = watch.expect("stats", |m| m.topic == "clipact/cam-1/stats").await;
     let stats: Status = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(stats.device, "cam-1");
     assert_eq!(stats.labels, names(&device));
@@ -222,9 +203,7 @@ async fn availability_events_states_and_stats_reach_subscribers() {
 
     // A clean shutdown says `offline`, retained.
     mqtt.close(Duration::from_secs(5)).await;
-    watch
-        .expect("offline", is("clipact/cam-1/available", "offline"))
-        .await;
+    watch.expect("offline", is("clipact/cam-1/available", "offline")).await;
     assert_eq!(
         Observer::start(broker.port(), "after", "clipact/cam-1/available")
             .await
@@ -239,20 +218,12 @@ async fn availability_events_states_and_stats_reach_subscribers() {
 async fn the_last_will_fires_when_the_device_dies() {
     let broker = Mosquitto::start();
     let mut watch = Observer::start(broker.port(), "watch", "clipact/cam-2/available").await;
-    let mqtt = MqttPublisher::start(
-        settings(&broker, "cam-2"),
-        None,
-        &tokio::runtime::Handle::current(),
-    );
-    watch
-        .expect("online", is("clipact/cam-2/available", "online"))
-        .await;
+    let mqtt = MqttPublisher::start(settings(&broker, "cam-2"), None, &tokio::runtime::Handle::current());
+    watch.expect("online", is("clipact/cam-2/available", "online")).await;
     assert!(mqtt.is_connected());
     // Dropped without close: the connection is cut without a DISCONNECT, as in a crash.
     drop(mqtt);
-    let will = watch
-        .expect("the last will", is("clipact/cam-2/available", "offline"))
-        .await;
+    let will = watch.expect("the last will", is("clipact/cam-2/available", "offline")).await;
     assert_eq!(will.text(), "offline");
     let mut late = Observer::start(broker.port(), "late", "clipact/cam-2/available").await;
     let retained = late.expect("retained will", |_| true).await;
@@ -279,9 +250,7 @@ async fn signed_updates_are_applied_and_bad_ones_rejected_with_a_reason() {
     let mut mqtt = MqttPublisher::start(s, Some(view), &tokio::runtime::Handle::current());
     mqtt.set_labels(&names(&device), SystemTime::now());
     let mut watch = Observer::start(broker.port(), "watch", "clipact/cam-3/#").await;
-    watch
-        .expect("online", is("clipact/cam-3/available", "online"))
-        .await;
+    watch.expect("online", is("clipact/cam-3/available", "online")).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !mqtt.is_accepting_updates() {
         assert!(tokio::time::Instant::now() < deadline, "never subscribed to labels/set");
@@ -290,47 +259,33 @@ async fn signed_updates_are_applied_and_bad_ones_rejected_with_a_reason() {
 
     let new = set(2, 2, 3);
     let signed = Sender::for_set(&new, false, Some(&key())).unwrap();
-    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &signed, WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        reply,
-        UpdateReply::Accepted {
-            transfer_id: signed.transfer_id(),
-            version: 2
-        }
-    );
+    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &signed, WAIT).await.unwrap();
+    assert_eq!(reply, UpdateReply::Accepted { transfer_id: signed.transfer_id(), version: 2 });
     assert_eq!(*device.current(), new);
     assert_eq!(clipact::labels::LabelSet::load(&path).unwrap(), new);
 
     // Unsigned: refused, the set and its file unchanged.
     let unsigned = Sender::for_set(&set(3, 3, 1), false, None).unwrap();
-    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &unsigned, WAIT)
-        .await
-        .unwrap();
+    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &unsigned, WAIT).await.unwrap();
     assert_eq!(reply.transfer_id(), Some(unsigned.transfer_id()));
     assert!(reason(reply).contains("authentication failed"));
     // Signed with another key: the same.
     let other = clipact::update::PreSharedKey::new(*b"somebody else's key!").unwrap();
     let forged = Sender::for_set(&set(3, 3, 1), false, Some(&other)).unwrap();
-    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &forged, WAIT)
-        .await
-        .unwrap();
+    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &forged, WAIT).await.unwrap();
     assert!(reason(reply).contains("authentication failed"));
     // Signed but not newer.
     let old = Sender::for_set(&set(4, 2, 1), false, Some(&key())).unwrap();
-    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &old, WAIT)
-        .await
-        .unwrap();
+    let reply = push_over_mqtt("127.0.0.1", broker.port(), "cam-3", &old, WAIT).await.unwrap();
     let why = reason(reply);
     assert!(why.contains("not newer"), "{why}");
     // Bytes that are not an update at all.
-    watch
-        .publish("clipact/cam-3/labels/set", b"hello".to_vec())
-        .await;
+    watch.publish("clipact/cam-3/labels/set", b"hello".to_vec()).await;
     let state = watch
         .expect("rejection of garbage", |m| {
-            m.topic == "clipact/cam-3/labels/state" && m.text().contains("rejected") && !m.retain
+            m.topic == "clipact/cam-3/labels/state"
+                && m.text().contains("rejected")
+                && !m.retain
                 && m.text().contains("\"transfer_id\":null")
         })
         .await;
@@ -367,16 +322,10 @@ async fn it_reconnects_and_announces_itself_again_after_the_broker_restarts() {
     let mut broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let device = TestDevice::new("cam-4", set(1, 1, 2), Some(key()), dir.path().join("l.cls"));
-    let mut mqtt = MqttPublisher::start(
-        settings(&broker, "cam-4"),
-        None,
-        &tokio::runtime::Handle::current(),
-    );
+    let mut mqtt = MqttPublisher::start(settings(&broker, "cam-4"), None, &tokio::runtime::Handle::current());
     mqtt.set_labels(&names(&device), SystemTime::now());
     let mut watch = Observer::start(broker.port(), "watch", "clipact/cam-4/#").await;
-    watch
-        .expect("online", is("clipact/cam-4/available", "online"))
-        .await;
+    watch.expect("online", is("clipact/cam-4/available", "online")).await;
     mqtt.publish(1, EventKind::New, detection("label_1", 0.7, 5, None));
     watch.expect("label_1 ON", is("clipact/cam-4/label_1", "ON")).await;
 
@@ -384,12 +333,8 @@ async fn it_reconnects_and_announces_itself_again_after_the_broker_restarts() {
     broker.restart();
     // The device publishes `online` and its states again by itself; the observer (which also
     // reconnects) sees them.
-    watch
-        .expect("online after the restart", is("clipact/cam-4/available", "online"))
-        .await;
-    watch
-        .expect("label_1 still ON after the restart", is("clipact/cam-4/label_1", "ON"))
-        .await;
+    watch.expect("online after the restart", is("clipact/cam-4/available", "online")).await;
+    watch.expect("label_1 still ON after the restart", is("clipact/cam-4/label_1", "ON")).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !mqtt.is_connected() {
         assert!(tokio::time::Instant::now() < deadline, "never reconnected");
@@ -397,9 +342,7 @@ async fn it_reconnects_and_announces_itself_again_after_the_broker_restarts() {
     }
     // Events flow again.
     mqtt.publish(1, EventKind::End, detection("label_1", 0.2, 50, Some(102.0)));
-    let end = watch
-        .expect("end after the restart", |m| m.topic == "clipact/cam-4/events")
-        .await;
+    let end = watch.expect("end after the restart", |m| m.topic == "clipact/cam-4/events").await;
     let end: EventMessage = serde_json::from_slice(&end.payload).unwrap();
     assert_eq!(end.kind, EventKind::End);
     assert_eq!(end.before.frame, 5);

@@ -13,8 +13,7 @@ use clipact::config::Config;
 use clipact::encoder::{cpu_has_fp16, Encoder, EncoderOptions, Precision};
 use clipact::onnx::{Attribute, GraphBuilder};
 use clipact::precision::{
-    self, cache_key, choose, CacheEntry, PrecisionCache, PrecisionChoice, PrecisionError,
-    Selection,
+    self, cache_key, choose, CacheEntry, PrecisionCache, PrecisionChoice, PrecisionError, Selection,
 };
 use clipact::quantize::{quantize_bytes, QuantizeOptions};
 use support::random::{label_set, Rng};
@@ -60,8 +59,12 @@ fn tiny_vit(seed: u64) -> Vec<u8> {
     let linear = |g: &mut GraphBuilder, rng: &mut Rng, x: &str, name: &str, i: i64, o: i64| -> String {
         let wt = g.initializer(&format!("{name}.w"), &[i, o], &w(rng, (i * o) as usize, scale * 1.5));
         let b = g.initializer(&format!("{name}.b"), &[o], &w(rng, o as usize, 0.1));
-        g.node("MatMul", &[x, &wt], &[&format!("{name}.mm")], [])
-            .node("Add", &[&format!("{name}.mm"), &b], &[&format!("{name}.out")], []);
+        g.node("MatMul", &[x, &wt], &[&format!("{name}.mm")], []).node(
+            "Add",
+            &[&format!("{name}.mm"), &b],
+            &[&format!("{name}.out")],
+            [],
+        );
         format!("{name}.out")
     };
     let q = linear(&mut g, rng, "h", "q", WIDTH, WIDTH);
@@ -82,16 +85,23 @@ fn tiny_vit(seed: u64) -> Vec<u8> {
     g.node("Add", &["x0", &o], &["x1"], []);
     let f = linear(&mut g, rng, "x1", "fc1", WIDTH, 2 * WIDTH);
     let k1702 = g.initializer("gelu.k", &[1], &[1.702]);
-    g.node("Mul", &[&f, &k1702], &["gelu.scaled"], [])
-        .node("Sigmoid", &["gelu.scaled"], &["gelu.gate"], [])
-        .node("Mul", &[&f, "gelu.gate"], &["gelu.out"], []);
+    g.node("Mul", &[&f, &k1702], &["gelu.scaled"], []).node("Sigmoid", &["gelu.scaled"], &["gelu.gate"], []).node(
+        "Mul",
+        &[&f, "gelu.gate"],
+        &["gelu.out"],
+        [],
+    );
     let f = linear(&mut g, rng, "gelu.out", "fc2", 2 * WIDTH, WIDTH);
     g.node("Add", &["x1", &f], &["x2"], []);
     let starts = g.initializer_i64("slice.starts", &[0]);
     let ends = g.initializer_i64("slice.ends", &[1]);
     let axes = g.initializer_i64("slice.axes", &[1]);
-    g.node("Slice", &["x2", &starts, &ends, &axes], &["cls_token"], [])
-        .node("Reshape", &["cls_token", &cls_shape], &["cls_flat"], []);
+    g.node("Slice", &["x2", &starts, &ends, &axes], &["cls_token"], []).node(
+        "Reshape",
+        &["cls_token", &cls_shape],
+        &["cls_flat"],
+        [],
+    );
     let proj = g.initializer("proj", &[WIDTH, DIM], &w(rng, (WIDTH * DIM) as usize, scale));
     g.node("MatMul", &["cls_flat", &proj], &["embedding"], []);
     let fv = linear(&mut g, rng, "embedding", "fv0", DIM, DIM);
@@ -105,9 +115,7 @@ fn tiny_vit(seed: u64) -> Vec<u8> {
 
 fn frames(n: usize, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| rng.vector(3 * (SIDE * SIDE) as usize).iter().map(|x| 2.0 * x).collect())
-        .collect()
+    (0..n).map(|_| rng.vector(3 * (SIDE * SIDE) as usize).iter().map(|x| 2.0 * x).collect()).collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -245,19 +253,13 @@ fn auto_never_picks_a_slower_precision_and_caches_the_choice() {
     let bundle = write_bundle(dir.path(), 5, true);
     let cache = PrecisionCache::new(dir.path().join("cache").join("precision.toml"));
     let first = precision::resolve(&bundle, PrecisionChoice::Auto, 1, Some(&cache)).unwrap();
-    let Selection::Measured(entry) = &first else {
-        panic!("first start must measure, got {first:?}")
-    };
+    let Selection::Measured(entry) = &first else { panic!("first start must measure, got {first:?}") };
     let measured: Vec<Precision> = entry.measurements.iter().map(|m| m.precision).collect();
     assert_eq!(measured[0], Precision::F32, "f32 is measured first");
     assert!(measured.contains(&Precision::Int8), "the int8 file is a candidate: {measured:?}");
     assert_eq!(measured.contains(&Precision::F16), cpu_has_fp16(), "f16 only with FP16 arithmetic");
     let f32_ms = entry.measurements[0].ms_per_frame;
-    let chosen = entry
-        .measurements
-        .iter()
-        .find(|m| m.precision == entry.precision)
-        .unwrap();
+    let chosen = entry.measurements.iter().find(|m| m.precision == entry.precision).unwrap();
     assert!(!chosen.abandoned);
     assert!(
         chosen.ms_per_frame <= f32_ms,
@@ -304,8 +306,7 @@ fn the_cache_decides_without_measuring_and_survives_corruption() {
         measurements: vec![],
     };
     cache.put(&key, entry.clone()).unwrap();
-    let (mut encoder, selection) =
-        precision::open_encoder(&bundle, PrecisionChoice::Auto, 2, Some(&cache)).unwrap();
+    let (mut encoder, selection) = precision::open_encoder(&bundle, PrecisionChoice::Auto, 2, Some(&cache)).unwrap();
     assert_eq!(selection, Selection::Cached(entry));
     assert_eq!(encoder.precision(), Precision::Int8);
     assert_eq!(encoder.threads(), 2);
@@ -327,7 +328,9 @@ fn config_takes_a_precision_and_hints_at_typos() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("device.toml");
     assert_eq!(Config::default().precision, PrecisionChoice::Auto);
-    for (text, want) in [("auto", PrecisionChoice::Auto), ("f32", PrecisionChoice::F32), ("int8", PrecisionChoice::Int8)] {
+    for (text, want) in
+        [("auto", PrecisionChoice::Auto), ("f32", PrecisionChoice::F32), ("int8", PrecisionChoice::Int8)]
+    {
         std::fs::write(&path, format!("precision = \"{text}\"\n")).unwrap();
         assert_eq!(Config::load(&path).unwrap().precision, want);
     }

@@ -22,24 +22,9 @@ fn warm_run_allocates_nothing() {
     let yuyv: Vec<u8> = (0..n * 2).map(|i| (i * 13) as u8).collect();
     let gray: Vec<u8> = (0..n).map(|i| (i * 3) as u8).collect();
     let frames = [
-        Frame {
-            format: PixelFormat::Rgb8,
-            width: w,
-            height: h,
-            data: &rgb,
-        },
-        Frame {
-            format: PixelFormat::Yuyv,
-            width: w,
-            height: h,
-            data: &yuyv,
-        },
-        Frame {
-            format: PixelFormat::Gray8,
-            width: w,
-            height: h,
-            data: &gray,
-        },
+        Frame { format: PixelFormat::Rgb8, width: w, height: h, data: &rgb },
+        Frame { format: PixelFormat::Yuyv, width: w, height: h, data: &yuyv },
+        Frame { format: PixelFormat::Gray8, width: w, height: h, data: &gray },
     ];
 
     let mut p = Preprocessor::new(PreprocessConfig::default());
@@ -49,10 +34,7 @@ fn warm_run_allocates_nothing() {
             p.run(frame, &mut out).unwrap();
         }
     });
-    assert!(
-        first > 0,
-        "the counter should see the warm-up allocate its buffers"
-    );
+    assert!(first > 0, "the counter should see the warm-up allocate its buffers");
 
     for frame in &frames {
         let bytes = allocated_by(|| {
@@ -60,11 +42,7 @@ fn warm_run_allocates_nothing() {
                 p.run(frame, &mut out).unwrap();
             }
         });
-        assert_eq!(
-            bytes, 0,
-            "{} frames allocated {bytes} bytes after warm-up",
-            frame.format
-        );
+        assert_eq!(bytes, 0, "{} frames allocated {bytes} bytes after warm-up", frame.format);
     }
     // Interleaving formats of the same size needs nothing new either.
     let bytes = allocated_by(|| {

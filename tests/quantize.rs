@@ -7,8 +7,8 @@
 
 use clipact::onnx::{Attribute, GraphBuilder};
 use clipact::quantize::{
-    compare_models, decode_model, quantize_bytes, quantize_file, QuantizeError, QuantizeOptions,
-    INT8_PRECISION, PRECISION_METADATA_KEY,
+    compare_models, decode_model, quantize_bytes, quantize_file, QuantizeError, QuantizeOptions, INT8_PRECISION,
+    PRECISION_METADATA_KEY,
 };
 use prost::Message;
 use tract_onnx::prelude::*;
@@ -57,7 +57,11 @@ fn tiny_vit(seed: u64) -> Vec<u8> {
     let s_tokens = g.initializer_i64("shape.tokens", &[1, TOKENS, WIDTH]);
     let s_cls = g.initializer_i64("shape.cls", &[1, WIDTH]);
     let fan = (3 * PATCH * PATCH) as f32;
-    let conv = g.initializer("patch.w", &[WIDTH, 3, PATCH, PATCH], &rng.vec((WIDTH * 3 * PATCH * PATCH) as usize, 1.7 / fan.sqrt()));
+    let conv = g.initializer(
+        "patch.w",
+        &[WIDTH, 3, PATCH, PATCH],
+        &rng.vec((WIDTH * 3 * PATCH * PATCH) as usize, 1.7 / fan.sqrt()),
+    );
     g.node(
         "Conv",
         &["pixels", &conv],
@@ -154,17 +158,10 @@ fn frames(n: usize, seed: u64) -> Vec<Vec<f32>> {
 }
 
 fn run_tract(bytes: &[u8], shape: &[usize], input: &[f32]) -> Vec<Vec<f32>> {
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &*bytes)
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
+    let model =
+        tract_onnx::onnx().model_for_read(&mut &*bytes).unwrap().into_optimized().unwrap().into_runnable().unwrap();
     let out = model.run(tvec!(Tensor::from_shape(shape, input).unwrap().into_tvalue())).unwrap();
-    out.iter()
-        .map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())
-        .collect()
+    out.iter().map(|t| t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()).collect()
 }
 
 #[test]
@@ -192,10 +189,8 @@ fn int8_vit_is_under_30_percent_and_agrees_with_f32() {
     assert!(embedding.min_cosine >= 0.99, "{agreement:?}");
     let weight = agreement.iter().find(|a| a.name == "weight_logit").unwrap();
     // Not a vector (cosine of a scalar is its sign): bound the error by the logits' spread.
-    let logits: Vec<f32> = frames(8, 77)
-        .iter()
-        .map(|f| run_tract(&f32_bytes, &[1, 3, SIDE as usize, SIDE as usize], f)[1][0])
-        .collect();
+    let logits: Vec<f32> =
+        frames(8, 77).iter().map(|f| run_tract(&f32_bytes, &[1, 3, SIDE as usize, SIDE as usize], f)[1][0]).collect();
     let spread = logits.iter().cloned().fold(f32::MIN, f32::max) - logits.iter().cloned().fold(f32::MAX, f32::min);
     assert!(
         weight.max_abs_diff <= 0.1 * spread.max(0.1),
@@ -229,11 +224,7 @@ fn int8_graph_keeps_the_interface_and_runs_integer_kernels_in_tract() {
 
     // tract turns the integer ops into matrix products over 8-bit operands (not a
     // dequantized f32 product, which is what it does with QDQ graphs).
-    let optimized = tract_onnx::onnx()
-        .model_for_read(&mut &*int8_bytes)
-        .unwrap()
-        .into_optimized()
-        .unwrap();
+    let optimized = tract_onnx::onnx().model_for_read(&mut &*int8_bytes).unwrap().into_optimized().unwrap();
     let integer_products = optimized
         .nodes()
         .iter()
@@ -278,14 +269,11 @@ fn one_matmul_computes_exactly_the_quantized_product() {
     let got = &run_tract(&int8, &[m, k], &x)[0];
 
     let (xq, sx, zx) = dynamic_quantize(&x);
-    let scales: Vec<f32> = (0..n)
-        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0)
-        .collect();
+    let scales: Vec<f32> = (0..n).map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0).collect();
     for i in 0..m {
         for c in 0..n {
-            let acc: i32 = (0..k)
-                .map(|r| (xq[i * k + r] - zx) * (w[r * n + c] / scales[c]).round_ties_even() as i32)
-                .sum();
+            let acc: i32 =
+                (0..k).map(|r| (xq[i * k + r] - zx) * (w[r * n + c] / scales[c]).round_ties_even() as i32).sum();
             let want = acc as f32 * (sx * scales[c]);
             let exact: f32 = (0..k).map(|r| x[i * k + r] * w[r * n + c]).sum();
             let y = got[i * n + c];
@@ -338,7 +326,8 @@ fn gemm_with_trans_b_alpha_beta_and_conv_with_bias_match_f32() {
     );
     g.output("y", &[1, 6, 4, 4]);
     let f32_bytes = g.to_bytes();
-    let (int8, report) = quantize_bytes(&f32_bytes, &QuantizeOptions { min_weight_elements: 0, ..Default::default() }).unwrap();
+    let (int8, report) =
+        quantize_bytes(&f32_bytes, &QuantizeOptions { min_weight_elements: 0, ..Default::default() }).unwrap();
     assert_eq!(report.layers[0].op, "Conv");
     let x = rng.vec(3 * 64, 2.0);
     let (want, got) = (&run_tract(&f32_bytes, &[1, 3, 8, 8], &x)[0], &run_tract(&int8, &[1, 3, 8, 8], &x)[0]);
@@ -368,11 +357,11 @@ fn bad_input_gets_a_clear_error() {
     let opts = QuantizeOptions::default();
 
     let e = quantize_bytes(&bytes[..bytes.len() / 2], &opts).unwrap_err();
+    assert!(matches!(e, QuantizeError::Decode(_) | QuantizeError::Invalid(_)), "truncated: {e}");
     assert!(
-        matches!(e, QuantizeError::Decode(_) | QuantizeError::Invalid(_)),
-        "truncated: {e}"
+        e.to_string().contains("not a valid ONNX model") || e.to_string().contains("not a usable ONNX model"),
+        "{e}"
     );
-    assert!(e.to_string().contains("not a valid ONNX model") || e.to_string().contains("not a usable ONNX model"), "{e}");
 
     let e = quantize_bytes(b"this is not a protobuf at all \xff\xff\xff", &opts).unwrap_err();
     assert!(e.to_string().contains("ONNX model"), "{e}");

@@ -1,9 +1,9 @@
 //! `clipact run` end to end with its network outputs: the real binary on the demo bundle, a real
 //! mosquitto broker and the HTTP server, as a user deploys them from a config file.
 
-mod support;
 #[path = "support/mosquitto.rs"]
 mod mosquitto;
+mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

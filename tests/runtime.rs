@@ -11,9 +11,9 @@ use clipact::config::Config;
 use clipact::labels::LabelSet;
 use clipact::pipeline::Pipeline;
 use clipact::preprocess::Frame;
-use clipact::runtime::{LabelStore, 
-    serve_tcp_updates, BoundOutput, DetectionEvent, EventKind, EventSink, Output, Runtime,
-    RuntimeHandle, RuntimeOptions,
+use clipact::runtime::{
+    serve_tcp_updates, BoundOutput, DetectionEvent, EventKind, EventSink, LabelStore, Output, Runtime, RuntimeHandle,
+    RuntimeOptions,
 };
 use clipact::source::{FrameSource, Pattern, SourceError, SourceFrame, Truth};
 use clipact::update::{PreSharedKey, PushOptions, Sender};
@@ -55,10 +55,7 @@ fn renamed(set: &LabelSet) -> LabelSet {
 fn runtime(bundle: &Bundle, labels_path: PathBuf, key: Option<PreSharedKey>, duration: Option<Duration>) -> Runtime {
     let config = Config::default();
     let pipeline = Pipeline::new(bundle, &config).unwrap();
-    let options = RuntimeOptions {
-        duration,
-        ..RuntimeOptions::default()
-    };
+    let options = RuntimeOptions { duration, ..RuntimeOptions::default() };
     Runtime::new(pipeline, bundle, &config, LabelStore::new(labels_path, key), options)
 }
 
@@ -251,7 +248,8 @@ fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
     let err = push(&foreign, &key).unwrap_err().to_string();
     assert!(err.contains("someone-elses-space"), "{err}");
     // A wrong key: refused.
-    let err = push(&renamed(&bundle.labels), &PreSharedKey::new(*b"not the right key!!").unwrap()).unwrap_err().to_string();
+    let err =
+        push(&renamed(&bundle.labels), &PreSharedKey::new(*b"not the right key!!").unwrap()).unwrap_err().to_string();
     assert!(err.contains("authentication failed"), "{err}");
     assert_eq!(handle.labels().version, bundle.labels.version);
     assert!(!labels_path.exists(), "a refused set must not be persisted");
@@ -326,9 +324,8 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     io.spawn(clipact::runtime::serve_serial_updates(board, handle.clone()));
     let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(3), left: u64::MAX })));
     let good = renamed(&bundle.labels);
-    let version = io
-        .block_on(Sender::for_set(&good, false, None).unwrap().push(&mut host, &PushOptions::default()))
-        .unwrap();
+    let version =
+        io.block_on(Sender::for_set(&good, false, None).unwrap().push(&mut host, &PushOptions::default())).unwrap();
     assert_eq!(version, good.version);
     let deadline = Instant::now() + Duration::from_secs(5);
     while handle.labels().version != good.version {
@@ -342,8 +339,7 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     let (mut other, other_board) = io.block_on(async { tokio_serial::SerialStream::pair() }).unwrap();
     io.spawn(clipact::runtime::serve_serial_updates(other_board, handle.clone()));
     let newer = renamed(&good);
-    io.block_on(Sender::for_set(&newer, false, None).unwrap().push(&mut other, &PushOptions::default()))
-        .unwrap();
+    io.block_on(Sender::for_set(&newer, false, None).unwrap().push(&mut other, &PushOptions::default())).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while handle.labels().version != newer.version {
         assert!(Instant::now() < deadline, "the newer set was never swapped in");

@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clipact::preprocess::PixelFormat;
-use clipact::source::camera::{
-    Camera, CameraFormat, CameraRequest, CaptureBackend, CaptureStream, Mode,
-};
+use clipact::source::camera::{Camera, CameraFormat, CameraRequest, CaptureBackend, CaptureStream, Mode};
 use clipact::source::files::{ImageSequence, MjpegSource, Y4mSource};
 use clipact::source::pipe::PipeSource;
 use clipact::source::{FrameSource, RawFormat, SourceError, SourceSpec, Truth};
@@ -59,7 +57,17 @@ fn make(args: &[&str], out: &Path) {
 /// ffmpeg's own RGB rendering of a YUV file, nearest-neighbour chroma as ours.
 fn ffmpeg_rgb(path: &Path) -> Vec<u8> {
     ffmpeg(
-        &["-i", path.to_str().unwrap(), "-sws_flags", "neighbor+accurate_rnd+full_chroma_int", "-pix_fmt", "rgb24", "-f", "rawvideo", "-"],
+        &[
+            "-i",
+            path.to_str().unwrap(),
+            "-sws_flags",
+            "neighbor+accurate_rnd+full_chroma_int",
+            "-pix_fmt",
+            "rgb24",
+            "-f",
+            "rawvideo",
+            "-",
+        ],
         &[],
     )
 }
@@ -210,7 +218,8 @@ fn pipe_reads_raw_frames_and_converts_i420() {
     make(&["-pix_fmt", "yuv420p"], &y4m);
     let i420 = ffmpeg(&["-i", y4m.to_str().unwrap(), "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"], &[]);
     let reference = ffmpeg_rgb(&y4m);
-    let mut pipe = PipeSource::new(std::io::Cursor::new(i420.clone()), "test", W, H, RawFormat::Yuv420p, Some(10.0), false);
+    let mut pipe =
+        PipeSource::new(std::io::Cursor::new(i420.clone()), "test", W, H, RawFormat::Yuv420p, Some(10.0), false);
     let frames = drain(&mut pipe);
     assert_eq!(frames.len(), FRAMES);
     let frame_len = (W * H * 3) as usize;
@@ -226,7 +235,15 @@ fn pipe_reads_raw_frames_and_converts_i420() {
     assert_eq!(frames.concat_data(), truth);
     assert!(frames.iter().all(|f| f.4.is_none()), "no fps: no stream time");
     // A stream cut mid-frame, or a wrong size, says so.
-    let mut pipe = PipeSource::new(std::io::Cursor::new(truth[..truth.len() - 10].to_vec()), "stdin", W, H, RawFormat::Rgb24, None, true);
+    let mut pipe = PipeSource::new(
+        std::io::Cursor::new(truth[..truth.len() - 10].to_vec()),
+        "stdin",
+        W,
+        H,
+        RawFormat::Rgb24,
+        None,
+        true,
+    );
     for _ in 0..FRAMES - 1 {
         pipe.next_frame().unwrap().unwrap();
     }
@@ -322,19 +339,20 @@ impl CaptureBackend for MockBackend {
 
 #[test]
 fn a_camera_unplugged_and_plugged_back_resumes() {
-    let script = Arc::new(Mutex::new(DeviceScript {
-        frames_before_unplug: vec![5, 3],
-        failed_opens: 3,
-        ..Default::default()
-    }));
+    let script =
+        Arc::new(Mutex::new(DeviceScript { frames_before_unplug: vec![5, 3], failed_opens: 3, ..Default::default() }));
     let request = CameraRequest { device: "/dev/video7".into(), size: None, format: None, fps: None, min_side: 32 };
-    let mut camera = Camera::new(MockBackend(script.clone()), request, Duration::from_millis(1), Duration::from_millis(4));
+    let mut camera =
+        Camera::new(MockBackend(script.clone()), request, Duration::from_millis(1), Duration::from_millis(4));
     assert!(camera.is_live());
     let (mut frames, mut reconnecting, mut skipped) = (0, 0, 0);
     for _ in 0..40 {
         match camera.next_frame() {
             Ok(Some(f)) => {
-                assert_eq!((f.frame.format, f.frame.width, f.frame.height, f.frame.data.len()), (PixelFormat::Yuyv, 4, 2, 16));
+                assert_eq!(
+                    (f.frame.format, f.frame.width, f.frame.height, f.frame.data.len()),
+                    (PixelFormat::Yuyv, 4, 2, 16)
+                );
                 assert!(f.time.is_none());
                 frames += 1;
             }

@@ -34,11 +34,8 @@ fn reference(w: &TemporalWeights, delta: &[f32]) -> (Vec<f32>, f32) {
         (0..m.len() / d).map(|r| (0..d).map(|c| m[r * d + c] * x[c]).sum()).collect()
     };
     let embedding = linear(&w.difference, delta);
-    let hidden: Vec<f32> = linear(&w.hidden_weight, &embedding)
-        .iter()
-        .zip(&w.hidden_bias)
-        .map(|(h, b)| (h + b).max(0.0))
-        .collect();
+    let hidden: Vec<f32> =
+        linear(&w.hidden_weight, &embedding).iter().zip(&w.hidden_bias).map(|(h, b)| (h + b).max(0.0)).collect();
     let logit = linear(&w.output_weight, &hidden)[0] + w.output_bias;
     (embedding, logit)
 }
@@ -184,7 +181,8 @@ fn temporal_scores_see_the_order_of_frames() {
     let weights = random_weights(&mut rng, dim);
     let head = TemporalHead::from_bytes(&weights.to_graph().unwrap().to_bytes(), dim).unwrap();
     let labels = LabelMatrix::new(&label_set(&mut rng, 4, 5, dim, false));
-    let mut temporal = BundleScorer::from_parts(labels.clone(), 5, Interaction::WeightedTokenWiseTemporal, Some(head)).unwrap();
+    let mut temporal =
+        BundleScorer::from_parts(labels.clone(), 5, Interaction::WeightedTokenWiseTemporal, Some(head)).unwrap();
     let mut plain = BundleScorer::from_parts(labels, 5, Interaction::WeightedTokenWise, None).unwrap();
     let frames: Vec<(Vec<f32>, f32)> = (0..5).map(|_| (rng.vector(dim), rng.signed())).collect();
     let mut scores = Vec::new();

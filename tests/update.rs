@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clipact::labels::LabelSet;
 use clipact::update::{
-    encode_frame, query_status, serve, FrameDecoder, Line, Message, PreSharedKey, PushError, PushOptions,
-    Receiver, ReceiverConfig, Sender, UpdateGate, UpdateLimits, MAX_FRAME_LEN,
+    encode_frame, query_status, serve, FrameDecoder, Line, Message, PreSharedKey, PushError, PushOptions, Receiver,
+    ReceiverConfig, Sender, UpdateGate, UpdateLimits, MAX_FRAME_LEN,
 };
 use proptest::prelude::*;
 use support::random::{label_set, Rng};
@@ -31,11 +31,7 @@ fn key() -> PreSharedKey {
 }
 
 fn options() -> PushOptions {
-    PushOptions {
-        timeout: Duration::from_millis(500),
-        commit_timeout: Duration::from_secs(10),
-        retries: 3,
-    }
+    PushOptions { timeout: Duration::from_millis(500), commit_timeout: Duration::from_secs(10), retries: 3 }
 }
 
 /// A valid set of several chunks.
@@ -93,19 +89,12 @@ impl Device {
     }
 
     fn applied_versions(&self) -> Vec<u64> {
-        self.applied
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| s.version)
-            .collect()
+        self.applied.lock().unwrap().iter().map(|s| s.version).collect()
     }
 }
 
 async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    timeout(TEST_TIMEOUT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish in {TEST_TIMEOUT:?}"))
+    timeout(TEST_TIMEOUT, f).await.unwrap_or_else(|_| panic!("{what} did not finish in {TEST_TIMEOUT:?}"))
 }
 
 fn rejected(result: Result<u64, PushError>) -> String {
@@ -128,10 +117,7 @@ async fn updates_over<S: AsyncRead + AsyncWrite + Unpin>(host: &mut S, device: &
     assert_eq!((status.dim, status.space_id.as_str()), (DIM, SPACE));
     assert_eq!(status.n_labels, 6);
 
-    assert!(
-        push(&v2, false).n_chunks() > 3,
-        "the set must span several chunks"
-    );
+    assert!(push(&v2, false).n_chunks() > 3, "the set must span several chunks");
     assert_eq!(push(&v2, false).push(host, &opts).await.unwrap(), 2);
     assert_eq!(device.on_disk(), v2);
     assert_eq!(device.applied.lock().unwrap().last(), Some(&v2));
@@ -139,27 +125,14 @@ async fn updates_over<S: AsyncRead + AsyncWrite + Unpin>(host: &mut S, device: &
     let again = rejected(push(&v2, false).push(host, &opts).await);
     assert!(again.contains("not newer"), "{again}");
     let older = rejected(push(&v1, false).push(host, &opts).await);
-    assert!(
-        older.contains("version 1 is not newer than the current version 2"),
-        "{older}"
-    );
+    assert!(older.contains("version 1 is not newer than the current version 2"), "{older}");
     assert_eq!(push(&v2, true).push(host, &opts).await.unwrap(), 2);
     assert_eq!(device.on_disk(), v2);
 
     let wrong_dim = rejected(push(&set(3, 3, 8, SPACE), false).push(host, &opts).await);
-    assert!(
-        wrong_dim.contains("embedding dim 8, the encoder produces 16"),
-        "{wrong_dim}"
-    );
-    let wrong_space = rejected(
-        push(&set(3, 3, DIM, "other"), false)
-            .push(host, &opts)
-            .await,
-    );
-    assert!(
-        wrong_space.contains("embedding space \"other\""),
-        "{wrong_space}"
-    );
+    assert!(wrong_dim.contains("embedding dim 8, the encoder produces 16"), "{wrong_dim}");
+    let wrong_space = rejected(push(&set(3, 3, DIM, "other"), false).push(host, &opts).await);
+    assert!(wrong_space.contains("embedding space \"other\""), "{wrong_space}");
 
     let v3 = set(3, 3, DIM, SPACE);
     let other_key = PreSharedKey::new(*b"not the device's key at all").unwrap();
@@ -179,11 +152,7 @@ async fn updates_over<S: AsyncRead + AsyncWrite + Unpin>(host: &mut S, device: &
     let crc = rejected(sender.push(host, &opts).await);
     assert!(crc.contains("CRC-32 mismatch"), "{crc}");
 
-    assert_eq!(
-        device.on_disk(),
-        v2,
-        "every rejection leaves the file alone"
-    );
+    assert_eq!(device.on_disk(), v2, "every rejection leaves the file alone");
     assert_eq!(device.applied_versions(), [2, 2]);
 
     assert_eq!(push(&v3, false).push(host, &opts).await.unwrap(), 3);
@@ -278,9 +247,7 @@ async fn next_message<S: AsyncRead + Unpin>(stream: &mut S, decoder: &mut FrameD
 fn noise(rng: &mut Rng, kind: usize, valid: &[u8]) -> Vec<u8> {
     let mut out = match kind % 4 {
         // random bytes, zeros included: many tiny bad frames
-        0 => (0..1 + rng.below(300))
-            .map(|_| rng.next_u64() as u8)
-            .collect(),
+        0 => (0..1 + rng.below(300)).map(|_| rng.next_u64() as u8).collect(),
         // the first half of a real frame
         1 => valid[..valid.len() / 2].to_vec(),
         // a whole frame with one bit flipped: fails its CRC
@@ -322,9 +289,7 @@ async fn garbage_on_the_line_does_not_stop_a_push() {
             };
             let frame = encode_frame(&message);
             for kind in [i, i + 1] {
-                host.write_all(&noise(&mut rng, kind, &frame))
-                    .await
-                    .unwrap();
+                host.write_all(&noise(&mut rng, kind, &frame)).await.unwrap();
             }
             host.write_all(&frame).await.unwrap();
             let reply = next_message(&mut host, &mut decoder).await;
@@ -335,15 +300,9 @@ async fn garbage_on_the_line_does_not_stop_a_push() {
                 continue;
             }
             let expected = if i + 1 == n {
-                Message::Accepted {
-                    transfer_id: id,
-                    version: 2,
-                }
+                Message::Accepted { transfer_id: id, version: 2 }
             } else {
-                Message::Ack {
-                    transfer_id: id,
-                    next_index: i as u32,
-                }
+                Message::Ack { transfer_id: id, next_index: i as u32 }
             };
             assert_eq!(reply, expected);
         }
@@ -362,26 +321,14 @@ async fn push_retries_frames_lost_to_noise() {
     let (host, board) = SerialStream::pair().unwrap();
     let task = device.serve(board);
     let v2 = set(2, 2, DIM, SPACE);
-    let mut host = Noisy {
-        inner: host,
-        writes: 0,
-    };
-    let opts = PushOptions {
-        timeout: Duration::from_millis(200),
-        ..options()
-    };
+    let mut host = Noisy { inner: host, writes: 0 };
+    let opts = PushOptions { timeout: Duration::from_millis(200), ..options() };
     let sender = Sender::for_set(&v2, false, Some(&key())).unwrap();
-    let version = bounded("a push through noise", sender.push(&mut host, &opts))
-        .await
-        .unwrap();
+    let version = bounded("a push through noise", sender.push(&mut host, &opts)).await.unwrap();
     assert_eq!(version, 2);
     // Delimiter, Begin, chunks, Commit, and at least one frame sent again.
     let frames = 3 + u64::from(sender.n_chunks());
-    assert!(
-        host.writes > frames,
-        "{} writes: nothing was lost",
-        host.writes
-    );
+    assert!(host.writes > frames, "{} writes: nothing was lost", host.writes);
     assert_eq!(device.on_disk(), v2);
     task.abort();
 }
@@ -416,9 +363,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Noisy<S> {
             let noise = [0x13, 0x37, 0x42];
             match std::pin::Pin::new(&mut self.inner).poll_write(cx, &noise) {
                 Poll::Ready(Ok(3)) => {}
-                Poll::Ready(Ok(_)) => {
-                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
-                }
+                Poll::Ready(Ok(_)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
                 other => return other,
             }
         }
@@ -443,34 +388,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Noisy<S> {
 
 fn message_strategy() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u64>(),
-            any::<bool>()
-        )
-            .prop_map(|(transfer_id, total_len, n_chunks, version, force)| {
-                Message::Begin {
-                    transfer_id,
-                    total_len,
-                    n_chunks,
-                    version,
-                    force,
-                }
-            }),
-        (
-            any::<u32>(),
-            any::<u32>(),
-            prop::collection::vec(any::<u8>(), 0..=512)
-        )
-            .prop_map(|(transfer_id, index, data)| Message::Chunk {
-                transfer_id,
-                index,
-                data
-            }),
-        (any::<u32>(), any::<[u8; 32]>())
-            .prop_map(|(transfer_id, mac)| Message::Commit { transfer_id, mac }),
+        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(transfer_id, total_len, n_chunks, version, force)| {
+                Message::Begin { transfer_id, total_len, n_chunks, version, force }
+            }
+        ),
+        (any::<u32>(), any::<u32>(), prop::collection::vec(any::<u8>(), 0..=512))
+            .prop_map(|(transfer_id, index, data)| Message::Chunk { transfer_id, index, data }),
+        (any::<u32>(), any::<[u8; 32]>()).prop_map(|(transfer_id, mac)| Message::Commit { transfer_id, mac }),
         Just(Message::Status),
         (any::<u32>(), ".{0,40}").prop_map(|(id, reason)| Message::rejected(id, reason)),
     ]

@@ -4,10 +4,10 @@
 //! get through), a corrupt persisted set (the last good one comes back, the high-water mark
 //! holds) and kill -9 during pushes (always the old or the new set, never below the mark).
 
-#[path = "support/mod.rs"]
-mod support;
 #[path = "support/mosquitto.rs"]
 mod mosquitto;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -171,7 +171,10 @@ impl Drop for Device {
 async fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
         // A device that refuses a body answers before reading it, and may close meanwhile.
         let _ = stream.write_all(head.as_bytes()).await;
         let _ = stream.write_all(body).await;
@@ -185,7 +188,10 @@ async fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String
 }
 
 /// Sends `messages` as frames on `stream` and returns the device's reply to each.
-async fn play<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, messages: &[Message]) -> Vec<Message> {
+async fn play<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    messages: &[Message],
+) -> Vec<Message> {
     let mut decoder = FrameDecoder::new();
     let mut replies = Vec::new();
     let mut buf = [0u8; 4096];
@@ -205,7 +211,10 @@ async fn play<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &
 
 /// Pushes `sender` by hand on `stream`, checks it is accepted, and returns its messages as
 /// they crossed the wire.
-async fn record<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, sender: &Sender) -> Vec<Message> {
+async fn record<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    sender: &Sender,
+) -> Vec<Message> {
     let challenge = play(stream, &[sender.begin()]).await.remove(0);
     let Message::Challenge { nonce, device, .. } = challenge else { panic!("{challenge:?}") };
     assert_eq!(device, "attacked");
@@ -327,10 +336,18 @@ async fn concurrent_pushes_leave_disk_and_memory_agreeing() {
             if labels["labels"][0]["name"] == on_disk.labels[0].name.as_str() {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "round {round}: disk and memory disagree: {} in use", labels["labels"][0]["name"]);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: disk and memory disagree: {} in use",
+                labels["labels"][0]["name"]
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(LabelSet::load(&device.labels_path).unwrap(), on_disk, "round {round}: the file changed after both pushes answered");
+        assert_eq!(
+            LabelSet::load(&device.labels_path).unwrap(),
+            on_disk,
+            "round {round}: the file changed after both pushes answered"
+        );
     }
 }
 
@@ -456,7 +473,10 @@ async fn idle_connections_cannot_lock_out_a_push_or_status() {
     assert_eq!(device.get("/status").await.0, 200);
     let sender = Sender::for_set(&set(3, "late"), false, Some(&key())).unwrap();
     assert_eq!(device.push_tcp(&sender).await.unwrap(), 3);
-    assert!(matches!(device.push_http(&Sender::for_set(&set(4, "web"), false, Some(&key())).unwrap()).await, UpdateReply::Accepted { version: 4, .. }));
+    assert!(matches!(
+        device.push_http(&Sender::for_set(&set(4, "web"), false, Some(&key())).unwrap()).await,
+        UpdateReply::Accepted { version: 4, .. }
+    ));
     let open = std::fs::read_dir(format!("/proc/{}/fd", device.pid())).unwrap().count();
     assert!(open < 200, "the device holds {open} descriptors");
 }
@@ -518,8 +538,14 @@ async fn kill_9_during_pushes_leaves_the_old_or_the_new_set() {
         device.kill();
         device.spawn();
         let on_disk = LabelSet::load(&device.labels_path).map(|s| s.version).unwrap_or(1);
-        assert!(on_disk == accepted || on_disk == version, "round {round}: {on_disk} on disk, before it {accepted}, pushed {version}");
-        assert!(result.is_err() || on_disk == version, "round {round}: the push was answered, the file holds {on_disk}");
+        assert!(
+            on_disk == accepted || on_disk == version,
+            "round {round}: {on_disk} on disk, before it {accepted}, pushed {version}"
+        );
+        assert!(
+            result.is_err() || on_disk == version,
+            "round {round}: the push was answered, the file holds {on_disk}"
+        );
         outcomes[usize::from(on_disk == version && on_disk != accepted)] += 1;
         accepted = on_disk;
         assert_eq!(device.version_in_use().await, accepted, "round {round}");
@@ -532,7 +558,10 @@ async fn kill_9_during_pushes_leaves_the_old_or_the_new_set() {
         assert!(mark >= high_water, "round {round}: the high-water mark fell from {high_water} to {mark}");
         high_water = mark;
     }
-    eprintln!("kill -9 x {rounds}: old set kept {}, new set kept {}, pushes answered before the kill {}", outcomes[0], outcomes[1], outcomes[2]);
+    eprintln!(
+        "kill -9 x {rounds}: old set kept {}, new set kept {}, pushes answered before the kill {}",
+        outcomes[0], outcomes[1], outcomes[2]
+    );
 }
 
 /// An MQTT client that records what it sees under `filter` and publishes as anyone could.
@@ -591,7 +620,9 @@ impl Watcher {
         loop {
             let (topic, payload) = tokio::time::timeout(WAIT, self.rx.recv()).await.expect("no reply").unwrap();
             if topic.ends_with("/labels/state") {
-                if let Ok(reply @ UpdateReply::Rejected { transfer_id: Some(t), .. }) = serde_json::from_slice::<UpdateReply>(&payload) {
+                if let Ok(reply @ UpdateReply::Rejected { transfer_id: Some(t), .. }) =
+                    serde_json::from_slice::<UpdateReply>(&payload)
+                {
                     if t == id {
                         return reply;
                     }

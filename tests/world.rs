@@ -5,8 +5,8 @@
 use clipact::preprocess::PixelFormat;
 use clipact::world::render::{Appearance, Backdrop, HUE_BAND};
 use clipact::world::{
-    action_index, actions_in, appearance, clip_poses, math, randomized_appearance, render_clip,
-    render_clip_as, RenderConfig, Split, WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
+    action_index, actions_in, appearance, clip_poses, math, randomized_appearance, render_clip, render_clip_as,
+    RenderConfig, Split, WorldStream, ACTIONS, ZEROSHOT_ACTIONS,
 };
 
 fn cfg(size: u32, frames: usize) -> RenderConfig {
@@ -27,28 +27,20 @@ fn block_max_diff(a: &[u8], b: &[u8], n: usize) -> f64 {
         for y in 0..m * B {
             for x in 0..m * B {
                 for k in 0..3 {
-                    out[((y / B) * m + x / B) * 3 + k] +=
-                        f[(y * n + x) * 3 + k] as f64 / (B * B) as f64;
+                    out[((y / B) * m + x / B) * 3 + k] += f[(y * n + x) * 3 + k] as f64 / (B * B) as f64;
                 }
             }
         }
         out
     };
     let (a, b) = (blocks(a), blocks(b));
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// Mean absolute difference of two equally sized byte buffers.
 fn mad(a: &[u8], b: &[u8]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as i32 - y as i32).unsigned_abs() as f64)
-        .sum::<f64>()
-        / a.len() as f64
+    a.iter().zip(b).map(|(&x, &y)| (x as i32 - y as i32).unsigned_abs() as f64).sum::<f64>() / a.len() as f64
 }
 
 #[test]
@@ -59,16 +51,10 @@ fn same_seed_same_bytes_different_seed_different_clip() {
         let b = render_clip(Split::Train, action, 42, &c);
         assert_eq!(a, b, "action {action}: same seed rendered differently");
         let other = render_clip(Split::Train, action, 43, &c);
-        assert_ne!(
-            a.frames, other.frames,
-            "action {action}: seeds 42 and 43 gave the same clip"
-        );
+        assert_ne!(a.frames, other.frames, "action {action}: seeds 42 and 43 gave the same clip");
         // The split is part of the seed: Train and Id never share a clip.
         let id = render_clip(Split::Id, action, 42, &c);
-        assert_ne!(
-            a.frames, id.frames,
-            "Train and Id seed 42 gave the same clip"
-        );
+        assert_ne!(a.frames, id.frames, "Train and Id seed 42 gave the same clip");
     }
 }
 
@@ -99,16 +85,8 @@ fn every_action_renders_frames_of_the_right_size_with_motion_and_captions() {
     let c = cfg(32, 6);
     assert!(ACTIONS.len() >= 12);
     for (a, action) in ACTIONS.iter().enumerate() {
-        assert!(
-            action.paraphrases.len() >= 2,
-            "{}: too few paraphrases",
-            action.name
-        );
-        assert!(
-            action.description.starts_with("a person"),
-            "{}",
-            action.description
-        );
+        assert!(action.paraphrases.len() >= 2, "{}: too few paraphrases", action.name);
+        assert!(action.description.starts_with("a person"), "{}", action.description);
         let clip = render_clip(Split::Train, a, 7, &c);
         assert_eq!(clip.action, a);
         assert_eq!(clip.frames.len(), 6);
@@ -117,21 +95,12 @@ fn every_action_renders_frames_of_the_right_size_with_motion_and_captions() {
             assert_eq!(f.len(), 32 * 32 * 3, "{}", action.name);
         }
         // The figure moves: some frame differs clearly from the first (beyond sensor noise).
-        let moved = clip.frames[1..]
-            .iter()
-            .map(|f| mad(f, &clip.frames[0]))
-            .fold(0.0, f64::max);
-        assert!(
-            moved > 1.0,
-            "{}: frames barely change (mad {moved:.2})",
-            action.name
-        );
+        let moved = clip.frames[1..].iter().map(|f| mad(f, &clip.frames[0])).fold(0.0, f64::max);
+        assert!(moved > 1.0, "{}: frames barely change (mad {moved:.2})", action.name);
         for caption in &clip.captions {
             assert!(caption.starts_with("a person "), "{caption}");
             assert!(
-                ["arm", "hands", "leg", "knees"]
-                    .iter()
-                    .any(|w| caption.contains(w)),
+                ["arm", "hands", "leg", "knees"].iter().any(|w| caption.contains(w)),
                 "{}: caption names no body part: {caption}",
                 action.name
             );
@@ -143,11 +112,7 @@ fn every_action_renders_frames_of_the_right_size_with_motion_and_captions() {
 fn captions_describe_the_pose() {
     let c = cfg(32, 8);
     let last = |name: &str| render_clip(Split::Train, idx(name), 3, &c).captions[7].clone();
-    assert!(
-        last("raising_left_arm").contains("the left arm raised"),
-        "{}",
-        last("raising_left_arm")
-    );
+    assert!(last("raising_left_arm").contains("the left arm raised"), "{}", last("raising_left_arm"));
     assert!(last("raising_right_arm").contains("the right arm raised"));
     assert!(last("raising_both_arms").contains("both arms raised"));
     assert!(last("falling_down").contains("lying on the ground"));
@@ -156,32 +121,21 @@ fn captions_describe_the_pose() {
     assert!(last("walking_left").contains("facing left"));
     assert!(last("walking_right").contains("facing right"));
     let clap = render_clip(Split::Train, idx("clapping"), 3, &c).captions;
-    assert!(
-        clap.iter().any(|c| c.contains("hands together")),
-        "{clap:?}"
-    );
+    assert!(clap.iter().any(|c| c.contains("hands together")), "{clap:?}");
     // Zero-shot actions are compositions of seen parts: every word their final captions use
     // also occurs in captions of the seen actions.
     let mut seen = std::collections::BTreeSet::new();
     for a in actions_in(Split::Train) {
         for seed in 0..4 {
             for cap in render_clip(Split::Train, a, seed, &c).captions {
-                seen.extend(
-                    cap.split([' ', ','])
-                        .filter(|w| !w.is_empty())
-                        .map(str::to_string),
-                );
+                seen.extend(cap.split([' ', ',']).filter(|w| !w.is_empty()).map(str::to_string));
             }
         }
     }
     for a in ZEROSHOT_ACTIONS {
         for cap in render_clip(Split::Zeroshot, a, 5, &c).captions {
             for w in cap.split([' ', ',']).filter(|w| !w.is_empty()) {
-                assert!(
-                    seen.contains(w),
-                    "{}: caption word {w:?} never seen in training",
-                    ACTIONS[a].name
-                );
+                assert!(seen.contains(w), "{}: caption word {w:?} never seen in training", ACTIONS[a].name);
             }
         }
     }
@@ -195,11 +149,7 @@ fn splits_hold_the_actions_they_claim() {
     let held_out = actions_in(Split::Zeroshot);
     assert!(held_out.len() >= 3);
     for a in &held_out {
-        assert!(
-            !seen.contains(a),
-            "zero-shot action {} is also seen",
-            ACTIONS[*a].name
-        );
+        assert!(!seen.contains(a), "zero-shot action {} is also seen", ACTIONS[*a].name);
     }
     let mut all: Vec<_> = seen.iter().chain(&held_out).copied().collect();
     all.sort();
@@ -208,10 +158,7 @@ fn splits_hold_the_actions_they_claim() {
         assert_eq!(split.to_string().parse::<Split>().unwrap(), split);
     }
     let err = "validation".parse::<Split>().unwrap_err().to_string();
-    assert!(
-        err.contains("validation") && err.contains("zeroshot"),
-        "{err}"
-    );
+    assert!(err.contains("validation") && err.contains("zeroshot"), "{err}");
 }
 
 fn hue_band(hue: f32) -> usize {
@@ -231,10 +178,7 @@ const BODY_PROPORTIONS: [(&str, Measure); 4] = [
 
 /// Smallest and largest `f` over `appearances`.
 fn extent(appearances: &[Appearance], f: Measure) -> (f32, f32) {
-    appearances
-        .iter()
-        .map(f)
-        .fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+    appearances.iter().map(f).fold((f32::MAX, f32::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
 #[test]
@@ -257,10 +201,7 @@ fn ood_appearance_never_overlaps_training_appearance() {
     for (name, f) in BODY_PROPORTIONS {
         let (_, train_hi) = extent(&train, f);
         let (ood_lo, _) = extent(&ood, f);
-        assert!(
-            train_hi < ood_lo,
-            "{name}: train up to {train_hi}, ood from {ood_lo}"
-        );
+        assert!(train_hi < ood_lo, "{name}: train up to {train_hi}, ood from {ood_lo}");
     }
     // Id and Zeroshot use the training appearance.
     for split in [Split::Id, Split::Zeroshot] {
@@ -287,7 +228,10 @@ fn randomized_appearance_roughens_walls_and_is_never_ood() {
     }
     for (name, f) in BODY_PROPORTIONS {
         let ((_, hi), (_, seen_hi), (ood_lo, _)) = (extent(&randomized, f), extent(&seen, f), extent(&ood, f));
-        assert!(hi < ood_lo && hi <= seen_hi * 1.02, "{name}: randomized up to {hi}, seen up to {seen_hi}, ood from {ood_lo}");
+        assert!(
+            hi < ood_lo && hi <= seen_hi * 1.02,
+            "{name}: randomized up to {hi}, seen up to {seen_hi}, ood from {ood_lo}"
+        );
     }
     let noise = randomized.iter().filter(|a| a.backdrop == Backdrop::Noise).count();
     assert!((120..280).contains(&noise), "{noise} of 400 noise walls");
@@ -323,17 +267,12 @@ fn render_clip_as_renders_the_given_appearance() {
 #[test]
 fn reversed_sitting_down_is_standing_up_and_reversed_falling_is_getting_up() {
     let c = cfg(32, 8);
-    for (a, b) in [
-        ("sitting_down", "standing_up"),
-        ("falling_down", "getting_up"),
-    ] {
+    for (a, b) in [("sitting_down", "standing_up"), ("falling_down", "getting_up")] {
         for seed in [1, 2, 3] {
             let x = render_clip(Split::Train, idx(a), seed, &c);
             let y = render_clip(Split::Train, idx(b), seed, &c);
             let worst = |pairs: &mut dyn Iterator<Item = (usize, usize)>| {
-                pairs
-                    .map(|(i, j)| block_max_diff(&x.frames[i], &y.frames[j], 32))
-                    .fold(0.0, f64::max)
+                pairs.map(|(i, j)| block_max_diff(&x.frames[i], &y.frames[j], 32)).fold(0.0, f64::max)
             };
             let forward = worst(&mut (0..8).map(|i| (i, i)));
             let reversed = worst(&mut (0..8).map(|i| (7 - i, i)));
@@ -347,10 +286,7 @@ fn reversed_sitting_down_is_standing_up_and_reversed_falling_is_getting_up() {
             for i in 0..8 {
                 let (p, q) = (&px[7 - i].0, &py[i].0);
                 assert!((p.pitch - q.pitch).abs() < 1e-5 && (p.roll - q.roll).abs() < 1e-5);
-                assert!(
-                    (p.knee[0] - q.knee[0]).abs() < 1e-5
-                        && (p.hip_flex[1] - q.hip_flex[1]).abs() < 1e-5
-                );
+                assert!((p.knee[0] - q.knee[0]).abs() < 1e-5 && (p.hip_flex[1] - q.hip_flex[1]).abs() < 1e-5);
             }
             // And the captions tell the story in opposite orders.
             let mut rev = x.captions.clone();
@@ -365,19 +301,10 @@ fn walking_left_moves_left_and_walking_right_moves_right() {
     for seed in 0..5 {
         let left = clip_poses(Split::Train, idx("walking_left"), seed, 8);
         let right = clip_poses(Split::Train, idx("walking_right"), seed, 8);
-        let dx = |v: &[(clipact::world::body::Pose, clipact::world::body::Skeleton)]| {
-            v[7].1.pelvis[0] - v[0].1.pelvis[0]
-        };
-        assert!(
-            dx(&left) < -0.2,
-            "seed {seed}: walking left moved {}",
-            dx(&left)
-        );
-        assert!(
-            dx(&right) > 0.2,
-            "seed {seed}: walking right moved {}",
-            dx(&right)
-        );
+        let dx =
+            |v: &[(clipact::world::body::Pose, clipact::world::body::Skeleton)]| v[7].1.pelvis[0] - v[0].1.pelvis[0];
+        assert!(dx(&left) < -0.2, "seed {seed}: walking left moved {}", dx(&left));
+        assert!(dx(&right) > 0.2, "seed {seed}: walking right moved {}", dx(&right));
     }
 }
 
@@ -393,17 +320,10 @@ fn world_stream_truth_matches_what_it_shows() {
         let next_truth = stream.peek_truth();
         let (frame, truth) = stream.next_frame();
         assert_eq!(truth, next_truth);
-        assert_eq!(
-            (frame.width, frame.height, frame.format),
-            (24, 24, PixelFormat::Rgb8)
-        );
+        assert_eq!((frame.width, frame.height, frame.format), (24, 24, PixelFormat::Rgb8));
         assert_eq!(frame.data.len(), 24 * 24 * 3);
         let data = frame.data.to_vec();
-        assert_eq!(
-            other.next_frame().0.data,
-            &data[..],
-            "stream not reproducible at frame {i}"
-        );
+        assert_eq!(other.next_frame().0.data, &data[..], "stream not reproducible at frame {i}");
         assert_eq!(truth.frame_index, i);
         if let Some(p) = previous {
             if p.action == truth.action && truth.frame_in_action != 0 {
@@ -413,17 +333,10 @@ fn world_stream_truth_matches_what_it_shows() {
             }
         }
         // The last frames of an action show its end pose.
-        let ends = [
-            ("crouching", "crouching"),
-            ("raising_both_arms", "both arms raised"),
-            ("lying_down", "lying"),
-        ];
+        let ends = [("crouching", "crouching"), ("raising_both_arms", "both arms raised"), ("lying_down", "lying")];
         match truth.action {
             Some(a) => {
-                assert!(
-                    ZEROSHOT_ACTIONS.contains(&a),
-                    "stream showed unseen-split action {a}"
-                );
+                assert!(ZEROSHOT_ACTIONS.contains(&a), "stream showed unseen-split action {a}");
                 actions_seen.insert(a);
                 if truth.frame_in_action >= WorldStream::ACTION_FRAMES.0 - 1 {
                     let (_, words) = ends.iter().find(|(n, _)| idx(n) == a).unwrap();
@@ -437,15 +350,8 @@ fn world_stream_truth_matches_what_it_shows() {
         }
         previous = Some(truth);
     }
-    assert!(
-        idle_frames > 20 && idle_frames < 400,
-        "idle frames: {idle_frames}"
-    );
-    assert_eq!(
-        actions_seen.len(),
-        3,
-        "all zero-shot actions appear: {actions_seen:?}"
-    );
+    assert!(idle_frames > 20 && idle_frames < 400, "idle frames: {idle_frames}");
+    assert_eq!(actions_seen.len(), 3, "all zero-shot actions appear: {actions_seen:?}");
 }
 
 /// The same bytes on every machine: this fingerprint was computed on x86-64 and is checked
@@ -464,10 +370,7 @@ fn odd_sizes_and_frame_counts_render() {
         let clip = render_clip(Split::Ood, idx("falling_down"), 1, &cfg(size, frames));
         assert_eq!(clip.frames.len(), frames);
         assert_eq!(clip.captions.len(), frames);
-        assert!(clip
-            .frames
-            .iter()
-            .all(|f| f.len() == (size * size * 3) as usize));
+        assert!(clip.frames.iter().all(|f| f.len() == (size * size * 3) as usize));
     }
     let mut stream = WorldStream::new(0, Split::Train, 5);
     assert_eq!(stream.next_frame().0.data.len(), 5 * 5 * 3);

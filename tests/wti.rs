@@ -3,24 +3,14 @@
 mod support;
 
 use clipact::labels::{Label, LabelSet};
-use clipact::wti::{
-    score_window, score_window_temporal, Interaction, LabelMatrix, WindowScorer, WtiError,
-};
+use clipact::wti::{score_window, score_window_temporal, Interaction, LabelMatrix, WindowScorer, WtiError};
 use proptest::prelude::*;
 use support::random::{label_set, Rng};
 
-const INTERACTIONS: [Interaction; 3] = [
-    Interaction::MeanPooling,
-    Interaction::TokenWise,
-    Interaction::WeightedTokenWise,
-];
+const INTERACTIONS: [Interaction; 3] =
+    [Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
 
-fn batch_scores(
-    labels: &LabelMatrix,
-    frames: &[Vec<f32>],
-    logits: &[f32],
-    interaction: Interaction,
-) -> Vec<f32> {
+fn batch_scores(labels: &LabelMatrix, frames: &[Vec<f32>], logits: &[f32], interaction: Interaction) -> Vec<f32> {
     let flat: Vec<f32> = frames.concat();
     let mut scores = vec![0.0; labels.n_labels()];
     score_window(labels, &flat, logits, interaction, &mut scores).unwrap();
@@ -53,34 +43,13 @@ fn wti_matches_a_hand_computation() {
     let t2v = 0.25 + 0.75 * s;
     let v2t = 0.25 + 0.75 * s;
     let mut score = [0.0];
-    score_window(
-        &labels,
-        &frames,
-        &logits,
-        Interaction::WeightedTokenWise,
-        &mut score,
-    )
-    .unwrap();
+    score_window(&labels, &frames, &logits, Interaction::WeightedTokenWise, &mut score).unwrap();
     assert!((score[0] - 0.5 * (t2v + v2t)).abs() < 1e-6, "{score:?}");
     // Unweighted: t2v = (1 + s)/2, v2t = (1 + s)/2.
-    score_window(
-        &labels,
-        &frames,
-        &logits,
-        Interaction::TokenWise,
-        &mut score,
-    )
-    .unwrap();
+    score_window(&labels, &frames, &logits, Interaction::TokenWise, &mut score).unwrap();
     assert!((score[0] - 0.5 * (1.0 + s)).abs() < 1e-6, "{score:?}");
     // Mean pooling: mean of (1,0),(0,1) normalized is (s, s); cos with (0, 1) is s.
-    score_window(
-        &labels,
-        &frames,
-        &logits,
-        Interaction::MeanPooling,
-        &mut score,
-    )
-    .unwrap();
+    score_window(&labels, &frames, &logits, Interaction::MeanPooling, &mut score).unwrap();
     assert!((score[0] - s).abs() < 1e-6, "{score:?}");
 }
 
@@ -91,30 +60,18 @@ fn bad_frames_are_refused_and_the_window_is_kept() {
     let mut scorer = WindowScorer::new(labels, 4, Interaction::WeightedTokenWise).unwrap();
     let good = rng.vector(8);
     let before = scorer.push(&good, 0.1).unwrap().to_vec();
-    assert_eq!(
-        scorer.push(&[1.0; 7], 0.0).unwrap_err(),
-        WtiError::DimMismatch {
-            expected: 8,
-            found: 7
-        }
-    );
+    assert_eq!(scorer.push(&[1.0; 7], 0.0).unwrap_err(), WtiError::DimMismatch { expected: 8, found: 7 });
     let mut nan = good.clone();
     nan[3] = f32::NAN;
     assert_eq!(scorer.push(&nan, 0.0).unwrap_err(), WtiError::NonFinite);
-    assert_eq!(
-        scorer.push(&good, f32::INFINITY).unwrap_err(),
-        WtiError::NonFinite
-    );
+    assert_eq!(scorer.push(&good, f32::INFINITY).unwrap_err(), WtiError::NonFinite);
     assert_eq!(scorer.len(), 1);
     assert_eq!(scorer.scores(), &before[..]);
     let wrong_dim = LabelMatrix::new(&label_set(&mut rng, 3, 4, 16, false));
     assert!(scorer.set_labels(wrong_dim).is_err());
-    assert!(WindowScorer::new(
-        LabelMatrix::new(&label_set(&mut rng, 1, 1, 8, false)),
-        0,
-        Interaction::TokenWise
-    )
-    .is_err());
+    assert!(
+        WindowScorer::new(LabelMatrix::new(&label_set(&mut rng, 1, 1, 8, false)), 0, Interaction::TokenWise).is_err()
+    );
 }
 
 proptest! {
@@ -170,28 +127,17 @@ proptest! {
 fn temporal_scorer_checks_its_difference_columns() {
     let mut rng = Rng::new(9);
     let labels = LabelMatrix::new(&label_set(&mut rng, 3, 4, 6, false));
-    let mut scorer =
-        WindowScorer::new(labels.clone(), 3, Interaction::WeightedTokenWiseTemporal).unwrap();
+    let mut scorer = WindowScorer::new(labels.clone(), 3, Interaction::WeightedTokenWiseTemporal).unwrap();
     let (a, b) = (rng.vector(6), rng.vector(6));
-    assert!(matches!(
-        scorer.push_with_difference(&a, 0.0, Some((&b, 0.0))),
-        Err(WtiError::Difference(_))
-    ));
+    assert!(matches!(scorer.push_with_difference(&a, 0.0, Some((&b, 0.0))), Err(WtiError::Difference(_))));
     assert!(scorer.is_empty(), "a refused frame leaves the window as it was");
     scorer.push(&a, 0.0).unwrap();
     assert!(matches!(scorer.push(&b, 0.0), Err(WtiError::Difference(_))));
     assert_eq!(
-        scorer
-            .push_with_difference(&b, 0.0, Some((&a[..5], 0.0)))
-            .unwrap_err(),
+        scorer.push_with_difference(&b, 0.0, Some((&a[..5], 0.0))).unwrap_err(),
         WtiError::DimMismatch { expected: 6, found: 5 }
     );
-    assert_eq!(
-        scorer
-            .push_with_difference(&b, 0.0, Some((&a, f32::NAN)))
-            .unwrap_err(),
-        WtiError::NonFinite
-    );
+    assert_eq!(scorer.push_with_difference(&b, 0.0, Some((&a, f32::NAN))).unwrap_err(), WtiError::NonFinite);
     assert_eq!(scorer.len(), 1);
     scorer.push_with_difference(&b, 0.0, Some((&a, 0.0))).unwrap();
     // Plain interactions ignore a difference column.

@@ -17,11 +17,7 @@ fn scoring_a_frame_allocates_nothing_after_warm_up() {
     let big = LabelMatrix::new(&label_set(&mut rng, 50, 8, dim, false));
     let small = LabelMatrix::new(&label_set(&mut rng, 20, 6, dim, false));
     let frames: Vec<Vec<f32>> = (0..64).map(|_| rng.vector(dim)).collect();
-    for interaction in [
-        Interaction::MeanPooling,
-        Interaction::TokenWise,
-        Interaction::WeightedTokenWise,
-    ] {
+    for interaction in [Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise] {
         let mut scorer = WindowScorer::new(big.clone(), 8, interaction).unwrap();
         // The swap happens before counting: it may allocate, the frames after it must not.
         let small = small.clone();
@@ -37,10 +33,7 @@ fn scoring_a_frame_allocates_nothing_after_warm_up() {
         })
         .calls;
         assert!(checksum.is_finite());
-        assert_eq!(
-            allocations, 0,
-            "{interaction:?}: {allocations} allocations while scoring 64 frames"
-        );
+        assert_eq!(allocations, 0, "{interaction:?}: {allocations} allocations while scoring 64 frames");
     }
 }
 
@@ -89,9 +82,7 @@ fn the_temporal_head_allocates_only_inside_tract() {
     };
     let head = TemporalHead::from_bytes(&weights.to_graph().unwrap().to_bytes(), dim).unwrap();
     let labels = LabelMatrix::new(&label_set(&mut rng, 20, 6, dim, false));
-    let mut scorer =
-        BundleScorer::from_parts(labels, 8, Interaction::WeightedTokenWiseTemporal, Some(head))
-            .unwrap();
+    let mut scorer = BundleScorer::from_parts(labels, 8, Interaction::WeightedTokenWiseTemporal, Some(head)).unwrap();
     let frames: Vec<Vec<f32>> = (0..60).map(|_| rng.vector(dim)).collect();
     for frame in &frames[..10] {
         scorer.push(frame, 0.2).unwrap();

@@ -60,7 +60,8 @@ impl BasicAuth {
     /// Whether `request` carries these credentials (compared in constant time).
     fn admits<B>(&self, request: &Request<B>) -> bool {
         let given = request.headers().get(hyper::header::AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes());
-        given.len() == self.expected.len() && given.iter().zip(&self.expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        given.len() == self.expected.len()
+            && given.iter().zip(&self.expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
@@ -147,11 +148,7 @@ pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_upda
     }
 }
 
-async fn route(
-    request: Request<Incoming>,
-    view: Arc<dyn DeviceView>,
-    accept_updates: bool,
-) -> Response<Full<Bytes>> {
+async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, accept_updates: bool) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     tracing::debug!(%method, %path, "HTTP request");
@@ -159,12 +156,8 @@ async fn route(
         ("/status", &Method::GET) => json(StatusCode::OK, &view.status()),
         ("/labels", &Method::GET) => json(StatusCode::OK, &view.labels()),
         ("/metrics", &Method::GET) => {
-            let mut response =
-                Response::new(Full::new(Bytes::from(render_prometheus(&view.metrics()))));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
-            );
+            let mut response = Response::new(Full::new(Bytes::from(render_prometheus(&view.metrics()))));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE));
             response
         }
         ("/labels", &Method::POST) => {
@@ -205,14 +198,19 @@ async fn route(
             let body = match tokio::time::timeout(limits.body_timeout, read_body(request.into_body(), length)).await {
                 Ok(Ok(body)) => body,
                 Ok(Err(e)) => return refuse(StatusCode::BAD_REQUEST, format!("reading the update: {e}")),
-                Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, format!("the update's body took longer than {:?} (`[updates] body_timeout_s`)", limits.body_timeout)),
+                Err(_) => {
+                    return refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the update's body took longer than {:?} (`[updates] body_timeout_s`)",
+                            limits.body_timeout
+                        ),
+                    )
+                }
             };
-            let reply = tokio::task::spawn_blocking(move || apply_update(&gate, &body))
-                .await
-                .unwrap_or_else(|e| UpdateReply::Rejected {
-                    transfer_id: None,
-                    reason: format!("the update handler failed: {e}"),
-                });
+            let reply = tokio::task::spawn_blocking(move || apply_update(&gate, &body)).await.unwrap_or_else(|e| {
+                UpdateReply::Rejected { transfer_id: None, reason: format!("the update handler failed: {e}") }
+            });
             let status = match reply {
                 UpdateReply::Accepted { .. } | UpdateReply::Challenge { .. } => StatusCode::OK,
                 UpdateReply::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -222,10 +220,8 @@ async fn route(
         ("/status" | "/metrics", _) => not_allowed("GET"),
         ("/labels", _) => not_allowed("GET, POST"),
         _ => {
-            let mut response = text(
-                StatusCode::NOT_FOUND,
-                format!("no route {path}: try /status, /metrics or /labels\n"),
-            );
+            let mut response =
+                text(StatusCode::NOT_FOUND, format!("no route {path}: try /status, /metrics or /labels\n"));
             *response.status_mut() = StatusCode::NOT_FOUND;
             response
         }
@@ -251,9 +247,7 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Byt
             body.push(b'\n');
             let mut response = Response::new(Full::new(Bytes::from(body)));
             *response.status_mut() = status;
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
@@ -263,29 +257,25 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Byt
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
 fn unauthorized() -> Response<Full<Bytes>> {
-    let mut response = text(StatusCode::UNAUTHORIZED, "this device asks for its credentials (`[http] username`, `password_file`)\n".into());
-    response
-        .headers_mut()
-        .insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"clipact\", charset=\"UTF-8\""));
+    let mut response = text(
+        StatusCode::UNAUTHORIZED,
+        "this device asks for its credentials (`[http] username`, `password_file`)\n".into(),
+    );
+    response.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"clipact\", charset=\"UTF-8\""),
+    );
     response
 }
 
 fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
-    let mut response = text(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("method not allowed; allowed: {allow}\n"),
-    );
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed; allowed: {allow}\n"));
+    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
     response
 }
 
@@ -322,7 +312,12 @@ pub enum HttpPushError {
 /// Sends `sender`'s transfer to the device's `POST /labels` at `host:port`, in two requests
 /// (the challenge request, then the transfer signed for the device's challenge), each within
 /// `timeout`, and returns the device's verdict.
-pub async fn push_over_http(host: &str, port: u16, sender: &crate::update::Sender, timeout: Duration) -> Result<UpdateReply, HttpPushError> {
+pub async fn push_over_http(
+    host: &str,
+    port: u16,
+    sender: &crate::update::Sender,
+    timeout: Duration,
+) -> Result<UpdateReply, HttpPushError> {
     let challenge = post_update(host, port, &super::remote::encode_challenge_request(sender), timeout).await?;
     let Some((nonce, device)) = challenge.challenge() else { return Ok(challenge) };
     let payload = super::remote::encode_transfer(sender, &nonce, device);
@@ -346,7 +341,8 @@ async fn post_update(host: &str, port: u16, body: &[u8], timeout: Duration) -> R
         stream.read_to_end(&mut answer).await.map_err(|e| fail(e.to_string()))?;
         Ok::<_, HttpPushError>(answer)
     };
-    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| fail(format!("no answer within {timeout:?}")))??;
+    let answer =
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| fail(format!("no answer within {timeout:?}")))??;
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| fail("the answer is not HTTP".into()))?;
     let status = head
@@ -369,7 +365,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc_4648() {
-        for (plain, encoded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(plain.as_bytes()), encoded);
         }
         // RFC 7617's example.

@@ -115,11 +115,7 @@ pub fn render_prometheus(snapshot: &MetricsSnapshot) -> String {
     let mut out = String::with_capacity(1024 + 160 * snapshot.labels.len());
     let device = escape_label_value(&snapshot.device);
     // Writing into a String cannot fail.
-    let write_family = |out: &mut String,
-                        name: &str,
-                        kind: &str,
-                        help: &str,
-                        series: &[(String, String)]| {
+    let write_family = |out: &mut String, name: &str, kind: &str, help: &str, series: &[(String, String)]| {
         let _ = writeln!(out, "# HELP clipact_{name} {help}");
         let _ = writeln!(out, "# TYPE clipact_{name} {kind}");
         for (suffix_and_labels, value) in series {
@@ -162,14 +158,8 @@ pub fn render_prometheus(snapshot: &MetricsSnapshot) -> String {
         "summary",
         "Encoder time per frame.",
         &[
-            (
-                format!("inference_seconds_sum{{{dev}}}"),
-                float(snapshot.inference_seconds_sum),
-            ),
-            (
-                format!("inference_seconds_count{{{dev}}}"),
-                snapshot.frames_total.to_string(),
-            ),
+            (format!("inference_seconds_sum{{{dev}}}"), float(snapshot.inference_seconds_sum)),
+            (format!("inference_seconds_count{{{dev}}}"), snapshot.frames_total.to_string()),
         ],
     );
     write_family(
@@ -178,14 +168,8 @@ pub fn render_prometheus(snapshot: &MetricsSnapshot) -> String {
         "summary",
         "Whole per-frame pipeline time: preprocessing, encoder, scoring, decisions.",
         &[
-            (
-                format!("pipeline_seconds_sum{{{dev}}}"),
-                float(snapshot.pipeline_seconds_sum),
-            ),
-            (
-                format!("pipeline_seconds_count{{{dev}}}"),
-                snapshot.frames_total.to_string(),
-            ),
+            (format!("pipeline_seconds_sum{{{dev}}}"), float(snapshot.pipeline_seconds_sum)),
+            (format!("pipeline_seconds_count{{{dev}}}"), snapshot.frames_total.to_string()),
         ],
     );
     write_family(
@@ -227,15 +211,7 @@ pub fn render_prometheus(snapshot: &MetricsSnapshot) -> String {
         snapshot
             .labels
             .iter()
-            .map(|l| {
-                (
-                    format!(
-                        "{name}{{{dev},label=\"{}\"}}",
-                        escape_label_value(&l.name)
-                    ),
-                    value(l),
-                )
-            })
+            .map(|l| (format!("{name}{{{dev},label=\"{}\"}}", escape_label_value(&l.name)), value(l)))
             .collect()
     };
     write_family(

@@ -48,9 +48,7 @@ pub struct Topics {
 impl Topics {
     /// Topics of the device named `device` (`clipact/<device>/...`).
     pub fn new(device: &str) -> Self {
-        Self {
-            base: format!("clipact/{device}"),
-        }
+        Self { base: format!("clipact/{device}") }
     }
 
     /// `clipact/<device>/available`.
@@ -89,16 +87,8 @@ impl Topics {
 /// and `-` replaced by `_` (`/`, `+`, `#` are special in topics), prefixed with `label_` when
 /// it would collide with one of [`RESERVED_LEVELS`] or be empty.
 pub fn label_level(name: &str) -> String {
-    let level: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let level: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     if level.is_empty() || RESERVED_LEVELS.contains(&level.as_str()) {
         format!("label_{level}")
     } else {
@@ -225,23 +215,14 @@ impl MqttPublisher {
     ///
     /// `view` answers `stats` and applies updates from `labels/set` (when
     /// `settings.accept_updates`).
-    pub fn start(
-        settings: MqttSettings,
-        view: Option<Arc<dyn DeviceView>>,
-        runtime: &tokio::runtime::Handle,
-    ) -> Self {
+    pub fn start(settings: MqttSettings, view: Option<Arc<dyn DeviceView>>, runtime: &tokio::runtime::Handle) -> Self {
         let topics = Topics::new(&settings.device);
         let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
         options
             .set_keep_alive(settings.keep_alive)
             .set_clean_session(true)
             .set_request_channel_capacity(QUEUE)
-            .set_last_will(LastWill::new(
-                topics.available(),
-                "offline",
-                QoS::AtLeastOnce,
-                true,
-            ));
+            .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
         if let (true, Some(view)) = (settings.accept_updates, &view) {
             // A whole label set arrives in one message. A larger packet makes rumqttc drop the
             // connection (and reconnect) before buffering it.
@@ -263,22 +244,9 @@ impl MqttPublisher {
             dropped: AtomicU64::new(0),
         });
         let (done_tx, done) = std::sync::mpsc::channel();
-        let task = runtime.spawn(run_connection(
-            eventloop,
-            client.clone(),
-            shared.clone(),
-            settings.clone(),
-            view,
-            done_tx,
-        ));
-        Self {
-            client,
-            shared,
-            device: settings.device,
-            open: HashMap::new(),
-            task: Some(task),
-            done: Some(done),
-        }
+        let task =
+            runtime.spawn(run_connection(eventloop, client.clone(), shared.clone(), settings.clone(), view, done_tx));
+        Self { client, shared, device: settings.device, open: HashMap::new(), task: Some(task), done: Some(done) }
     }
 
     /// The device's topics.
@@ -313,10 +281,7 @@ impl MqttPublisher {
             after.end_time = Some(unix_seconds(now));
             self.send_event(EventKind::End, before, after);
         }
-        let topics: Vec<(String, bool)> = names
-            .iter()
-            .map(|name| (self.shared.topics.label(name), false))
-            .collect();
+        let topics: Vec<(String, bool)> = names.iter().map(|name| (self.shared.topics.label(name), false)).collect();
         let old = std::mem::replace(&mut *lock(&self.shared.states), topics.clone());
         for (topic, _) in old.iter().filter(|(t, _)| !topics.iter().any(|(n, _)| n == t)) {
             self.send(topic.clone(), QoS::AtLeastOnce, true, b"OFF".to_vec());
@@ -331,11 +296,7 @@ impl MqttPublisher {
     pub fn publish(&mut self, label_index: usize, kind: EventKind, after: Detection) {
         let before = match kind {
             EventKind::New => after.clone(),
-            EventKind::Update | EventKind::End => self
-                .open
-                .get(&label_index)
-                .cloned()
-                .unwrap_or_else(|| after.clone()),
+            EventKind::Update | EventKind::End => self.open.get(&label_index).cloned().unwrap_or_else(|| after.clone()),
         };
         match kind {
             EventKind::New | EventKind::Update => {
@@ -364,10 +325,7 @@ impl MqttPublisher {
                     let payload = if on { "ON" } else { "OFF" };
                     self.send(topic, QoS::AtLeastOnce, true, payload.as_bytes().to_vec());
                 }
-                None => tracing::warn!(
-                    label_index,
-                    "MQTT: event for a label outside the set (set_labels not called?)"
-                ),
+                None => tracing::warn!(label_index, "MQTT: event for a label outside the set (set_labels not called?)"),
             }
         }
     }
@@ -381,11 +339,7 @@ impl MqttPublisher {
     }
 
     fn send_event(&self, kind: EventKind, before: Detection, after: Detection) {
-        let message = EventMessage {
-            kind,
-            before,
-            after,
-        };
+        let message = EventMessage { kind, before, after };
         match serde_json::to_vec(&message) {
             Ok(json) => self.send(self.shared.topics.events(), QoS::AtLeastOnce, false, json),
             Err(e) => tracing::warn!("MQTT event: {e}"),
@@ -415,12 +369,7 @@ impl MqttPublisher {
     fn begin_close(&self) {
         self.shared.closing.store(true, Ordering::Relaxed);
         // Clean shutdown: say so before leaving (a disconnect never fires the will).
-        self.send(
-            self.shared.topics.available(),
-            QoS::AtLeastOnce,
-            true,
-            b"offline".to_vec(),
-        );
+        self.send(self.shared.topics.available(), QoS::AtLeastOnce, true, b"offline".to_vec());
         if let Err(e) = self.client.try_disconnect() {
             tracing::debug!("MQTT disconnect: {e}");
         }
@@ -464,8 +413,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// `time` as Unix seconds (what Frigate's `start_time`/`end_time` carry).
 pub fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 async fn run_connection(
@@ -493,11 +441,11 @@ async fn run_connection(
                     drop(held);
                     reply
                 })
-                    .await
-                    .unwrap_or_else(|e| UpdateReply::Rejected {
-                        transfer_id: None,
-                        reason: format!("the update handler failed: {e}"),
-                    });
+                .await
+                .unwrap_or_else(|e| UpdateReply::Rejected {
+                    transfer_id: None,
+                    reason: format!("the update handler failed: {e}"),
+                });
                 let json = serde_json::to_vec(&reply).unwrap_or_default();
                 if let Err(e) = client.publish(&topic, QoS::AtLeastOnce, true, json).await {
                     tracing::warn!("MQTT: cannot publish the update's outcome: {e}");
@@ -543,10 +491,13 @@ async fn run_connection(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let gate = view.as_ref().map(|v| v.update_gate());
-                if let (true, true, Some(gate)) = (publish.topic == topics.labels_set(), settings.accept_updates, gate) {
+                if let (true, true, Some(gate)) = (publish.topic == topics.labels_set(), settings.accept_updates, gate)
+                {
                     tracing::debug!(bytes = publish.payload.len(), "MQTT: label-set update received");
                     let queued = match gate.hold_bytes(publish.payload.len()) {
-                        Ok(held) => update_tx.try_send((publish.payload, held)).map_err(|_| "busy: 16 updates are queued; try again".to_owned()),
+                        Ok(held) => update_tx
+                            .try_send((publish.payload, held))
+                            .map_err(|_| "busy: 16 updates are queued; try again".to_owned()),
                         Err(e) => Err(e.to_string()),
                     };
                     if let Err(reason) = queued {
@@ -593,9 +544,7 @@ fn announce(client: &AsyncClient, shared: &Arc<Shared>, accept_updates: bool) {
         let topics = &shared.topics;
         let states = lock(&shared.states).clone();
         let result = async {
-            client
-                .publish(topics.available(), QoS::AtLeastOnce, true, "online")
-                .await?;
+            client.publish(topics.available(), QoS::AtLeastOnce, true, "online").await?;
             for (topic, on) in states {
                 let payload = if on { "ON" } else { "OFF" };
                 client.publish(topic, QoS::AtLeastOnce, true, payload).await?;
@@ -661,16 +610,9 @@ pub async fn push_over_mqtt(
     let mut options = MqttOptions::new(client_id, host, port);
     // The transfer is about as large as the set; COBS and framing add under 10 %.
     let max = super::http::max_update_body(sender.len());
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(256 * 1024, max);
+    options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_max_packet_size(256 * 1024, max);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
-    let broker = |message: String| MqttPushError::Broker {
-        host: host.to_owned(),
-        port,
-        message,
-    };
+    let broker = |message: String| MqttPushError::Broker { host: host.to_owned(), port, message };
     let state_topic = topics.labels_state();
     let want = sender.transfer_id();
     let run = async {
@@ -679,10 +621,7 @@ pub async fn push_over_mqtt(
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    client
-                        .subscribe(&state_topic, QoS::AtLeastOnce)
-                        .await
-                        .map_err(|e| broker(e.to_string()))?;
+                    client.subscribe(&state_topic, QoS::AtLeastOnce).await.map_err(|e| broker(e.to_string()))?;
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) if !asked => {
                     asked = true;
@@ -708,9 +647,7 @@ pub async fn push_over_mqtt(
                         },
                         // A rejection that could not name the transfer (a garbled payload)
                         // arriving after ours was sent is ours.
-                        Ok(reply @ UpdateReply::Rejected { transfer_id: None, .. })
-                            if asked && !p.retain =>
-                        {
+                        Ok(reply @ UpdateReply::Rejected { transfer_id: None, .. }) if asked && !p.retain => {
                             return Ok(reply)
                         }
                         Ok(_) => {}
@@ -724,11 +661,7 @@ pub async fn push_over_mqtt(
     };
     let result = match tokio::time::timeout(timeout, run).await {
         Ok(result) => result,
-        Err(_) => Err(MqttPushError::Timeout {
-            device: device.to_owned(),
-            topic: state_topic.clone(),
-            timeout,
-        }),
+        Err(_) => Err(MqttPushError::Timeout { device: device.to_owned(), topic: state_topic.clone(), timeout }),
     };
     // Best effort: leave cleanly.
     let _ = client.try_disconnect();
@@ -773,11 +706,7 @@ mod tests {
             frame: 3,
             truth: None,
         };
-        let m = EventMessage {
-            kind: EventKind::New,
-            before: d.clone(),
-            after: d,
-        };
+        let m = EventMessage { kind: EventKind::New, before: d.clone(), after: d };
         let v = serde_json::to_value(&m).unwrap();
         assert_eq!(v["type"], "new");
         assert_eq!(v["after"]["label"], "waving");

@@ -126,7 +126,12 @@ pub fn apply_update(gate: &Arc<UpdateGate>, payload: &[u8]) -> UpdateReply {
     let transfer_id = match messages.first() {
         Some(Message::Begin { transfer_id, .. }) => *transfer_id,
         Some(other) => return rejected(None, format!("an update must start with Begin, not {}", message_name(other))),
-        None => return rejected(None, "empty update: expected Begin alone (a challenge request), or Begin, chunks and Commit".into()),
+        None => {
+            return rejected(
+                None,
+                "empty update: expected Begin alone (a challenge request), or Begin, chunks and Commit".into(),
+            )
+        }
     };
     if let [Message::Begin { total_len, version, force, .. }] = messages[..] {
         return match gate.check_begin(total_len, version, force) {
@@ -141,22 +146,27 @@ pub fn apply_update(gate: &Arc<UpdateGate>, payload: &[u8]) -> UpdateReply {
     let mut receiver = Receiver::new(gate.clone(), Line::Message);
     for message in messages {
         let allowed = match &message {
-            Message::Begin { transfer_id: id, .. } | Message::Chunk { transfer_id: id, .. } | Message::Commit { transfer_id: id, .. } => {
-                *id == transfer_id
-            }
+            Message::Begin { transfer_id: id, .. }
+            | Message::Chunk { transfer_id: id, .. }
+            | Message::Commit { transfer_id: id, .. } => *id == transfer_id,
             _ => false,
         };
         if !allowed {
             return rejected(
                 Some(transfer_id),
-                format!("unexpected {} in an update: one message carries Begin, chunks and Commit of one transfer", message_name(&message)),
+                format!(
+                    "unexpected {} in an update: one message carries Begin, chunks and Commit of one transfer",
+                    message_name(&message)
+                ),
             );
         }
         match receiver.handle(message) {
             Some(Message::Ack { .. } | Message::Challenge { .. }) => {}
             Some(Message::Accepted { version, .. }) => return UpdateReply::Accepted { transfer_id, version },
             // The Receiver has counted and logged it.
-            Some(Message::Rejected { reason, .. }) => return UpdateReply::Rejected { transfer_id: Some(transfer_id), reason },
+            Some(Message::Rejected { reason, .. }) => {
+                return UpdateReply::Rejected { transfer_id: Some(transfer_id), reason }
+            }
             other => return rejected(Some(transfer_id), format!("unexpected answer from the receiver: {other:?}")),
         }
     }
@@ -240,7 +250,10 @@ mod tests {
         let (gate, delivered) = gate(&dir, Some(key()));
         let sender = Sender::for_set(&set(2), false, Some(&key())).unwrap();
         let payload = signed_transfer(&gate, &sender);
-        assert_eq!(apply_update(&gate, &payload), UpdateReply::Accepted { transfer_id: sender.transfer_id(), version: 2 });
+        assert_eq!(
+            apply_update(&gate, &payload),
+            UpdateReply::Accepted { transfer_id: sender.transfer_id(), version: 2 }
+        );
         assert_eq!(*delivered.lock().unwrap(), [2]);
         assert_eq!(LabelSet::load(&dir.path().join("labels.cls")).unwrap().version, 2);
         // The same message again: refused (not newer); forced, its challenge would be used up.
@@ -307,17 +320,13 @@ mod tests {
 
     #[test]
     fn replies_are_tagged_json() {
-        let accepted = UpdateReply::Accepted {
-            transfer_id: 7,
-            version: 3,
-        };
+        let accepted = UpdateReply::Accepted { transfer_id: 7, version: 3 };
         let json = serde_json::to_string(&accepted).unwrap();
         assert_eq!(json, r#"{"result":"accepted","transfer_id":7,"version":3}"#);
         let back: UpdateReply = serde_json::from_str(&json).unwrap();
         assert_eq!(back, accepted);
         let rejected: UpdateReply =
-            serde_json::from_str(r#"{"result":"rejected","transfer_id":null,"reason":"x"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"result":"rejected","transfer_id":null,"reason":"x"}"#).unwrap();
         assert_eq!(rejected.transfer_id(), None);
         let challenge: UpdateReply = serde_json::from_str(
             r#"{"result":"challenge","transfer_id":9,"nonce":"000102030405060708090a0b0c0d0eff","device":"cam"}"#,

@@ -14,8 +14,8 @@ use super::mqtt::{label_level, unix_seconds, Detection, EventKind, MqttPublisher
 use super::DeviceView;
 use crate::config::Config;
 use crate::labels::LabelSet;
-use crate::update::UpdateGate;
 use crate::runtime::{self, DetectionEvent, EventSink, RuntimeHandle};
+use crate::update::UpdateGate;
 
 /// How long closing waits for the last MQTT messages (`offline`) to go out.
 const MQTT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -58,28 +58,18 @@ pub fn start(
         return Ok(Vec::new());
     }
     let counts = Arc::new(Mutex::new(HashMap::new()));
-    let view = Arc::new(RuntimeView {
-        handle: handle.clone(),
-        counts: counts.clone(),
-    });
+    let view = Arc::new(RuntimeView { handle: handle.clone(), counts: counts.clone() });
     let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(CountingSink { counts })];
     let key_file = config.updates.as_ref().and_then(|u| u.key_file.as_ref());
     if let Some(http) = &config.http {
         let listener = std::net::TcpListener::bind(http.listen)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| EventsError::HttpListen {
-                addr: http.listen,
-                source,
-            })?;
+            .map_err(|source| EventsError::HttpListen { addr: http.listen, source })?;
         let local = listener.local_addr().unwrap_or(http.listen);
         let listener = {
             let _entered = tokio.enter();
-            tokio::net::TcpListener::from_std(listener).map_err(|source| {
-                EventsError::HttpListen {
-                    addr: http.listen,
-                    source,
-                }
-            })?
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|source| EventsError::HttpListen { addr: http.listen, source })?
         };
         let accept_updates = config.updates.as_ref().is_some_and(|u| u.http) && key_file.is_some();
         tracing::info!(%local, accept_updates, "HTTP: serving /status, /metrics, /labels");
@@ -108,9 +98,7 @@ pub fn start(
         tracing::info!(host = %mqtt.host, port = mqtt.port, topics = %format!("clipact/{}/#", config.device_name), accept_updates = settings.accept_updates, "MQTT: publishing events");
         let view: Arc<dyn DeviceView> = view;
         let publisher = MqttPublisher::start(settings, Some(view), tokio);
-        sinks.push(Box::new(MqttSink {
-            publisher: Some(publisher),
-        }));
+        sinks.push(Box::new(MqttSink { publisher: Some(publisher) }));
     }
     Ok(sinks)
 }
@@ -141,11 +129,7 @@ impl DeviceView for RuntimeView {
             source: s.source,
             label_set_version: s.label_set_version,
             labels: states.iter().map(|l| l.name.clone()).collect(),
-            active: states
-                .iter()
-                .filter(|l| l.active)
-                .map(|l| l.name.clone())
-                .collect(),
+            active: states.iter().filter(|l| l.active).map(|l| l.name.clone()).collect(),
             uptime_s: s.uptime_s,
             fps: s.fps,
             frames_total: s.frames_processed,
@@ -260,10 +244,7 @@ fn detection(event: &DetectionEvent, device: &str) -> Detection {
         end_time: (event.kind == runtime::EventKind::End).then_some(now),
         device: device.to_owned(),
         frame: event.frame,
-        truth: event
-            .truth
-            .as_ref()
-            .and_then(|t| serde_json::to_value(t).ok()),
+        truth: event.truth.as_ref().and_then(|t| serde_json::to_value(t).ok()),
     }
 }
 

@@ -118,9 +118,7 @@ impl Sizes {
         match self {
             Sizes::Discrete(list) => list.contains(&(w, h)),
             Sizes::Stepwise { min, max, step } => {
-                let on = |v: u32, lo: u32, hi: u32, s: u32| {
-                    v >= lo && v <= hi && (v - lo) % s.max(1) == 0
-                };
+                let on = |v: u32, lo: u32, hi: u32, s: u32| v >= lo && v <= hi && (v - lo) % s.max(1) == 0;
                 on(w, min.0, max.0, step.0) && on(h, min.1, max.1, step.1)
             }
         }
@@ -131,10 +129,8 @@ impl Sizes {
         match self {
             Sizes::Discrete(list) => list.clone(),
             Sizes::Stepwise { min, max, .. } => {
-                let mut v: Vec<(u32, u32)> = [(320, 240), (640, 480), (1280, 720)]
-                    .into_iter()
-                    .filter(|&s| self.contains(s))
-                    .collect();
+                let mut v: Vec<(u32, u32)> =
+                    [(320, 240), (640, 480), (1280, 720)].into_iter().filter(|&s| self.contains(s)).collect();
                 v.push(*min);
                 v.push(*max);
                 v
@@ -184,13 +180,7 @@ pub fn negotiate(offers: &[Offer], request: &CameraRequest) -> Result<Mode, Stri
         .filter_map(|o| CameraFormat::from_fourcc(o.fourcc).map(|f| (f, &o.sizes)))
         .filter(|(f, _)| request.format.is_none_or(|want| want == *f))
         .collect();
-    let offered = || {
-        offers
-            .iter()
-            .map(|o| fourcc_str(&o.fourcc))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let offered = || offers.iter().map(|o| fourcc_str(&o.fourcc)).collect::<Vec<_>>().join(", ");
     if usable.is_empty() {
         return Err(match request.format {
             Some(f) => format!("the camera does not offer {f} (it offers: {})", offered()),
@@ -203,11 +193,7 @@ pub fn negotiate(offers: &[Offer], request: &CameraRequest) -> Result<Mode, Stri
     }
     if let Some(size) = request.size {
         // Prefer the format rule among those offering exactly this size.
-        let mut fits: Vec<CameraFormat> = usable
-            .iter()
-            .filter(|(_, s)| s.contains(size))
-            .map(|(f, _)| *f)
-            .collect();
+        let mut fits: Vec<CameraFormat> = usable.iter().filter(|(_, s)| s.contains(size)).map(|(f, _)| *f).collect();
         if fits.is_empty() {
             let mut all: Vec<String> = usable
                 .iter()
@@ -223,37 +209,20 @@ pub fn negotiate(offers: &[Offer], request: &CameraRequest) -> Result<Mode, Stri
             ));
         }
         fits.sort_by_key(|f| preference(*f, size));
-        return Ok(Mode {
-            format: fits[0],
-            width: size.0,
-            height: size.1,
-        });
+        return Ok(Mode { format: fits[0], width: size.0, height: size.1 });
     }
     // No size asked: the smallest covering the model, else the largest.
-    let mut candidates: Vec<(CameraFormat, (u32, u32))> = usable
-        .iter()
-        .flat_map(|(f, s)| s.candidates().into_iter().map(move |size| (*f, size)))
-        .collect();
+    let mut candidates: Vec<(CameraFormat, (u32, u32))> =
+        usable.iter().flat_map(|(f, s)| s.candidates().into_iter().map(move |size| (*f, size))).collect();
     let area = |(w, h): (u32, u32)| w as u64 * h as u64;
-    let covering: Vec<_> = candidates
-        .iter()
-        .copied()
-        .filter(|(_, (w, h))| (*w).min(*h) >= request.min_side)
-        .collect();
+    let covering: Vec<_> = candidates.iter().copied().filter(|(_, (w, h))| (*w).min(*h) >= request.min_side).collect();
     let best = if covering.is_empty() {
         candidates.sort_by_key(|&(f, s)| (std::cmp::Reverse(area(s)), preference(f, s)));
         candidates[0]
     } else {
-        covering
-            .into_iter()
-            .min_by_key(|&(f, s)| (area(s), preference(f, s)))
-            .expect("non-empty")
+        covering.into_iter().min_by_key(|&(f, s)| (area(s), preference(f, s))).expect("non-empty")
     };
-    Ok(Mode {
-        format: best.0,
-        width: best.1 .0,
-        height: best.1 .1,
-    })
+    Ok(Mode { format: best.0, width: best.1 .0, height: best.1 .1 })
 }
 
 /// Lower is better.
@@ -269,19 +238,12 @@ fn preference(format: CameraFormat, (w, h): (u32, u32)) -> u8 {
 /// format. A format we cannot decode is an error; another size is accepted.
 pub fn check_applied(requested: Mode, fourcc: [u8; 4], width: u32, height: u32) -> Result<Mode, String> {
     let format = CameraFormat::from_fourcc(fourcc).ok_or_else(|| {
-        format!(
-            "asked for {requested}, the driver set {} instead, which is not decodable",
-            fourcc_str(&fourcc)
-        )
+        format!("asked for {requested}, the driver set {} instead, which is not decodable", fourcc_str(&fourcc))
     })?;
     if width == 0 || height == 0 || (format == CameraFormat::Yuyv && width % 2 != 0) {
         return Err(format!("the driver set an unusable size {width}x{height}"));
     }
-    Ok(Mode {
-        format,
-        width,
-        height,
-    })
+    Ok(Mode { format, width, height })
 }
 
 /// An open capture stream (the hardware boundary).
@@ -349,10 +311,7 @@ impl<B: CaptureBackend> Camera<B> {
 
     fn lost(&mut self, message: String) -> SourceError {
         drop_stream(self.stream.take());
-        SourceError::Reconnecting {
-            what: self.what(),
-            message,
-        }
+        SourceError::Reconnecting { what: self.what(), message }
     }
 }
 
@@ -382,10 +341,7 @@ impl<B: CaptureBackend> FrameSource for Camera<B> {
                 Err(message) => {
                     std::thread::sleep(self.backoff);
                     self.backoff = (self.backoff * 2).min(self.max_backoff);
-                    return Err(SourceError::Reconnecting {
-                        what: self.what(),
-                        message,
-                    });
+                    return Err(SourceError::Reconnecting { what: self.what(), message });
                 }
             }
         }
@@ -404,10 +360,7 @@ impl<B: CaptureBackend> FrameSource for Camera<B> {
             self.bad_frames += 1;
             return Err(SourceError::format(
                 self.what(),
-                format!(
-                    "frame of {} bytes does not fit {mode}; skipped",
-                    self.buf.len()
-                ),
+                format!("frame of {} bytes does not fit {mode}; skipped", self.buf.len()),
             ));
         }
         Ok(Some(SourceFrame {
@@ -443,12 +396,7 @@ impl<B: CaptureBackend> Drop for Camera<B> {
 /// Opens a V4L2 camera source (reconnecting, see [`Camera`]).
 #[cfg(feature = "camera")]
 pub fn open_v4l(request: CameraRequest) -> Result<Box<dyn FrameSource>, SourceError> {
-    Ok(Box::new(Camera::new(
-        v4l2::V4lBackend,
-        request,
-        Duration::from_millis(250),
-        Duration::from_secs(5),
-    )))
+    Ok(Box::new(Camera::new(v4l2::V4lBackend, request, Duration::from_millis(250), Duration::from_secs(5))))
 }
 
 /// Without the `camera` feature: an error saying how to get it.
@@ -497,10 +445,7 @@ mod v4l2 {
                     }
                 }
             }
-            offers.push(Offer {
-                fourcc: desc.fourcc.repr,
-                sizes: stepwise.unwrap_or(Sizes::Discrete(discrete)),
-            });
+            offers.push(Offer { fourcc: desc.fourcc.repr, sizes: stepwise.unwrap_or(Sizes::Discrete(discrete)) });
         }
         Ok(offers)
     }
@@ -514,9 +459,7 @@ mod v4l2 {
             format.width = mode.width;
             format.height = mode.height;
             format.fourcc = FourCC::new(&mode.format.fourcc());
-            let applied = device
-                .set_format(&format)
-                .map_err(|e| format!("cannot set {mode}: {e}"))?;
+            let applied = device.set_format(&format).map_err(|e| format!("cannot set {mode}: {e}"))?;
             let mode = check_applied(mode, applied.fourcc.repr, applied.width, applied.height)?;
             if let Some(fps) = request.fps {
                 let mut params = device.params().map_err(|e| e.to_string())?;
@@ -525,16 +468,11 @@ mod v4l2 {
                     tracing::warn!("cannot set {fps} fps: {e}");
                 }
             }
-            let mut stream = Stream::with_buffers(&device, Type::VideoCapture, 4)
-                .map_err(|e| format!("cannot map buffers: {e}"))?;
+            let mut stream =
+                Stream::with_buffers(&device, Type::VideoCapture, 4).map_err(|e| format!("cannot map buffers: {e}"))?;
             // A dead camera must not block the capture thread forever.
             stream.set_timeout(Duration::from_secs(2));
-            Ok(Box::new(V4lStream {
-                stream,
-                _device: device,
-                mode,
-                stride: applied.stride as usize,
-            }))
+            Ok(Box::new(V4lStream { stream, _device: device, mode, stride: applied.stride as usize }))
         }
     }
 
@@ -568,13 +506,7 @@ mod tests {
     use super::*;
 
     fn request() -> CameraRequest {
-        CameraRequest {
-            device: "/dev/video0".into(),
-            size: None,
-            format: None,
-            fps: None,
-            min_side: 224,
-        }
+        CameraRequest { device: "/dev/video0".into(), size: None, format: None, fps: None, min_side: 224 }
     }
 
     fn webcam() -> Vec<Offer> {
@@ -583,14 +515,8 @@ mod tests {
                 fourcc: *b"MJPG",
                 sizes: Sizes::Discrete(vec![(1920, 1080), (1280, 720), (640, 480), (320, 240), (160, 120)]),
             },
-            Offer {
-                fourcc: *b"YUYV",
-                sizes: Sizes::Discrete(vec![(1280, 720), (640, 480), (320, 240), (160, 120)]),
-            },
-            Offer {
-                fourcc: *b"H264",
-                sizes: Sizes::Discrete(vec![(1920, 1080)]),
-            },
+            Offer { fourcc: *b"YUYV", sizes: Sizes::Discrete(vec![(1280, 720), (640, 480), (320, 240), (160, 120)]) },
+            Offer { fourcc: *b"H264", sizes: Sizes::Discrete(vec![(1920, 1080)]) },
         ]
     }
 
@@ -599,10 +525,7 @@ mod tests {
         let mode = negotiate(&webcam(), &request()).unwrap();
         assert_eq!(mode, Mode { format: CameraFormat::Yuyv, width: 320, height: 240 });
         let big = CameraRequest { min_side: 600, ..request() };
-        assert_eq!(
-            negotiate(&webcam(), &big).unwrap(),
-            Mode { format: CameraFormat::Mjpeg, width: 1280, height: 720 }
-        );
+        assert_eq!(negotiate(&webcam(), &big).unwrap(), Mode { format: CameraFormat::Mjpeg, width: 1280, height: 720 });
         // Nothing covers: the largest.
         let huge = CameraRequest { min_side: 4000, ..request() };
         assert_eq!(negotiate(&webcam(), &huge).unwrap().width, 1920);
@@ -622,10 +545,8 @@ mod tests {
 
     #[test]
     fn stepwise_sizes() {
-        let offers = [Offer {
-            fourcc: *b"YUYV",
-            sizes: Sizes::Stepwise { min: (16, 16), max: (1920, 1080), step: (16, 8) },
-        }];
+        let offers =
+            [Offer { fourcc: *b"YUYV", sizes: Sizes::Stepwise { min: (16, 16), max: (1920, 1080), step: (16, 8) } }];
         assert_eq!(negotiate(&offers, &request()).unwrap().width, 320);
         // On the grid: 16 + 24·16 by 16 + 36·8.
         let r = CameraRequest { size: Some((400, 304)), ..request() };

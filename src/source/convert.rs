@@ -33,13 +33,7 @@ pub struct Planar {
 impl Planar {
     /// 4:2:0 (`yuv420p`, I420).
     pub fn yuv420(width: u32, height: u32) -> Self {
-        Self {
-            width,
-            height,
-            chroma_x: 2,
-            chroma_y: 2,
-            mono: false,
-        }
+        Self { width, height, chroma_x: 2, chroma_y: 2, mono: false }
     }
 
     /// Width and height of one chroma plane.
@@ -77,23 +71,9 @@ struct Coefficients {
     bu: i32,
 }
 
-const LIMITED: Coefficients = Coefficients {
-    y: 76309,
-    y_offset: 16,
-    rv: 104597,
-    gu: 25675,
-    gv: 53279,
-    bu: 132201,
-};
+const LIMITED: Coefficients = Coefficients { y: 76309, y_offset: 16, rv: 104597, gu: 25675, gv: 53279, bu: 132201 };
 
-const FULL: Coefficients = Coefficients {
-    y: 65536,
-    y_offset: 0,
-    rv: 91881,
-    gu: 22554,
-    gv: 46802,
-    bu: 116130,
-};
+const FULL: Coefficients = Coefficients { y: 65536, y_offset: 0, rv: 91881, gu: 22554, gv: 46802, bu: 116130 };
 
 /// Converts the planar image `src` (exactly [`Planar::len`] bytes) into packed RGB8 in `dst`
 /// (exactly `3 * width * height` bytes). Panics on other lengths: callers check them.
@@ -151,13 +131,7 @@ mod tests {
 
     #[test]
     fn full_range_keeps_extremes() {
-        let layout = Planar {
-            width: 1,
-            height: 2,
-            chroma_x: 1,
-            chroma_y: 1,
-            mono: false,
-        };
+        let layout = Planar { width: 1, height: 2, chroma_x: 1, chroma_y: 1, mono: false };
         let mut rgb = [0u8; 6];
         planar_to_rgb(&layout, Range::Full, &[0, 255, 128, 128, 128, 128], &mut rgb);
         assert_eq!(rgb, [0, 0, 0, 255, 255, 255]);

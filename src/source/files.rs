@@ -19,10 +19,7 @@ use super::{FrameSource, SourceError, SourceFrame};
 use crate::preprocess::{Frame, PixelFormat};
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io {
-        what: path.display().to_string(),
-        source,
-    }
+    move |source| SourceError::Io { what: path.display().to_string(), source }
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -70,10 +67,8 @@ impl Y4mHeader {
                 "H" => height = value.parse::<u32>().ok(),
                 "F" => {
                     let (n, d) = value.split_once(':').ok_or("bad frame rate")?;
-                    let (n, d): (f64, f64) = (
-                        n.parse().map_err(|_| "bad frame rate")?,
-                        d.parse().map_err(|_| "bad frame rate")?,
-                    );
+                    let (n, d): (f64, f64) =
+                        (n.parse().map_err(|_| "bad frame rate")?, d.parse().map_err(|_| "bad frame rate")?);
                     if n > 0.0 && d > 0.0 {
                         fps = n / d;
                     }
@@ -97,23 +92,9 @@ impl Y4mHeader {
             "422" => (2, 1, false),
             "444" => (1, 1, false),
             "mono" => (1, 1, true),
-            other => {
-                return Err(format!(
-                    "colour space C{other} is not supported (8-bit 420, 422, 444 or mono)"
-                ))
-            }
+            other => return Err(format!("colour space C{other} is not supported (8-bit 420, 422, 444 or mono)")),
         };
-        Ok(Self {
-            layout: Planar {
-                width,
-                height,
-                chroma_x,
-                chroma_y,
-                mono,
-            },
-            range,
-            fps,
-        })
+        Ok(Self { layout: Planar { width, height, chroma_x, chroma_y, mono }, range, fps })
     }
 }
 
@@ -134,20 +115,12 @@ impl Y4mSource {
         let file = File::open(path).map_err(io_error(path))?;
         let mut reader = BufReader::new(file);
         let mut line = Vec::new();
-        reader
-            .by_ref()
-            .take(4096)
-            .read_until(b'\n', &mut line)
-            .map_err(io_error(path))?;
+        reader.by_ref().take(4096).read_until(b'\n', &mut line).map_err(io_error(path))?;
         if line.last() != Some(&b'\n') {
-            return Err(SourceError::format(
-                path.display().to_string(),
-                "no Y4M header line (not a YUV4MPEG2 file?)",
-            ));
+            return Err(SourceError::format(path.display().to_string(), "no Y4M header line (not a YUV4MPEG2 file?)"));
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-        let header = Y4mHeader::parse(&text)
-            .map_err(|m| SourceError::format(path.display().to_string(), m))?;
+        let header = Y4mHeader::parse(&text).map_err(|m| SourceError::format(path.display().to_string(), m))?;
         let (w, h) = (header.layout.width as usize, header.layout.height as usize);
         Ok(Self {
             path: path.into(),
@@ -170,27 +143,18 @@ impl FrameSource for Y4mSource {
     fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
         let what = || format!("{} frame {}", self.path.display(), self.index);
         self.line.clear();
-        let n = (&mut self.reader)
-            .take(1024)
-            .read_until(b'\n', &mut self.line)
-            .map_err(io_error(&self.path))?;
+        let n = (&mut self.reader).take(1024).read_until(b'\n', &mut self.line).map_err(io_error(&self.path))?;
         if n == 0 {
             return Ok(None);
         }
         if !self.line.starts_with(b"FRAME") || self.line.last() != Some(&b'\n') {
-            return Err(SourceError::format(
-                what(),
-                "expected a `FRAME` header (a truncated or corrupt file?)",
-            ));
+            return Err(SourceError::format(what(), "expected a `FRAME` header (a truncated or corrupt file?)"));
         }
         let got = read_up_to(&mut self.reader, &mut self.raw).map_err(io_error(&self.path))?;
         if got < self.raw.len() {
             return Err(SourceError::format(
                 what(),
-                format!(
-                    "truncated: {got} of {} bytes (file cut short?)",
-                    self.raw.len()
-                ),
+                format!("truncated: {got} of {} bytes (file cut short?)", self.raw.len()),
             ));
         }
         planar_to_rgb(&self.header.layout, self.header.range, &self.raw, &mut self.rgb);
@@ -214,13 +178,7 @@ impl FrameSource for Y4mSource {
 
     fn describe(&self) -> String {
         let l = &self.header.layout;
-        format!(
-            "{} ({}x{} Y4M, {:.2} fps)",
-            self.path.display(),
-            l.width,
-            l.height,
-            self.header.fps
-        )
+        format!("{} ({}x{} Y4M, {:.2} fps)", self.path.display(), l.width, l.height, self.header.fps)
     }
 }
 
@@ -325,15 +283,7 @@ impl MjpegSource {
     /// Opens `path`; frames are timed at `fps`.
     pub fn open(path: &Path, fps: f64) -> Result<Self, SourceError> {
         let file = File::open(path).map_err(io_error(path))?;
-        Ok(Self {
-            path: path.into(),
-            file,
-            fps,
-            buf: Vec::with_capacity(1 << 16),
-            start: 0,
-            eof: false,
-            index: 0,
-        })
+        Ok(Self { path: path.into(), file, fps, buf: Vec::with_capacity(1 << 16), start: 0, eof: false, index: 0 })
     }
 }
 
@@ -371,10 +321,7 @@ impl FrameSource for MjpegSource {
                 }
                 return Err(SourceError::format(
                     what(self.index),
-                    format!(
-                        "truncated: the file ends {} bytes into a JPEG image",
-                        self.buf.len() - skip
-                    ),
+                    format!("truncated: the file ends {} bytes into a JPEG image", self.buf.len() - skip),
                 ));
             }
             let old = self.buf.len();
@@ -440,24 +387,15 @@ impl ImageSequence {
         let (dir, wanted): (PathBuf, Option<String>) = if pattern.is_dir() {
             (pattern.into(), None)
         } else {
-            let name = pattern
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let dir = pattern
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
+            let name = pattern.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let dir = pattern.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             (dir.into(), Some(name))
         };
         let entries = std::fs::read_dir(&dir).map_err(io_error(&dir))?;
         let mut files = Vec::new();
         for entry in entries {
             let path = entry.map_err(io_error(&dir))?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let is_image = path
                 .extension()
                 .and_then(|e| e.to_str())
@@ -472,10 +410,7 @@ impl ImageSequence {
         }
         files.sort();
         if files.is_empty() {
-            return Err(SourceError::format(
-                pattern.display().to_string(),
-                "no PNG or JPEG images found",
-            ));
+            return Err(SourceError::format(pattern.display().to_string(), "no PNG or JPEG images found"));
         }
         Ok(Self {
             describe: format!("{} ({} images, {fps:.2} fps)", pattern.display(), files.len()),
@@ -529,9 +464,7 @@ impl FrameSource for ImageSequence {
         let bytes = std::fs::read(path).map_err(io_error(path))?;
         let bad = |m: String| SourceError::format(path.display().to_string(), m);
         let (format, width, height) = if bytes.starts_with(&[0xFF, 0xD8]) {
-            let extent = jpeg_extent(&bytes)
-                .map_err(bad)?
-                .ok_or_else(|| bad("truncated JPEG image".into()))?;
+            let extent = jpeg_extent(&bytes).map_err(bad)?.ok_or_else(|| bad("truncated JPEG image".into()))?;
             self.data = bytes;
             (PixelFormat::Mjpeg, extent.width, extent.height)
         } else if bytes.starts_with(b"\x89PNG") {
@@ -540,12 +473,7 @@ impl FrameSource for ImageSequence {
             return Err(bad("neither a PNG nor a JPEG image".into()));
         };
         Ok(Some(SourceFrame {
-            frame: Frame {
-                format,
-                width,
-                height,
-                data: &self.data,
-            },
+            frame: Frame { format, width, height, data: &self.data },
             time: Some(Duration::from_secs_f64(index as f64 / self.fps)),
             truth: None,
         }))
@@ -591,8 +519,7 @@ mod tests {
     fn jpeg_extent_needs_the_whole_image() {
         // SOI, SOF0 (8x4), SOS with two data bytes (one a stuffed 0xFF00), EOI.
         let jpeg = [
-            0xFF, 0xD8, 0xFF, 0xC0, 0, 11, 8, 0, 4, 0, 8, 1, 1, 0x11, 0, 0xFF, 0xDA, 0, 2, 0x12,
-            0xFF, 0x00, 0xFF, 0xD9,
+            0xFF, 0xD8, 0xFF, 0xC0, 0, 11, 8, 0, 4, 0, 8, 1, 1, 0x11, 0, 0xFF, 0xDA, 0, 2, 0x12, 0xFF, 0x00, 0xFF, 0xD9,
         ];
         let e = jpeg_extent(&jpeg).unwrap().unwrap();
         assert_eq!((e.len, e.width, e.height), (jpeg.len(), 8, 4));

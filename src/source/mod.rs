@@ -108,10 +108,7 @@ impl SourceError {
     }
 
     pub(crate) fn format(what: impl Into<String>, message: impl Into<String>) -> Self {
-        SourceError::Format {
-            what: what.into(),
-            message: message.into(),
-        }
+        SourceError::Format { what: what.into(), message: message.into() }
     }
 }
 
@@ -256,11 +253,7 @@ impl<'a> Args<'a> {
                 None => return Err(err(spec, format!("unexpected {item:?}; options are key=value"))),
             }
         }
-        Ok(Self {
-            spec,
-            main,
-            options,
-        })
+        Ok(Self { spec, main, options })
     }
 
     /// Fails on options other than `known`.
@@ -283,12 +276,7 @@ impl<'a> Args<'a> {
     }
 
     fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, SpecError> {
-        self.get(key)
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| err(self.spec, format!("{key} {v:?} is not a number")))
-            })
-            .transpose()
+        self.get(key).map(|v| v.parse().map_err(|_| err(self.spec, format!("{key} {v:?} is not a number")))).transpose()
     }
 
     fn fps(&self, default: f64) -> Result<f64, SpecError> {
@@ -300,17 +288,12 @@ impl<'a> Args<'a> {
     }
 
     fn path(&self, kind: &str) -> Result<PathBuf, SpecError> {
-        self.main
-            .map(PathBuf::from)
-            .ok_or_else(|| err(self.spec, format!("expected {kind}:PATH")))
+        self.main.map(PathBuf::from).ok_or_else(|| err(self.spec, format!("expected {kind}:PATH")))
     }
 }
 
 fn err(spec: &str, message: impl Into<String>) -> SpecError {
-    SpecError {
-        spec: spec.into(),
-        message: message.into(),
-    }
+    SpecError { spec: spec.into(), message: message.into() }
 }
 
 /// Parses `WxH`.
@@ -332,9 +315,7 @@ impl SourceSpec {
                 if let Some(extra) = args.main {
                     return Err(err(spec, format!("unexpected {extra:?}; expected `pattern` or `pattern:seed=N`")));
                 }
-                Ok(Self::Pattern {
-                    seed: args.number("seed")?.unwrap_or(0),
-                })
+                Ok(Self::Pattern { seed: args.number("seed")?.unwrap_or(0) })
             }
             "synthetic" => {
                 let args = Args::parse(spec, rest)?;
@@ -348,8 +329,7 @@ impl SourceSpec {
                 }
                 if let Some(split) = args.get("split") {
                     options.split = split.to_owned();
-                    synthetic::check_split(&options.split)
-                        .map_err(|message| err(spec, message))?;
+                    synthetic::check_split(&options.split).map_err(|message| err(spec, message))?;
                 }
                 if let Some(size) = args.number::<u32>("size")? {
                     if !(8..=1024).contains(&size) {
@@ -376,21 +356,15 @@ impl SourceSpec {
                     })
                     .transpose()?;
                 let fps = args.number::<u32>("fps")?;
-                Ok(Self::Camera(camera::CameraRequest {
-                    device,
-                    size,
-                    format,
-                    fps,
-                    min_side: 0,
-                }))
+                Ok(Self::Camera(camera::CameraRequest { device, size, format, fps, min_side: 0 }))
             }
             "pipe" => {
                 // `WxH:FMT` then options.
-                let (size, tail) = rest.split_once(':').ok_or_else(|| {
-                    err(spec, "expected pipe:WxH:FMT, e.g. pipe:640x480:yuv420p")
-                })?;
-                let (width, height) = parse_size(size)
-                    .ok_or_else(|| err(spec, format!("size {size:?}: expected WxH, e.g. 640x480")))?;
+                let (size, tail) = rest
+                    .split_once(':')
+                    .ok_or_else(|| err(spec, "expected pipe:WxH:FMT, e.g. pipe:640x480:yuv420p"))?;
+                let (width, height) =
+                    parse_size(size).ok_or_else(|| err(spec, format!("size {size:?}: expected WxH, e.g. 640x480")))?;
                 let args = Args::parse(spec, tail)?;
                 args.only(&["fps", "live"])?;
                 let fmt = args.main.unwrap_or("");
@@ -398,7 +372,10 @@ impl SourceSpec {
                     err(spec, format!("pixel format {fmt:?}: expected rgb24, yuyv422, gray or yuv420p (i420)"))
                 })?;
                 if format.frame_len(width, height).is_none() {
-                    return Err(err(spec, format!("{width}x{height} is not a valid {format} frame size (yuyv422 needs an even width)")));
+                    return Err(err(
+                        spec,
+                        format!("{width}x{height} is not a valid {format} frame size (yuyv422 needs an even width)"),
+                    ));
                 }
                 let fps = match args.get("fps") {
                     Some(_) => Some(args.fps(DEFAULT_FPS)?),
@@ -409,36 +386,22 @@ impl SourceSpec {
                     Some("false") | Some("0") | Some("no") => false,
                     Some(other) => return Err(err(spec, format!("live {other:?}: expected true or false"))),
                 };
-                Ok(Self::Pipe {
-                    width,
-                    height,
-                    format,
-                    fps,
-                    live,
-                })
+                Ok(Self::Pipe { width, height, format, fps, live })
             }
             "y4m" => {
                 let args = Args::parse(spec, rest)?;
                 args.only(&[])?;
-                Ok(Self::Y4m {
-                    path: args.path("y4m")?,
-                })
+                Ok(Self::Y4m { path: args.path("y4m")? })
             }
             "mjpeg" | "mjpg" => {
                 let args = Args::parse(spec, rest)?;
                 args.only(&["fps"])?;
-                Ok(Self::Mjpeg {
-                    path: args.path("mjpeg")?,
-                    fps: args.fps(DEFAULT_FPS)?,
-                })
+                Ok(Self::Mjpeg { path: args.path("mjpeg")?, fps: args.fps(DEFAULT_FPS)? })
             }
             "images" => {
                 let args = Args::parse(spec, rest)?;
                 args.only(&["fps"])?;
-                Ok(Self::Images {
-                    pattern: args.path("images")?,
-                    fps: args.fps(DEFAULT_FPS)?,
-                })
+                Ok(Self::Images { pattern: args.path("images")?, fps: args.fps(DEFAULT_FPS)? })
             }
             _ => Self::by_path(spec, Path::new(spec_trim)),
         }
@@ -446,30 +409,20 @@ impl SourceSpec {
 
     /// A bare path: the kind comes from the extension, or a directory of images.
     fn by_path(spec: &str, path: &Path) -> Result<Self, SpecError> {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
+        let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
         match ext.as_deref() {
             Some("y4m") => Ok(Self::Y4m { path: path.into() }),
-            Some("mjpeg" | "mjpg") => Ok(Self::Mjpeg {
-                path: path.into(),
-                fps: DEFAULT_FPS,
-            }),
-            _ if path.is_dir() || path.to_string_lossy().contains('*') => Ok(Self::Images {
-                pattern: path.into(),
-                fps: DEFAULT_FPS,
-            }),
+            Some("mjpeg" | "mjpg") => Ok(Self::Mjpeg { path: path.into(), fps: DEFAULT_FPS }),
+            _ if path.is_dir() || path.to_string_lossy().contains('*') => {
+                Ok(Self::Images { pattern: path.into(), fps: DEFAULT_FPS })
+            }
             _ => Err(err(spec, format!("unknown source; expected {FORMS}"))),
         }
     }
 
     /// Whether the stream never ends by itself (the pattern, the synthetic world, a camera).
     pub fn is_endless(&self) -> bool {
-        matches!(
-            self,
-            Self::Pattern { .. } | Self::Synthetic(_) | Self::Camera(_)
-        )
+        matches!(self, Self::Pattern { .. } | Self::Synthetic(_) | Self::Camera(_))
     }
 
     /// Opens the source. `model_side` is the encoder's input side: a camera picks the
@@ -484,21 +437,9 @@ impl SourceSpec {
                 request.min_side = model_side;
                 camera::open_v4l(request)?
             }
-            Self::Pipe {
-                width,
-                height,
-                format,
-                fps,
-                live,
-            } => Box::new(pipe::PipeSource::new(
-                std::io::stdin(),
-                "stdin",
-                *width,
-                *height,
-                *format,
-                *fps,
-                *live,
-            )),
+            Self::Pipe { width, height, format, fps, live } => {
+                Box::new(pipe::PipeSource::new(std::io::stdin(), "stdin", *width, *height, *format, *fps, *live))
+            }
             Self::Y4m { path } => Box::new(files::Y4mSource::open(path)?),
             Self::Mjpeg { path, fps } => Box::new(files::MjpegSource::open(path, *fps)?),
             Self::Images { pattern, fps } => Box::new(files::ImageSequence::open(pattern, *fps)?),
@@ -516,10 +457,7 @@ pub struct Pattern {
 impl Pattern {
     /// The pattern for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self {
-            inner: PatternSource::new(64, 48, 30, seed),
-            index: 0,
-        }
+        Self { inner: PatternSource::new(64, 48, 30, seed), index: 0 }
     }
 }
 
@@ -528,11 +466,7 @@ impl FrameSource for Pattern {
         let time = Duration::from_secs_f64(self.index as f64 / DEFAULT_FPS);
         self.index += 1;
         let (frame, truth) = self.inner.next_frame();
-        Ok(Some(SourceFrame {
-            frame,
-            time: Some(time),
-            truth: Some(Truth::Scene(truth)),
-        }))
+        Ok(Some(SourceFrame { frame, time: Some(time), truth: Some(Truth::Scene(truth)) }))
     }
 
     fn is_live(&self) -> bool {
@@ -551,29 +485,17 @@ mod tests {
     #[test]
     fn specs_parse() {
         assert_eq!(SourceSpec::parse("pattern").unwrap(), SourceSpec::Pattern { seed: 0 });
-        assert_eq!(
-            SourceSpec::parse("pattern:seed=7").unwrap(),
-            SourceSpec::Pattern { seed: 7 }
-        );
+        assert_eq!(SourceSpec::parse("pattern:seed=7").unwrap(), SourceSpec::Pattern { seed: 7 });
         assert_eq!(
             SourceSpec::parse("pipe:640x480:i420,fps=30").unwrap(),
-            SourceSpec::Pipe {
-                width: 640,
-                height: 480,
-                format: RawFormat::Yuv420p,
-                fps: Some(30.0),
-                live: true
-            }
+            SourceSpec::Pipe { width: 640, height: 480, format: RawFormat::Yuv420p, fps: Some(30.0), live: true }
         );
         let SourceSpec::Camera(c) = SourceSpec::parse("v4l:/dev/video2,size=320x240,format=mjpeg").unwrap() else {
             panic!()
         };
         assert_eq!(c.device, PathBuf::from("/dev/video2"));
         assert_eq!(c.size, Some((320, 240)));
-        assert_eq!(
-            SourceSpec::parse("clip.y4m").unwrap(),
-            SourceSpec::Y4m { path: "clip.y4m".into() }
-        );
+        assert_eq!(SourceSpec::parse("clip.y4m").unwrap(), SourceSpec::Y4m { path: "clip.y4m".into() });
     }
 
     #[test]

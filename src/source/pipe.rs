@@ -40,9 +40,7 @@ impl<R: Read + Send> PipeSource<R> {
         fps: Option<f64>,
         live: bool,
     ) -> Self {
-        let len = format
-            .frame_len(width, height)
-            .expect("frame size checked by the spec parser");
+        let len = format.frame_len(width, height).expect("frame size checked by the spec parser");
         Self {
             reader,
             name: name.into(),
@@ -74,10 +72,8 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 impl<R: Read + Send> FrameSource for PipeSource<R> {
     fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
-        let got = read_full(&mut self.reader, &mut self.raw).map_err(|source| SourceError::Io {
-            what: self.name.clone(),
-            source,
-        })?;
+        let got = read_full(&mut self.reader, &mut self.raw)
+            .map_err(|source| SourceError::Io { what: self.name.clone(), source })?;
         if got == 0 {
             return Ok(None);
         }
@@ -94,33 +90,20 @@ impl<R: Read + Send> FrameSource for PipeSource<R> {
                 ),
             ));
         }
-        let time = self
-            .fps
-            .map(|fps| Duration::from_secs_f64(self.index as f64 / fps));
+        let time = self.fps.map(|fps| Duration::from_secs_f64(self.index as f64 / fps));
         self.index += 1;
         let (format, data): (PixelFormat, &[u8]) = match self.format {
             RawFormat::Rgb24 => (PixelFormat::Rgb8, &self.raw),
             RawFormat::Gray => (PixelFormat::Gray8, &self.raw),
             RawFormat::Yuyv422 => (PixelFormat::Yuyv, &self.raw),
             RawFormat::Yuv420p => {
-                self.rgb
-                    .resize(self.width as usize * self.height as usize * 3, 0);
-                planar_to_rgb(
-                    &Planar::yuv420(self.width, self.height),
-                    Range::Limited,
-                    &self.raw,
-                    &mut self.rgb,
-                );
+                self.rgb.resize(self.width as usize * self.height as usize * 3, 0);
+                planar_to_rgb(&Planar::yuv420(self.width, self.height), Range::Limited, &self.raw, &mut self.rgb);
                 (PixelFormat::Rgb8, &self.rgb)
             }
         };
         Ok(Some(SourceFrame {
-            frame: Frame {
-                format,
-                width: self.width,
-                height: self.height,
-                data,
-            },
+            frame: Frame { format, width: self.width, height: self.height, data },
             time,
             truth: None,
         }))
@@ -131,9 +114,6 @@ impl<R: Read + Send> FrameSource for PipeSource<R> {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{}x{} {} frames on {}",
-            self.width, self.height, self.format, self.name
-        )
+        format!("{}x{} {} frames on {}", self.width, self.height, self.format, self.name)
     }
 }

@@ -27,12 +27,7 @@ pub struct SyntheticOptions {
 
 impl Default for SyntheticOptions {
     fn default() -> Self {
-        Self {
-            seed: 0,
-            split: "id".into(),
-            size: None,
-            fps: DEFAULT_FPS,
-        }
+        Self { seed: 0, split: "id".into(), size: None, fps: DEFAULT_FPS }
     }
 }
 
@@ -62,12 +57,7 @@ impl Synthetic {
         let split = Split::from_str(&options.split)
             .map_err(|_| SourceError::format("synthetic", check_split(&options.split).unwrap_err()))?;
         let size = options.size.or(model_side).unwrap_or(FALLBACK_SIZE);
-        Ok(Self {
-            stream: WorldStream::new(options.seed, split, size),
-            options: options.clone(),
-            size,
-            index: 0,
-        })
+        Ok(Self { stream: WorldStream::new(options.seed, split, size), options: options.clone(), size, index: 0 })
     }
 }
 

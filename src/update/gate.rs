@@ -106,10 +106,7 @@ impl UpdateGate {
     ) -> Arc<Self> {
         let current = current.map(|set| (set.version, set.labels.len() as u32));
         Arc::new(Self {
-            installed: Mutex::new(Installed {
-                high_water: high_water.max(current.map_or(0, |(v, _)| v)),
-                current,
-            }),
+            installed: Mutex::new(Installed { high_water: high_water.max(current.map_or(0, |(v, _)| v)), current }),
             config,
             buffered: AtomicUsize::new(0),
             transfers: AtomicUsize::new(0),
@@ -160,11 +157,9 @@ impl UpdateGate {
     /// A transfer slot, refused when [`UpdateLimits::max_transfers`] are in progress.
     pub(crate) fn reserve(self: &Arc<Self>) -> Result<Reservation, UpdateError> {
         let max = self.config.limits.max_transfers;
-        self.transfers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map_err(|_| UpdateError::Busy {
-                what: format!("{max} transfers already in progress (`[updates] max_transfers`)"),
-            })?;
+        self.transfers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).map_err(
+            |_| UpdateError::Busy { what: format!("{max} transfers already in progress (`[updates] max_transfers`)") },
+        )?;
         Ok(Reservation { gate: self.clone(), bytes: 0, slot: true })
     }
 
@@ -212,8 +207,7 @@ impl UpdateGate {
         if set.version != signed.version {
             return Err(UpdateError::VersionMismatch { announced: signed.version, found: set.version });
         }
-        set.check_compatible(self.config.dim, &self.config.space_id, None, true)
-            .map_err(UpdateError::LabelSet)?;
+        set.check_compatible(self.config.dim, &self.config.space_id, None, true).map_err(UpdateError::LabelSet)?;
         let mut installed = lock(&self.installed);
         // Again under the lock: another transport may have installed a newer set meanwhile.
         check_version(*installed, set.version, signed.force)?;
@@ -231,7 +225,10 @@ impl UpdateGate {
         let now = Instant::now();
         if window.start.is_none_or(|start| now.duration_since(start) >= LOG_WINDOW) {
             if window.suppressed > 0 {
-                tracing::warn!("{} more label-set updates were rejected in the last minute (not logged)", window.suppressed);
+                tracing::warn!(
+                    "{} more label-set updates were rejected in the last minute (not logged)",
+                    window.suppressed
+                );
             }
             *window = LogWindow { start: Some(now), logged: 0, suppressed: 0 };
         }
@@ -390,13 +387,27 @@ pub fn recover_store(path: &Path) -> Recovery {
         (Ok(_), _) => None,
         (Err(_), Err(_)) if !path.exists() && !good.exists() => None,
         (Err(e), Ok(set)) => {
-            let restored = set.encode().map_err(|e| e.to_string()).and_then(|bytes| write_atomic(path, &bytes).map_err(|e| e.to_string()));
+            let restored = set
+                .encode()
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| write_atomic(path, &bytes).map_err(|e| e.to_string()));
             Some(match restored {
-                Ok(()) => format!("the persisted label set {} was unusable ({e}); restored version {} from {}", path.display(), set.version, good.display()),
-                Err(w) => format!("the persisted label set {} was unusable ({e}) and restoring it from {} failed ({w})", path.display(), good.display()),
+                Ok(()) => format!(
+                    "the persisted label set {} was unusable ({e}); restored version {} from {}",
+                    path.display(),
+                    set.version,
+                    good.display()
+                ),
+                Err(w) => format!(
+                    "the persisted label set {} was unusable ({e}) and restoring it from {} failed ({w})",
+                    path.display(),
+                    good.display()
+                ),
             })
         }
-        (Err(e), Err(g)) => Some(format!("the persisted label set {} is unusable ({e}), and so is its copy ({g})", path.display())),
+        (Err(e), Err(g)) => {
+            Some(format!("the persisted label set {} is unusable ({e}), and so is its copy ({g})", path.display()))
+        }
     };
     if let Some(problem) = &problem {
         tracing::error!("{problem}; updates still need a version above {high_water}");
@@ -409,16 +420,22 @@ fn remove_stale_temp_files(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let prefixes: Vec<String> = [name.to_owned(), last_good_path(Path::new(name)).into_os_string(), high_water_path(Path::new(name)).into_os_string()]
-        .iter()
-        .map(|n| format!(".{}.tmp-", n.to_string_lossy()))
-        .collect();
+    let prefixes: Vec<String> = [
+        name.to_owned(),
+        last_good_path(Path::new(name)).into_os_string(),
+        high_water_path(Path::new(name)).into_os_string(),
+    ]
+    .iter()
+    .map(|n| format!(".{}.tmp-", n.to_string_lossy()))
+    .collect();
     for entry in entries.flatten() {
         let file = entry.file_name();
         let file = file.to_string_lossy();
         if prefixes.iter().any(|p| file.starts_with(p.as_str())) {
             match std::fs::remove_file(entry.path()) {
-                Ok(()) => tracing::info!(file = %entry.path().display(), "removed a temporary file left by an interrupted write"),
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a temporary file left by an interrupted write")
+                }
                 Err(e) => tracing::warn!(file = %entry.path().display(), "cannot remove a stale temporary file: {e}"),
             }
         }

@@ -248,10 +248,7 @@ impl Skeleton {
             let sign = SIDE_SIGN[s];
             let lateral = |d: [f32; 3]| [d[0] * sign, d[1], d[2]];
             shoulder[s] = torso_frame([sign * body.shoulder_half, -body.torso + body.limb_r, 0.0]);
-            let upper = torso_frame(lateral(limb_dir(
-                pose.shoulder_abd[s],
-                pose.shoulder_flex[s],
-            )));
+            let upper = torso_frame(lateral(limb_dir(pose.shoulder_abd[s], pose.shoulder_flex[s])));
             elbow[s] = add(shoulder[s], upper, body.upper_arm);
             let fore = torso_frame(lateral(limb_dir(pose.forearm_abd[s], pose.forearm_flex[s])));
             hand[s] = add(elbow[s], fore, body.forearm);
@@ -298,13 +295,7 @@ impl Skeleton {
         f(&self.pelvis, 1.6);
         f(&self.neck, 1.0);
         for s in 0..2 {
-            for p in [
-                &self.shoulder[s],
-                &self.elbow[s],
-                &self.hand[s],
-                &self.hip[s],
-                &self.knee[s],
-            ] {
+            for p in [&self.shoulder[s], &self.elbow[s], &self.hand[s], &self.hip[s], &self.knee[s]] {
                 f(p, 1.0);
             }
             f(&self.ankle[s], 0.9);
@@ -383,13 +374,7 @@ pub(crate) struct MotionSpec {
 }
 
 const fn spec(periodic: bool, anchor_feet: bool, stool: bool, facing: Facing) -> MotionSpec {
-    MotionSpec {
-        periodic,
-        anchor_feet,
-        stool,
-        facing,
-        reverse_of: None,
-    }
+    MotionSpec { periodic, anchor_feet, stool, facing, reverse_of: None }
 }
 
 /// Motion properties of each action (same order as `ACTIONS`), and of the idle motion (last).
@@ -398,15 +383,9 @@ pub(crate) const SPECS: [MotionSpec; 19] = [
     spec(true, false, false, Facing::Front),         // 1 clapping
     spec(false, false, false, Facing::ThreeQuarter), // 2 jumping
     spec(false, true, false, Facing::Front),         // 3 falling_down
-    MotionSpec {
-        reverse_of: Some(3),
-        ..spec(false, true, false, Facing::Front)
-    }, // 4 getting_up
+    MotionSpec { reverse_of: Some(3), ..spec(false, true, false, Facing::Front) }, // 4 getting_up
     spec(false, true, true, Facing::ThreeQuarter),   // 5 sitting_down
-    MotionSpec {
-        reverse_of: Some(5),
-        ..spec(false, true, true, Facing::ThreeQuarter)
-    }, // 6 standing_up
+    MotionSpec { reverse_of: Some(5), ..spec(false, true, true, Facing::ThreeQuarter) }, // 6 standing_up
     spec(true, false, false, Facing::Left),          // 7 walking_left
     spec(true, false, false, Facing::Right),         // 8 walking_right
     spec(false, true, false, Facing::ThreeQuarter),  // 9 crouching
@@ -463,13 +442,7 @@ impl MotionParams {
             hip_flex: [j() * 0.5, j() * 0.5],
             knee: [j().abs() * 0.5, j().abs() * 0.5],
         };
-        MotionParams {
-            facing_u,
-            side,
-            once,
-            periodic,
-            jitter,
-        }
+        MotionParams { facing_u, side, once, periodic, jitter }
     }
 
     /// Which of the [`IDLE_STYLES`] an idle stretch of this clip shows. Derived from the
@@ -493,22 +466,14 @@ impl MotionParams {
 
     /// The phases of `n` frames of motion `motion` (an action index or [`IDLE`]).
     pub fn phases(&self, motion: usize, n: usize) -> Vec<f32> {
-        let (mut start, span) = if SPECS[motion].periodic {
-            self.periodic
-        } else {
-            self.once
-        };
+        let (mut start, span) = if SPECS[motion].periodic { self.periodic } else { self.once };
         if SPECS[motion].reverse_of.is_some() {
             // Mirror the window, so the frames are exactly the counterpart's in reverse order.
             start = 1.0 - start - span;
         }
         (0..n)
             .map(|f| {
-                let t = if n > 1 {
-                    f as f32 / (n - 1) as f32
-                } else {
-                    0.5
-                };
+                let t = if n > 1 { f as f32 / (n - 1) as f32 } else { 0.5 };
                 start + span * t
             })
             .collect()
@@ -522,11 +487,8 @@ impl MotionParams {
             Some(original) => (original, 1.0 - phase),
             None => (motion, phase),
         };
-        let mut pose = if motion == IDLE {
-            idle_pose(phase, self.idle_style())
-        } else {
-            base_pose(base, phase, self.side)
-        };
+        let mut pose =
+            if motion == IDLE { idle_pose(phase, self.idle_style()) } else { base_pose(base, phase, self.side) };
         pose.yaw += self.yaw(spec.facing);
         pose.with_jitter(&self.jitter)
     }
@@ -543,13 +505,9 @@ fn idle_pose(p: f32, style: usize) -> Pose {
     let st = Pose::standing();
     let b = sin(2.0 * PI * p);
     match style {
-        0 => st
-            .arms((0.12 + 0.04 * b, 0.05 * b), (0.1, 0.15 + 0.05 * b))
-            .leg(LEFT, 0.03 * b, 0.05),
+        0 => st.arms((0.12 + 0.04 * b, 0.05 * b), (0.1, 0.15 + 0.05 * b)).leg(LEFT, 0.03 * b, 0.05),
         1 => {
-            let mut pose = st
-                .leg(LEFT, 0.02, 0.05 + 0.18 * b.max(0.0))
-                .leg(RIGHT, 0.02, 0.05 + 0.18 * (-b).max(0.0));
+            let mut pose = st.leg(LEFT, 0.02, 0.05 + 0.18 * b.max(0.0)).leg(RIGHT, 0.02, 0.05 + 0.18 * (-b).max(0.0));
             pose.shift = 0.06 * b;
             pose.roll = 0.03 * b;
             pose
@@ -572,11 +530,7 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         // waving: right arm up, the forearm swings from the elbow, two waves per cycle.
         0 => {
             let w = sin(tau * 2.0 * p);
-            st.arm(RIGHT, (2.35, 0.15), (2.55 + 0.5 * w, 0.15)).arm(
-                LEFT,
-                (0.14 - 0.03 * w, 0.0),
-                (0.1, 0.15),
-            )
+            st.arm(RIGHT, (2.35, 0.15), (2.55 + 0.5 * w, 0.15)).arm(LEFT, (0.14 - 0.03 * w, 0.0), (0.1, 0.15))
         }
         // clapping: forearms across the chest, hands meet three times per cycle.
         1 => {
@@ -589,67 +543,22 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
             let air = st.legs(0.1, 0.15).arms((1.35, 0.3), (1.45, 0.3)).lift(0.2);
             let top = st.legs(0.35, 0.5).arms((1.2, 0.3), (1.3, 0.4)).lift(0.24);
             let land = st.legs(0.9, 1.5).pitch(0.35).arms((0.6, 0.4), (0.5, 0.6));
-            keys(
-                p,
-                &[
-                    (0.0, st),
-                    (0.22, crouch),
-                    (0.4, air),
-                    (0.55, top),
-                    (0.75, land),
-                    (1.0, st),
-                ],
-            )
+            keys(p, &[(0.0, st), (0.22, crouch), (0.4, air), (0.55, top), (0.75, land), (1.0, st)])
         }
         // falling_down: knees buckle, the body topples sideways, ends lying.
         3 => {
             let buckle = st.legs(0.5, 0.75).pitch(0.2).arms((0.6, 0.2), (0.7, 0.3));
-            let tilt = st
-                .legs(0.6, 0.9)
-                .pitch(0.15)
-                .arms((1.2, 0.2), (1.3, 0.2))
-                .roll(side * 0.55);
-            let down = st
-                .legs(0.3, 0.4)
-                .arms((1.5, 0.1), (1.6, 0.1))
-                .roll(side * 1.25);
-            let lying = st
-                .legs(0.05, 0.08)
-                .arms((0.35, 0.0), (0.3, 0.0))
-                .roll(side * 1.57);
-            keys(
-                p,
-                &[
-                    (0.0, st),
-                    (0.22, buckle),
-                    (0.45, tilt),
-                    (0.68, down),
-                    (0.86, lying),
-                    (1.0, lying),
-                ],
-            )
+            let tilt = st.legs(0.6, 0.9).pitch(0.15).arms((1.2, 0.2), (1.3, 0.2)).roll(side * 0.55);
+            let down = st.legs(0.3, 0.4).arms((1.5, 0.1), (1.6, 0.1)).roll(side * 1.25);
+            let lying = st.legs(0.05, 0.08).arms((0.35, 0.0), (0.3, 0.0)).roll(side * 1.57);
+            keys(p, &[(0.0, st), (0.22, buckle), (0.45, tilt), (0.68, down), (0.86, lying), (1.0, lying)])
         }
         // sitting_down: lean forward, bend hips and knees, settle upright on the stool.
         5 => {
-            let lean = st
-                .legs(0.45, 0.55)
-                .pitch(0.45)
-                .arms((0.15, 0.4), (0.1, 0.6));
+            let lean = st.legs(0.45, 0.55).pitch(0.45).arms((0.15, 0.4), (0.1, 0.6));
             let lower = st.legs(1.15, 1.25).pitch(0.5).arms((0.15, 0.5), (0.1, 0.9));
-            let seated = st
-                .legs(1.55, 1.55)
-                .pitch(0.1)
-                .arms((0.12, 0.45), (0.1, 1.0));
-            keys(
-                p,
-                &[
-                    (0.0, st),
-                    (0.3, lean),
-                    (0.65, lower),
-                    (0.9, seated),
-                    (1.0, seated),
-                ],
-            )
+            let seated = st.legs(1.55, 1.55).pitch(0.1).arms((0.12, 0.45), (0.1, 1.0));
+            keys(p, &[(0.0, st), (0.3, lean), (0.65, lower), (0.9, seated), (1.0, seated)])
         }
         // walking left (the mirror image, walking right, comes from the facing): one stride
         // cycle per unit phase, 0.6 body units of travel.
@@ -686,24 +595,14 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
             let mut pose = st;
             pose.yaw = side * PI * smooth((p - 0.1) / 0.8);
             let step = 0.2 * sin(tau * 2.0 * p);
-            pose.leg(LEFT, step, 0.2 + step.max(0.0))
-                .leg(RIGHT, -step, 0.2 + (-step).max(0.0))
+            pose.leg(LEFT, step, 0.2 + step.max(0.0)).leg(RIGHT, -step, 0.2 + (-step).max(0.0))
         }
         // kicking: wind up, kick forward with the right leg, return.
         14 => {
-            let wind = st
-                .leg(RIGHT, -0.45, 1.1)
-                .pitch(-0.05)
-                .arms((0.6, 0.0), (0.6, 0.3));
-            let kick = st
-                .leg(RIGHT, 1.45, 0.1)
-                .pitch(-0.25)
-                .arms((0.9, 0.3), (0.9, 0.5));
+            let wind = st.leg(RIGHT, -0.45, 1.1).pitch(-0.05).arms((0.6, 0.0), (0.6, 0.3));
+            let kick = st.leg(RIGHT, 1.45, 0.1).pitch(-0.25).arms((0.9, 0.3), (0.9, 0.5));
             let back = st.leg(RIGHT, 0.4, 0.8).arms((0.5, 0.1), (0.5, 0.3));
-            keys(
-                p,
-                &[(0.0, st), (0.3, wind), (0.55, kick), (0.8, back), (1.0, st)],
-            )
+            keys(p, &[(0.0, st), (0.3, wind), (0.55, kick), (0.8, back), (1.0, st)])
         }
         // bowing: bend forward at the hips, arms hanging, come back up.
         15 => {
@@ -722,11 +621,7 @@ fn base_pose(motion: usize, p: f32, side: f32) -> Pose {
         17 => {
             let out = 0.5 - 0.5 * cos(tau * 2.0 * p);
             st.arm(LEFT, (0.2, 0.5), (0.1, 2.4))
-                .arm(
-                    RIGHT,
-                    (0.2 - 0.05 * out, 0.5 + 1.05 * out),
-                    (0.1, 2.4 - 0.85 * out),
-                )
+                .arm(RIGHT, (0.2 - 0.05 * out, 0.5 + 1.05 * out), (0.1, 2.4 - 0.85 * out))
                 .leg(LEFT, 0.25, 0.2)
                 .leg(RIGHT, -0.2, 0.2)
         }

@@ -75,8 +75,7 @@ pub(crate) fn caption(body: &Body, pose: &Pose, stool: bool) -> String {
     let l = hand_offset(body, pose, LEFT);
     let r = hand_offset(body, pose, RIGHT);
     let gap_x = (l[0] + r[0]) + 2.0 * body.shoulder_half; // outward offsets add up across the body
-    let gap =
-        (gap_x * gap_x + (l[1] - r[1]) * (l[1] - r[1]) + (l[2] - r[2]) * (l[2] - r[2])).sqrt();
+    let gap = (gap_x * gap_x + (l[1] - r[1]) * (l[1] - r[1]) + (l[2] - r[2]) * (l[2] - r[2])).sqrt();
     if gap < 0.07 && l[2] > 0.05 {
         parts.push("hands together in front of the chest".into());
     } else {

@@ -55,16 +55,8 @@ pub struct Action {
     pub paraphrases: &'static [&'static str],
 }
 
-const fn action(
-    name: &'static str,
-    description: &'static str,
-    paraphrases: &'static [&'static str],
-) -> Action {
-    Action {
-        name,
-        description,
-        paraphrases,
-    }
+const fn action(name: &'static str, description: &'static str, paraphrases: &'static [&'static str]) -> Action {
+    Action { name, description, paraphrases }
 }
 
 /// All actions. The order is fixed forever: indices are class ids.
@@ -90,20 +82,12 @@ pub const ACTIONS: &[Action] = &[
     action(
         "jumping",
         "a person jumping",
-        &[
-            "someone jumping in the air",
-            "a person crouching and jumping up",
-            "a figure leaping off the ground",
-        ],
+        &["someone jumping in the air", "a person crouching and jumping up", "a figure leaping off the ground"],
     ),
     action(
         "falling_down",
         "a person falling down",
-        &[
-            "someone falling to the ground",
-            "a person tipping over and falling",
-            "a figure collapsing onto the floor",
-        ],
+        &["someone falling to the ground", "a person tipping over and falling", "a figure collapsing onto the floor"],
     ),
     action(
         "getting_up",
@@ -117,47 +101,27 @@ pub const ACTIONS: &[Action] = &[
     action(
         "sitting_down",
         "a person sitting down",
-        &[
-            "someone sitting down on a stool",
-            "a person lowering themselves onto a seat",
-            "a figure taking a seat",
-        ],
+        &["someone sitting down on a stool", "a person lowering themselves onto a seat", "a figure taking a seat"],
     ),
     action(
         "standing_up",
         "a person standing up",
-        &[
-            "someone standing up from a stool",
-            "a person rising from a seat",
-            "a figure getting up from sitting",
-        ],
+        &["someone standing up from a stool", "a person rising from a seat", "a figure getting up from sitting"],
     ),
     action(
         "walking_left",
         "a person walking to the left",
-        &[
-            "someone walking toward the left",
-            "a person walking leftwards",
-            "a figure facing left and walking",
-        ],
+        &["someone walking toward the left", "a person walking leftwards", "a figure facing left and walking"],
     ),
     action(
         "walking_right",
         "a person walking to the right",
-        &[
-            "someone walking toward the right",
-            "a person walking rightwards",
-            "a figure facing right and walking",
-        ],
+        &["someone walking toward the right", "a person walking rightwards", "a figure facing right and walking"],
     ),
     action(
         "crouching",
         "a person crouching down",
-        &[
-            "someone squatting down",
-            "a person bending the knees into a crouch",
-            "a figure crouching low",
-        ],
+        &["someone squatting down", "a person bending the knees into a crouch", "a figure crouching low"],
     ),
     action(
         "raising_both_arms",
@@ -180,11 +144,7 @@ pub const ACTIONS: &[Action] = &[
     action(
         "raising_left_arm",
         "a person raising the left arm",
-        &[
-            "someone lifting the left arm up",
-            "a person putting the left hand up",
-            "a figure with the left arm raised",
-        ],
+        &["someone lifting the left arm up", "a person putting the left hand up", "a figure with the left arm raised"],
     ),
     action(
         "raising_right_arm",
@@ -198,11 +158,7 @@ pub const ACTIONS: &[Action] = &[
     action(
         "kicking",
         "a person kicking",
-        &[
-            "someone kicking with the right leg",
-            "a person kicking a leg forward",
-            "a figure doing a kick",
-        ],
+        &["someone kicking with the right leg", "a person kicking a leg forward", "a figure doing a kick"],
     ),
     action(
         "bowing",
@@ -216,20 +172,12 @@ pub const ACTIONS: &[Action] = &[
     action(
         "lying_down",
         "a person lying on the ground",
-        &[
-            "someone lying on the floor",
-            "a person lying down and resting",
-            "a figure stretched out on the ground",
-        ],
+        &["someone lying on the floor", "a person lying down and resting", "a figure stretched out on the ground"],
     ),
     action(
         "punching",
         "a person punching",
-        &[
-            "someone throwing punches",
-            "a person punching forward with the right fist",
-            "a figure boxing",
-        ],
+        &["someone throwing punches", "a person punching forward with the right fist", "a figure boxing"],
     ),
 ];
 
@@ -318,9 +266,7 @@ pub fn actions_in(split: Split) -> Vec<usize> {
     match split {
         Split::Zeroshot => ZEROSHOT_ACTIONS.to_vec(),
         Split::Idle => Vec::new(),
-        _ => (0..ACTIONS.len())
-            .filter(|a| !ZEROSHOT_ACTIONS.contains(a))
-            .collect(),
+        _ => (0..ACTIONS.len()).filter(|a| !ZEROSHOT_ACTIONS.contains(a)).collect(),
     }
 }
 
@@ -341,10 +287,7 @@ pub struct RenderConfig {
 impl Default for RenderConfig {
     /// 64×64 pixels, 8 frames.
     fn default() -> Self {
-        RenderConfig {
-            size: 64,
-            frames: 8,
-        }
+        RenderConfig { size: 64, frames: 8 }
     }
 }
 
@@ -389,16 +332,8 @@ impl Scene {
     fn new(appearance: Appearance, size: usize) -> Self {
         let background = render::background(&appearance, size);
         let camera = Camera::new(&appearance, size);
-        let canvas = Canvas {
-            size,
-            px: background.px.clone(),
-        };
-        Scene {
-            appearance,
-            background,
-            camera,
-            canvas,
-        }
+        let canvas = Canvas { size, px: background.px.clone() };
+        Scene { appearance, background, camera, canvas }
     }
 }
 
@@ -413,11 +348,7 @@ struct Segment {
 impl Segment {
     fn new(motion: usize, params: &MotionParams, body: &body::Body, n: usize) -> Self {
         let spec = SPECS[motion];
-        let poses: Vec<_> = params
-            .phases(motion, n)
-            .into_iter()
-            .map(|p| params.pose(motion, p))
-            .collect();
+        let poses: Vec<_> = params.phases(motion, n).into_iter().map(|p| params.pose(motion, p)).collect();
         let mut skeletons: Vec<Skeleton> = poses.iter().map(|p| Skeleton::new(body, p)).collect();
         if spec.anchor_feet {
             // The feet stay where they are; the body moves around them.
@@ -446,12 +377,7 @@ impl Segment {
             let seat = -sk.pelvis[1] - body.limb_r * 1.2;
             (sk.pelvis[0], seat.max(0.05), body.thigh * 0.45)
         });
-        Segment {
-            motion,
-            poses,
-            skeletons,
-            stool,
-        }
+        Segment { motion, poses, skeletons, stool }
     }
 
     /// Renders frame `i` into the scene's canvas and returns its caption.
@@ -460,12 +386,7 @@ impl Segment {
         if let Some((x, seat, hw)) = self.stool {
             render::stool(&mut scene.canvas, &scene.camera, x, seat, hw);
         }
-        render::figure(
-            &mut scene.canvas,
-            &scene.camera,
-            &scene.appearance,
-            &self.skeletons[i],
-        );
+        render::figure(&mut scene.canvas, &scene.camera, &scene.appearance, &self.skeletons[i]);
     }
 
     fn caption(&self, body: &body::Body, i: usize) -> String {
@@ -494,11 +415,7 @@ pub fn render_clip(split: Split, action: usize, seed: u64, cfg: &RenderConfig) -
 /// # Panics
 /// If `action >= ACTIONS.len()`.
 pub fn render_clip_as(appearance: Appearance, split: Split, action: usize, seed: u64, cfg: &RenderConfig) -> Clip {
-    assert!(
-        action < ACTIONS.len(),
-        "action index {action} out of range: the world has {} actions",
-        ACTIONS.len()
-    );
+    assert!(action < ACTIONS.len(), "action index {action} out of range: the world has {} actions", ACTIONS.len());
     let size = cfg.size.max(1) as usize;
     let key = mix(&[seed, split.tag()]);
     let params = MotionParams::sample(&mut Rng::new(key, STREAM_MOTION));
@@ -515,11 +432,7 @@ pub fn render_clip_as(appearance: Appearance, split: Split, action: usize, seed:
         frames.push(out);
         captions.push(segment.caption(&body, i));
     }
-    Clip {
-        action,
-        frames,
-        captions,
-    }
+    Clip { action, frames, captions }
 }
 
 /// The ground-truth poses and projected skeletons (body units, floor at `y = 0`, the motion
@@ -528,17 +441,8 @@ pub fn render_clip_as(appearance: Appearance, split: Split, action: usize, seed:
 ///
 /// # Panics
 /// If `action >= ACTIONS.len()`.
-pub fn clip_poses(
-    split: Split,
-    action: usize,
-    seed: u64,
-    frames: usize,
-) -> Vec<(body::Pose, Skeleton)> {
-    assert!(
-        action < ACTIONS.len(),
-        "action index {action} out of range: the world has {} actions",
-        ACTIONS.len()
-    );
+pub fn clip_poses(split: Split, action: usize, seed: u64, frames: usize) -> Vec<(body::Pose, Skeleton)> {
+    assert!(action < ACTIONS.len(), "action index {action} out of range: the world has {} actions", ACTIONS.len());
     let key = mix(&[seed, split.tag()]);
     let body = appearance(split, seed).body;
     let params = MotionParams::sample(&mut Rng::new(key, STREAM_MOTION));
@@ -608,12 +512,7 @@ impl WorldStream {
             noise,
             scene,
             scene_left: 0,
-            segment: Segment {
-                motion: IDLE,
-                poses: Vec::new(),
-                skeletons: Vec::new(),
-                stool: None,
-            },
+            segment: Segment { motion: IDLE, poses: Vec::new(), skeletons: Vec::new(), stool: None },
             action: None,
             frame_in_segment: 0,
             frame_index: 0,
@@ -647,17 +546,12 @@ impl WorldStream {
 
     /// The ground truth of the frame [`next_frame`](Self::next_frame) returns next.
     pub fn peek_truth(&self) -> Truth {
-        Truth {
-            action: self.action,
-            frame_in_action: self.frame_in_segment,
-            frame_index: self.frame_index,
-        }
+        Truth { action: self.action, frame_in_action: self.frame_in_segment, frame_index: self.frame_index }
     }
 
     /// The caption of the frame [`next_frame`](Self::next_frame) returns next.
     pub fn peek_caption(&self) -> String {
-        self.segment
-            .caption(&self.scene.appearance.body, self.frame_in_segment)
+        self.segment.caption(&self.scene.appearance.body, self.frame_in_segment)
     }
 
     /// Next frame (RGB8 `size*size*3`) and the ground truth at this frame.
@@ -665,19 +559,10 @@ impl WorldStream {
         let truth = self.peek_truth();
         let i = self.frame_in_segment;
         self.segment.draw(&mut self.scene, i);
-        render::quantize(
-            &self.scene.canvas,
-            &self.scene.appearance,
-            &mut self.noise,
-            &mut self.pixels,
-        );
+        render::quantize(&self.scene.canvas, &self.scene.appearance, &mut self.noise, &mut self.pixels);
         self.advance();
-        let frame = Frame {
-            format: PixelFormat::Rgb8,
-            width: self.size as u32,
-            height: self.size as u32,
-            data: &self.pixels,
-        };
+        let frame =
+            Frame { format: PixelFormat::Rgb8, width: self.size as u32, height: self.size as u32, data: &self.pixels };
         (frame, truth)
     }
 

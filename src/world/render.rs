@@ -32,10 +32,7 @@ pub enum Backdrop {
 impl Backdrop {
     /// Whether this backdrop belongs to the `ood` appearance.
     pub fn is_ood(self) -> bool {
-        matches!(
-            self,
-            Backdrop::Checker | Backdrop::Diagonal | Backdrop::Dots
-        )
+        matches!(self, Backdrop::Checker | Backdrop::Diagonal | Backdrop::Dots)
     }
 }
 
@@ -124,13 +121,8 @@ const SKINS: [[f32; 3]; 6] = [
     [0.48, 0.32, 0.21],
     [0.34, 0.22, 0.15],
 ];
-const HAIRS: [[f32; 3]; 5] = [
-    [0.08, 0.06, 0.05],
-    [0.25, 0.15, 0.08],
-    [0.45, 0.30, 0.15],
-    [0.70, 0.55, 0.30],
-    [0.55, 0.55, 0.55],
-];
+const HAIRS: [[f32; 3]; 5] =
+    [[0.08, 0.06, 0.05], [0.25, 0.15, 0.08], [0.45, 0.30, 0.15], [0.70, 0.55, 0.30], [0.55, 0.55, 0.55]];
 
 fn hue_in_band(rng: &mut Rng, ood: bool) -> f32 {
     let band = 2 * rng.below(6) + usize::from(ood);
@@ -143,19 +135,9 @@ impl Appearance {
     pub fn sample(rng: &mut Rng, ood: bool) -> Self {
         // Body proportions: ood figures are stockier, with bigger heads and longer legs.
         let (limb_r, head_r, shoulder, thigh) = if ood {
-            (
-                rng.range(0.046, 0.054),
-                rng.range(0.076, 0.084),
-                rng.range(0.105, 0.115),
-                rng.range(0.245, 0.26),
-            )
+            (rng.range(0.046, 0.054), rng.range(0.076, 0.084), rng.range(0.105, 0.115), rng.range(0.245, 0.26))
         } else {
-            (
-                rng.range(0.032, 0.042),
-                rng.range(0.060, 0.072),
-                rng.range(0.082, 0.1),
-                rng.range(0.21, 0.238),
-            )
+            (rng.range(0.032, 0.042), rng.range(0.060, 0.072), rng.range(0.082, 0.1), rng.range(0.21, 0.238))
         };
         let body = Body {
             head_r,
@@ -186,16 +168,9 @@ impl Appearance {
         };
         let wall_s = rng.range(0.1, 0.45);
         let wall_top = hsv(backdrop_hue, wall_s, rng.range(0.55, 0.95));
-        let wall_bottom = hsv(
-            backdrop_hue + rng.range(-10.0, 10.0),
-            wall_s * rng.range(0.7, 1.3),
-            rng.range(0.45, 0.85),
-        );
-        let floor = hsv(
-            backdrop_hue + rng.range(-12.0, 12.0),
-            rng.range(0.1, 0.4),
-            rng.range(0.25, 0.6),
-        );
+        let wall_bottom =
+            hsv(backdrop_hue + rng.range(-10.0, 10.0), wall_s * rng.range(0.7, 1.3), rng.range(0.45, 0.85));
+        let floor = hsv(backdrop_hue + rng.range(-12.0, 12.0), rng.range(0.1, 0.4), rng.range(0.25, 0.6));
         Appearance {
             body,
             shirt_hue,
@@ -348,9 +323,7 @@ pub(crate) fn background(ap: &Appearance, size: usize) -> Canvas {
             let fx = x as f32 + 0.5;
             let c = if fy < floor_px {
                 let t = fy / floor_px;
-                let c: [f32; 3] = std::array::from_fn(|k| {
-                    ap.wall_top[k] + (ap.wall_bottom[k] - ap.wall_top[k]) * t
-                });
+                let c: [f32; 3] = std::array::from_fn(|k| ap.wall_top[k] + (ap.wall_bottom[k] - ap.wall_top[k]) * t);
                 let u = (fx + ox) / period;
                 let v = (fy + oy) / period;
                 let tex = match ap.backdrop {
@@ -419,31 +392,13 @@ pub(crate) fn background(ap: &Appearance, size: usize) -> Canvas {
                 let bar = (0.012 * n).max(1.0);
                 canvas.rect(x, y, x + w, y + h, frame);
                 canvas.rect(x + bar, y + bar, x + w - bar, y + h - bar, prop.colour);
-                canvas.rect(
-                    x + w * 0.5 - bar * 0.5,
-                    y,
-                    x + w * 0.5 + bar * 0.5,
-                    y + h,
-                    frame,
-                );
-                canvas.rect(
-                    x,
-                    y + h * 0.5 - bar * 0.5,
-                    x + w,
-                    y + h * 0.5 + bar * 0.5,
-                    frame,
-                );
+                canvas.rect(x + w * 0.5 - bar * 0.5, y, x + w * 0.5 + bar * 0.5, y + h, frame);
+                canvas.rect(x, y + h * 0.5 - bar * 0.5, x + w, y + h * 0.5 + bar * 0.5, frame);
             }
             PropKind::Picture => {
                 let border = (0.015 * n).max(1.0);
                 canvas.rect(x, y, x + w, y + h, frame);
-                canvas.rect(
-                    x + border,
-                    y + border,
-                    x + w - border,
-                    y + h - border,
-                    prop.colour,
-                );
+                canvas.rect(x + border, y + border, x + w - border, y + h - border, prop.colour);
             }
             PropKind::Shelf => canvas.rect(x, y, x + w, y + h.max(1.0), frame),
         }
@@ -475,11 +430,7 @@ pub(crate) struct Camera {
 impl Camera {
     pub fn new(ap: &Appearance, size: usize) -> Self {
         let n = size as f32;
-        Camera {
-            ppu: ap.scale * n,
-            cx: n * (0.5 + ap.offset_x),
-            floor: ap.floor_y * n,
-        }
+        Camera { ppu: ap.scale * n, cx: n * (0.5 + ap.offset_x), floor: ap.floor_y * n }
     }
 
     fn map(&self, p: &[f32; 3]) -> [f32; 2] {
@@ -511,10 +462,7 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
     let ppu = cam.ppu;
     // Contact shadow under the body, fainter when airborne.
     let (lo, hi) = sk.x_extent(body);
-    let lowest = sk.ankle[0][1]
-        .max(sk.ankle[1][1])
-        .max(sk.hand[0][1])
-        .max(sk.head[1]);
+    let lowest = sk.ankle[0][1].max(sk.ankle[1][1]).max(sk.hand[0][1]).max(sk.head[1]);
     let air = (-lowest).max(0.0);
     let alpha = 0.35 * (1.0 - air * 3.0).clamp(0.2, 1.0);
     canvas.ellipse(
@@ -534,13 +482,7 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
     }
     let lr = body.limb_r;
     let mut segs: Vec<Seg> = Vec::with_capacity(20);
-    let seg = |a: [f32; 3], b: [f32; 3], r: f32, c: [f32; 3], depth_bias: f32| Seg {
-        a,
-        b,
-        r,
-        c,
-        depth_bias,
-    };
+    let seg = |a: [f32; 3], b: [f32; 3], r: f32, c: [f32; 3], depth_bias: f32| Seg { a, b, r, c, depth_bias };
     // Sleeves a shade darker than the shirt, so arms read in front of the torso.
     let sleeve = shade(ap.shirt, 0.8);
     for s in [LEFT, RIGHT] {
@@ -549,29 +491,17 @@ pub(crate) fn figure(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Sk
         segs.push(seg(sk.knee[s], sk.ankle[s], lr * 0.95, shin, 0.0));
         segs.push(seg(sk.ankle[s], sk.toe[s], lr * 0.8, ap.shoes, 0.0));
         // Sleeves a shade darker than the shirt, so arms read in front of the torso.
-        segs.push(seg(
-            sk.shoulder[s],
-            sk.elbow[s],
-            lr * 0.95,
-            shade(ap.shirt, 0.8),
-            0.01,
-        ));
+        segs.push(seg(sk.shoulder[s], sk.elbow[s], lr * 0.95, shade(ap.shirt, 0.8), 0.01));
         let forearm = if ap.long_sleeves { sleeve } else { ap.skin };
         segs.push(seg(sk.elbow[s], sk.hand[s], lr * 0.8, forearm, 0.01));
         segs.push(seg(sk.hand[s], sk.hand[s], lr * 1.05, ap.skin, 0.01));
     }
     // Torso (shirt), pelvis band (trousers), neck and head at depth 0.
     segs.push(seg(sk.hip[0], sk.hip[1], lr * 1.25, ap.trousers, -0.001));
-    let torso_low = [
-        sk.pelvis[0] + (sk.neck[0] - sk.pelvis[0]) * 0.15,
-        sk.pelvis[1] + (sk.neck[1] - sk.pelvis[1]) * 0.15,
-        0.0,
-    ];
-    let torso_high = [
-        sk.neck[0] + (sk.pelvis[0] - sk.neck[0]) * 0.12,
-        sk.neck[1] + (sk.pelvis[1] - sk.neck[1]) * 0.12,
-        0.0,
-    ];
+    let torso_low =
+        [sk.pelvis[0] + (sk.neck[0] - sk.pelvis[0]) * 0.15, sk.pelvis[1] + (sk.neck[1] - sk.pelvis[1]) * 0.15, 0.0];
+    let torso_high =
+        [sk.neck[0] + (sk.pelvis[0] - sk.neck[0]) * 0.12, sk.neck[1] + (sk.pelvis[1] - sk.neck[1]) * 0.12, 0.0];
     // Narrower in profile.
     let width = body.torso_r * (0.75 + 0.25 * sk.facing_z.abs());
     segs.push(seg(torso_low, torso_high, width, ap.shirt, 0.0));
@@ -614,10 +544,7 @@ fn head(canvas: &mut Canvas, cam: &Camera, ap: &Appearance, sk: &Skeleton) {
     let (fx, fy) = (-uy * f, ux * f);
     let back = 0.5 - 0.5 * sk.facing_z; // 0 facing the camera, 1 facing away
     let lift = 0.42 * (1.0 - back);
-    let hc = [
-        c[0] + (ux * lift - fx * 0.35) * r,
-        c[1] + (uy * lift - fy * 0.35) * r,
-    ];
+    let hc = [c[0] + (ux * lift - fx * 0.35) * r, c[1] + (uy * lift - fy * 0.35) * r];
     canvas.capsule(hc, hc, r * (0.78 + 0.2 * back), ap.hair);
     if sk.facing_z > 0.2 && r > 2.0 {
         let eye = shade(ap.skin, 0.25);

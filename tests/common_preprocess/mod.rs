@@ -6,12 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// The four fixture images, by file stem.
-pub const FIXTURES: [&str; 4] = [
-    "landscape_640x480",
-    "portrait_200x300",
-    "small_320x240",
-    "tiny_150x100",
-];
+pub const FIXTURES: [&str; 4] = ["landscape_640x480", "portrait_200x300", "small_320x240", "tiny_150x100"];
 
 /// `shared/fixtures/preprocess`, next to the checkout.
 pub fn fixture_dir() -> PathBuf {
@@ -43,19 +38,9 @@ pub fn load_png_rgb(path: &std::path::Path) -> Rgb {
     };
     let data = buf
         .chunks_exact(channels)
-        .flat_map(|px| {
-            if channels >= 3 {
-                [px[0], px[1], px[2]]
-            } else {
-                [px[0]; 3]
-            }
-        })
+        .flat_map(|px| if channels >= 3 { [px[0], px[1], px[2]] } else { [px[0]; 3] })
         .collect();
-    Rgb {
-        width: info.width,
-        height: info.height,
-        data,
-    }
+    Rgb { width: info.width, height: info.height, data }
 }
 
 /// transformers' `pixel_values` for fixture `name`, `[3, 224, 224]`.
@@ -65,10 +50,7 @@ pub fn load_reference(name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
     assert_eq!(t.shape(), &[3, 224, 224], "{name}");
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
 }
 
 /// Mean and max absolute difference.
@@ -94,20 +76,14 @@ pub fn ffmpeg(args: &[&str], input: &[u8]) -> Vec<u8> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run ffmpeg ({e}): these tests need it (apt-get install ffmpeg)")
-        });
+        .unwrap_or_else(|e| panic!("cannot run ffmpeg ({e}): these tests need it (apt-get install ffmpeg)"));
     // Feed stdin from a thread so a full stdout pipe cannot deadlock us.
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
-    assert!(
-        out.status.success(),
-        "ffmpeg {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ffmpeg {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 

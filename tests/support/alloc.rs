@@ -61,8 +61,5 @@ pub fn allocations_during(f: impl FnOnce()) -> Allocations {
     COUNTING.with(|on| on.set(true));
     f();
     COUNTING.with(|on| on.set(false));
-    Allocations {
-        calls: CALLS.with(Cell::get),
-        bytes: BYTES.with(Cell::get),
-    }
+    Allocations { calls: CALLS.with(Cell::get), bytes: BYTES.with(Cell::get) }
 }

@@ -47,11 +47,7 @@ impl Mosquitto {
             ),
         )
         .expect("writing mosquitto.conf");
-        let mut broker = Self {
-            child: None,
-            port,
-            dir,
-        };
+        let mut broker = Self { child: None, port, dir };
         broker.spawn();
         broker
     }
@@ -81,11 +77,7 @@ impl Mosquitto {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("mosquitto exited at start with {status} (port {} taken?)", self.port);
             }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on port {} within 10 s",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "mosquitto did not listen on port {} within 10 s", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -43,20 +43,10 @@ impl Rng {
 
 /// A valid label set: `n_labels` labels of 1..=`max_tokens` tokens (exactly `max_tokens`
 /// when `fixed_tokens`), softmax token weights, normalized features.
-pub fn label_set(
-    rng: &mut Rng,
-    n_labels: usize,
-    max_tokens: usize,
-    dim: usize,
-    fixed_tokens: bool,
-) -> LabelSet {
+pub fn label_set(rng: &mut Rng, n_labels: usize, max_tokens: usize, dim: usize, fixed_tokens: bool) -> LabelSet {
     let labels = (0..n_labels)
         .map(|c| {
-            let n = if fixed_tokens {
-                max_tokens
-            } else {
-                1 + rng.below(max_tokens)
-            };
+            let n = if fixed_tokens { max_tokens } else { 1 + rng.below(max_tokens) };
             let logits: Vec<f32> = (0..n).map(|_| 2.0 * rng.signed()).collect();
             let sum: f32 = logits.iter().map(|l| l.exp()).sum();
             Label {
@@ -69,11 +59,5 @@ pub fn label_set(
             }
         })
         .collect();
-    LabelSet {
-        calibration: None,
-        version: 1,
-        dim: dim as u32,
-        space_id: "random".into(),
-        labels,
-    }
+    LabelSet { calibration: None, version: 1, dim: dim as u32, space_id: "random".into(), labels }
 }

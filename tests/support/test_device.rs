@@ -51,7 +51,13 @@ impl TestDevice {
     }
 
     /// [`TestDevice::new`] with other bounds on unauthenticated data.
-    pub fn with_limits(name: &str, set: LabelSet, key: Option<PreSharedKey>, path: PathBuf, limits: UpdateLimits) -> Arc<Self> {
+    pub fn with_limits(
+        name: &str,
+        set: LabelSet,
+        key: Option<PreSharedKey>,
+        path: PathBuf,
+        limits: UpdateLimits,
+    ) -> Arc<Self> {
         let n = set.labels.len();
         set.save_atomic(&path).unwrap();
         let config = ReceiverConfig {
@@ -107,13 +113,7 @@ impl DeviceView for TestDevice {
             source: "test".into(),
             label_set_version: labels.version,
             labels: labels.labels.iter().map(|l| l.name.clone()).collect(),
-            active: labels
-                .labels
-                .iter()
-                .zip(active.iter())
-                .filter(|(_, a)| **a)
-                .map(|(l, _)| l.name.clone())
-                .collect(),
+            active: labels.labels.iter().zip(active.iter()).filter(|(_, a)| **a).map(|(l, _)| l.name.clone()).collect(),
             uptime_s: 1.5,
             fps: 30.0,
             frames_total: self.frames.load(Ordering::Relaxed),

@@ -111,7 +111,12 @@ fn adapt_tokens(
     }
     let delta = Var::zeros(labels.tokens.dims(), candle_core::DType::F32, labels.tokens.device())?;
     let mut opt = AdamW::new(
-        vec![ParamGroup { lr_scale: 1.0, name: "delta".into(), weight_decay: o.schedule.weight_decay, vars: vec![("label_delta".into(), delta.clone())] }],
+        vec![ParamGroup {
+            lr_scale: 1.0,
+            name: "delta".into(),
+            weight_decay: o.schedule.weight_decay,
+            vars: vec![("label_delta".into(), delta.clone())],
+        }],
         AdamConfig::default(),
     )?;
     // The token features' scale: Δ is learned relative to it.
@@ -170,7 +175,15 @@ fn adapt_tokens(
 
 /// The label set of `actions` with token features `tokens` (`[C, N, D]`, unnormalized) and the
 /// head's token weights, in the same layout `labels build` writes.
-fn label_set(head: &WtiHead, labels: &LabelTokens, tokens: &Tensor, actions: &[usize], counts: &[usize], space_id: &str, version: u64) -> anyhow::Result<LabelSet> {
+fn label_set(
+    head: &WtiHead,
+    labels: &LabelTokens,
+    tokens: &Tensor,
+    actions: &[usize],
+    counts: &[usize],
+    space_id: &str,
+    version: u64,
+) -> anyhow::Result<LabelSet> {
     // Both trained variants weigh tokens with their own f_t.
     let w = head.label_weights(labels, tokens, Variant::Wti)?.to_vec2::<f32>()?;
     let t_hat = l2_normalize(tokens)?.to_vec3::<f32>()?;
@@ -194,7 +207,14 @@ fn label_set(head: &WtiHead, labels: &LabelTokens, tokens: &Tensor, actions: &[u
 }
 
 /// Runs `adapt`: the K-shot ablation and the adapted label set, into `out`.
-pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions, device: &Device, progress: bool) -> anyhow::Result<Vec<AdaptPoint>> {
+pub fn adapt(
+    teacher_dir: &Path,
+    train_dir: &Path,
+    out: &Path,
+    o: &AdaptOptions,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<Vec<AdaptPoint>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let split: Split = o.split.parse().map_err(|e| anyhow::anyhow!("--split: {e}"))?;
     let teacher = Teacher::load(teacher_dir, device)?;
@@ -207,8 +227,8 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     let (student, _vm) = Student::load(&train_dir.join(student_dir), device)
         .with_context(|| format!("{} should be the output folder of `train`", train_dir.display()))?;
     let head_path = train_dir.join(head_file);
-    let init: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&head_path, device).with_context(|| format!("reading {}", head_path.display()))?;
+    let init: HashMap<String, Tensor> = candle_core::safetensors::load(&head_path, device)
+        .with_context(|| format!("reading {}", head_path.display()))?;
     let d = teacher.model.dim();
     let head = WtiHead::new(d, 0, &init, device)?;
     let actions = world::actions_in(split);
@@ -220,20 +240,31 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
     let per_action = max_k * o.trials;
     let support = data::render_clips(split, &actions, per_action, o.schedule.seed ^ 0x5A7707, &cfg, progress);
     let eval = data::render_clips(split, &actions, o.eval_clips_per_action, o.schedule.seed ^ 0xE7A1, &cfg, progress);
-    let support_x = if support.is_empty() { None } else { Some(data::student_embeddings(&student, &support, size, 128, device, progress)?) };
+    let support_x = if support.is_empty() {
+        None
+    } else {
+        Some(data::student_embeddings(&student, &support, size, 128, device, progress)?)
+    };
     let eval_x = data::student_embeddings(&student, &eval, size, 128, device, progress)?;
     let class = |a: usize| actions.iter().position(|&x| x == a).expect("action of the split") as u32;
     let eval_y: Vec<u32> = eval.iter().map(|c| class(c.action)).collect();
 
     // Label side from the teacher (the zero-shot initialisation).
-    let texts = data::encode_label_texts(&teacher, &tokenizer, actions.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
+    let texts = data::encode_label_texts(
+        &teacher,
+        &tokenizer,
+        actions.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect(),
+    )?;
     let labels = LabelTokens::new(&texts.tokens, &texts.pooled, d, device)?;
     let counts: Vec<usize> = texts.tokens.iter().map(|l| l.iter().map(|t| t.len() / d).sum()).collect();
     // Text samples: each (label, prompt) and each paraphrase, as a one-frame window.
     let mut sample_texts = Vec::new();
     let mut text_y = Vec::new();
     for (c, &a) in actions.iter().enumerate() {
-        for t in data::prompts(a, WORLD_TEMPLATES).into_iter().chain(world::ACTIONS[a].paraphrases.iter().map(|s| s.to_string())) {
+        for t in data::prompts(a, WORLD_TEMPLATES)
+            .into_iter()
+            .chain(world::ACTIONS[a].paraphrases.iter().map(|s| s.to_string()))
+        {
             sample_texts.push(t);
             text_y.push(c as u32);
         }
@@ -244,19 +275,27 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
 
     let mut points = Vec::new();
     let mut exported = None;
-    let bar = if progress { crate::train::progress_bar(o.shots.len() as u64, "adapt") } else { indicatif::ProgressBar::hidden() };
+    let bar = if progress {
+        crate::train::progress_bar(o.shots.len() as u64, "adapt")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut ks = o.shots.clone();
     if !ks.contains(&o.export_shots) {
         ks.push(o.export_shots);
     }
     for &k in &ks {
-        let acc = |tokens: &Tensor| -> anyhow::Result<f64> { top1(&score_all(&head, &eval_x, &labels, tokens, variant)?, &eval_y) };
+        let acc = |tokens: &Tensor| -> anyhow::Result<f64> {
+            top1(&score_all(&head, &eval_x, &labels, tokens, variant)?, &eval_y)
+        };
         // Without support clips every trial is the same run.
         let trials = if k == 0 { 1 } else { o.trials };
         let mut p = AdaptPoint { shots: k, vision_only: 0.0, cross_modal: 0.0 };
         for trial in 0..trials {
             // Clips trial·max_k .. trial·max_k + k of every action (support is action-major).
-            let idx: Vec<u32> = (0..actions.len()).flat_map(|c| (0..k).map(move |i| (c * per_action + trial * max_k + i) as u32)).collect();
+            let idx: Vec<u32> = (0..actions.len())
+                .flat_map(|c| (0..k).map(move |i| (c * per_action + trial * max_k + i) as u32))
+                .collect();
             let video = match &support_x {
                 Some(x) if k > 0 => {
                     let index = Tensor::from_vec(idx.clone(), idx.len(), device)?;
@@ -274,7 +313,11 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
                 exported = Some(cross);
             }
         }
-        tracing::info!("K = {k:>2}: vision-only {:.1} %, cross-modal {:.1} % ({trials} trials)", p.vision_only * 100.0, p.cross_modal * 100.0);
+        tracing::info!(
+            "K = {k:>2}: vision-only {:.1} %, cross-modal {:.1} % ({trials} trials)",
+            p.vision_only * 100.0,
+            p.cross_modal * 100.0
+        );
         if o.shots.contains(&k) {
             points.push(p);
         }
@@ -294,7 +337,16 @@ pub fn adapt(teacher_dir: &Path, train_dir: &Path, out: &Path, o: &AdaptOptions,
         ("vision-only".to_string(), points.iter().map(|p| (p.shots as f64, p.vision_only)).collect()),
         ("cross-modal".to_string(), points.iter().map(|p| (p.shots as f64, p.cross_modal)).collect()),
     ];
-    plot::warn_on_error(&png, plot::plot_lines(&png, &format!("few-shot adaptation on {split} actions"), "shots per label (K)", "top-1", &series));
+    plot::warn_on_error(
+        &png,
+        plot::plot_lines(
+            &png,
+            &format!("few-shot adaptation on {split} actions"),
+            "shots per label (K)",
+            "top-1",
+            &series,
+        ),
+    );
     ensure!(!points.is_empty(), "no --shots given");
     Ok(points)
 }

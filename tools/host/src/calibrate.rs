@@ -202,12 +202,26 @@ pub fn calibrate(
     let mut recordings = Vec::new();
     for &seed in &o.seeds {
         progress(&format!("recording {} s of {} stream {seed}", o.seconds, o.split));
-        recordings.push(record(bundle, labels, SyntheticSource { seed, split: o.split }, o.seconds, false, &mut |_, _| {})?);
+        recordings.push(record(
+            bundle,
+            labels,
+            SyntheticSource { seed, split: o.split },
+            o.seconds,
+            false,
+            &mut |_, _| {},
+        )?);
     }
     let mut idle = Vec::new();
     for &seed in &o.idle_seeds {
         progress(&format!("recording {} s of idle stream {seed}", o.idle_seconds));
-        idle.push(record(bundle, labels, SyntheticSource { seed, split: Split::Idle }, o.idle_seconds, false, &mut |_, _| {})?);
+        idle.push(record(
+            bundle,
+            labels,
+            SyntheticSource { seed, split: Split::Idle },
+            o.idle_seconds,
+            false,
+            &mut |_, _| {},
+        )?);
     }
     // Labels with clips need enough instances to measure a precision on.
     let mut instances = vec![0usize; n];
@@ -273,7 +287,13 @@ pub fn calibrate(
                     let meets = |t: usize| tallies[t][l].precision().is_some_and(|p| p >= o.target_precision);
                     let t = (0..THRESHOLDS.len()).find(|&t| meets(t)).unwrap_or_else(|| {
                         (0..THRESHOLDS.len())
-                            .max_by(|&a, &b| tallies[a][l].precision().unwrap_or(0.0).total_cmp(&tallies[b][l].precision().unwrap_or(0.0)).then(b.cmp(&a)))
+                            .max_by(|&a, &b| {
+                                tallies[a][l]
+                                    .precision()
+                                    .unwrap_or(0.0)
+                                    .total_cmp(&tallies[b][l].precision().unwrap_or(0.0))
+                                    .then(b.cmp(&a))
+                            })
                             .unwrap_or(THRESHOLDS.len() - 1)
                     });
                     thresholds[l] = Some(THRESHOLDS[t]);
@@ -447,7 +467,8 @@ pub fn run_calibrate(a: &CalibrateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     set.save_atomic(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     if let Some(p) = &a.report {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     println!(
         "scale {:.1}, smoothing {} ms, min duration {} ms; version {} written to {}",
@@ -458,7 +479,10 @@ pub fn run_calibrate(a: &CalibrateArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     let pct = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |x| format!("{:.1} %", x * 100.0));
-    println!("  {:<20} {:<10} {:>9} {:>9} {:>9} {:>8}", "label", "kind", "threshold", "instances", "precision", "recall");
+    println!(
+        "  {:<20} {:<10} {:>9} {:>9} {:>9} {:>8}",
+        "label", "kind", "threshold", "instances", "precision", "recall"
+    );
     for l in &report.labels {
         println!(
             "  {:<20} {:<10} {:>9} {:>9} {:>9} {:>8}{}",

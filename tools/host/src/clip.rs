@@ -245,8 +245,7 @@ fn merged_sub_config<T: Default + for<'de> Deserialize<'de> + FieldNames>(
         }
         tracing::debug!("{}: using legacy `{dict_key}` (overrides `{key}`)", path.display());
     }
-    serde_json::from_value(Value::Object(merged))
-        .with_context(|| format!("{}: cannot read `{key}`", path.display()))
+    serde_json::from_value(Value::Object(merged)).with_context(|| format!("{}: cannot read `{key}`", path.display()))
 }
 
 /// Field names of a raw sub-config (those a `_config_dict` resets to their defaults).
@@ -292,15 +291,13 @@ impl ClipConfig {
     /// Reads `config.json` from a checkpoint folder.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading CLIP config {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading CLIP config {}", path.display()))?;
         Self::from_json(&text, &path)
     }
 
     /// Parses a `CLIPModel` config; `path` is only used in error messages.
     pub fn from_json(json: &str, path: &Path) -> anyhow::Result<Self> {
-        let root: Value = serde_json::from_str(json)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let root: Value = serde_json::from_str(json).with_context(|| format!("{}: not valid JSON", path.display()))?;
         let Value::Object(root) = root else {
             bail!("{}: expected a JSON object", path.display());
         };
@@ -325,13 +322,11 @@ impl ClipConfig {
         };
         let projection_dim = match root.get("projection_dim") {
             None | Some(Value::Null) => 512,
-            Some(v) => v
-                .as_u64()
-                .with_context(|| format!("{}: projection_dim must be an integer", path.display()))?
-                as usize,
+            Some(v) => {
+                v.as_u64().with_context(|| format!("{}: projection_dim must be an integer", path.display()))? as usize
+            }
         };
-        let logit_scale_init_value =
-            root.get("logit_scale_init_value").and_then(Value::as_f64).unwrap_or(2.6592);
+        let logit_scale_init_value = root.get("logit_scale_init_value").and_then(Value::as_f64).unwrap_or(2.6592);
         let cfg = ClipConfig {
             text: ClipTextConfig {
                 vocab_size: text.vocab_size,
@@ -376,11 +371,7 @@ impl ClipConfig {
         heads("vision", self.vision.hidden_size, self.vision.num_attention_heads)?;
         let v = &self.vision;
         if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
-            bail!(
-                "{p}: vision_config.image_size {} is not a multiple of patch_size {}",
-                v.image_size,
-                v.patch_size
-            );
+            bail!("{p}: vision_config.image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size);
         }
         if self.projection_dim == 0 || self.text.max_position_embeddings < 2 {
             bail!("{p}: projection_dim and text_config.max_position_embeddings must be positive");
@@ -442,19 +433,18 @@ impl CheckpointWeights {
         let (files, primary) = if single.is_file() {
             (vec![single.clone()], single)
         } else if index.is_file() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("reading {}", index.display()))?;
-            let v: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+            let v: Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)
                 .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
             let mut files: Vec<PathBuf> = Vec::new();
             for f in map.values() {
-                let f = f.as_str().with_context(|| {
-                    format!("{}: `weight_map` values must be file names", index.display())
-                })?;
+                let f = f
+                    .as_str()
+                    .with_context(|| format!("{}: `weight_map` values must be file names", index.display()))?;
                 let p = dir.join(f);
                 if !files.contains(&p) {
                     files.push(p);
@@ -491,8 +481,8 @@ impl CheckpointWeights {
         let mut owner = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             // SAFETY: as above.
-            let one = unsafe { MmapedSafetensors::new(f) }
-                .with_context(|| format!("reading safetensors {}", f.display()))?;
+            let one =
+                unsafe { MmapedSafetensors::new(f) }.with_context(|| format!("reading safetensors {}", f.display()))?;
             for (name, _) in one.tensors() {
                 owner.insert(name, i);
             }
@@ -541,10 +531,7 @@ impl CheckpointWeights {
             )));
         }
         let t = self.st.load(name, &Device::Cpu).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{}: cannot read tensor `{name}`: {e}",
-                self.file_of(name).display()
-            ))
+            candle_core::Error::Msg(format!("{}: cannot read tensor `{name}`: {e}", self.file_of(name).display()))
         })?;
         if !t.dtype().is_float() {
             return Err(candle_core::Error::Msg(format!(
@@ -701,11 +688,7 @@ pub struct ClipMlp {
 
 impl ClipMlp {
     fn new(hidden: usize, inter: usize, activation: Activation, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            fc1: linear(hidden, inter, vb.pp("fc1"))?,
-            fc2: linear(inter, hidden, vb.pp("fc2"))?,
-            activation,
-        })
+        Ok(Self { fc1: linear(hidden, inter, vb.pp("fc1"))?, fc2: linear(inter, hidden, vb.pp("fc2"))?, activation })
     }
 }
 
@@ -786,13 +769,8 @@ pub struct ClipTextEmbeddings {
 impl ClipTextEmbeddings {
     fn new(c: &ClipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let token = vb.pp("token_embedding").get((c.vocab_size, c.hidden_size), "weight")?;
-        let position = vb
-            .pp("position_embedding")
-            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
-        Ok(Self {
-            token_embedding: Embedding::new(token, c.hidden_size),
-            position_embedding: position,
-        })
+        let position = vb.pp("position_embedding").get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        Ok(Self { token_embedding: Embedding::new(token, c.hidden_size), position_embedding: position })
     }
 
     fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -919,11 +897,8 @@ pub struct ClipVisionEmbeddings {
 impl ClipVisionEmbeddings {
     fn new(c: &ClipVisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let class_embedding = vb.get(c.hidden_size, "class_embedding")?;
-        let w = vb
-            .pp("patch_embedding")
-            .get((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), "weight")?;
-        let position_embedding =
-            vb.pp("position_embedding").get((c.num_positions(), c.hidden_size), "weight")?;
+        let w = vb.pp("patch_embedding").get((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), "weight")?;
+        let position_embedding = vb.pp("position_embedding").get((c.num_positions(), c.hidden_size), "weight")?;
         Ok(Self { class_embedding, patch_embedding: w, position_embedding })
     }
 
@@ -1042,11 +1017,7 @@ impl ClipModel {
             text_model: ClipTextTransformer::new(&c.text, vb.pp("text_model"))?,
             vision_model: ClipVisionTransformer::new(&c.vision, vb.pp("vision_model"))?,
             text_projection: linear_no_bias(c.text.hidden_size, c.projection_dim, vb.pp("text_projection"))?,
-            visual_projection: linear_no_bias(
-                c.vision.hidden_size,
-                c.projection_dim,
-                vb.pp("visual_projection"),
-            )?,
+            visual_projection: linear_no_bias(c.vision.hidden_size, c.projection_dim, vb.pp("visual_projection"))?,
             logit_scale,
             config: c.clone(),
         })

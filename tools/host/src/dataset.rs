@@ -71,10 +71,7 @@ pub enum DatasetError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
-    move |source| DatasetError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| DatasetError::Io { path: path.to_path_buf(), source }
 }
 
 /// A labelled collection of clips that can be loaded as frames.
@@ -165,15 +162,11 @@ pub struct VideoDataset {
     pub clips: Vec<ClipEntry>,
 }
 
-const VIDEO_EXTENSIONS: &[&str] = &[
-    "mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "ogv", "3gp",
-];
+const VIDEO_EXTENSIONS: &[&str] = &["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "ogv", "3gp"];
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
 fn has_extension(path: &Path, exts: &[&str]) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 /// Sort key comparing digit runs by value: `frame2` < `frame10`.
@@ -206,17 +199,13 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(io_err(dir))?;
-    entries
-        .sort_by_cached_key(|p| natural_key(&p.file_name().unwrap_or_default().to_string_lossy()));
+    entries.sort_by_cached_key(|p| natural_key(&p.file_name().unwrap_or_default().to_string_lossy()));
     Ok(entries)
 }
 
 /// The frame images in `dir`, in natural order.
 fn frame_files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
-    Ok(sorted_entries(dir)?
-        .into_iter()
-        .filter(|p| p.is_file() && has_extension(p, IMAGE_EXTENSIONS))
-        .collect())
+    Ok(sorted_entries(dir)?.into_iter().filter(|p| p.is_file() && has_extension(p, IMAGE_EXTENSIONS)).collect())
 }
 
 /// Splits a class name into lower-case words: `ApplyEyeMakeup` → `apply eye makeup`,
@@ -237,9 +226,7 @@ pub fn class_words(name: &str) -> String {
         let next = chars.get(i + 1).copied();
         let boundary = c.is_uppercase()
             && prev.is_some_and(|p| {
-                p.is_lowercase()
-                    || p.is_ascii_digit()
-                    || (p.is_uppercase() && next.is_some_and(|n| n.is_lowercase()))
+                p.is_lowercase() || p.is_ascii_digit() || (p.is_uppercase() && next.is_some_and(|n| n.is_lowercase()))
             });
         if boundary && !current.is_empty() {
             words.push(std::mem::take(&mut current));
@@ -262,21 +249,12 @@ pub enum Part {
 }
 
 impl VideoDataset {
-    fn new(
-        origin: String,
-        raw_classes: Vec<String>,
-        clips: Vec<ClipEntry>,
-    ) -> Result<Self, DatasetError> {
+    fn new(origin: String, raw_classes: Vec<String>, clips: Vec<ClipEntry>) -> Result<Self, DatasetError> {
         if clips.is_empty() {
             return Err(DatasetError::Empty(origin));
         }
         let classes = raw_classes.iter().map(|c| class_words(c)).collect();
-        Ok(VideoDataset {
-            origin,
-            raw_classes,
-            classes,
-            clips,
-        })
+        Ok(VideoDataset { origin, raw_classes, classes, clips })
     }
 
     /// A folder dataset: `root/<class>/<clip>` where a clip is a folder of JPEG/PNG frames or a
@@ -294,27 +272,15 @@ impl VideoDataset {
                         tracing::warn!("{}: no JPEG/PNG frames, skipped", entry.display());
                         continue;
                     }
-                    clips.push(ClipEntry {
-                        data: ClipData::Frames { dir: entry, files },
-                        label,
-                    });
+                    clips.push(ClipEntry { data: ClipData::Frames { dir: entry, files }, label });
                     any = true;
                 } else if has_extension(&entry, VIDEO_EXTENSIONS) {
-                    clips.push(ClipEntry {
-                        data: ClipData::Video(entry),
-                        label,
-                    });
+                    clips.push(ClipEntry { data: ClipData::Video(entry), label });
                     any = true;
                 }
             }
             if any {
-                raw_classes.push(
-                    class_dir
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
+                raw_classes.push(class_dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
             }
         }
         Self::new(root.display().to_string(), raw_classes, clips)
@@ -324,16 +290,9 @@ impl VideoDataset {
     /// (`classInd.txt`, `trainlist0{fold}.txt`, `testlist0{fold}.txt`). `classInd.txt` numbers
     /// classes from 1; train lists carry that number, test lists don't (the class comes from the
     /// folder). Class ids are the 0-based `classInd` order.
-    pub fn ucf101(
-        videos: &Path,
-        splits: &Path,
-        fold: u8,
-        part: Part,
-    ) -> Result<Self, DatasetError> {
+    pub fn ucf101(videos: &Path, splits: &Path, fold: u8, part: Part) -> Result<Self, DatasetError> {
         if !(1..=3).contains(&fold) {
-            return Err(DatasetError::Invalid(format!(
-                "UCF101 fold must be 1, 2 or 3, not {fold}"
-            )));
+            return Err(DatasetError::Invalid(format!("UCF101 fold must be 1, 2 or 3, not {fold}")));
         }
         let ind_path = splits.join("classInd.txt");
         let text = std::fs::read_to_string(&ind_path).map_err(io_err(&ind_path))?;
@@ -344,17 +303,11 @@ impl VideoDataset {
             if line.is_empty() {
                 continue;
             }
-            let bad = |message: String| DatasetError::Annotation {
-                path: ind_path.clone(),
-                line: n + 1,
-                message,
-            };
+            let bad = |message: String| DatasetError::Annotation { path: ind_path.clone(), line: n + 1, message };
             let (num, name) = line
                 .split_once(char::is_whitespace)
                 .ok_or_else(|| bad(format!("expected `<number> <ClassName>`, got {line:?}")))?;
-            let num: usize = num
-                .parse()
-                .map_err(|_| bad(format!("class number {num:?} is not a number")))?;
+            let num: usize = num.parse().map_err(|_| bad(format!("class number {num:?} is not a number")))?;
             if num != raw_classes.len() + 1 {
                 return Err(bad(format!(
                     "class numbers must count up from 1; expected {}, got {num}",
@@ -375,35 +328,22 @@ impl VideoDataset {
             if line.is_empty() {
                 continue;
             }
-            let bad = |message: String| DatasetError::Annotation {
-                path: list_path.clone(),
-                line: n + 1,
-                message,
-            };
+            let bad = |message: String| DatasetError::Annotation { path: list_path.clone(), line: n + 1, message };
             let mut fields = line.split_whitespace();
             let rel = fields.next().unwrap_or_default();
             let folder = rel
                 .split_once('/')
                 .map(|(c, _)| c)
                 .ok_or_else(|| bad(format!("expected `<Class>/<video>`, got {rel:?}")))?;
-            let label = *by_name
-                .get(folder)
-                .ok_or_else(|| bad(format!("class folder {folder:?} is not in classInd.txt")))?;
+            let label =
+                *by_name.get(folder).ok_or_else(|| bad(format!("class folder {folder:?} is not in classInd.txt")))?;
             if let Some(num) = fields.next() {
-                let num: usize = num
-                    .parse()
-                    .map_err(|_| bad(format!("label {num:?} is not a number")))?;
+                let num: usize = num.parse().map_err(|_| bad(format!("label {num:?} is not a number")))?;
                 if num != label + 1 {
-                    return Err(bad(format!(
-                        "label {num} disagrees with the folder {folder:?} (class {})",
-                        label + 1
-                    )));
+                    return Err(bad(format!("label {num} disagrees with the folder {folder:?} (class {})", label + 1)));
                 }
             }
-            clips.push(ClipEntry {
-                data: ClipData::Video(videos.join(rel)),
-                label,
-            });
+            clips.push(ClipEntry { data: ClipData::Video(videos.join(rel)), label });
         }
         Self::new(list_path.display().to_string(), raw_classes, clips)
     }
@@ -411,16 +351,9 @@ impl VideoDataset {
     /// HMDB51: videos in `videos/<class>/<video>.avi`, annotations in `splits` as one file per
     /// class and fold, `<class>_test_split{fold}.txt`, lines `<video>.avi <tag>` with tag 1 =
     /// train, 2 = test, 0 = unused. Classes are the class names of those files, sorted.
-    pub fn hmdb51(
-        videos: &Path,
-        splits: &Path,
-        fold: u8,
-        part: Part,
-    ) -> Result<Self, DatasetError> {
+    pub fn hmdb51(videos: &Path, splits: &Path, fold: u8, part: Part) -> Result<Self, DatasetError> {
         if !(1..=3).contains(&fold) {
-            return Err(DatasetError::Invalid(format!(
-                "HMDB51 fold must be 1, 2 or 3, not {fold}"
-            )));
+            return Err(DatasetError::Invalid(format!("HMDB51 fold must be 1, 2 or 3, not {fold}")));
         }
         let suffix = format!("_test_split{fold}.txt");
         let mut files: Vec<(String, PathBuf)> = sorted_entries(splits)?
@@ -433,10 +366,7 @@ impl VideoDataset {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(DatasetError::Empty(format!(
-                "{}: no `<class>{suffix}` files",
-                splits.display()
-            )));
+            return Err(DatasetError::Empty(format!("{}: no `<class>{suffix}` files", splits.display())));
         }
         let want = match part {
             Part::Train => 1,
@@ -451,31 +381,19 @@ impl VideoDataset {
                 if line.is_empty() {
                     continue;
                 }
-                let bad = |message: String| DatasetError::Annotation {
-                    path: path.clone(),
-                    line: n + 1,
-                    message,
-                };
+                let bad = |message: String| DatasetError::Annotation { path: path.clone(), line: n + 1, message };
                 let mut fields = line.split_whitespace();
-                let (Some(video), Some(tag), None) = (fields.next(), fields.next(), fields.next())
-                else {
+                let (Some(video), Some(tag), None) = (fields.next(), fields.next(), fields.next()) else {
                     return Err(bad(format!("expected `<video> <tag>`, got {line:?}")));
                 };
                 let tag: u8 = match tag {
                     "0" => 0,
                     "1" => 1,
                     "2" => 2,
-                    _ => {
-                        return Err(bad(format!(
-                            "tag {tag:?} must be 0 (unused), 1 (train) or 2 (test)"
-                        )))
-                    }
+                    _ => return Err(bad(format!("tag {tag:?} must be 0 (unused), 1 (train) or 2 (test)"))),
                 };
                 if tag == want {
-                    clips.push(ClipEntry {
-                        data: ClipData::Video(videos.join(&class).join(video)),
-                        label,
-                    });
+                    clips.push(ClipEntry { data: ClipData::Video(videos.join(&class).join(video)), label });
                 }
             }
             raw_classes.push(class);
@@ -490,40 +408,23 @@ impl VideoDataset {
     /// down) are skipped with a warning. Classes are the CSV's labels, sorted.
     pub fn kinetics(csv: &Path, videos: &Path, split: Option<&str>) -> Result<Self, DatasetError> {
         let text = std::fs::read_to_string(csv).map_err(io_err(csv))?;
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let bad = |line: usize, message: String| DatasetError::Annotation {
-            path: csv.to_path_buf(),
-            line,
-            message,
-        };
-        let (_, header) = lines
-            .next()
-            .ok_or_else(|| DatasetError::Empty(csv.display().to_string()))?;
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let bad = |line: usize, message: String| DatasetError::Annotation { path: csv.to_path_buf(), line, message };
+        let (_, header) = lines.next().ok_or_else(|| DatasetError::Empty(csv.display().to_string()))?;
         let header = parse_csv_line(header);
         let column = |name: &str| header.iter().position(|h| h.trim() == name);
         let label_col = column("label").ok_or_else(|| {
-            bad(
-                1,
-                "no `label` column (Kinetics test CSVs are unlabelled; use the validation CSV)"
-                    .into(),
-            )
+            bad(1, "no `label` column (Kinetics test CSVs are unlabelled; use the validation CSV)".into())
         })?;
         let id_col = column("youtube_id").ok_or_else(|| bad(1, "no `youtube_id` column".into()))?;
-        let start_col =
-            column("time_start").ok_or_else(|| bad(1, "no `time_start` column".into()))?;
+        let start_col = column("time_start").ok_or_else(|| bad(1, "no `time_start` column".into()))?;
         let end_col = column("time_end").ok_or_else(|| bad(1, "no `time_end` column".into()))?;
         let split_col = column("split");
         let mut rows = Vec::new();
         for (n, line) in lines {
             let fields = parse_csv_line(line);
             if fields.len() != header.len() {
-                return Err(bad(
-                    n + 1,
-                    format!("{} fields, the header has {}", fields.len(), header.len()),
-                ));
+                return Err(bad(n + 1, format!("{} fields, the header has {}", fields.len(), header.len())));
             }
             if let (Some(want), Some(col)) = (split, split_col) {
                 if fields[col].trim() != want {
@@ -557,9 +458,7 @@ impl VideoDataset {
             match candidates.into_iter().find(|p| p.is_file()) {
                 Some(path) => clips.push(ClipEntry {
                     data: ClipData::Video(path),
-                    label: raw_classes
-                        .binary_search(&label)
-                        .expect("label is in the class list"),
+                    label: raw_classes.binary_search(&label).expect("label is in the class list"),
                 }),
                 None => missing += 1,
             }
@@ -619,17 +518,12 @@ impl ClipSource for VideoDataset {
     }
 
     fn load(&self, i: usize, frames: usize, size: u32) -> Result<Vec<Vec<u8>>, DatasetError> {
-        let clip = self.clips.get(i).ok_or(DatasetError::OutOfRange {
-            index: i,
-            len: self.clips.len(),
-        })?;
+        let clip = self.clips.get(i).ok_or(DatasetError::OutOfRange { index: i, len: self.clips.len() })?;
         match &clip.data {
             ClipData::Video(path) => decode_video(path, frames, size),
             ClipData::Frames { files, .. } => {
-                let picked: Vec<PathBuf> = uniform_indices(files.len(), frames)
-                    .into_iter()
-                    .map(|k| files[k].clone())
-                    .collect();
+                let picked: Vec<PathBuf> =
+                    uniform_indices(files.len(), frames).into_iter().map(|k| files[k].clone()).collect();
                 decode_images(&picked, size)
             }
         }
@@ -649,9 +543,7 @@ pub fn uniform_indices(total: usize, frames: usize) -> Vec<usize> {
     if total == 0 {
         return Vec::new();
     }
-    (0..frames)
-        .map(|k| (((2 * k + 1) * total) / (2 * frames)).min(total - 1))
-        .collect()
+    (0..frames).map(|k| (((2 * k + 1) * total) / (2 * frames)).min(total - 1)).collect()
 }
 
 fn check_args(frames: usize, size: u32) -> Result<(), DatasetError> {
@@ -665,9 +557,7 @@ fn check_args(frames: usize, size: u32) -> Result<(), DatasetError> {
 
 /// Arguments for ffmpeg to decode `input` through `filter` to raw RGB24 on stdout.
 fn ffmpeg_args(input: &Path, filter: &str, extra: &[&str]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["-v", "error", "-nostdin", "-i"]
-        .map(OsString::from)
-        .to_vec();
+    let mut args: Vec<OsString> = ["-v", "error", "-nostdin", "-i"].map(OsString::from).to_vec();
     args.push(input.as_os_str().to_owned());
     args.extend(["-an", "-vf", filter, "-vsync", "0"].map(OsString::from));
     args.extend(extra.iter().map(OsString::from));
@@ -675,29 +565,14 @@ fn ffmpeg_args(input: &Path, filter: &str, extra: &[&str]) -> Vec<OsString> {
     args
 }
 
-fn run_tool(
-    tool: &'static str,
-    args: &[impl AsRef<std::ffi::OsStr>],
-    path: &Path,
-) -> Result<Vec<u8>, DatasetError> {
-    let out = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DatasetError::FfmpegMissing { tool },
-            _ => DatasetError::Io {
-                path: PathBuf::from(tool),
-                source: e,
-            },
-        })?;
+fn run_tool(tool: &'static str, args: &[impl AsRef<std::ffi::OsStr>], path: &Path) -> Result<Vec<u8>, DatasetError> {
+    let out = Command::new(tool).args(args).stdin(Stdio::null()).output().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DatasetError::FfmpegMissing { tool },
+        _ => DatasetError::Io { path: PathBuf::from(tool), source: e },
+    })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no message");
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
         return Err(DatasetError::Decode {
             path: path.to_path_buf(),
             message: format!("{tool} failed ({}): {last}", out.status),
@@ -739,14 +614,10 @@ pub fn video_frame_count(path: &Path) -> Result<usize, DatasetError> {
         path,
     )?;
     let text = String::from_utf8_lossy(&out);
-    let count = text
-        .trim()
-        .trim_end_matches(',')
-        .parse::<usize>()
-        .map_err(|_| DatasetError::Decode {
-            path: path.to_path_buf(),
-            message: format!("no video stream (ffprobe said {:?})", text.trim()),
-        })?;
+    let count = text.trim().trim_end_matches(',').parse::<usize>().map_err(|_| DatasetError::Decode {
+        path: path.to_path_buf(),
+        message: format!("no video stream (ffprobe said {:?})", text.trim()),
+    })?;
     if count == 0 {
         return Err(DatasetError::Decode {
             path: path.to_path_buf(),
@@ -758,9 +629,7 @@ pub fn video_frame_count(path: &Path) -> Result<usize, DatasetError> {
 
 /// The ffmpeg filter that resizes the shorter side to `size` (bicubic) and centre-crops.
 fn resize_filter(size: u32) -> String {
-    format!(
-        "scale={size}:{size}:force_original_aspect_ratio=increase:flags=bicubic,crop={size}:{size}"
-    )
+    format!("scale={size}:{size}:force_original_aspect_ratio=increase:flags=bicubic,crop={size}:{size}")
 }
 
 /// Splits ffmpeg's raw RGB output into frames.
@@ -769,10 +638,7 @@ fn split_frames(raw: Vec<u8>, size: u32, path: &Path) -> Result<Vec<Vec<u8>>, Da
     if raw.is_empty() || raw.len() % frame_len != 0 {
         return Err(DatasetError::Decode {
             path: path.to_path_buf(),
-            message: format!(
-                "ffmpeg produced {} bytes, not a whole number of {size}x{size} RGB frames",
-                raw.len()
-            ),
+            message: format!("ffmpeg produced {} bytes, not a whole number of {size}x{size} RGB frames", raw.len()),
         });
     }
     Ok(raw.chunks_exact(frame_len).map(<[u8]>::to_vec).collect())
@@ -788,11 +654,7 @@ pub fn decode_video(path: &Path, frames: usize, size: u32) -> Result<Vec<Vec<u8>
     unique.dedup();
     let select: Vec<String> = unique.iter().map(|i| format!("eq(n\\,{i})")).collect();
     let filter = format!("select={},{}", select.join("+"), resize_filter(size));
-    let decoded = split_frames(
-        run_tool("ffmpeg", &ffmpeg_args(path, &filter, &[]), path)?,
-        size,
-        path,
-    );
+    let decoded = split_frames(run_tool("ffmpeg", &ffmpeg_args(path, &filter, &[]), path)?, size, path);
     let by_unique: Vec<Vec<u8>> = match decoded {
         Ok(f) if f.len() == unique.len() => f,
         // Fewer decodable frames than packets (a damaged or oddly muxed file): decode them all
@@ -800,12 +662,7 @@ pub fn decode_video(path: &Path, frames: usize, size: u32) -> Result<Vec<Vec<u8>
         _ => {
             let args = ffmpeg_args(path, &resize_filter(size), &[]);
             let all = split_frames(run_tool("ffmpeg", &args, path)?, size, path)?;
-            tracing::debug!(
-                "{}: {} packets but {} frames decoded",
-                path.display(),
-                total,
-                all.len()
-            );
+            tracing::debug!("{}: {} packets but {} frames decoded", path.display(), total, all.len());
             let idx = uniform_indices(all.len(), frames);
             return Ok(idx.into_iter().map(|i| all[i].clone()).collect());
         }
@@ -813,13 +670,7 @@ pub fn decode_video(path: &Path, frames: usize, size: u32) -> Result<Vec<Vec<u8>
     // Map back to the requested indices (repeats when the video is shorter than `frames`).
     Ok(wanted
         .iter()
-        .map(|w| {
-            by_unique[unique
-                .iter()
-                .position(|u| u == w)
-                .expect("unique covers wanted")]
-            .clone()
-        })
+        .map(|w| by_unique[unique.iter().position(|u| u == w).expect("unique covers wanted")].clone())
         .collect())
 }
 
@@ -836,11 +687,7 @@ pub fn decode_images(paths: &[PathBuf], size: u32) -> Result<Vec<Vec<u8>>, Datas
             });
         }
         // Repeated files are decoded once.
-        if let Some(prev) = paths
-            .iter()
-            .position(|p| p == path)
-            .filter(|&k| k < out.len())
-        {
+        if let Some(prev) = paths.iter().position(|p| p == path).filter(|&k| k < out.len()) {
             let frame = out[prev].clone();
             out.push(frame);
             continue;
@@ -902,10 +749,7 @@ impl<S: ClipSource> ClipSource for Subset<S> {
         self.source.label(self.indices[i])
     }
     fn load(&self, i: usize, frames: usize, size: u32) -> Result<Vec<Vec<u8>>, DatasetError> {
-        let j = *self.indices.get(i).ok_or(DatasetError::OutOfRange {
-            index: i,
-            len: self.indices.len(),
-        })?;
+        let j = *self.indices.get(i).ok_or(DatasetError::OutOfRange { index: i, len: self.indices.len() })?;
         self.source.load(j, frames, size)
     }
     fn describe(&self, i: usize) -> String {
@@ -961,10 +805,7 @@ impl ClipSource for WorldClips {
     }
     fn load(&self, i: usize, frames: usize, size: u32) -> Result<Vec<Vec<u8>>, DatasetError> {
         if i >= self.len() {
-            return Err(DatasetError::OutOfRange {
-                index: i,
-                len: self.len(),
-            });
+            return Err(DatasetError::OutOfRange { index: i, len: self.len() });
         }
         check_args(frames, size)?;
         let (action, seed) = self.clip(i);
@@ -972,10 +813,7 @@ impl ClipSource for WorldClips {
     }
     fn describe(&self, i: usize) -> String {
         let (action, seed) = self.clip(i);
-        format!(
-            "synthetic:{} {} seed={seed}",
-            self.split, ACTIONS[action].name
-        )
+        format!("synthetic:{} {} seed={seed}", self.split, ACTIONS[action].name)
     }
 }
 
@@ -992,18 +830,15 @@ impl ClipSource for WorldClips {
 /// Paths may not contain commas. `part` defaults to `train`.
 pub fn open_source(spec: &str) -> Result<Box<dyn ClipSource + Send + Sync>, DatasetError> {
     let invalid = |msg: String| DatasetError::Invalid(format!("data spec {spec:?}: {msg}"));
-    let (kind, rest) = spec.split_once(':').ok_or_else(|| {
-        invalid("expected KIND:..., KIND one of folder, ucf101, hmdb51, kinetics, synthetic".into())
-    })?;
+    let (kind, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| invalid("expected KIND:..., KIND one of folder, ucf101, hmdb51, kinetics, synthetic".into()))?;
     let mut positional = None;
     let mut options = BTreeMap::new();
     for (n, item) in rest.split(',').map(str::trim).enumerate() {
         match item.split_once('=') {
             Some((k, v)) => {
-                if options
-                    .insert(k.trim().to_string(), v.trim().to_string())
-                    .is_some()
-                {
+                if options.insert(k.trim().to_string(), v.trim().to_string()).is_some() {
                     return Err(invalid(format!("{k} given twice")));
                 }
             }
@@ -1020,27 +855,12 @@ pub fn open_source(spec: &str) -> Result<Box<dyn ClipSource + Send + Sync>, Data
         _ => return Err(invalid(format!("unknown dataset kind {kind:?}"))),
     };
     if let Some(k) = options.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(invalid(format!(
-            "unknown option {k:?} for {kind} (allowed: {})",
-            allowed.join(", ")
-        )));
+        return Err(invalid(format!("unknown option {k:?} for {kind} (allowed: {})", allowed.join(", "))));
     }
-    let path = || {
-        positional
-            .clone()
-            .ok_or_else(|| invalid(format!("{kind} needs a path: {kind}:PATH,...")))
-    };
-    let required = |k: &str| {
-        options
-            .get(k)
-            .cloned()
-            .ok_or_else(|| invalid(format!("{kind} needs {k}=...")))
-    };
+    let path = || positional.clone().ok_or_else(|| invalid(format!("{kind} needs a path: {kind}:PATH,...")));
+    let required = |k: &str| options.get(k).cloned().ok_or_else(|| invalid(format!("{kind} needs {k}=...")));
     let number = |k: &str, default: u64| -> Result<u64, DatasetError> {
-        options.get(k).map_or(Ok(default), |v| {
-            v.parse()
-                .map_err(|_| invalid(format!("{k}={v} is not a number")))
-        })
+        options.get(k).map_or(Ok(default), |v| v.parse().map_err(|_| invalid(format!("{k}={v} is not a number"))))
     };
     let part = || match options.get("part").map(String::as_str) {
         None | Some("train") => Ok(Part::Train),
@@ -1052,18 +872,8 @@ pub fn open_source(spec: &str) -> Result<Box<dyn ClipSource + Send + Sync>, Data
     };
     Ok(match kind {
         "folder" => Box::new(VideoDataset::folder(&path()?)?),
-        "ucf101" => Box::new(VideoDataset::ucf101(
-            &path()?,
-            Path::new(&required("splits")?),
-            fold()?,
-            part()?,
-        )?),
-        "hmdb51" => Box::new(VideoDataset::hmdb51(
-            &path()?,
-            Path::new(&required("splits")?),
-            fold()?,
-            part()?,
-        )?),
+        "ucf101" => Box::new(VideoDataset::ucf101(&path()?, Path::new(&required("splits")?), fold()?, part()?)?),
+        "hmdb51" => Box::new(VideoDataset::hmdb51(&path()?, Path::new(&required("splits")?), fold()?, part()?)?),
         "kinetics" => Box::new(VideoDataset::kinetics(
             &path()?,
             Path::new(&required("videos")?),
@@ -1073,11 +883,8 @@ pub fn open_source(spec: &str) -> Result<Box<dyn ClipSource + Send + Sync>, Data
             if positional.is_some() {
                 return Err(invalid("synthetic takes no path".into()));
             }
-            let split: Split = required("split")?
-                .parse()
-                .map_err(|e: world::UnknownSplit| invalid(e.to_string()))?;
-            let clips = usize::try_from(number("clips", 50)?)
-                .map_err(|_| invalid("clips is too large".into()))?;
+            let split: Split = required("split")?.parse().map_err(|e: world::UnknownSplit| invalid(e.to_string()))?;
+            let clips = usize::try_from(number("clips", 50)?).map_err(|_| invalid("clips is too large".into()))?;
             Box::new(WorldClips::new(split, number("seed", 0)?, clips))
         }
     })

@@ -77,8 +77,18 @@ impl DefaultSchedule for DistillOptions {
 
 /// Distils a student from the teacher in `teacher_dir` into `out` (a student folder:
 /// `student.json`, `model.safetensors`, plus history and curves). Returns the history.
-pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
-    ensure!(o.schedule.batch_size > 0 && o.schedule.steps > 0 && o.clips_per_action > 0, "need a batch, steps and clips");
+pub fn distill(
+    teacher_dir: &Path,
+    out: &Path,
+    o: &DistillOptions,
+    resume: bool,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<History> {
+    ensure!(
+        o.schedule.batch_size > 0 && o.schedule.steps > 0 && o.clips_per_action > 0,
+        "need a batch, steps and clips"
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let teacher = Teacher::load(teacher_dir, device)?;
     let tc = teacher.model.config.clone();
@@ -132,7 +142,8 @@ pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool,
     let teacher_choice = targets.matmul(&anchors.t()?)?.argmax(D::Minus1)?;
 
     // Train every student parameter except f_v (trained by `train`; it has no teacher target).
-    let mut opt = AdamW::new(decay_groups(crate::student::tower_vars(&varmap)?, o.schedule.weight_decay), AdamConfig::default())?;
+    let mut opt =
+        AdamW::new(decay_groups(crate::student::tower_vars(&varmap)?, o.schedule.weight_decay), AdamConfig::default())?;
     let settings = serde_json::json!({"options": o, "teacher": teacher.space_id});
     let ckpt = out.join("checkpoint");
 
@@ -179,7 +190,11 @@ pub fn distill(teacher_dir: &Path, out: &Path, o: &DistillOptions, resume: bool,
         fn evaluate(&mut self, step: u64, history: &mut History) -> anyhow::Result<String> {
             let a = self.agreement.0 / self.agreement.1.max(1) as f64;
             self.agreement = (0.0, 0);
-            history.evals.push(EvalPoint { step, metric: "agreement with the teacher's label choice".into(), value: a });
+            history.evals.push(EvalPoint {
+                step,
+                metric: "agreement with the teacher's label choice".into(),
+                value: a,
+            });
             Ok(format!("agree {a:.3}"))
         }
     }

@@ -118,9 +118,8 @@ pub fn encode_images(teacher: &Teacher, pixels: &Tensor, batch_size: usize) -> a
         let run = || -> candle_core::Result<(Tensor, Tensor, Tensor)> {
             let x = pixels.narrow(0, start, n)?.to_dtype(DType::F32)?.to_device(&teacher.device)?;
             let out = model.vision_model.forward(&x)?;
-            let tokens = model
-                .visual_projection
-                .forward(&model.vision_model.post_layernorm(&out.last_hidden_state)?)?;
+            let tokens =
+                model.visual_projection.forward(&model.vision_model.post_layernorm(&out.last_hidden_state)?)?;
             let pooled = model.visual_projection.forward(&out.pooled)?;
             Ok((
                 out.last_hidden_state.to_device(&Device::Cpu)?,

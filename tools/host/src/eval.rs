@@ -59,8 +59,21 @@ pub struct FullReport {
     pub adapt: Option<Vec<AdaptPoint>>,
 }
 
-fn run(bundle: &Bundle, split: Split, seed: u64, clips: usize, interactions: Vec<Interaction>, candidates: Candidates, int8: bool, progress: bool) -> anyhow::Result<Vec<EvalReport>> {
-    let bar = if progress { crate::train::progress_bar(clips as u64, &format!("eval {split}{}", if int8 { " int8" } else { "" })) } else { indicatif::ProgressBar::hidden() };
+fn run(
+    bundle: &Bundle,
+    split: Split,
+    seed: u64,
+    clips: usize,
+    interactions: Vec<Interaction>,
+    candidates: Candidates,
+    int8: bool,
+    progress: bool,
+) -> anyhow::Result<Vec<EvalReport>> {
+    let bar = if progress {
+        crate::train::progress_bar(clips as u64, &format!("eval {split}{}", if int8 { " int8" } else { "" }))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let opts = EvalOptions { source: SyntheticSource { seed, split }, clips, interactions, candidates, int8 };
     let r = evaluate(bundle, &opts, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
@@ -68,16 +81,34 @@ fn run(bundle: &Bundle, split: Split, seed: u64, clips: usize, interactions: Vec
 }
 
 /// Runs the evaluation of `bundle_dir` and writes the report into `out`.
-pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path>, adapt: Option<&Path>, progress: bool) -> anyhow::Result<FullReport> {
+pub fn eval(
+    bundle_dir: &Path,
+    out: &Path,
+    s: &EvalSettings,
+    train: Option<&Path>,
+    adapt: Option<&Path>,
+    progress: bool,
+) -> anyhow::Result<FullReport> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let bundle = Bundle::open(bundle_dir).with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
     let train: Option<TrainReport> = train
-        .map(|p| -> anyhow::Result<_> { Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?) })
+        .map(|p| -> anyhow::Result<_> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?)
+        })
         .transpose()?;
     let adapt: Option<Vec<AdaptPoint>> = adapt
-        .map(|p| -> anyhow::Result<_> { Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?) })
+        .map(|p| -> anyhow::Result<_> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?)
+        })
         .transpose()?;
-    let mut report = FullReport { bundle: bundle_dir.display().to_string(), results: vec![], all_labels: vec![], shipped: vec![], train, adapt };
+    let mut report = FullReport {
+        bundle: bundle_dir.display().to_string(),
+        results: vec![],
+        all_labels: vec![],
+        shipped: vec![],
+        train,
+        adapt,
+    };
     let mut all = vec![Interaction::MeanPooling, Interaction::TokenWise, Interaction::WeightedTokenWise];
     // The head the device runs: plain WTI, or WTI + temporal when the bundle ships the head.
     let device_head = if bundle.temporal_path().is_some() {
@@ -90,15 +121,42 @@ pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path
         let r = run(&bundle, split, s.seed, s.clips, all.clone(), Candidates::Split, false, progress)?;
         let head = r.iter().find(|x| x.interaction == device_head.name()).expect("the device's head evaluated");
         let png = out.join(format!("confusion_{split}.png"));
-        plot::warn_on_error(&png, plot::plot_confusion(&png, &format!("{split}: {}, top-1 {:.1} %", head_title(&head.interaction), head.top1 * 100.0), &head.labels, &head.confusion));
-        let line: Vec<String> = r.iter().map(|x| format!("{} {:.1} %", head_title(&x.interaction), x.top1 * 100.0)).collect();
+        plot::warn_on_error(
+            &png,
+            plot::plot_confusion(
+                &png,
+                &format!("{split}: {}, top-1 {:.1} %", head_title(&head.interaction), head.top1 * 100.0),
+                &head.labels,
+                &head.confusion,
+            ),
+        );
+        let line: Vec<String> =
+            r.iter().map(|x| format!("{} {:.1} %", head_title(&x.interaction), x.top1 * 100.0)).collect();
         tracing::info!("{split}: {}", line.join(", "));
         report.results.extend(r);
         if s.all_labels {
-            report.all_labels.extend(run(&bundle, split, s.seed, s.clips, vec![device_head], Candidates::All, false, progress)?);
+            report.all_labels.extend(run(
+                &bundle,
+                split,
+                s.seed,
+                s.clips,
+                vec![device_head],
+                Candidates::All,
+                false,
+                progress,
+            )?);
         }
         if bundle.manifest.encoder.int8_file.is_some() {
-            report.shipped.extend(run(&bundle, split, s.seed, s.clips, vec![device_head], Candidates::Split, true, progress)?);
+            report.shipped.extend(run(
+                &bundle,
+                split,
+                s.seed,
+                s.clips,
+                vec![device_head],
+                Candidates::Split,
+                true,
+                progress,
+            )?);
         }
     }
     // Charts.
@@ -107,18 +165,36 @@ pub fn eval(bundle_dir: &Path, out: &Path, s: &EvalSettings, train: Option<&Path
         .iter()
         .map(|i| {
             let i = i.name();
-            (head_title(i).to_string(), s.splits.iter().map(|sp| report.results.iter().find(|r| r.interaction == i && r.split == sp.to_string()).map_or(0.0, |r| r.top1)).collect())
+            (
+                head_title(i).to_string(),
+                s.splits
+                    .iter()
+                    .map(|sp| {
+                        report
+                            .results
+                            .iter()
+                            .find(|r| r.interaction == i && r.split == sp.to_string())
+                            .map_or(0.0, |r| r.top1)
+                    })
+                    .collect(),
+            )
         })
         .collect();
     let png = out.join("ablation_interaction.png");
-    plot::warn_on_error(&png, plot::plot_bars(&png, "top-1 of the shipped bundle by interaction head", "top-1", &cats, &series));
+    plot::warn_on_error(
+        &png,
+        plot::plot_bars(&png, "top-1 of the shipped bundle by interaction head", "top-1", &cats, &series),
+    );
     if let Some(points) = &report.adapt {
         let png = out.join("adapt_kshot.png");
         let series = vec![
             ("vision-only".to_string(), points.iter().map(|p| (p.shots as f64, p.vision_only)).collect()),
             ("cross-modal".to_string(), points.iter().map(|p| (p.shots as f64, p.cross_modal)).collect()),
         ];
-        plot::warn_on_error(&png, plot::plot_lines(&png, "few-shot adaptation (zero-shot actions)", "shots per label (K)", "top-1", &series));
+        plot::warn_on_error(
+            &png,
+            plot::plot_lines(&png, "few-shot adaptation (zero-shot actions)", "shots per label (K)", "top-1", &series),
+        );
     }
     std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)? + "\n")?;
     std::fs::write(out.join("EVAL.md"), markdown(&report, s))?;
@@ -164,10 +240,25 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
         if let (Some(a), Some(b), Some(c)) = (get("mean"), get("ti"), get("wti")) {
             match get("wti-temporal") {
                 Some(t) => {
-                    let _ = writeln!(m, "| {split} | {} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(t.top1), pct(t.top5));
+                    let _ = writeln!(
+                        m,
+                        "| {split} | {} | {} | {} | {} | {} |",
+                        pct(a.top1),
+                        pct(b.top1),
+                        pct(c.top1),
+                        pct(t.top1),
+                        pct(t.top5)
+                    );
                 }
                 None => {
-                    let _ = writeln!(m, "| {split} | {} | {} | {} | {} |", pct(a.top1), pct(b.top1), pct(c.top1), pct(c.top5));
+                    let _ = writeln!(
+                        m,
+                        "| {split} | {} | {} | {} | {} |",
+                        pct(a.top1),
+                        pct(b.top1),
+                        pct(c.top1),
+                        pct(c.top5)
+                    );
                 }
             }
         }
@@ -182,7 +273,11 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
     }
     let device_head = if temporal { "wti-temporal" } else { "wti" };
     if !r.all_labels.is_empty() {
-        let _ = writeln!(m, "\n## {} with every label as candidate (what a running device chooses among)\n", head_title(device_head));
+        let _ = writeln!(
+            m,
+            "\n## {} with every label as candidate (what a running device chooses among)\n",
+            head_title(device_head)
+        );
         let _ = writeln!(m, "| split | top-1 | top-5 |\n|---|---|---|");
         for x in &r.all_labels {
             let _ = writeln!(m, "| {} | {} | {} |", x.split, pct(x.top1), pct(x.top5));
@@ -193,17 +288,29 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
         let _ = writeln!(m, "| split | f32 | int8 | difference |\n|---|---|---|---|");
         for x in &r.shipped {
             if let Some(f) = r.results.iter().find(|y| y.interaction == x.interaction && y.split == x.split) {
-                let _ = writeln!(m, "| {} | {} | {} | {:+.1} points |", x.split, pct(f.top1), pct(x.top1), (x.top1 - f.top1) * 100.0);
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {:+.1} points |",
+                    x.split,
+                    pct(f.top1),
+                    pct(x.top1),
+                    (x.top1 - f.top1) * 100.0
+                );
             }
         }
     }
     if let Some(t) = &r.train {
-        let _ = writeln!(m, "\n## Training-time ablation incl. the temporal extension (`train`'s id clips, candle head)\n");
+        let _ =
+            writeln!(m, "\n## Training-time ablation incl. the temporal extension (`train`'s id clips, candle head)\n");
         let _ = writeln!(m, "| head | id top-1 |\n|---|---|");
         for (v, a) in &t.id_top1 {
             let _ = writeln!(m, "| {} | {} |", v.name(), pct(*a));
         }
-        let _ = writeln!(m, "\nTraining loss of the WTI head: {:.3} (first 10 steps) → {:.3} (last 10).", t.loss_first_last.0, t.loss_first_last.1);
+        let _ = writeln!(
+            m,
+            "\nTraining loss of the WTI head: {:.3} (first 10 steps) → {:.3} (last 10).",
+            t.loss_first_last.0, t.loss_first_last.1
+        );
     }
     if let Some(points) = &r.adapt {
         let _ = writeln!(m, "\n## Few-shot adaptation on the held-out actions (K clips per label)\n");
@@ -214,7 +321,12 @@ pub fn markdown(r: &FullReport, s: &EvalSettings) -> String {
     }
     let _ = writeln!(m, "\n## Per-class top-1 ({}, f32)\n", head_title(device_head));
     for x in r.results.iter().filter(|x| x.interaction == device_head) {
-        let _ = writeln!(m, "**{}**: {}\n", x.split, x.per_class.iter().map(|c| format!("{} {}", c.label, pct(c.top1))).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            m,
+            "**{}**: {}\n",
+            x.split,
+            x.per_class.iter().map(|c| format!("{} {}", c.label, pct(c.top1))).collect::<Vec<_>>().join(", ")
+        );
     }
     let _ = writeln!(m, "Confusion matrices: `confusion_<split>.png`; interaction ablation: `ablation_interaction.png`; K-shot curve: `adapt_kshot.png`.");
     m
@@ -239,7 +351,12 @@ pub struct StreamSettings {
 
 /// Events on a stream per split, as `clipact eval --stream` grades them; writes
 /// `stream_eval.json` and `STREAM_EVAL.md` into `out`, and the timeline when asked.
-pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: bool) -> anyhow::Result<Vec<StreamReport>> {
+pub fn eval_stream(
+    bundle_dir: &Path,
+    out: &Path,
+    s: &StreamSettings,
+    progress: bool,
+) -> anyhow::Result<Vec<StreamReport>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let bundle = Bundle::open(bundle_dir).with_context(|| format!("opening bundle {}", bundle_dir.display()))?;
     let config = Config::default();
@@ -247,10 +364,22 @@ pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: 
     for (i, &split) in s.splits.iter().enumerate() {
         let seconds = if split == Split::Idle { s.idle_seconds } else { s.seconds };
         let frames = (seconds * f64::from(clipact::world::WorldStream::FPS)).round() as u64;
-        let bar = if progress { crate::train::progress_bar(frames, &format!("stream {split}")) } else { indicatif::ProgressBar::hidden() };
-        let recording = record(&bundle, &bundle.labels, SyntheticSource { seed: s.seed, split }, seconds, false, &mut |done, _| bar.set_position(done as u64))?;
+        let bar = if progress {
+            crate::train::progress_bar(frames, &format!("stream {split}"))
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let recording = record(
+            &bundle,
+            &bundle.labels,
+            SyntheticSource { seed: s.seed, split },
+            seconds,
+            false,
+            &mut |done, _| bar.set_position(done as u64),
+        )?;
         bar.finish_and_clear();
-        let plot_frames = if i == 0 && s.plot.is_some() { (s.plot_seconds * recording.fps).round() as usize } else { 0 };
+        let plot_frames =
+            if i == 0 && s.plot.is_some() { (s.plot_seconds * recording.fps).round() as usize } else { 0 };
         let mut smoothed: Vec<Vec<f32>> = Vec::with_capacity(plot_frames);
         let events = replay(&recording, &mut Decisions::new(&bundle.labels, &config), &mut |f, d, _| {
             if f < plot_frames {
@@ -275,8 +404,14 @@ pub fn eval_stream(bundle_dir: &Path, out: &Path, s: &StreamSettings, progress: 
                     right: label_actions[e.label].is_some_and(|a| recording.shows(a, e.frame)),
                 })
                 .collect();
-            let title = format!("{} split, seed {}: truth, smoothed scores, new events (green right, red wrong)", split, s.seed);
-            plot::warn_on_error(path, plot::plot_timeline(path, &title, &recording.labels, recording.fps, &truth, &smoothed, &marks));
+            let title = format!(
+                "{} split, seed {}: truth, smoothed scores, new events (green right, red wrong)",
+                split, s.seed
+            );
+            plot::warn_on_error(
+                path,
+                plot::plot_timeline(path, &title, &recording.labels, recording.fps, &truth, &smoothed, &marks),
+            );
         }
         reports.push(report);
     }
@@ -308,6 +443,8 @@ pub fn stream_markdown(reports: &[StreamReport]) -> String {
             pct(r.window_top1)
         );
     }
-    md.push_str("\nwindow top-1: windows inside one action whose best raw score, among every label, is that action's.\n");
+    md.push_str(
+        "\nwindow top-1: windows inside one action whose best raw score, among every label, is that action's.\n",
+    );
     md
 }

@@ -63,12 +63,13 @@ pub type WeightSource<'a> = dyn Fn(&str, &[usize]) -> anyhow::Result<Tensor> + '
 pub fn tower_graph(spec: &TowerSpec, weights: &WeightSource, head: WeightHead) -> anyhow::Result<GraphBuilder> {
     let v = &spec.vision;
     ensure!(
-        v.patch_size > 0 && v.image_size % v.patch_size == 0 && v.num_attention_heads > 0
+        v.patch_size > 0
+            && v.image_size % v.patch_size == 0
+            && v.num_attention_heads > 0
             && v.hidden_size % v.num_attention_heads == 0,
         "inconsistent tower geometry {v:?}"
     );
-    let shapes: HashMap<String, Vec<usize>> =
-        spec.parameters().into_iter().chain(spec.head_parameters()).collect();
+    let shapes: HashMap<String, Vec<usize>> = spec.parameters().into_iter().chain(spec.head_parameters()).collect();
     let mut net = Net { g: GraphBuilder::new("clipact_encoder"), weights, shapes };
     let (w, heads) = (v.hidden_size as i64, v.num_attention_heads as i64);
     let (grid, patch, d) = (v.grid() as i64, v.patch_size as i64, spec.projection_dim as i64);
@@ -352,7 +353,10 @@ impl Net<'_, '_> {
         let inputs = layers[0].1;
         ensure!(layers.iter().all(|l| l.1 == inputs), "{name}: the fused layers take inputs of different widths");
         if let Some((g, b)) = &affine {
-            ensure!(g.len() == inputs && b.len() == inputs, "{name}: the LayerNorm's width is not the layers' input width");
+            ensure!(
+                g.len() == inputs && b.len() == inputs,
+                "{name}: the LayerNorm's width is not the layers' input width"
+            );
         }
         let outputs: usize = layers.iter().map(|l| l.0).sum();
         // [in, out_total], row-major: column j of the fused weight is output feature j.
@@ -384,7 +388,8 @@ impl Net<'_, '_> {
     /// the following linear layer carries `γ` and `β` (see [`fused_linear`](Self::fused_linear)).
     /// tract drops the multiplication by a uniform 1.
     fn normalize(&mut self, x: &str, prefix: &str, eps: f64) -> anyhow::Result<String> {
-        let width = self.shapes.get(&format!("{prefix}.weight")).with_context(|| format!("`{prefix}` is not a LayerNorm"))?[0];
+        let width =
+            self.shapes.get(&format!("{prefix}.weight")).with_context(|| format!("`{prefix}` is not a LayerNorm"))?[0];
         let ones = format!("const.ones.{width}");
         if !self.shapes.contains_key(&ones) {
             self.shapes.insert(ones.clone(), vec![]);
@@ -628,9 +633,15 @@ pub fn manifest_toml(m: &clipact::bundle::Manifest) -> String {
     t += &format!("space_id = {}\n", toml_str(&m.space_id));
     t += &format!("logit_scale = {}\n", toml_f32(m.logit_scale));
     t += &format!("interaction = {}\n", toml_str(&m.interaction));
-    t += &format!("\n[input]\nsize = {}\nmean = [{}]\nstd = [{}]\n", m.input.size, floats(&m.input.mean), floats(&m.input.std));
+    t += &format!(
+        "\n[input]\nsize = {}\nmean = [{}]\nstd = [{}]\n",
+        m.input.size,
+        floats(&m.input.mean),
+        floats(&m.input.std)
+    );
     t += &format!("\n[window]\nframes = {}\nstride = {}\n", m.window.frames, m.window.stride);
-    t += &format!("\n[encoder]\nfile = {}\nprecision = {}\n", toml_str(&m.encoder.file), toml_str(&m.encoder.precision));
+    t +=
+        &format!("\n[encoder]\nfile = {}\nprecision = {}\n", toml_str(&m.encoder.file), toml_str(&m.encoder.precision));
     if let Some(f) = &m.encoder.int8_file {
         t += &format!("int8_file = {}\n", toml_str(f));
     }
@@ -695,7 +706,9 @@ pub fn command_line() -> String {
 /// The result is opened again with [`clipact::bundle::Bundle::open`] (when it has labels) and
 /// every encoder file is loaded and run once with the device's own loader.
 pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::Result<BundleSummary> {
-    use clipact::bundle::{EncoderSpec, InputSpec, Manifest, Provenance, WindowSpec, LABELS_FILE, MANIFEST_FILE, MANIFEST_FORMAT};
+    use clipact::bundle::{
+        EncoderSpec, InputSpec, Manifest, Provenance, WindowSpec, LABELS_FILE, MANIFEST_FILE, MANIFEST_FORMAT,
+    };
     use clipact::labels::LabelSet;
 
     ensure!(opts.window_frames > 0 && opts.stride > 0, "--window-frames and --stride must be positive");
@@ -719,10 +732,18 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
 
     let (graph, dim, size, own_space, teacher, logit_scale) = match tower {
         Tower::Student(dir) => {
-            let (student, _) = Student::load(dir, &Device::Cpu).with_context(|| format!("loading student {}", dir.display()))?;
+            let (student, _) =
+                Student::load(dir, &Device::Cpu).with_context(|| format!("loading student {}", dir.display()))?;
             let c = student.config();
             let graph = student_graph(&student)?;
-            (graph, c.projection_dim, c.image_size, None, opts.teacher.clone().unwrap_or_else(|| "unknown".into()), None)
+            (
+                graph,
+                c.projection_dim,
+                c.image_size,
+                None,
+                opts.teacher.clone().unwrap_or_else(|| "unknown".into()),
+                None,
+            )
         }
         Tower::Teacher { dir, head } => {
             let config = ClipConfig::from_dir(dir)?;
@@ -784,7 +805,8 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
     let mut int8_bytes = None;
     if opts.int8 {
         let frames = crate::quantize::world_frames(size as u32, opts.check_frames, 0x5eed)?;
-        let (bytes, report, agreement) = crate::quantize::quantize_checked(&f32_bytes, &opts.quantize, &frames, opts.min_cosine)?;
+        let (bytes, report, agreement) =
+            crate::quantize::quantize_checked(&f32_bytes, &opts.quantize, &frames, opts.min_cosine)?;
         write(INT8_ENCODER_FILE, &bytes)?;
         tracing::info!(
             "wrote {} ({:.1} MiB, {:.1} % of f32): {report}\n{}",
@@ -847,7 +869,9 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
         } else {
             opts.interaction.clone()
         },
-        temporal: temporal.as_ref().map(|_| clipact::bundle::TemporalSpec { file: clipact::temporal::TEMPORAL_FILE.into() }),
+        temporal: temporal
+            .as_ref()
+            .map(|_| clipact::bundle::TemporalSpec { file: clipact::temporal::TEMPORAL_FILE.into() }),
         provenance: Provenance {
             teacher,
             data: opts.data.clone(),
@@ -863,7 +887,8 @@ pub fn write_bundle(tower: &Tower, out: &Path, opts: &BundleOptions) -> anyhow::
 
     // Read back what a device reads.
     if labels.is_some() {
-        clipact::bundle::Bundle::open(out).with_context(|| format!("the written bundle {} does not open", out.display()))?;
+        clipact::bundle::Bundle::open(out)
+            .with_context(|| format!("the written bundle {} does not open", out.display()))?;
     }
     let files = std::iter::once(ENCODER_FILE).chain(opts.int8.then_some(INT8_ENCODER_FILE));
     for file in files {
@@ -1017,7 +1042,14 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
     let m = &s.manifest;
     println!("bundle:    {}", a.out.display());
     println!("name:      {}", m.name);
-    println!("encoder:   {} ({:.2} MiB), dim {}, input {}x{}", ENCODER_FILE, s.f32_bytes as f64 / 1048576.0, m.dim, m.input.size, m.input.size);
+    println!(
+        "encoder:   {} ({:.2} MiB), dim {}, input {}x{}",
+        ENCODER_FILE,
+        s.f32_bytes as f64 / 1048576.0,
+        m.dim,
+        m.input.size,
+        m.input.size
+    );
     if let (Some(bytes), Some((report, agreement))) = (s.int8_bytes, &s.int8) {
         let cos = agreement.iter().find(|x| x.name == EMBEDDING).map_or(f32::NAN, |x| x.min_cosine);
         println!(
@@ -1030,7 +1062,12 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(bytes) = s.temporal_bytes {
-        println!("temporal:  {} ({:.1} KiB), interaction {}", clipact::temporal::TEMPORAL_FILE, bytes as f64 / 1024.0, m.interaction);
+        println!(
+            "temporal:  {} ({:.1} KiB), interaction {}",
+            clipact::temporal::TEMPORAL_FILE,
+            bytes as f64 / 1024.0,
+            m.interaction
+        );
     }
     println!("space id:  {}", m.space_id);
     println!("labels:    {}", if s.has_labels { "labels.cls" } else { "none (add labels.cls before running)" });

@@ -23,18 +23,14 @@ use candle_core::{DType, Device, Tensor};
 use clipact::temporal::TemporalWeights;
 
 /// The `f_v` tensors, shared by the encoder and the temporal head.
-pub const FRAME_WEIGHT_TENSORS: [&str; 4] = [
-    "frame_weight.0.weight",
-    "frame_weight.0.bias",
-    "frame_weight.2.weight",
-    "frame_weight.2.bias",
-];
+pub const FRAME_WEIGHT_TENSORS: [&str; 4] =
+    ["frame_weight.0.weight", "frame_weight.0.bias", "frame_weight.2.weight", "frame_weight.2.bias"];
 
 /// The temporal head's tensors of a `head_temporal.safetensors` (or any head file with
 /// `temporal.weight` and `frame_weight.*`) for embeddings of dimension `dim`.
 pub fn load_temporal_head(path: &Path, dim: usize) -> anyhow::Result<(TemporalWeights, HashMap<String, Tensor>)> {
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading the temporal head {}", path.display()))?;
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading the temporal head {}", path.display()))?;
     let get = |name: &str, shape: &[usize]| -> anyhow::Result<Vec<f32>> {
         let t = tensors.get(name).with_context(|| {
             format!(
@@ -42,7 +38,12 @@ pub fn load_temporal_head(path: &Path, dim: usize) -> anyhow::Result<(TemporalWe
                 path.display()
             )
         })?;
-        ensure!(t.dims() == shape, "{}: `{name}` has shape {:?}, expected {shape:?} (D = {dim})", path.display(), t.dims());
+        ensure!(
+            t.dims() == shape,
+            "{}: `{name}` has shape {:?}, expected {shape:?} (D = {dim})",
+            path.display(),
+            t.dims()
+        );
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
     let weights = TemporalWeights {
@@ -64,12 +65,20 @@ pub fn head_logit_scale(tensors: &HashMap<String, Tensor>) -> Option<f32> {
 
 /// Checks that the encoder's `f_v` (`encoder_f_v`: its `frame_weight.*` tensors by name) is
 /// the temporal head's: one `f_v` weighs frames and differences in the same softmax.
-pub fn check_frame_weight(encoder_f_v: &dyn Fn(&str) -> Option<Tensor>, head: &HashMap<String, Tensor>, head_path: &Path) -> anyhow::Result<()> {
+pub fn check_frame_weight(
+    encoder_f_v: &dyn Fn(&str) -> Option<Tensor>,
+    head: &HashMap<String, Tensor>,
+    head_path: &Path,
+) -> anyhow::Result<()> {
     for name in FRAME_WEIGHT_TENSORS {
         let h = head.get(name).with_context(|| format!("{} has no `{name}`", head_path.display()))?;
         let e = encoder_f_v(name).with_context(|| format!("the encoder has no trained `{name}`"))?;
         ensure!(e.dims() == h.dims(), "`{name}`: encoder {:?} vs temporal head {:?}", e.dims(), h.dims());
-        let diff = (e.to_dtype(DType::F32)?.to_device(&Device::Cpu)? - h.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (e.to_dtype(DType::F32)?.to_device(&Device::Cpu)? - h.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         ensure!(
             diff <= 1e-6,
             "the encoder's frame-weight head f_v (`{name}`) differs from the one in {} (by up to {diff:e}): \
@@ -88,7 +97,8 @@ pub fn check_frame_weight(encoder_f_v: &dyn Fn(&str) -> Option<Tensor>, head: &H
 pub fn write_temporal_onnx(weights: &TemporalWeights, path: &Path) -> anyhow::Result<usize> {
     let bytes = weights.to_graph()?.to_bytes();
     clipact::labels::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-    let mut head = clipact::temporal::TemporalHead::load(path, weights.dim).with_context(|| format!("the device cannot load {}", path.display()))?;
+    let mut head = clipact::temporal::TemporalHead::load(path, weights.dim)
+        .with_context(|| format!("the device cannot load {}", path.display()))?;
     let mut out = vec![0f32; weights.dim];
     let logit = head.run(&vec![0f32; weights.dim], &mut out).with_context(|| format!("running {}", path.display()))?;
     ensure!(logit.is_finite() && out.iter().all(|v| v.is_finite()), "{} gives non-finite outputs", path.display());
@@ -116,17 +126,22 @@ pub struct ShippedTemporal {
 /// Loads the temporal head file `head_path` and checks that `tower`'s `f_v` is the head's (a
 /// student: its `frame_weight.*`; the teacher: its `--head` file, which must then hold the
 /// same `f_v`). Writes nothing, so a mismatch fails before any file of the bundle is written.
-pub fn prepare_temporal(tower: &crate::export::Tower, head_path: &Path, dim: usize) -> anyhow::Result<PreparedTemporal> {
+pub fn prepare_temporal(
+    tower: &crate::export::Tower,
+    head_path: &Path,
+    dim: usize,
+) -> anyhow::Result<PreparedTemporal> {
     use crate::export::Tower;
     let (weights, tensors) = load_temporal_head(head_path, dim)?;
     match tower {
         Tower::Student(dir) => {
-            let (student, _) = crate::student::Student::load(dir, &Device::Cpu).with_context(|| format!("loading student {}", dir.display()))?;
+            let (student, _) = crate::student::Student::load(dir, &Device::Cpu)
+                .with_context(|| format!("loading student {}", dir.display()))?;
             check_frame_weight(&|name| student.parameter(name).cloned(), &tensors, head_path)?;
         }
         Tower::Teacher { head: Some(fv), .. } => {
-            let fv_tensors: HashMap<String, Tensor> =
-                candle_core::safetensors::load(fv, &Device::Cpu).with_context(|| format!("reading the frame-weight head {}", fv.display()))?;
+            let fv_tensors: HashMap<String, Tensor> = candle_core::safetensors::load(fv, &Device::Cpu)
+                .with_context(|| format!("reading the frame-weight head {}", fv.display()))?;
             check_frame_weight(&|name| fv_tensors.get(name).cloned(), &tensors, head_path)?;
         }
         Tower::Teacher { head: None, .. } => anyhow::bail!(

@@ -156,9 +156,7 @@ impl TokenWeightHead {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("reading head {}", path.display()))?;
         let get = |key: &str, shape: &[usize]| -> anyhow::Result<Tensor> {
-            let t = tensors
-                .get(key)
-                .with_context(|| format!("{}: tensor `{key}` is missing", path.display()))?;
+            let t = tensors.get(key).with_context(|| format!("{}: tensor `{key}` is missing", path.display()))?;
             if t.dims() != shape {
                 bail!(
                     "{}: tensor `{key}` has shape {:?}, expected {shape:?} (the teacher's D is {dim})",
@@ -232,14 +230,13 @@ pub fn build_label_set(
             .collect::<anyhow::Result<Vec<_>>>()?;
         tokens.push(per_template);
     }
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(specs.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar =
+        if opts.progress { indicatif::ProgressBar::new(specs.len() as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} labels (eta {eta})")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} labels (eta {eta})",
+        )
+        .expect("valid template"),
     );
     // All prompts in one list, so that the encoder can batch prompts of equal length together
     // (little padding); a label counts as done once all its K prompts are.
@@ -311,13 +308,14 @@ mod tests {
 
     #[test]
     fn labels_file_syntax() {
-        let specs = parse_labels(
-            "# actions\n\nwaving\nfalls_down: a person falling down | 0.3\nsit_down | 0.25\n",
-            p(),
-        )
-        .unwrap();
+        let specs =
+            parse_labels("# actions\n\nwaving\nfalls_down: a person falling down | 0.3\nsit_down | 0.25\n", p())
+                .unwrap();
         assert_eq!(specs.len(), 3);
-        assert_eq!(specs[0], LabelSpec { name: "waving".into(), description: "waving".into(), threshold: None, line: 3 });
+        assert_eq!(
+            specs[0],
+            LabelSpec { name: "waving".into(), description: "waving".into(), threshold: None, line: 3 }
+        );
         assert_eq!(specs[1].description, "a person falling down");
         assert_eq!(specs[1].threshold, Some(0.3));
         assert_eq!(specs[2].description, "sit down");

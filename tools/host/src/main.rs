@@ -311,9 +311,8 @@ fn clip_embed(a: ClipEmbedArgs, device: DeviceChoice) -> anyhow::Result<()> {
 }
 
 fn labels_build(a: BuildArgs, device: DeviceChoice) -> anyhow::Result<()> {
-    let read = |p: &Path, what: &str| {
-        std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()))
-    };
+    let read =
+        |p: &Path, what: &str| std::fs::read_to_string(p).with_context(|| format!("reading {what} {}", p.display()));
     let specs = labelset::parse_labels(&read(&a.labels, "labels file")?, &a.labels)?;
     let templates: Vec<String> = match &a.templates {
         Some(p) => labelset::parse_templates(&read(p, "templates file")?, p)?,
@@ -331,11 +330,7 @@ fn labels_build(a: BuildArgs, device: DeviceChoice) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let (teacher, tokenizer) = load_teacher(&a.teacher, device)?;
-    let head = a
-        .head
-        .as_deref()
-        .map(|p| TokenWeightHead::load(p, teacher.model.dim(), &teacher.device))
-        .transpose()?;
+    let head = a.head.as_deref().map(|p| TokenWeightHead::load(p, teacher.model.dim(), &teacher.device)).transpose()?;
     tracing::info!(
         "building {} labels x {} templates{}",
         specs.len(),
@@ -343,12 +338,7 @@ fn labels_build(a: BuildArgs, device: DeviceChoice) -> anyhow::Result<()> {
         if head.is_some() { " with the token-weight head" } else { "" }
     );
     let build_start = Instant::now();
-    let opts = BuildOptions {
-        version,
-        default_threshold: a.threshold,
-        batch_size: a.batch_size,
-        progress: true,
-    };
+    let opts = BuildOptions { version, default_threshold: a.threshold, batch_size: a.batch_size, progress: true };
     let set = labelset::build_label_set(&teacher, &tokenizer, &specs, &templates, head.as_ref(), &a.labels, &opts)?;
     set.save_atomic(&a.out).with_context(|| format!("saving {}", a.out.display()))?;
     tracing::info!(
@@ -382,10 +372,20 @@ fn labels_show(file: &Path) -> anyhow::Result<()> {
     if let Some(c) = &set.calibration {
         let flagged = |flags: Vec<&str>| if flags.is_empty() { "-".to_owned() } else { flags.join(", ") };
         println!();
-        println!("calibration: {:?}, scale {}, smoothing {} ms, min duration {} ms, hysteresis {}, cooldown {} ms",
-            c.mode, c.scale, c.smoothing_ms, c.min_duration_ms, c.hysteresis, c.cooldown_ms);
-        println!("  background: {}", flagged(set.labels.iter().zip(&c.background).filter(|(_, &b)| b).map(|(l, _)| l.name.as_str()).collect()));
-        println!("  biased:     {}", flagged(set.labels.iter().zip(&c.biases).filter(|(_, &b)| b != 0.0).map(|(l, _)| l.name.as_str()).collect()));
+        println!(
+            "calibration: {:?}, scale {}, smoothing {} ms, min duration {} ms, hysteresis {}, cooldown {} ms",
+            c.mode, c.scale, c.smoothing_ms, c.min_duration_ms, c.hysteresis, c.cooldown_ms
+        );
+        println!(
+            "  background: {}",
+            flagged(set.labels.iter().zip(&c.background).filter(|(_, &b)| b).map(|(l, _)| l.name.as_str()).collect())
+        );
+        println!(
+            "  biased:     {}",
+            flagged(
+                set.labels.iter().zip(&c.biases).filter(|(_, &b)| b != 0.0).map(|(l, _)| l.name.as_str()).collect()
+            )
+        );
         println!("  provenance: {}", c.provenance);
     }
     Ok(())

@@ -209,7 +209,11 @@ fn init_param(name: &str, shape: &[usize], c: &ClipConfig, rng: &mut Rng, dev: &
     } else if name.ends_with("token_embedding.weight") {
         0.02
     } else if name.ends_with("position_embedding.weight") {
-        if name.starts_with("text") { 0.01 } else { 0.02 }
+        if name.starts_with("text") {
+            0.01
+        } else {
+            0.02
+        }
     } else if name.ends_with("class_embedding") || name.ends_with("projection.weight") {
         width.powf(-0.5)
     } else if name.contains("patch_embedding") {
@@ -260,7 +264,13 @@ impl HeldOut {
             .collect::<anyhow::Result<_>>()?;
         let len = prompt_ids.iter().map(Vec::len).max().unwrap_or(2);
         let prompts = prompt_ids.iter().map(|t| tokenizer.pad(t, len)).unzip();
-        Ok(Self { pixels: data::pixels(&frames, cfg.size, device)?, frames: o.frames, classes, prompts, prompts_per_action: WORLD_TEMPLATES.len() })
+        Ok(Self {
+            pixels: data::pixels(&frames, cfg.size, device)?,
+            frames: o.frames,
+            classes,
+            prompts,
+            prompts_per_action: WORLD_TEMPLATES.len(),
+        })
     }
 
     fn top1(&self, model: &ClipModel) -> anyhow::Result<f64> {
@@ -279,7 +289,12 @@ impl HeldOut {
 
 /// `positive[b][u]`: whether distinct text `uniq[u]` is true of frame `b` of the batch: the
 /// frame's own text, or a prompt of its clip's action (`text_action`).
-fn positives(batch: &[Pair], uniq: &[usize], clip_action: impl Fn(usize) -> usize, text_action: &[Option<usize>]) -> Vec<Vec<bool>> {
+fn positives(
+    batch: &[Pair],
+    uniq: &[usize],
+    clip_action: impl Fn(usize) -> usize,
+    text_action: &[Option<usize>],
+) -> Vec<Vec<bool>> {
     batch
         .iter()
         .map(|p| uniq.iter().map(|&u| u == p.text || text_action[u] == Some(clip_action(p.clip))).collect())
@@ -300,10 +315,28 @@ fn prompt_probability(step: u64, warmup: u64, action_text_prob: f64) -> f64 {
 }
 
 /// Runs `pretrain` into `out` (resuming from its checkpoint when `resume`). Returns the history.
-pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<History> {
-    ensure!(o.image_size % o.patch_size == 0, "--image-size {} is not a multiple of --patch-size {}", o.image_size, o.patch_size);
-    ensure!(o.vision_width % o.heads == 0 && o.text_width % o.heads == 0, "widths must be multiples of --heads {}", o.heads);
-    ensure!(o.schedule.batch_size >= 2 && o.schedule.steps > 0 && o.clips_per_action > 0, "need --batch-size >= 2, --steps > 0 and clips");
+pub fn pretrain(
+    out: &Path,
+    o: &PretrainOptions,
+    resume: bool,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<History> {
+    ensure!(
+        o.image_size % o.patch_size == 0,
+        "--image-size {} is not a multiple of --patch-size {}",
+        o.image_size,
+        o.patch_size
+    );
+    ensure!(
+        o.vision_width % o.heads == 0 && o.text_width % o.heads == 0,
+        "widths must be multiples of --heads {}",
+        o.heads
+    );
+    ensure!(
+        o.schedule.batch_size >= 2 && o.schedule.steps > 0 && o.clips_per_action > 0,
+        "need --batch-size >= 2, --steps > 0 and clips"
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let cfg = RenderConfig { size: o.image_size as u32, frames: o.frames };
     let seen = world::actions_in(Split::Train);
@@ -367,12 +400,14 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     std::fs::write(&config_path, serde_json::to_string_pretty(&config_json)? + "\n")?;
     let config = ClipConfig::from_dir(out)?;
     let tokenizer = ClipTokenizer::from_dir(out, o.context_length)?;
-    let text_ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t).map(|x| x.ids)).collect::<anyhow::Result<_>>()?;
+    let text_ids: Vec<Vec<u32>> =
+        texts.iter().map(|t| tokenizer.encode(t).map(|x| x.ids)).collect::<anyhow::Result<_>>()?;
     tracing::info!("{} distinct texts, vocabulary of {vocab_size} tokens", texts.len());
 
     // Frames: every frame of every clip; each step pairs it with its caption or (with the
     // scheduled probability) one of its action's prompts, drawn anew.
-    let frames_of: Vec<(usize, usize)> = clips.iter().enumerate().flat_map(|(ci, c)| (0..c.frames.len()).map(move |f| (ci, f))).collect();
+    let frames_of: Vec<(usize, usize)> =
+        clips.iter().enumerate().flat_map(|(ci, c)| (0..c.frames.len()).map(move |f| (ci, f))).collect();
 
     // The model on a VarMap.
     let varmap = VarMap::new();
@@ -393,7 +428,12 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     let mut opt = AdamW::new(decay_groups(named_vars.clone(), o.schedule.weight_decay), AdamConfig::default())?;
     let settings = serde_json::to_value(o)?;
     let ckpt = out.join("checkpoint");
-    ensure!(frames_of.len() >= o.schedule.batch_size, "{} frames are fewer than one batch of {}", frames_of.len(), o.schedule.batch_size);
+    ensure!(
+        frames_of.len() >= o.schedule.batch_size,
+        "{} frames are fewer than one batch of {}",
+        frames_of.len(),
+        o.schedule.batch_size
+    );
 
     /// One contrastive step: a batch of frames, each paired with its caption or (with the
     /// scheduled probability) one of its action's prompts, drawn anew.
@@ -445,7 +485,8 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
             }
             let positive = positives(&batch, &uniq, |c| self.clips[c].action, self.text_action);
             let texts: Vec<Vec<u32>> = uniq.iter().map(|&u| self.text_ids[u].clone()).collect();
-            let (loss, acc) = clip_loss(self.model, self.logit_scale, &px, &texts, &positive, self.tokenizer, self.device)?;
+            let (loss, acc) =
+                clip_loss(self.model, self.logit_scale, &px, &texts, &positive, self.tokenizer, self.device)?;
             self.accuracy = (self.accuracy.0 + acc, self.accuracy.1 + 1);
             Ok(loss)
         }
@@ -510,7 +551,10 @@ pub fn pretrain(out: &Path, o: &PretrainOptions, resume: bool, device: &Device, 
     candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("writing {}", weights.display()))?;
     std::fs::write(out.join("history.json"), serde_json::to_string(&history)?)?;
     let png = out.join("pretrain_curves.png");
-    plot::warn_on_error(&png, plot::plot_history(&png, "pretrain: contrastive image-text on the synthetic world", &history));
+    plot::warn_on_error(
+        &png,
+        plot::plot_history(&png, "pretrain: contrastive image-text on the synthetic world", &history),
+    );
     Ok(history)
 }
 
@@ -531,9 +575,8 @@ fn clip_loss(
     let len = texts.iter().map(Vec::len).max().unwrap_or(2);
     let (ids, mask): (Vec<Vec<u32>>, Vec<Vec<u32>>) = texts.iter().map(|t| tokenizer.pad(t, len)).unzip();
     let txt = model.text_projection.forward(&model.text_model.forward(&ids, &mask, device)?.pooled)?;
-    let logits = l2_normalize(&img)?
-        .matmul(&l2_normalize(&txt)?.t()?)?
-        .broadcast_mul(&logit_scale.as_tensor().exp()?)?; // [B, U]
+    let logits =
+        l2_normalize(&img)?.matmul(&l2_normalize(&txt)?.t()?)?.broadcast_mul(&logit_scale.as_tensor().exp()?)?; // [B, U]
     let (b, u) = logits.dims2()?;
     let (image_targets, text_targets) = target_distributions(positive, u);
     let image_targets = Tensor::from_vec(image_targets, (b, u), device)?;

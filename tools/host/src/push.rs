@@ -70,10 +70,7 @@ pub struct TargetError {
 }
 
 fn host_port(given: &str, text: &str, default_port: Option<u16>) -> Result<(String, u16), TargetError> {
-    let error = |problem: &str| TargetError {
-        given: given.to_owned(),
-        problem: problem.to_owned(),
-    };
+    let error = |problem: &str| TargetError { given: given.to_owned(), problem: problem.to_owned() };
     // `[::1]:7878` and `host:7878`; a bare IPv6 address needs brackets.
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(|| error("unclosed `[`"))?;
@@ -88,11 +85,7 @@ fn host_port(given: &str, text: &str, default_port: Option<u16>) -> Result<(Stri
         return Err(error("no host"));
     }
     let port = match (port, default_port) {
-        (Some(p), _) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| error(&format!("bad port {p:?}")))?,
+        (Some(p), _) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| error(&format!("bad port {p:?}")))?,
         (None, Some(p)) => p,
         (None, None) => return Err(error("no port")),
     };
@@ -103,10 +96,7 @@ impl FromStr for Target {
     type Err = TargetError;
 
     fn from_str(given: &str) -> Result<Self, Self::Err> {
-        let error = |problem: &str| TargetError {
-            given: given.to_owned(),
-            problem: problem.to_owned(),
-        };
+        let error = |problem: &str| TargetError { given: given.to_owned(), problem: problem.to_owned() };
         if let Some(rest) = given.strip_prefix("tcp://") {
             let (host, port) = host_port(given, rest.trim_end_matches('/'), None)?;
             Ok(Self::Tcp { host, port })
@@ -127,30 +117,20 @@ impl FromStr for Target {
             if path.is_empty() {
                 return Err(error("no serial device"));
             }
-            Ok(Self::Serial {
-                path: path.into(),
-                baud,
-            })
+            Ok(Self::Serial { path: path.into(), baud })
         } else if let Some(rest) = given.strip_prefix("mqtt://") {
-            let (authority, device) = rest
-                .split_once('/')
-                .ok_or_else(|| error("no device name after the broker (mqtt://HOST/DEVICE)"))?;
+            let (authority, device) =
+                rest.split_once('/').ok_or_else(|| error("no device name after the broker (mqtt://HOST/DEVICE)"))?;
             let device = device.trim_end_matches('/');
-            let valid = !device.is_empty()
-                && device
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            let valid =
+                !device.is_empty() && device.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !valid {
                 return Err(error(&format!(
                     "device name {device:?} must be letters, digits, `_` and `-` (its device_name)"
                 )));
             }
             let (host, port) = host_port(given, authority, Some(DEFAULT_MQTT_PORT))?;
-            Ok(Self::Mqtt {
-                host,
-                port,
-                device: device.to_owned(),
-            })
+            Ok(Self::Mqtt { host, port, device: device.to_owned() })
         } else {
             Err(error("unknown scheme"))
         }
@@ -205,8 +185,8 @@ pub struct PushArgs {
 /// Sends the set as `args` says and returns the device's verdict. Errors: the set or key
 /// cannot be read, the device cannot be reached or does not answer.
 pub fn push(args: &PushArgs) -> anyhow::Result<UpdateReply> {
-    let set = LabelSet::load(&args.labels)
-        .with_context(|| format!("reading the label set {}", args.labels.display()))?;
+    let set =
+        LabelSet::load(&args.labels).with_context(|| format!("reading the label set {}", args.labels.display()))?;
     let key = match &args.key_file {
         Some(path) => Some(clipact::runtime::load_key(path).map_err(anyhow::Error::msg)?),
         None => {
@@ -227,33 +207,24 @@ pub fn push(args: &PushArgs) -> anyhow::Result<UpdateReply> {
         commit_timeout: timeout.max(Duration::from_secs(2)),
         retries: 3,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the I/O runtime")?;
     let verdict = |result: Result<u64, PushError>| -> anyhow::Result<UpdateReply> {
         match result {
-            Ok(version) => Ok(UpdateReply::Accepted {
-                transfer_id: sender.transfer_id(),
-                version,
-            }),
-            Err(PushError::Rejected { reason }) => Ok(UpdateReply::Rejected {
-                transfer_id: Some(sender.transfer_id()),
-                reason,
-            }),
+            Ok(version) => Ok(UpdateReply::Accepted { transfer_id: sender.transfer_id(), version }),
+            Err(PushError::Rejected { reason }) => {
+                Ok(UpdateReply::Rejected { transfer_id: Some(sender.transfer_id()), reason })
+            }
             Err(e) => Err(anyhow::Error::new(e).context(format!("pushing to {}", args.to))),
         }
     };
     runtime.block_on(async {
         match &args.to {
             Target::Tcp { host, port } => {
-                let mut stream = tokio::time::timeout(
-                    timeout,
-                    tokio::net::TcpStream::connect((host.as_str(), *port)),
-                )
-                .await
-                .map_err(|_| anyhow::anyhow!("connecting to {}: no answer within {timeout:?}", args.to))?
-                .with_context(|| format!("connecting to {}", args.to))?;
+                let mut stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), *port)))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("connecting to {}: no answer within {timeout:?}", args.to))?
+                    .with_context(|| format!("connecting to {}", args.to))?;
                 verdict(sender.push(&mut stream, &options).await)
             }
             Target::Serial { path, baud } => {
@@ -263,14 +234,12 @@ pub fn push(args: &PushArgs) -> anyhow::Result<UpdateReply> {
                     .with_context(|| format!("opening {}", path.display()))?;
                 verdict(sender.push(&mut port, &options).await)
             }
-            Target::Mqtt { host, port, device } => {
-                push_over_mqtt(host, *port, device, &sender, timeout)
-                    .await
-                    .with_context(|| format!("pushing to {}", args.to))
-            }
-            Target::Http { host, port } => push_over_http(host, *port, &sender, timeout)
+            Target::Mqtt { host, port, device } => push_over_mqtt(host, *port, device, &sender, timeout)
                 .await
                 .with_context(|| format!("pushing to {}", args.to)),
+            Target::Http { host, port } => {
+                push_over_http(host, *port, &sender, timeout).await.with_context(|| format!("pushing to {}", args.to))
+            }
         }
     })
 }
@@ -298,50 +267,25 @@ mod tests {
     fn targets_parse() {
         assert_eq!(
             "tcp://cam.local:7878".parse::<Target>().unwrap(),
-            Target::Tcp {
-                host: "cam.local".into(),
-                port: 7878
-            }
+            Target::Tcp { host: "cam.local".into(), port: 7878 }
         );
-        assert_eq!(
-            "tcp://[::1]:7878".parse::<Target>().unwrap(),
-            Target::Tcp {
-                host: "::1".into(),
-                port: 7878
-            }
-        );
+        assert_eq!("tcp://[::1]:7878".parse::<Target>().unwrap(), Target::Tcp { host: "::1".into(), port: 7878 });
         assert_eq!(
             "serial:/dev/ttyUSB0".parse::<Target>().unwrap(),
-            Target::Serial {
-                path: "/dev/ttyUSB0".into(),
-                baud: DEFAULT_BAUD
-            }
+            Target::Serial { path: "/dev/ttyUSB0".into(), baud: DEFAULT_BAUD }
         );
         assert_eq!(
             "serial:/dev/ttyAMA0@9600".parse::<Target>().unwrap(),
-            Target::Serial {
-                path: "/dev/ttyAMA0".into(),
-                baud: 9600
-            }
+            Target::Serial { path: "/dev/ttyAMA0".into(), baud: 9600 }
         );
         assert_eq!(
             "mqtt://broker/barn-cam-1".parse::<Target>().unwrap(),
-            Target::Mqtt {
-                host: "broker".into(),
-                port: 1883,
-                device: "barn-cam-1".into()
-            }
+            Target::Mqtt { host: "broker".into(), port: 1883, device: "barn-cam-1".into() }
         );
-        assert_eq!(
-            "mqtt://10.0.0.2:1884/cam".parse::<Target>().unwrap().to_string(),
-            "mqtt://10.0.0.2:1884/cam"
-        );
+        assert_eq!("mqtt://10.0.0.2:1884/cam".parse::<Target>().unwrap().to_string(), "mqtt://10.0.0.2:1884/cam");
         assert_eq!(
             "http://cam.local:8080/".parse::<Target>().unwrap(),
-            Target::Http {
-                host: "cam.local".into(),
-                port: 8080
-            }
+            Target::Http { host: "cam.local".into(), port: 8080 }
         );
         assert_eq!("http://[::1]".parse::<Target>().unwrap().to_string(), "http://[::1]:80");
     }

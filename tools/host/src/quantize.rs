@@ -72,7 +72,8 @@ pub fn quantize_checked(
     min_cosine: f32,
 ) -> anyhow::Result<(Vec<u8>, QuantizeReport, Vec<OutputAgreement>)> {
     let (int8, report) = q::quantize_bytes(f32_bytes, opts)?;
-    let agreement = q::compare_models(f32_bytes, &int8, frames).context("checking the int8 model against the f32 model")?;
+    let agreement =
+        q::compare_models(f32_bytes, &int8, frames).context("checking the int8 model against the f32 model")?;
     let main = agreement
         .iter()
         .find(|a| a.name == clipact::encoder::EMBEDDING_OUTPUT)

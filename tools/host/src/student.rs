@@ -480,14 +480,12 @@ impl Student {
             serde_json::from_str(&text).with_context(|| format!("{}: not a student config", path.display()))?;
         config.validate().with_context(|| format!("{}", path.display()))?;
         let path = dir.join(STUDENT_WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&path, device)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let tensors =
+            candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
         let spec = config.tower();
         let varmap = VarMap::new();
         for (name, shape) in spec.parameters().into_iter().chain(spec.head_parameters()) {
-            let t = tensors
-                .get(&name)
-                .with_context(|| format!("{}: tensor `{name}` is missing", path.display()))?;
+            let t = tensors.get(&name).with_context(|| format!("{}: tensor `{name}` is missing", path.display()))?;
             ensure!(
                 t.dims() == shape.as_slice(),
                 "{}: tensor `{name}` has shape {:?}, the config implies {shape:?}",
@@ -506,7 +504,8 @@ impl Student {
 /// sorted by name so optimizer state lines up with checkpoints.
 pub fn tower_vars(varmap: &VarMap) -> anyhow::Result<Vec<(String, Var)>> {
     let map = varmap.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-    let mut vars: Vec<_> = map.iter().filter(|(n, _)| !n.starts_with("frame_weight.")).map(|(n, v)| (n.clone(), v.clone())).collect();
+    let mut vars: Vec<_> =
+        map.iter().filter(|(n, _)| !n.starts_with("frame_weight.")).map(|(n, v)| (n.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(vars)
 }
@@ -518,9 +517,7 @@ pub fn evenly_spaced_layers(teacher_layers: usize, depth: usize) -> Vec<usize> {
     match depth {
         0 => vec![],
         1 => vec![teacher_layers.saturating_sub(1)],
-        _ => (0..depth)
-            .map(|k| ((k * (teacher_layers - 1)) as f64 / (depth - 1) as f64).round() as usize)
-            .collect(),
+        _ => (0..depth).map(|k| ((k * (teacher_layers - 1)) as f64 / (depth - 1) as f64).round() as usize).collect(),
     }
 }
 
@@ -552,7 +549,10 @@ fn init_tensor(
         None
     } else if ["layer_norm", "layernorm", "layrnorm"].iter().any(|k| name.contains(k)) {
         return Ok(Tensor::ones(shape, DType::F32, device)?);
-    } else if name.ends_with("class_embedding") || name.ends_with("out_proj.weight") || name == "visual_projection.weight" {
+    } else if name.ends_with("class_embedding")
+        || name.ends_with("out_proj.weight")
+        || name == "visual_projection.weight"
+    {
         Some(w.powf(-0.5))
     } else if name.contains("patch_embedding") || name.contains("position_embedding") {
         Some(0.02)

@@ -155,7 +155,12 @@ pub struct TrainReport {
 }
 
 /// Saves `student` into `dir` with `head`'s `f_v` (`frame_weight.*`) written into it.
-fn save_student_with_head(student: &Student, student_vars: &candle_nn::VarMap, head: &WtiHead, dir: &Path) -> anyhow::Result<()> {
+fn save_student_with_head(
+    student: &Student,
+    student_vars: &candle_nn::VarMap,
+    head: &WtiHead,
+    dir: &Path,
+) -> anyhow::Result<()> {
     for (name, var) in &head.vars {
         if name.starts_with("frame_weight.") {
             let target = student.parameter(name).with_context(|| format!("student has no `{name}`"))?;
@@ -176,7 +181,11 @@ fn snapshot(vars: &[(String, candle_core::Var)]) -> candle_core::Result<HashMap<
 }
 
 /// Moves every variable to `(1 − alpha)·start + alpha·now` (WiSE-FT's weight-space ensemble).
-fn interpolate_from(vars: &[(String, candle_core::Var)], start: &HashMap<String, Tensor>, alpha: f64) -> anyhow::Result<()> {
+fn interpolate_from(
+    vars: &[(String, candle_core::Var)],
+    start: &HashMap<String, Tensor>,
+    alpha: f64,
+) -> anyhow::Result<()> {
     for (name, var) in vars {
         let s = start.get(name).with_context(|| format!("no start value of `{name}`"))?;
         var.set(&(s.affine(1.0 - alpha, 0.0)? + var.as_tensor().affine(alpha, 0.0)?)?)?;
@@ -247,7 +256,8 @@ impl Finetune<'_> {
                 let (action, seed) = (self.actions[class], rng.next_u64());
                 // No draw when off, so that runs without randomization keep their batches.
                 if self.randomize_appearance > 0.0 && rng.uniform() < self.randomize_appearance {
-                    world::render_clip_as(world::randomized_appearance(seed), Split::Train, action, seed, &self.render).frames
+                    world::render_clip_as(world::randomized_appearance(seed), Split::Train, action, seed, &self.render)
+                        .frames
                 } else {
                     world::render_clip(Split::Train, action, seed, &self.render).frames
                 }
@@ -285,7 +295,13 @@ pub fn top1(logits: &Tensor, classes: &[u32]) -> anyhow::Result<f64> {
 }
 
 /// Scores every window of `frames` in chunks (bounded memory), `[N, C]`.
-pub fn score_all(head: &WtiHead, frames: &Tensor, labels: &LabelTokens, tokens: &Tensor, variant: Variant) -> anyhow::Result<Tensor> {
+pub fn score_all(
+    head: &WtiHead,
+    frames: &Tensor,
+    labels: &LabelTokens,
+    tokens: &Tensor,
+    variant: Variant,
+) -> anyhow::Result<Tensor> {
     let n = frames.dim(0)?;
     let mut parts = Vec::new();
     let mut i = 0;
@@ -341,8 +357,12 @@ pub fn fit_head(
             let (x, classes) = match self.finetune {
                 None => {
                     let idx = self.epochs.batch(step);
-                    let rows = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), self.device)?;
-                    (self.data.train.0.index_select(&rows, 0)?, idx.iter().map(|&i| self.data.train.1[i]).collect::<Vec<_>>())
+                    let rows =
+                        Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), self.device)?;
+                    (
+                        self.data.train.0.index_select(&rows, 0)?,
+                        idx.iter().map(|&i| self.data.train.1[i]).collect::<Vec<_>>(),
+                    )
                 }
                 // Fine-tuning draws its own batches; only cached windows are visited in epochs.
                 Some(f) => f.batch(step, self.batch_size, self.device)?,
@@ -362,7 +382,9 @@ pub fn fit_head(
         fn evaluate(&mut self, step: u64, history: &mut History) -> anyhow::Result<String> {
             let eval = match self.finetune {
                 None => self.data.eval.0.clone(),
-                Some(f) => data::student_embeddings(f.student, &self.data.eval_clips, f.render.size, 128, self.device, false)?,
+                Some(f) => {
+                    data::student_embeddings(f.student, &self.data.eval_clips, f.render.size, 128, self.device, false)?
+                }
             };
             let s = score_all(self.head, &eval, &self.data.labels, &self.data.labels.tokens, self.variant)?;
             let acc = top1(&s, &self.data.eval.1)?;
@@ -405,20 +427,39 @@ pub fn fit_head(
 /// keeping thousands of clips for the whole run costs hundreds of MB).
 fn train_embeddings(student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<Tensor> {
     let cfg = RenderConfig { size: student.config().image_size as u32, frames: o.frames };
-    let clips = data::render_clips(Split::Train, &world::actions_in(Split::Train), o.clips_per_action, o.schedule.seed ^ 0x7EA1, &cfg, progress);
+    let clips = data::render_clips(
+        Split::Train,
+        &world::actions_in(Split::Train),
+        o.clips_per_action,
+        o.schedule.seed ^ 0x7EA1,
+        &cfg,
+        progress,
+    );
     data::student_embeddings(student, &clips, cfg.size, 128, device, progress)
 }
 
 /// Renders and encodes the data of a head run: `seen` actions' training and `id` clips.
-pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student, o: &TrainOptions, device: &Device, progress: bool) -> anyhow::Result<HeadData> {
+pub fn head_data(
+    teacher: &Teacher,
+    tokenizer: &ClipTokenizer,
+    student: &Student,
+    o: &TrainOptions,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<HeadData> {
     let size = student.config().image_size as u32;
     let cfg = RenderConfig { size, frames: o.frames };
     let seen = world::actions_in(Split::Train);
-    let eval_clips = data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.schedule.seed ^ 0xE7A1, &cfg, progress);
+    let eval_clips =
+        data::render_clips(Split::Id, &seen, o.eval_clips_per_action, o.schedule.seed ^ 0xE7A1, &cfg, progress);
     tracing::info!("encoding {} + {} clips with the student", seen.len() * o.clips_per_action, eval_clips.len());
     let train = train_embeddings(student, o, device, progress)?;
     let eval = data::student_embeddings(student, &eval_clips, size, 128, device, progress)?;
-    let texts = data::encode_label_texts(teacher, tokenizer, seen.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
+    let texts = data::encode_label_texts(
+        teacher,
+        tokenizer,
+        seen.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect(),
+    )?;
     let labels = LabelTokens::new(&texts.tokens, &texts.pooled, student.config().projection_dim, device)?;
     // Action-major order: clip i of the training set shows seen[i / clips_per_action].
     let train_classes = (0..seen.len()).flat_map(|c| std::iter::repeat_n(c as u32, o.clips_per_action)).collect();
@@ -432,25 +473,50 @@ pub fn head_data(teacher: &Teacher, tokenizer: &ClipTokenizer, student: &Student
 }
 
 /// The seen actions' label side and, last, [`data::BACKGROUND_LABEL`]'s, under the same templates.
-fn labels_with_background(teacher: &Teacher, tokenizer: &ClipTokenizer, dim: usize, device: &Device) -> anyhow::Result<LabelTokens> {
-    let mut texts: Vec<Vec<String>> = world::actions_in(Split::Train).iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect();
+fn labels_with_background(
+    teacher: &Teacher,
+    tokenizer: &ClipTokenizer,
+    dim: usize,
+    device: &Device,
+) -> anyhow::Result<LabelTokens> {
+    let mut texts: Vec<Vec<String>> =
+        world::actions_in(Split::Train).iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect();
     texts.push(WORLD_TEMPLATES.iter().map(|t| t.replace("{}", data::BACKGROUND_LABEL.1)).collect());
     let texts = data::encode_label_texts(teacher, tokenizer, texts)?;
     LabelTokens::new(&texts.tokens, &texts.pooled, dim, device)
 }
 
 /// Runs `train` into `out`.
-pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOptions, resume: bool, device: &Device, progress: bool) -> anyhow::Result<TrainReport> {
+pub fn train(
+    teacher_dir: &Path,
+    student_dir: &Path,
+    out: &Path,
+    o: &TrainOptions,
+    resume: bool,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<TrainReport> {
     ensure!(o.schedule.steps > 0 && o.clips_per_action > 0 && o.eval_clips_per_action > 0, "need steps and clips");
-    ensure!(o.init_head.is_none() || o.encoder_lr > 0.0, "--init-head starts the fine-tuning head: it needs --encoder-lr > 0");
+    ensure!(
+        o.init_head.is_none() || o.encoder_lr > 0.0,
+        "--init-head starts the fine-tuning head: it needs --encoder-lr > 0"
+    );
     ensure!(
         (0.0..=1.0).contains(&o.stream_windows) && (o.stream_windows == 0.0 || o.encoder_lr > 0.0),
         "--stream-windows {}: a share in [0, 1] of the fine-tuning batches (it needs --encoder-lr > 0)",
         o.stream_windows
     );
-    ensure!(o.stream_min_frames >= 1 && o.stream_min_frames <= o.frames, "--stream-min-frames {} must be in 1..={}", o.stream_min_frames, o.frames);
+    ensure!(
+        o.stream_min_frames >= 1 && o.stream_min_frames <= o.frames,
+        "--stream-min-frames {} must be in 1..={}",
+        o.stream_min_frames,
+        o.frames
+    );
     if let Some(alpha) = o.wise_ft {
-        ensure!(o.init_head.is_some(), "--wise-ft averages a fine-tuned stage with its start: it needs --init-head (and --encoder-lr > 0)");
+        ensure!(
+            o.init_head.is_some(),
+            "--wise-ft averages a fine-tuned stage with its start: it needs --init-head (and --encoder-lr > 0)"
+        );
         ensure!(alpha > 0.0 && alpha <= 1.0, "--wise-ft {alpha}: the fine-tuned weights' share must be in (0, 1]");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -491,14 +557,22 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         };
         let variant = if o.temporal { Variant::WtiTemporal } else { Variant::Wti };
         let init = match &o.init_head {
-            Some(path) => candle_core::safetensors::load(path, device).with_context(|| format!("loading the initial head {}", path.display()))?,
+            Some(path) => candle_core::safetensors::load(path, device)
+                .with_context(|| format!("loading the initial head {}", path.display()))?,
             None if o.temporal => temporal_init(&data)?,
             None => HashMap::new(),
         };
         let head = WtiHead::new(d, o.schedule.seed ^ 0xE4C, &init, device)?;
         if let Some(path) = &o.init_head {
-            let missing: Vec<String> = head.trainable(variant).into_iter().map(|(n, _)| n).filter(|n| !init.contains_key(n)).collect();
-            ensure!(missing.is_empty(), "initial head {} lacks {} of a {} head", path.display(), missing.join(", "), variant.name());
+            let missing: Vec<String> =
+                head.trainable(variant).into_iter().map(|(n, _)| n).filter(|n| !init.contains_key(n)).collect();
+            ensure!(
+                missing.is_empty(),
+                "initial head {} lacks {} of a {} head",
+                path.display(),
+                missing.join(", "),
+                variant.name()
+            );
         }
         tracing::info!("fine-tuning the student's encoder with a {} head", variant.name());
         // Taken before `fit_head`, which restores a checkpoint when resuming: the start is
@@ -507,16 +581,31 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             Some(_) => Some((snapshot(&finetune.vars)?, snapshot(&head.vars)?)),
             None => None,
         };
-        let h = fit_head(&head, &data, variant, o, &out.join("checkpoint-encoder"), &settings, resume, device, progress, Some(&finetune))?;
+        let h = fit_head(
+            &head,
+            &data,
+            variant,
+            o,
+            &out.join("checkpoint-encoder"),
+            &settings,
+            resume,
+            device,
+            progress,
+            Some(&finetune),
+        )?;
         if let (Some(alpha), Some((tower, head_start))) = (o.wise_ft, &start) {
             tracing::info!("WiSE-FT: weights at {alpha} of the way from the start to the fine-tuned ones");
             interpolate_from(&finetune.vars, tower, alpha)?;
             interpolate_from(&head.vars, head_start, alpha)?;
         }
         let png = out.join("train_curves_encoder.png");
-        plot::warn_on_error(&png, plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h));
+        plot::warn_on_error(
+            &png,
+            plot::plot_history(&png, "train: student encoder fine-tuned through the WTI head", &h),
+        );
         data.train.0 = train_embeddings(&student, o, device, progress)?;
-        data.eval.0 = data::student_embeddings(&student, &data.eval_clips, finetune.render.size, 128, device, progress)?;
+        data.eval.0 =
+            data::student_embeddings(&student, &data.eval_clips, finetune.render.size, 128, device, progress)?;
         tuned = Some(snapshot(&head.vars)?);
     }
     let mut report = Vec::new();
@@ -527,7 +616,18 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
         report.push((v, top1(&s, &data.eval.1)?));
     }
     let head = WtiHead::new(d, o.schedule.seed, tuned.as_ref().unwrap_or(&init), device)?;
-    let history = fit_head(&head, &data, Variant::Wti, o, &out.join("checkpoint-wti"), &settings, resume, device, progress, None)?;
+    let history = fit_head(
+        &head,
+        &data,
+        Variant::Wti,
+        o,
+        &out.join("checkpoint-wti"),
+        &settings,
+        resume,
+        device,
+        progress,
+        None,
+    )?;
     let s = score_all(&head, &data.eval.0, &data.labels, &data.labels.tokens, Variant::Wti)?;
     report.push((Variant::Wti, top1(&s, &data.eval.1)?));
     let png = out.join("train_curves.png");
@@ -542,7 +642,18 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
             Some(t) => WtiHead::new(d, o.schedule.seed, t, device)?,
             None => {
                 let temporal = WtiHead::new(d, o.schedule.seed, &temporal_init(&data)?, device)?;
-                let h = fit_head(&temporal, &data, Variant::WtiTemporal, o, &out.join("checkpoint-temporal"), &settings, resume, device, progress, None)?;
+                let h = fit_head(
+                    &temporal,
+                    &data,
+                    Variant::WtiTemporal,
+                    o,
+                    &out.join("checkpoint-temporal"),
+                    &settings,
+                    resume,
+                    device,
+                    progress,
+                    None,
+                )?;
                 let png = out.join("train_curves_temporal.png");
                 plot::warn_on_error(&png, plot::plot_history(&png, "train: WTI + temporal difference tokens", &h));
                 temporal
@@ -560,7 +671,13 @@ pub fn train(teacher_dir: &Path, student_dir: &Path, out: &Path, o: &TrainOption
     save_student_with_head(&student, &student_vars, &head, &out.join("student"))?;
     let loss_first_last = history.loss_first_last(10).unwrap_or((f64::NAN, f64::NAN));
     let logit_scale = scalar(&head.logit_scale)?;
-    let report = TrainReport { id_top1: report, loss_first_last, clips: (data.train.1.len(), data.eval.1.len()), logit_scale, logit_scale_temporal };
+    let report = TrainReport {
+        id_top1: report,
+        loss_first_last,
+        clips: (data.train.1.len(), data.eval.1.len()),
+        logit_scale,
+        logit_scale_temporal,
+    };
     std::fs::write(out.join("train_report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
     for (v, a) in &report.id_top1 {
         tracing::info!("id top-1 {:<16} {:.1} %", v.name(), a * 100.0);

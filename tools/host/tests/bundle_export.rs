@@ -54,8 +54,20 @@ fn export_writes_a_bundle_the_device_opens() {
     let out = dir.path().join("kitchen");
     let out_s = out.to_str().unwrap();
     let stdout = host_ok(&[
-        "export", "--student", &student, "--labels", &labels, "--int8", "--out", out_s, "--window-frames", "6",
-        "--teacher-name", "openai/clip-vit-base-patch32", "--data", "synthetic world, seed 1",
+        "export",
+        "--student",
+        &student,
+        "--labels",
+        &labels,
+        "--int8",
+        "--out",
+        out_s,
+        "--window-frames",
+        "6",
+        "--teacher-name",
+        "openai/clip-vit-base-patch32",
+        "--data",
+        "synthetic world, seed 1",
     ])
     .stdout;
     let stdout = String::from_utf8_lossy(&stdout);
@@ -102,13 +114,28 @@ fn export_refuses_labels_of_another_space_or_dim() {
     let out = dir.path().join("b");
     let wrong_dim = dir.path().join("wrong_dim.cls");
     label_set(16, "clip:0123456789abcdef").save_atomic(&wrong_dim).unwrap();
-    let e = host_err(&["export", "--student", &student, "--labels", wrong_dim.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let e = host_err(&[
+        "export",
+        "--student",
+        &student,
+        "--labels",
+        wrong_dim.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(e.contains("does not fit") && e.contains("32") && e.contains("16"), "{e}");
 
     let labels = dir.path().join("labels.cls");
     let e = host_err(&[
-        "export", "--student", &student, "--labels", labels.to_str().unwrap(), "--space-id", "clip:ffffffffffffffff",
-        "--out", out.to_str().unwrap(),
+        "export",
+        "--student",
+        &student,
+        "--labels",
+        labels.to_str().unwrap(),
+        "--space-id",
+        "clip:ffffffffffffffff",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(e.contains("clip:ffffffffffffffff") && e.contains("clip:0123456789abcdef"), "{e}");
 
@@ -131,7 +158,15 @@ fn export_teacher_uses_its_space_id_and_logit_scale() {
     assert!(!out.join("labels.cls").exists());
 
     let out2 = dir.path().join("teacher2");
-    host_ok(&["export", "--teacher", tiny().to_str().unwrap(), "--out", out2.to_str().unwrap(), "--name", "t \"quoted\""]);
+    host_ok(&[
+        "export",
+        "--teacher",
+        tiny().to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--name",
+        "t \"quoted\"",
+    ]);
     let text = std::fs::read_to_string(out2.join("manifest.toml")).unwrap();
     let m = Manifest::parse(&text, Path::new("manifest.toml")).unwrap();
     assert!(m.space_id.starts_with("clip:"), "{}", m.space_id);
@@ -158,7 +193,13 @@ fn quantize_command_writes_a_checked_int8_file() {
     // An impossible bar: refused, nothing written.
     let strict = dir.path().join("strict.onnx");
     let e = host_err(&[
-        "quantize", "--model", f32_path.to_str().unwrap(), "--out", strict.to_str().unwrap(), "--min-cosine", "1.01",
+        "quantize",
+        "--model",
+        f32_path.to_str().unwrap(),
+        "--out",
+        strict.to_str().unwrap(),
+        "--min-cosine",
+        "1.01",
     ]);
     assert!(e.contains("cosine") && e.contains("--min-cosine"), "{e}");
     assert!(!strict.exists());

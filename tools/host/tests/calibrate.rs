@@ -44,7 +44,8 @@ fn calibrate_writes_the_policy_it_measured() {
     assert!(c.provenance.contains("target precision 0.80"), "{}", c.provenance);
     assert_eq!(LabelSet::decode(&set.encode().unwrap()).unwrap(), set, "the written set reads back");
 
-    let with_clips: Vec<f32> = report.labels.iter().filter(|l| l.kind == "clips").map(|l| l.threshold.unwrap()).collect();
+    let with_clips: Vec<f32> =
+        report.labels.iter().filter(|l| l.kind == "clips").map(|l| l.threshold.unwrap()).collect();
     let highest = with_clips.iter().copied().fold(f32::MIN, f32::max);
     for (l, label) in report.labels.iter().zip(&set.labels) {
         let i = set.labels.iter().position(|x| x.name == label.name).unwrap();

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use clipact::world::{self, RenderConfig, Split};
 use clipact_host::dataset::{
-    class_words, decode_images, decode_video, k_shot, uniform_indices, video_frame_count, ClipData,
-    ClipSource, DatasetError, Part, Subset, VideoDataset, WorldClips,
+    class_words, decode_images, decode_video, k_shot, uniform_indices, video_frame_count, ClipData, ClipSource,
+    DatasetError, Part, Subset, VideoDataset, WorldClips,
 };
 
 fn ffmpeg(args: &[&str]) {
@@ -20,28 +20,14 @@ fn ffmpeg(args: &[&str]) {
         .args(args)
         .output()
         .expect("ffmpeg must be installed for these tests (apt-get install ffmpeg)");
-    assert!(
-        out.status.success(),
-        "ffmpeg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A small test-pattern video (`testsrc`, 10 fps).
 fn testsrc(path: &Path, seconds: u32, w: u32, h: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let src = format!("testsrc=size={w}x{h}:rate=10:duration={seconds}");
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        &src,
-        "-c:v",
-        "mpeg4",
-        "-q:v",
-        "3",
-        path.to_str().unwrap(),
-    ]);
+    ffmpeg(&["-f", "lavfi", "-i", &src, "-c:v", "mpeg4", "-q:v", "3", path.to_str().unwrap()]);
 }
 
 /// Writes `n` flat grey PPM frames, frame `k` at level `20k + 10`, as `dir/f000.ppm`...
@@ -65,10 +51,7 @@ fn class_names_become_prompt_words() {
     assert_eq!(class_words("brush_hair"), "brush hair");
     assert_eq!(class_words("TVShow"), "tv show");
     assert_eq!(class_words("PlayingDaf"), "playing daf");
-    assert_eq!(
-        class_words("passing American football (in game)"),
-        "passing american football (in game)"
-    );
+    assert_eq!(class_words("passing American football (in game)"), "passing american football (in game)");
 }
 
 #[test]
@@ -104,11 +87,7 @@ fn decoding_samples_the_right_frames_of_a_video_and_of_a_frame_folder() {
     for (frame, k) in frames.iter().zip([1, 4, 7, 10]) {
         assert_eq!(frame.len(), 16 * 16 * 3);
         let want = (20 * k + 10) as f64;
-        assert!(
-            (mean(frame) - want).abs() < 3.0,
-            "frame {k}: mean {} want {want}",
-            mean(frame)
-        );
+        assert!((mean(frame) - want).abs() < 3.0, "frame {k}: mean {} want {want}", mean(frame));
     }
     // More frames than the video has: repeats, in order.
     let many = decode_video(&video, 24, 8).unwrap();
@@ -132,17 +111,12 @@ fn decoding_samples_the_right_frames_of_a_video_and_of_a_frame_folder() {
     let ds = VideoDataset::folder(&tmp.path().join("folder")).unwrap();
     assert_eq!(ds.classes, vec!["grey class"]);
     assert_eq!(ds.len(), 1);
-    let ClipData::Frames { files, .. } = &ds.clips[0].data else {
-        panic!("not a frame folder")
-    };
+    let ClipData::Frames { files, .. } = &ds.clips[0].data else { panic!("not a frame folder") };
     assert_eq!(files.len(), 12);
     assert!(files[1].ends_with("frame_2.png") && files[11].ends_with("frame_12.png"));
     let frames = ds.load(0, 4, 16).unwrap();
     for (frame, k) in frames.iter().zip([1, 4, 7, 10]) {
-        assert!(
-            (mean(frame) - (20 * k + 10) as f64).abs() < 1.5,
-            "png frame {k}"
-        );
+        assert!((mean(frame) - (20 * k + 10) as f64).abs() < 1.5, "png frame {k}");
     }
     let again = decode_images(&[files[3].clone(), files[3].clone()], 8).unwrap();
     assert_eq!(again[0], again[1]);
@@ -172,17 +146,13 @@ fn resizing_keeps_the_aspect_ratio_and_crops_the_centre() {
     let px = |x: usize, y: usize| &frame[(y * 16 + x) * 3..(y * 16 + x) * 3 + 3];
     for (x, y) in [(1, 1), (8, 8), (14, 14)] {
         let p = px(x, y);
-        assert!(
-            p[1] > 200 && p[0] < 60 && p[2] < 60,
-            "pixel ({x},{y}) = {p:?}"
-        );
+        assert!(p[1] > 200 && p[0] < 60 && p[2] < 60, "pixel ({x},{y}) = {p:?}");
     }
 }
 
 #[test]
 fn the_fixture_video_decodes() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/video/arm_wrestling.mp4");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/video/arm_wrestling.mp4");
     let n = video_frame_count(&path).unwrap();
     assert!(n > 8, "{n} frames");
     let frames = decode_video(&path, 8, 64).unwrap();
@@ -255,48 +225,22 @@ fn ucf101_lists_classes_and_labels_from_both_list_kinds() {
     assert_eq!(train.classes, vec!["apply eye makeup", "yo yo"]);
     assert_eq!(train.raw_classes, vec!["ApplyEyeMakeup", "YoYo"]);
     assert_eq!(train.len(), 4);
-    assert_eq!(
-        (0..4).map(|i| train.label(i)).collect::<Vec<_>>(),
-        vec![0, 0, 1, 1]
-    );
+    assert_eq!((0..4).map(|i| train.label(i)).collect::<Vec<_>>(), vec![0, 0, 1, 1]);
     let test = VideoDataset::ucf101(&videos, &splits, 1, Part::Test).unwrap();
     assert_eq!(test.len(), 2);
     assert_eq!((test.label(0), test.label(1)), (0, 1));
-    assert!(test.clips[1]
-        .data
-        .path()
-        .ends_with("YoYo/v_YoYo_g01_c01.avi"));
+    assert!(test.clips[1].data.path().ends_with("YoYo/v_YoYo_g01_c01.avi"));
     let frames = test.load(1, 3, 24).unwrap();
     assert_eq!(frames.len(), 3);
 
     // A train label that disagrees with its folder, and an unknown folder.
-    std::fs::write(
-        splits.join("trainlist02.txt"),
-        "YoYo/v_YoYo_g02_c01.avi 1\n",
-    )
-    .unwrap();
-    let err = VideoDataset::ucf101(&videos, &splits, 2, Part::Train)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("trainlist02.txt:1") && err.contains("disagrees"),
-        "{err}"
-    );
-    std::fs::write(
-        splits.join("testlist03.txt"),
-        "\nJuggling/v_Juggling_g01_c01.avi\n",
-    )
-    .unwrap();
-    let err = VideoDataset::ucf101(&videos, &splits, 3, Part::Test)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("testlist03.txt:2") && err.contains("Juggling"),
-        "{err}"
-    );
-    let err = VideoDataset::ucf101(&videos, &splits, 4, Part::Test)
-        .unwrap_err()
-        .to_string();
+    std::fs::write(splits.join("trainlist02.txt"), "YoYo/v_YoYo_g02_c01.avi 1\n").unwrap();
+    let err = VideoDataset::ucf101(&videos, &splits, 2, Part::Train).unwrap_err().to_string();
+    assert!(err.contains("trainlist02.txt:1") && err.contains("disagrees"), "{err}");
+    std::fs::write(splits.join("testlist03.txt"), "\nJuggling/v_Juggling_g01_c01.avi\n").unwrap();
+    let err = VideoDataset::ucf101(&videos, &splits, 3, Part::Test).unwrap_err().to_string();
+    assert!(err.contains("testlist03.txt:2") && err.contains("Juggling"), "{err}");
+    let err = VideoDataset::ucf101(&videos, &splits, 4, Part::Test).unwrap_err().to_string();
     assert!(err.contains("fold"), "{err}");
 }
 
@@ -322,38 +266,18 @@ fn hmdb51_reads_per_class_split_files_with_tags() {
     let train = VideoDataset::hmdb51(&videos, &splits, 1, Part::Train).unwrap();
     assert_eq!(train.classes, vec!["brush hair", "cartwheel"]);
     assert_eq!(train.len(), 2);
-    assert!(train.clips[1]
-        .data
-        .path()
-        .ends_with("cartwheel/cartwheel_a.avi"));
+    assert!(train.clips[1].data.path().ends_with("cartwheel/cartwheel_a.avi"));
     assert_eq!(train.label(1), 1);
     let test = VideoDataset::hmdb51(&videos, &splits, 1, Part::Test).unwrap();
     assert_eq!(test.len(), 2);
-    assert!(test.clips[0]
-        .data
-        .path()
-        .ends_with("brush_hair/brush_hair_b.avi"));
+    assert!(test.clips[0].data.path().ends_with("brush_hair/brush_hair_b.avi"));
     assert_eq!(test.load(0, 2, 16).unwrap().len(), 2);
 
-    std::fs::write(
-        splits.join("cartwheel_test_split2.txt"),
-        "cartwheel_a.avi 3\n",
-    )
-    .unwrap();
-    let err = VideoDataset::hmdb51(&videos, &splits, 2, Part::Train)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("cartwheel_test_split2.txt:1") && err.contains("tag"),
-        "{err}"
-    );
-    let err = VideoDataset::hmdb51(&videos, &splits, 3, Part::Train)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("no clips") || err.contains("_test_split3"),
-        "{err}"
-    );
+    std::fs::write(splits.join("cartwheel_test_split2.txt"), "cartwheel_a.avi 3\n").unwrap();
+    let err = VideoDataset::hmdb51(&videos, &splits, 2, Part::Train).unwrap_err().to_string();
+    assert!(err.contains("cartwheel_test_split2.txt:1") && err.contains("tag"), "{err}");
+    let err = VideoDataset::hmdb51(&videos, &splits, 3, Part::Train).unwrap_err().to_string();
+    assert!(err.contains("no clips") || err.contains("_test_split3"), "{err}");
 }
 
 #[test]
@@ -381,10 +305,7 @@ fn kinetics_csv_finds_clips_by_id_and_time_and_skips_missing_ones() {
     )
     .unwrap();
     let train = VideoDataset::kinetics(&csv, &videos, Some("train")).unwrap();
-    assert_eq!(
-        train.raw_classes,
-        vec!["abseiling", "passing American football (in game)"]
-    );
+    assert_eq!(train.raw_classes, vec!["abseiling", "passing American football (in game)"]);
     assert_eq!(train.classes[1], "passing american football (in game)");
     assert_eq!(train.len(), 2, "the missing clip `gone` is skipped");
     assert_eq!((train.label(0), train.label(1)), (0, 1));
@@ -396,28 +317,13 @@ fn kinetics_csv_finds_clips_by_id_and_time_and_skips_missing_ones() {
     assert_eq!((all.len(), all.classes.len()), (3, 3));
 
     let unlabelled = tmp.path().join("test.csv");
-    std::fs::write(
-        &unlabelled,
-        "youtube_id,time_start,time_end,split\nabc,1,2,test\n",
-    )
-    .unwrap();
-    let err = VideoDataset::kinetics(&unlabelled, &videos, None)
-        .unwrap_err()
-        .to_string();
+    std::fs::write(&unlabelled, "youtube_id,time_start,time_end,split\nabc,1,2,test\n").unwrap();
+    let err = VideoDataset::kinetics(&unlabelled, &videos, None).unwrap_err().to_string();
     assert!(err.contains("label"), "{err}");
     let broken = tmp.path().join("broken.csv");
-    std::fs::write(
-        &broken,
-        "label,youtube_id,time_start,time_end,split\nzumba,zzz,five,15,val\n",
-    )
-    .unwrap();
-    let err = VideoDataset::kinetics(&broken, &videos, None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("broken.csv:2") && err.contains("five"),
-        "{err}"
-    );
+    std::fs::write(&broken, "label,youtube_id,time_start,time_end,split\nzumba,zzz,five,15,val\n").unwrap();
+    let err = VideoDataset::kinetics(&broken, &videos, None).unwrap_err().to_string();
+    assert!(err.contains("broken.csv:2") && err.contains("five"), "{err}");
 }
 
 #[test]
@@ -441,16 +347,10 @@ fn k_shot_is_seeded_per_class_and_without_replacement() {
     assert_eq!(k_shot(&source, 50, 1).len(), source.len());
     assert!(k_shot(&source, 0, 1).is_empty());
 
-    let subset = Subset {
-        source: &source,
-        indices: a.clone(),
-    };
+    let subset = Subset { source: &source, indices: a.clone() };
     assert_eq!(subset.len(), a.len());
     assert_eq!(subset.label(4), source.label(a[4]));
-    assert_eq!(
-        subset.load(4, 2, 16).unwrap(),
-        source.load(a[4], 2, 16).unwrap()
-    );
+    assert_eq!(subset.load(4, 2, 16).unwrap(), source.load(a[4], 2, 16).unwrap());
 }
 
 #[test]
@@ -464,21 +364,10 @@ fn world_clips_are_the_worlds_clips() {
         assert_eq!(source.label(i), action);
         assert!(world::ZEROSHOT_ACTIONS.contains(&action));
         let frames = source.load(i, 3, 20).unwrap();
-        let clip = world::render_clip(
-            Split::Zeroshot,
-            action,
-            seed,
-            &RenderConfig {
-                size: 20,
-                frames: 3,
-            },
-        );
+        let clip = world::render_clip(Split::Zeroshot, action, seed, &RenderConfig { size: 20, frames: 3 });
         assert_eq!(frames, clip.frames);
     }
-    assert!(matches!(
-        source.load(99, 3, 20),
-        Err(DatasetError::OutOfRange { .. })
-    ));
+    assert!(matches!(source.load(99, 3, 20), Err(DatasetError::OutOfRange { .. })));
     assert!(source.describe(0).contains("zeroshot"));
 }
 
@@ -489,20 +378,10 @@ fn folder_dataset_mixes_frame_folders_and_videos() {
     testsrc(&root.join("Waving").join("one.mp4"), 1, 64, 48);
     let frames = root.join("falling_down").join("clip_a");
     std::fs::create_dir_all(&frames).unwrap();
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "testsrc=size=40x30:rate=5:duration=1",
-        frames.join("%04d.jpg").to_str().unwrap(),
-    ]);
+    ffmpeg(&["-f", "lavfi", "-i", "testsrc=size=40x30:rate=5:duration=1", frames.join("%04d.jpg").to_str().unwrap()]);
     std::fs::create_dir_all(root.join("empty_class")).unwrap();
     let ds = VideoDataset::folder(&root).unwrap();
-    assert_eq!(
-        ds.classes,
-        vec!["waving", "falling down"],
-        "classes in name order, empty skipped"
-    );
+    assert_eq!(ds.classes, vec!["waving", "falling down"], "classes in name order, empty skipped");
     assert_eq!(ds.class_counts(), vec![1, 1]);
     for i in 0..ds.len() {
         let f = ds.load(i, 4, 24).unwrap();
@@ -510,14 +389,9 @@ fn folder_dataset_mixes_frame_folders_and_videos() {
         assert!(f.iter().all(|x| x.len() == 24 * 24 * 3));
     }
     assert!(ds.describe(0).contains(&ds.classes[ds.label(0)]));
-    let err = VideoDataset::folder(&tmp.path().join("missing"))
-        .unwrap_err()
-        .to_string();
+    let err = VideoDataset::folder(&tmp.path().join("missing")).unwrap_err().to_string();
     assert!(err.contains("missing"), "{err}");
-    assert!(matches!(
-        ds.load(5, 1, 8),
-        Err(DatasetError::OutOfRange { .. })
-    ));
+    assert!(matches!(ds.load(5, 1, 8), Err(DatasetError::OutOfRange { .. })));
 }
 
 /// Without FFmpeg on PATH, decoding says what to install. Runs the check below in a child
@@ -525,23 +399,14 @@ fn folder_dataset_mixes_frame_folders_and_videos() {
 #[test]
 fn missing_ffmpeg_is_reported_with_an_install_hint() {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "missing_ffmpeg_child",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", "missing_ffmpeg_child", "--ignored", "--nocapture"])
         .env("PATH", "")
         .env("CLIPACT_TEST_MISSING_FFMPEG", "1")
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("1 passed"),
-        "the child test did not run: {text}"
-    );
+    assert!(text.contains("1 passed"), "the child test did not run: {text}");
 }
 
 #[test]
@@ -552,33 +417,22 @@ fn missing_ffmpeg_child() {
     }
     let exe = std::env::current_exe().unwrap();
     let err = decode_video(&exe, 2, 8).unwrap_err();
-    assert!(
-        matches!(err, DatasetError::FfmpegMissing { tool: "ffprobe" }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DatasetError::FfmpegMissing { tool: "ffprobe" }), "{err:?}");
     assert!(err.to_string().contains("apt-get install ffmpeg"), "{err}");
     let err = decode_images(&[exe], 8).unwrap_err();
-    assert!(
-        matches!(err, DatasetError::FfmpegMissing { tool: "ffmpeg" }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DatasetError::FfmpegMissing { tool: "ffmpeg" }), "{err:?}");
 }
 
 #[test]
 fn data_specs_open_every_kind_and_reject_bad_ones_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let (videos, splits) = fake_ucf(tmp.path());
-    let spec = format!(
-        "ucf101:{},splits={},part=test",
-        videos.display(),
-        splits.display()
-    );
+    let spec = format!("ucf101:{},splits={},part=test", videos.display(), splits.display());
     let ucf = clipact_host::dataset::open_source(&spec).unwrap();
     assert_eq!((ucf.len(), ucf.classes()[1].as_str()), (2, "yo yo"));
     let spec = format!("folder:{}", videos.display());
     assert_eq!(clipact_host::dataset::open_source(&spec).unwrap().len(), 6);
-    let synthetic =
-        clipact_host::dataset::open_source("synthetic:split=ood,seed=3,clips=2").unwrap();
+    let synthetic = clipact_host::dataset::open_source("synthetic:split=ood,seed=3,clips=2").unwrap();
     assert_eq!(synthetic.len(), 2 * world::actions_in(Split::Ood).len());
     assert!(synthetic.describe(0).contains("ood") && synthetic.describe(0).contains("seed=3"));
     for (spec, says) in [
@@ -587,17 +441,11 @@ fn data_specs_open_every_kind_and_reject_bad_ones_clearly() {
         ("synthetic:split=val", "val"),
         ("synthetic:split=id,clips=many", "not a number"),
         ("ucf101:/x,part=train", "needs splits"),
-        (
-            "ucf101:/x,splits=/y,colour=red",
-            "unknown option \"colour\"",
-        ),
+        ("ucf101:/x,splits=/y,colour=red", "unknown option \"colour\""),
         ("kinetics:,videos=/v", "needs a path"),
         ("hmdb51:/x,splits=/y,part=both", "train or test"),
     ] {
-        let err = clipact_host::dataset::open_source(spec)
-            .err()
-            .unwrap()
-            .to_string();
+        let err = clipact_host::dataset::open_source(spec).err().unwrap().to_string();
         assert!(err.contains(says), "{spec}: {err}");
     }
 }

@@ -71,7 +71,15 @@ fn label_tokens_are_the_teachers_tokens() {
     let tj = d.join("texts.json");
     std::fs::write(&tj, serde_json::to_string(&texts).unwrap()).unwrap();
     let emb = d.join("emb.safetensors");
-    host_ok(&["clip-embed", "--model", tiny().to_str().unwrap(), "--texts", tj.to_str().unwrap(), "--out", emb.to_str().unwrap()]);
+    host_ok(&[
+        "clip-embed",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--texts",
+        tj.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
     let emb = load(&emb);
     let mask = i64s(&emb["attention_mask"]);
     let tok = f32s(&emb["text_token_embeds"]);
@@ -202,7 +210,15 @@ fn long_texts_are_truncated_with_eot_last() {
     let tj = d.join("texts.json");
     std::fs::write(&tj, serde_json::to_string(&[long]).unwrap()).unwrap();
     let emb = d.join("emb.safetensors");
-    let out = host_ok(&["clip-embed", "--model", tiny().to_str().unwrap(), "--texts", tj.to_str().unwrap(), "--out", emb.to_str().unwrap()]);
+    let out = host_ok(&[
+        "clip-embed",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--texts",
+        tj.to_str().unwrap(),
+        "--out",
+        emb.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
     let emb = load(&emb);
     let ids = i64s(&emb["input_ids"]);

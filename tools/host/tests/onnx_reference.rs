@@ -101,12 +101,7 @@ fn exported_bundle_passes_onnx_checker_and_onnxruntime() {
     label_set(32, "test-space").save_atomic(&labels).unwrap();
 
     let bundle = dir.path().join("bundle");
-    let opts = BundleOptions {
-        name: "reference-test".into(),
-        labels: Some(labels),
-        int8: true,
-        ..Default::default()
-    };
+    let opts = BundleOptions { name: "reference-test".into(), labels: Some(labels), int8: true, ..Default::default() };
     let summary = export::write_bundle(&Tower::Student(student_dir), &bundle, &opts).unwrap();
     assert_eq!(summary.manifest.space_id, "test-space");
     assert_eq!(summary.manifest.encoder.int8_file.as_deref(), Some(export::INT8_ENCODER_FILE));
@@ -116,10 +111,7 @@ fn exported_bundle_passes_onnx_checker_and_onnxruntime() {
     let (px, expect) = (dir.path().join("pixels.safetensors"), dir.path().join("expect.safetensors"));
     save(&HashMap::from([("pixel_values".to_string(), x)]), &px);
     save(
-        &HashMap::from([
-            ("embedding".to_string(), out.embedding),
-            ("weight_logit".to_string(), out.weight_logit),
-        ]),
+        &HashMap::from([("embedding".to_string(), out.embedding), ("weight_logit".to_string(), out.weight_logit)]),
         &expect,
     );
     let path = |p: &Path| p.to_str().unwrap().to_owned();
@@ -145,7 +137,9 @@ fn exported_bundle_passes_onnx_checker_and_onnxruntime() {
         // TRAPS.md: onnxruntime's u8×s8 kernels saturate on x86 without VNNI, so the 8-bit
         // file only has to load and run there; 7-bit weights (`reduce_range`) cannot
         // saturate, so that variant must agree.
-        eprintln!("x86 CPU without VNNI: 8-bit int8 file cosine {int8_cosine:.5} (not asserted); checking the 7-bit variant");
+        eprintln!(
+            "x86 CPU without VNNI: 8-bit int8 file cosine {int8_cosine:.5} (not asserted); checking the 7-bit variant"
+        );
         assert!(int8_cosine.is_finite(), "{report}");
         let reduced = dir.path().join("encoder.int8.reduced.onnx");
         let opts = clipact::quantize::QuantizeOptions { reduce_range: true, ..Default::default() };

@@ -60,9 +60,8 @@ fn check_parity(ours: &HashMap<String, Tensor>, tol: f32, label: &str) {
     // transposed) to [images, texts], so compare with the definition instead:
     // exp(logit_scale) * image_embeds . text_embedsᵀ from the reference embeddings.
     let scale = f32s(&load(&tiny().join("model.safetensors"))["logit_scale"])[0].exp();
-    let expected = (reference["image_embeds"].matmul(&reference["text_embeds"].t().unwrap()).unwrap()
-        * f64::from(scale))
-    .unwrap();
+    let expected =
+        (reference["image_embeds"].matmul(&reference["text_embeds"].t().unwrap()).unwrap() * f64::from(scale)).unwrap();
     let err = max_abs_diff(&f32s(&ours["logits_per_image"]), &f32s(&expected));
     eprintln!("[{label}] logits_per_image: max abs error {err:.3e}");
     assert!(err <= tol * 20.0, "[{label}] logits_per_image: {err}");

@@ -88,11 +88,7 @@ fn text(bytes: &[u8]) -> String {
 #[track_caller]
 fn assert_accepted(out: &Output, version: u64) {
     let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "push failed: {stdout}\n{}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "push failed: {stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("accepted"), "{stdout}");
     assert!(stdout.contains(&format!("version {version}")), "{stdout}");
 }
@@ -153,10 +149,7 @@ async fn push_over_tcp() {
     let v9 = files.set("v9.cls", &set(4, 9, 1));
     assert_rejected(&push(args(&to, &v9, None, &[])).await, "authentication failed");
     let wrong = files.path("wrong.key");
-    assert_rejected(
-        &push(args(&to, &v9, Some(&wrong), &[])).await,
-        "authentication failed",
-    );
+    assert_rejected(&push(args(&to, &v9, Some(&wrong), &[])).await, "authentication failed");
     assert_eq!(*applied.lock().unwrap(), vec![4, 2]);
     assert_eq!(LabelSet::load(&device_file).unwrap().version, 2);
 
@@ -171,13 +164,7 @@ async fn push_over_tcp() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let out = push(args(
-        &format!("tcp://127.0.0.1:{port_closed}"),
-        &v9,
-        Some(&files.key()),
-        &[],
-    ))
-    .await;
+    let out = push(args(&format!("tcp://127.0.0.1:{port_closed}"), &v9, Some(&files.key()), &[])).await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("connecting to"), "{}", text(&out.stderr));
 }

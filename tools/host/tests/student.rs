@@ -48,8 +48,8 @@ fn assert_all_grads(student: &Student, varmap: &candle_nn::VarMap, side: usize) 
         let nt = target.sqr().unwrap().sum(D::Minus1).unwrap().sqrt().unwrap();
         (dot / (ne * nt).unwrap()).unwrap()
     };
-    let loss = ((1.0 - cos).unwrap().mean_all().unwrap() + out.weight_logit.sqr().unwrap().mean_all().unwrap())
-        .unwrap();
+    let loss =
+        ((1.0 - cos).unwrap().mean_all().unwrap() + out.weight_logit.sqr().unwrap().mean_all().unwrap()).unwrap();
     let grads = loss.backward().unwrap();
     let data = varmap.data().lock().unwrap();
     assert_eq!(data.len(), student.parameters().len(), "every parameter is a variable");
@@ -186,12 +186,8 @@ fn exported_teacher_matches_candle_and_transformers() {
 fn exported_teacher_with_a_head_file() {
     // A trained f_v for the teacher: take a random student's head (same D) as the file.
     let (student, _) = Student::random(&tiny_config(), &Device::Cpu, 5).unwrap();
-    let head: std::collections::HashMap<String, Tensor> = student
-        .parameters()
-        .iter()
-        .filter(|(n, _)| n.starts_with("frame_weight."))
-        .cloned()
-        .collect();
+    let head: std::collections::HashMap<String, Tensor> =
+        student.parameters().iter().filter(|(n, _)| n.starts_with("frame_weight.")).cloned().collect();
     let dir = tempfile::tempdir().unwrap();
     let head_path = dir.path().join("head.safetensors");
     save(&head, &head_path);
@@ -224,7 +220,8 @@ fn full_inheritance_reproduces_the_teacher() {
     let (student, varmap) = Student::from_teacher_dir(&tiny(), &cfg, None, 0, &Device::Cpu).unwrap();
     let teacher = Teacher::load(&tiny(), &Device::Cpu).unwrap();
     let x = pixels(2, 32, 4);
-    let want = teacher.model.visual_projection.forward(&teacher.model.vision_model.forward(&x).unwrap().pooled).unwrap();
+    let want =
+        teacher.model.visual_projection.forward(&teacher.model.vision_model.forward(&x).unwrap().pooled).unwrap();
     let got = student.forward(&x).unwrap().embedding;
     let err = max_abs_diff(&f32s(&got), &f32s(&want));
     assert!(err <= 1e-5, "inherited student differs from the teacher by {err}");
@@ -256,10 +253,7 @@ fn partial_inheritance_slices_layers_widths_and_positions() {
         f32s(student.parameter("encoder.layers.0.mlp.fc2.weight").unwrap()),
         slice("vision_model.encoder.layers.1.mlp.fc2.weight", 16, 32)
     );
-    assert_eq!(
-        f32s(student.parameter("visual_projection.weight").unwrap()),
-        slice("visual_projection.weight", 16, 16)
-    );
+    assert_eq!(f32s(student.parameter("visual_projection.weight").unwrap()), slice("visual_projection.weight", 16, 16));
     // Position grid 4×4 → 2×2: each new cell is the mean of a 2×2 block (bilinear at the
     // half-pixel centres); the class row is kept.
     let pos = student.parameter("embeddings.position_embedding.weight").unwrap();

@@ -26,7 +26,9 @@ fn randn(shape: &[usize], std: f64, dev: &Device) -> Tensor {
 
 /// A head with every layer non-trivial (a fresh head has zero output layers and `W_d = I`).
 fn random_head(dev: &Device, init: &mut HashMap<String, Tensor>) -> WtiHead {
-    for (name, shape) in [("f_t.2.weight", vec![1, D]), ("frame_weight.2.weight", vec![1, D]), ("temporal.weight", vec![D, D])] {
+    for (name, shape) in
+        [("f_t.2.weight", vec![1, D]), ("frame_weight.2.weight", vec![1, D]), ("temporal.weight", vec![D, D])]
+    {
         init.entry(name.into()).or_insert_with(|| randn(&shape, 0.5, dev));
     }
     init.insert("f_t.2.bias".into(), randn(&[1], 0.5, dev));
@@ -37,9 +39,12 @@ fn random_head(dev: &Device, init: &mut HashMap<String, Tensor>) -> WtiHead {
 /// set (normalized tokens, the head's `w_t`), laid out as `labels build --head` does.
 fn labels(head: &WtiHead, dev: &Device) -> (LabelTokens, LabelSet) {
     let counts = [[2, 3], [4, 2], [3, 3], [2, 2]];
-    let tokens: Vec<Vec<Vec<f32>>> =
-        counts.iter().map(|c| c.iter().map(|&n| randn(&[n * D], 1.0, dev).to_vec1::<f32>().unwrap()).collect()).collect();
-    let pooled: Vec<Vec<Vec<f32>>> = counts.iter().map(|_| (0..2).map(|_| randn(&[D], 1.0, dev).to_vec1().unwrap()).collect()).collect();
+    let tokens: Vec<Vec<Vec<f32>>> = counts
+        .iter()
+        .map(|c| c.iter().map(|&n| randn(&[n * D], 1.0, dev).to_vec1::<f32>().unwrap()).collect())
+        .collect();
+    let pooled: Vec<Vec<Vec<f32>>> =
+        counts.iter().map(|_| (0..2).map(|_| randn(&[D], 1.0, dev).to_vec1().unwrap()).collect()).collect();
     let lt = LabelTokens::new(&tokens, &pooled, D, dev).unwrap();
     let w = head.label_weights(&lt, &lt.tokens, Variant::WtiTemporal).unwrap().to_vec2::<f32>().unwrap();
     let t_hat = l2_normalize(&lt.tokens).unwrap().to_vec3::<f32>().unwrap();
@@ -85,15 +90,29 @@ fn host_temporal_head_matches_the_device() {
     let frame_values = frames.to_vec3::<f32>().unwrap();
     let mut checked = 0;
     for w in 0..b {
-        let mut scorer =
-            BundleScorer::from_parts(matrix.clone(), t, Interaction::WeightedTokenWiseTemporal, Some(TemporalHead::load(&onnx, D).unwrap())).unwrap();
+        let mut scorer = BundleScorer::from_parts(
+            matrix.clone(),
+            t,
+            Interaction::WeightedTokenWiseTemporal,
+            Some(TemporalHead::load(&onnx, D).unwrap()),
+        )
+        .unwrap();
         for len in 1..=t {
             // The host on the window of the first `len` frames (one frame: plain WTI, as the
             // device, which has no difference column yet).
             let window = frames.narrow(0, w, 1).unwrap().narrow(1, 0, len).unwrap();
-            let host = head.scores(&window, &lt, &lt.tokens, Variant::WtiTemporal).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let host = head
+                .scores(&window, &lt, &lt.tokens, Variant::WtiTemporal)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let device = scorer.push(&frame_values[w][len - 1], frame_logits[w][len - 1]).unwrap().to_vec();
-            assert!(max_abs_diff(&host, &device) < 1e-4, "window {w}, {len} frames: host {host:?} vs device {device:?}");
+            assert!(
+                max_abs_diff(&host, &device) < 1e-4,
+                "window {w}, {len} frames: host {host:?} vs device {device:?}"
+            );
             checked += 1;
         }
         // The batch definition on the full window agrees too.
@@ -112,13 +131,26 @@ fn host_temporal_head_matches_the_device() {
     // Difference columns matter: plain WTI scores of the full windows differ.
     let plain = head.scores(&frames, &lt, &lt.tokens, Variant::Wti).unwrap();
     let temporal = head.scores(&frames, &lt, &lt.tokens, Variant::WtiTemporal).unwrap();
-    let gap = (plain - temporal).unwrap().abs().unwrap().max_keepdim(1).unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let gap = (plain - temporal)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(gap > 1e-3, "temporal scores equal plain WTI ({gap})");
 }
 
 fn student_dir(dir: &Path) -> (String, Student) {
-    let cfg: StudentConfig =
-        serde_json::from_str(&format!(r#"{{"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "projection_dim": {D}}}"#)).unwrap();
+    let cfg: StudentConfig = serde_json::from_str(&format!(
+        r#"{{"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "projection_dim": {D}}}"#
+    ))
+    .unwrap();
     let (student, _) = Student::random(&cfg, &Device::Cpu, 3).unwrap();
     let path = dir.join("student");
     student.save(&path).unwrap();
@@ -144,10 +176,18 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
     set.save_atomic(&labels_path).unwrap();
     let out = dir.path().join("bundle");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["export", "--student", &student_path, "--labels", labels_path.to_str().unwrap(), "--out", out.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut a: Vec<String> = [
+            "export",
+            "--student",
+            &student_path,
+            "--labels",
+            labels_path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -180,8 +220,15 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
     foreign.save_atomic(&foreign_path).unwrap();
     let refused = dir.path().join("refused");
     let out_fail = host_err(&[
-        "export", "--student", &student_path, "--labels", foreign_path.to_str().unwrap(), "--out", refused.to_str().unwrap(),
-        "--temporal-head", head_path.to_str().unwrap(),
+        "export",
+        "--student",
+        &student_path,
+        "--labels",
+        foreign_path.to_str().unwrap(),
+        "--out",
+        refused.to_str().unwrap(),
+        "--temporal-head",
+        head_path.to_str().unwrap(),
     ]);
     assert!(out_fail.contains("made through head 00000000deadbeef"), "{out_fail}");
     assert!(!refused.exists(), "a refused export writes nothing");
@@ -197,12 +244,24 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
     other.insert("frame_weight.0.bias".into(), randn(&[D], 1.0, &dev));
     let other_path = dir.path().join("other_head.safetensors");
     candle_core::safetensors::save(&other, &other_path).unwrap();
-    let e = host_err(&args(&["--force", "--temporal-head", other_path.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
+    let e = host_err(
+        &args(&["--force", "--temporal-head", other_path.to_str().unwrap()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert!(e.contains("student_temporal") && e.contains("frame_weight.0.bias"), "{e}");
     let fresh = dir.path().join("never");
     let e = host_err(&[
-        "export", "--student", &student_path, "--labels", labels_path.to_str().unwrap(), "--out", fresh.to_str().unwrap(),
-        "--temporal-head", other_path.to_str().unwrap(),
+        "export",
+        "--student",
+        &student_path,
+        "--labels",
+        labels_path.to_str().unwrap(),
+        "--out",
+        fresh.to_str().unwrap(),
+        "--temporal-head",
+        other_path.to_str().unwrap(),
     ]);
     assert!(e.contains("student_temporal"), "{e}");
     assert!(!fresh.exists(), "a refused export writes nothing");
@@ -210,9 +269,15 @@ fn export_ships_the_temporal_head_with_the_students_f_v() {
     // it is named.
     other.remove("temporal.weight");
     candle_core::safetensors::save(&other, &other_path).unwrap();
-    let e = host_err(&args(&["--force", "--temporal-head", other_path.to_str().unwrap()]).iter().map(String::as_str).collect::<Vec<_>>());
+    let e = host_err(
+        &args(&["--force", "--temporal-head", other_path.to_str().unwrap()])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert!(e.contains("temporal.weight"), "{e}");
     // wti-temporal without a head.
-    let e = host_err(&args(&["--force", "--interaction", "wti-temporal"]).iter().map(String::as_str).collect::<Vec<_>>());
+    let e =
+        host_err(&args(&["--force", "--interaction", "wti-temporal"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("--temporal-head"), "{e}");
 }

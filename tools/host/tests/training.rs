@@ -13,7 +13,9 @@ use clipact::world::{self, RenderConfig, Split};
 use clipact_host::adapt::{adapt, AdaptOptions};
 use clipact_host::clip::Teacher;
 use clipact_host::distill::{distill, DistillOptions};
-use clipact_host::labelset::{build_label_set, head_fingerprint, head_space_id, BuildOptions, LabelSpec, TokenWeightHead};
+use clipact_host::labelset::{
+    build_label_set, head_fingerprint, head_space_id, BuildOptions, LabelSpec, TokenWeightHead,
+};
 use clipact_host::pretrain::{pretrain, PretrainOptions};
 use clipact_host::student::Student;
 use clipact_host::tokenizer::ClipTokenizer;
@@ -105,10 +107,17 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     // from streams (idle windows taught as the background label): that phase's loss falls, and
     // the student `train` saves is not the one it was given.
     let tuned_dir = root.path().join("head-tuned");
-    let o = TrainOptions { encoder_lr: 2e-3, temporal: true, randomize_appearance: 0.5, stream_windows: 0.5, ..tiny_head() };
+    let o = TrainOptions {
+        encoder_lr: 2e-3,
+        temporal: true,
+        randomize_appearance: 0.5,
+        stream_windows: 0.5,
+        ..tiny_head()
+    };
     train(&teacher_dir, &student_dir, &tuned_dir, &o, false, &dev, false)?;
-    let meta: clipact_host::train::checkpoint::CheckpointMeta =
-        serde_json::from_str(&std::fs::read_to_string(tuned_dir.join("checkpoint-encoder").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
+    let meta: clipact_host::train::checkpoint::CheckpointMeta = serde_json::from_str(&std::fs::read_to_string(
+        tuned_dir.join("checkpoint-encoder").join(clipact_host::train::checkpoint::CHECKPOINT_META),
+    )?)?;
     assert_falls("train --encoder-lr", &meta.history, 0.97);
     let (given, _) = Student::load(&student_dir, &dev)?;
     let (tuned, _) = Student::load(&tuned_dir.join("student_temporal"), &dev)?;
@@ -116,7 +125,13 @@ fn every_training_command_learns() -> anyhow::Result<()> {
         .parameters()
         .iter()
         .filter(|(name, _)| !name.starts_with("frame_weight."))
-        .map(|(name, t)| Ok((t - tuned.parameter(name).expect("same parameters"))?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?))
+        .map(|(name, t)| {
+            Ok((t - tuned.parameter(name).expect("same parameters"))?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?)
+        })
         .collect::<anyhow::Result<Vec<f32>>>()?;
     assert!(moved.iter().all(|&m| m > 0.0), "some encoder parameters did not move: {moved:?}");
 
@@ -132,7 +147,12 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     };
     let tuned_head = Some(tuned_dir.join("head_temporal.safetensors"));
     let max_abs = |t: Tensor| -> anyhow::Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
-    let still = |init_head: Option<std::path::PathBuf>| TrainOptions { schedule: Schedule { steps: 2, lr: 1e-12, ..o.schedule.clone() }, encoder_lr: 1e-12, init_head, ..o.clone() };
+    let still = |init_head: Option<std::path::PathBuf>| TrainOptions {
+        schedule: Schedule { steps: 2, lr: 1e-12, ..o.schedule.clone() },
+        encoder_lr: 1e-12,
+        init_head,
+        ..o.clone()
+    };
     let stage2_dir = stage("head-stage2", still(tuned_head.clone()))?;
     let load = |dir: &Path| candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev);
     let (first, second) = (load(&tuned_dir)?, load(&stage2_dir)?);
@@ -145,16 +165,28 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     partial.remove("temporal.weight");
     let partial_path = root.path().join("no-temporal.safetensors");
     candle_core::safetensors::save(&partial, &partial_path)?;
-    let err = format!("{:#}", stage("head-stage2", still(Some(partial_path))).expect_err("a head without W_d cannot start a temporal one"));
+    let err = format!(
+        "{:#}",
+        stage("head-stage2", still(Some(partial_path))).expect_err("a head without W_d cannot start a temporal one")
+    );
     assert!(err.contains("lacks temporal.weight"), "{err}");
 
     // train --wise-ft: every fine-tuned weight (tower, projection, head) ends at α of the way
     // from the start to where the same stage ends without it.
-    let moving = |wise_ft: Option<f64>| TrainOptions { schedule: Schedule { steps: 3, ..o.schedule.clone() }, init_head: tuned_head.clone(), wise_ft, ..o.clone() };
+    let moving = |wise_ft: Option<f64>| TrainOptions {
+        schedule: Schedule { steps: 3, ..o.schedule.clone() },
+        init_head: tuned_head.clone(),
+        wise_ft,
+        ..o.clone()
+    };
     let (tuned_again, averaged) = (stage("stage-tuned", moving(None))?, stage("stage-wise-ft", moving(Some(0.25)))?);
     let weights = |dir: &Path| -> anyhow::Result<HashMap<String, Tensor>> {
         let mut w = candle_core::safetensors::load(dir.join("student_temporal").join("model.safetensors"), &dev)?;
-        w.extend(candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev)?.into_iter().map(|(n, t)| (format!("head.{n}"), t)));
+        w.extend(
+            candle_core::safetensors::load(dir.join("head_temporal.safetensors"), &dev)?
+                .into_iter()
+                .map(|(n, t)| (format!("head.{n}"), t)),
+        );
         Ok(w)
     };
     let (start, end, avg) = (weights(&tuned_dir)?, weights(&tuned_again)?, weights(&averaged)?);
@@ -167,7 +199,11 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     }
     assert!(moved > start.len() / 2, "only {moved} of {} weights moved in the stage", start.len());
     let no_start = TrainOptions { wise_ft: Some(0.5), ..o.clone() };
-    let err = format!("{:#}", train(&teacher_dir, &student_dir, &root.path().join("no-start"), &no_start, false, &dev, false).expect_err("nothing to average with"));
+    let err = format!(
+        "{:#}",
+        train(&teacher_dir, &student_dir, &root.path().join("no-start"), &no_start, false, &dev, false)
+            .expect_err("nothing to average with")
+    );
     assert!(err.contains("needs --init-head"), "{err}");
 
     // adapt: cross-modal adaptation improves over zero-shot on the held-out actions.
@@ -186,12 +222,20 @@ fn every_training_command_learns() -> anyhow::Result<()> {
     let set = clipact::labels::LabelSet::load(&adapt_dir.join("labels.cls"))?;
     assert_eq!(set.labels.len(), world::ZEROSHOT_ACTIONS.len());
     // Its space names the head it was adapted through (the bundle's).
-    let head_space = |file: &Path| -> anyhow::Result<String> { Ok(head_space_id(&teacher.space_id, &head_fingerprint(file)?)) };
+    let head_space =
+        |file: &Path| -> anyhow::Result<String> { Ok(head_space_id(&teacher.space_id, &head_fingerprint(file)?)) };
     assert_eq!(set.space_id, head_space(&head_dir.join("head.safetensors"))?);
     // adapt --temporal, over several support draws: its label set carries the temporal head's
     // token weights, not the plain head's of the same `train` run.
     let adapted = |temporal: bool, name: &str| -> anyhow::Result<clipact::labels::LabelSet> {
-        let points = adapt(&teacher_dir, &tuned_dir, &root.path().join(name), &AdaptOptions { temporal, trials: 2, ..o.clone() }, &dev, false)?;
+        let points = adapt(
+            &teacher_dir,
+            &tuned_dir,
+            &root.path().join(name),
+            &AdaptOptions { temporal, trials: 2, ..o.clone() },
+            &dev,
+            false,
+        )?;
         assert_eq!(points.iter().map(|p| p.shots).collect::<Vec<_>>(), [0, 4]);
         Ok(clipact::labels::LabelSet::load(&root.path().join(name).join("labels.cls"))?)
     };
@@ -227,8 +271,9 @@ fn wti_head_beats_chance_on_its_training_windows() -> anyhow::Result<()> {
     distill(&teacher_dir, &student_dir, &o, false, &dev, false)?;
     let o = tiny_head();
     train(&teacher_dir, &student_dir, &head_dir, &o, false, &dev, false)?;
-    let meta: clipact_host::train::checkpoint::CheckpointMeta =
-        serde_json::from_str(&std::fs::read_to_string(head_dir.join("checkpoint-wti").join(clipact_host::train::checkpoint::CHECKPOINT_META))?)?;
+    let meta: clipact_host::train::checkpoint::CheckpointMeta = serde_json::from_str(&std::fs::read_to_string(
+        head_dir.join("checkpoint-wti").join(clipact_host::train::checkpoint::CHECKPOINT_META),
+    )?)?;
     let batch = meta.history.last("batch top-1").unwrap();
     assert!(batch > 2.0 / 15.0, "training-batch top-1 {batch} is not above chance (1/15)");
     Ok(())
@@ -243,14 +288,20 @@ fn head_matches_device(teacher: &Teacher, tok: &ClipTokenizer, head_dir: &Path, 
     let specs: Vec<LabelSpec> = actions
         .iter()
         .enumerate()
-        .map(|(i, &a)| LabelSpec { name: world::ACTIONS[a].name.into(), description: world::ACTIONS[a].description.into(), threshold: None, line: i + 1 })
+        .map(|(i, &a)| LabelSpec {
+            name: world::ACTIONS[a].name.into(),
+            description: world::ACTIONS[a].description.into(),
+            threshold: None,
+            line: i + 1,
+        })
         .collect();
     let templates: Vec<String> = WORLD_TEMPLATES.iter().map(|s| s.to_string()).collect();
     let ft = TokenWeightHead::load(&head_dir.join("head.safetensors"), d, dev)?;
     let opts = BuildOptions { version: 1, default_threshold: None, batch_size: 64, progress: false };
     let set = build_label_set(teacher, tok, &specs, &templates, Some(&ft), Path::new("labels.txt"), &opts)?;
     let matrix = clipact::wti::LabelMatrix::new(&set);
-    let texts = data::encode_label_texts(teacher, tok, actions.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
+    let texts =
+        data::encode_label_texts(teacher, tok, actions.iter().map(|&a| data::prompts(a, WORLD_TEMPLATES)).collect())?;
     let labels = LabelTokens::new(&texts.tokens, &texts.pooled, d, dev)?;
     let size = student.config().image_size as u32;
     let clips = data::render_clips(Split::Id, &actions[..3], 1, 9, &RenderConfig { size, frames: 4 }, false);
@@ -266,7 +317,10 @@ fn head_matches_device(teacher: &Teacher, tok: &ClipTokenizer, head_dir: &Path, 
         ] {
             let mut device_scores = vec![0f32; actions.len()];
             clipact::wti::score_window(&matrix, &emb, &logits, interaction, &mut device_scores)?;
-            let host = head.scores(&out.embedding.unsqueeze(0)?, &labels, &labels.tokens, variant)?.flatten_all()?.to_vec1::<f32>()?;
+            let host = head
+                .scores(&out.embedding.unsqueeze(0)?, &labels, &labels.tokens, variant)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             for (a, b) in host.iter().zip(&device_scores) {
                 assert!((a - b).abs() < 1e-4, "{variant:?}: host {host:?} vs device {device_scores:?}");
             }
@@ -293,7 +347,14 @@ fn resumed_pretrain_equals_an_uninterrupted_run() -> anyhow::Result<()> {
     let split = root.path().join("split");
     pretrain(&split, &PretrainOptions { stop_after: Some(4), ..o.clone() }, false, &dev, false)?;
     // Other settings refuse to resume.
-    let err = pretrain(&split, &PretrainOptions { schedule: Schedule { lr: 1.0, ..o.schedule.clone() }, ..o.clone() }, true, &dev, false).unwrap_err();
+    let err = pretrain(
+        &split,
+        &PretrainOptions { schedule: Schedule { lr: 1.0, ..o.schedule.clone() }, ..o.clone() },
+        true,
+        &dev,
+        false,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("other settings"), "{err:#}");
     pretrain(&split, &o, true, &dev, false)?;
     let a = candle_core::safetensors::load(whole.join("model.safetensors"), &dev)?;

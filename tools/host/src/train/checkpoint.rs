@@ -49,7 +49,8 @@ pub fn save(dir: &Path, opt: &AdamW, meta: &CheckpointMeta) -> anyhow::Result<()
     candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join(CHECKPOINT_WEIGHTS))?;
     let tmp = dir.join(format!("{CHECKPOINT_META}.tmp"));
-    std::fs::write(&tmp, serde_json::to_string_pretty(meta)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(meta)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join(CHECKPOINT_META))?;
     Ok(())
 }
@@ -70,14 +71,9 @@ pub fn restore(
 ) -> anyhow::Result<CheckpointMeta> {
     let meta_path = dir.join(CHECKPOINT_META);
     let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a clipact-host checkpoint", meta_path.display()))?;
-    ensure!(
-        meta.command == command,
-        "{} was written by `{}`, not `{command}`",
-        meta_path.display(),
-        meta.command
-    );
+    let meta: CheckpointMeta = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a clipact-host checkpoint", meta_path.display()))?;
+    ensure!(meta.command == command, "{} was written by `{}`, not `{command}`", meta_path.display(), meta.command);
     ensure!(
         &meta.settings == settings,
         "{} was written with other settings; resume with the same flags or use a new --out\n  checkpoint: {}\n  now:        {}",
@@ -110,7 +106,12 @@ mod tests {
         let dev = Device::Cpu;
         let dir = tempfile::tempdir()?;
         let a = Var::new(&[1.0f32, 2.0], &dev)?;
-        let groups = vec![ParamGroup { lr_scale: 1.0, name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }];
+        let groups = vec![ParamGroup {
+            lr_scale: 1.0,
+            name: "g".into(),
+            weight_decay: 0.0,
+            vars: vec![("a".into(), a.clone())],
+        }];
         let mut opt = AdamW::new(groups.clone(), AdamConfig::default())?;
         let grads = a.as_tensor().sqr()?.sum_all()?.backward()?;
         opt.step(&grads, 0.1, None)?;
@@ -129,7 +130,12 @@ mod tests {
         // A fresh optimizer over a variable with other values resumes to the saved ones.
         let b = Var::new(&[9.0f32, 9.0], &dev)?;
         let mut fresh = AdamW::new(
-            vec![ParamGroup { lr_scale: 1.0, name: "g".into(), weight_decay: 0.0, vars: vec![("a".into(), b.clone())] }],
+            vec![ParamGroup {
+                lr_scale: 1.0,
+                name: "g".into(),
+                weight_decay: 0.0,
+                vars: vec![("a".into(), b.clone())],
+            }],
             AdamConfig::default(),
         )?;
         let back = restore(dir.path(), "train", &settings, &mut fresh, &dev)?;
@@ -138,7 +144,8 @@ mod tests {
         assert_eq!(b.as_tensor().to_vec1::<f32>()?, saved);
         let err = restore(dir.path(), "adapt", &settings, &mut fresh, &dev).unwrap_err().to_string();
         assert!(err.contains("not `adapt`"), "{err}");
-        let err = restore(dir.path(), "train", &serde_json::json!({"lr": 1}), &mut fresh, &dev).unwrap_err().to_string();
+        let err =
+            restore(dir.path(), "train", &serde_json::json!({"lr": 1}), &mut fresh, &dev).unwrap_err().to_string();
         assert!(err.contains("other settings"), "{err}");
         Ok(())
     }

@@ -373,7 +373,9 @@ pub fn write_world_label_files(dir: &std::path::Path, background: bool) -> anyho
     }
     if background {
         let (name, description) = crate::train::data::BACKGROUND_LABEL;
-        labels.push_str(&format!("# No action: trained on idle stretches; `calibrate --background {name}`\n{name}: {description}\n"));
+        labels.push_str(&format!(
+            "# No action: trained on idle stretches; `calibrate --background {name}`\n{name}: {description}\n"
+        ));
     }
     std::fs::write(dir.join("world_labels.txt"), labels)?;
     let mut templates = String::from("# Prompt templates for the world's descriptions (whole phrases)\n");

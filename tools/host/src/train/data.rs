@@ -31,11 +31,10 @@ pub fn render_clips(
     cfg: &RenderConfig,
     progress: bool,
 ) -> Vec<Clip> {
-    let jobs: Vec<(usize, u64)> = actions
-        .iter()
-        .flat_map(|&a| (0..per_action).map(move |i| (a, clip_seed(seed, a, i))))
-        .collect();
-    let bar = if progress { super::progress_bar(jobs.len() as u64, "render") } else { indicatif::ProgressBar::hidden() };
+    let jobs: Vec<(usize, u64)> =
+        actions.iter().flat_map(|&a| (0..per_action).map(move |i| (a, clip_seed(seed, a, i)))).collect();
+    let bar =
+        if progress { super::progress_bar(jobs.len() as u64, "render") } else { indicatif::ProgressBar::hidden() };
     bar.set_message(format!("{split} clips"));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
     let mut out: Vec<Option<Clip>> = vec![None; jobs.len()];
@@ -71,11 +70,19 @@ pub fn pixels(frames: &[&[u8]], size: u32, device: &Device) -> anyhow::Result<Te
 }
 
 /// Student embeddings of every frame of `clips`: `[clips, T, D]` (unnormalized `v_t`).
-pub fn student_embeddings(student: &Student, clips: &[Clip], size: u32, batch: usize, device: &Device, progress: bool) -> anyhow::Result<Tensor> {
+pub fn student_embeddings(
+    student: &Student,
+    clips: &[Clip],
+    size: u32,
+    batch: usize,
+    device: &Device,
+    progress: bool,
+) -> anyhow::Result<Tensor> {
     let frames: Vec<&[u8]> = clips.iter().flat_map(|c| c.frames.iter().map(Vec::as_slice)).collect();
     let t = clips.first().map_or(0, |c| c.frames.len());
     anyhow::ensure!(clips.iter().all(|c| c.frames.len() == t), "clips of different lengths");
-    let bar = if progress { super::progress_bar(frames.len() as u64, "embed") } else { indicatif::ProgressBar::hidden() };
+    let bar =
+        if progress { super::progress_bar(frames.len() as u64, "embed") } else { indicatif::ProgressBar::hidden() };
     let mut parts = Vec::new();
     for chunk in frames.chunks(batch.max(1)) {
         let px = pixels(chunk, size, device)?;
@@ -89,8 +96,15 @@ pub fn student_embeddings(student: &Student, clips: &[Clip], size: u32, batch: u
 }
 
 /// Teacher image embeddings (projected, unnormalized) of RGB8 frames: `[N, D]`.
-pub fn teacher_image_embeddings(teacher: &Teacher, frames: &[&[u8]], size: u32, batch: usize, progress: bool) -> anyhow::Result<Tensor> {
-    let bar = if progress { super::progress_bar(frames.len() as u64, "teacher") } else { indicatif::ProgressBar::hidden() };
+pub fn teacher_image_embeddings(
+    teacher: &Teacher,
+    frames: &[&[u8]],
+    size: u32,
+    batch: usize,
+    progress: bool,
+) -> anyhow::Result<Tensor> {
+    let bar =
+        if progress { super::progress_bar(frames.len() as u64, "teacher") } else { indicatif::ProgressBar::hidden() };
     let mut parts = Vec::new();
     for chunk in frames.chunks(batch.max(1)) {
         let px = pixels(chunk, size, &teacher.device)?;
@@ -114,12 +128,13 @@ pub struct LabelTexts {
 }
 
 /// Encodes `texts[c][k]` with the teacher.
-pub fn encode_label_texts(teacher: &Teacher, tokenizer: &crate::tokenizer::ClipTokenizer, texts: Vec<Vec<String>>) -> anyhow::Result<LabelTexts> {
-    let flat: Vec<Vec<u32>> = texts
-        .iter()
-        .flatten()
-        .map(|t| tokenizer.encode(t).map(|x| x.ids))
-        .collect::<anyhow::Result<_>>()?;
+pub fn encode_label_texts(
+    teacher: &Teacher,
+    tokenizer: &crate::tokenizer::ClipTokenizer,
+    texts: Vec<Vec<String>>,
+) -> anyhow::Result<LabelTexts> {
+    let flat: Vec<Vec<u32>> =
+        texts.iter().flatten().map(|t| tokenizer.encode(t).map(|x| x.ids)).collect::<anyhow::Result<_>>()?;
     let feats = crate::embed::encode_texts(teacher, &flat, 256)?;
     let mut it = feats.into_iter();
     let mut tokens = Vec::new();
@@ -186,7 +201,13 @@ pub fn window_target(truth: &[Option<usize>], min_frames: usize) -> WindowTarget
 /// in (the frames before it are skipped, not drawn): RGB8 frames `size × size` and the action
 /// of each (`None` while idle). The stream shows actions at their own pace (16-28 frames) with
 /// idle stretches between them, unlike a clip, which fits one whole action into its window.
-pub fn stream_window(split: Split, seed: u64, start: usize, frames: usize, size: u32) -> (Vec<Vec<u8>>, Vec<Option<usize>>) {
+pub fn stream_window(
+    split: Split,
+    seed: u64,
+    start: usize,
+    frames: usize,
+    size: u32,
+) -> (Vec<Vec<u8>>, Vec<Option<usize>>) {
     let mut stream = world::WorldStream::new(seed, split, size);
     for _ in 0..start {
         stream.skip_frame();
@@ -224,7 +245,8 @@ mod tests {
         for (k, want) in truth.iter().enumerate() {
             let (frame, t) = stream.next_frame();
             assert_eq!(t.action, *want, "frame {k}");
-            let diff = frame.data.iter().zip(&pixels[k]).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / frame.data.len() as f64;
+            let diff = frame.data.iter().zip(&pixels[k]).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>()
+                / frame.data.len() as f64;
             assert!(diff < 10.0, "frame {k}: mean difference {diff:.1} beyond sensor noise");
         }
         assert!(pixels.iter().all(|p| p.len() == (size * size * 3) as usize));

@@ -64,7 +64,12 @@ impl LabelTokens {
     /// Builds the tensors from per-label, per-template features: `tokens[c][k]` is the
     /// `[n, D]` row-major token features of label `c`'s prompt `k`, `pooled[c][k]` its pooled
     /// (EOT) embedding.
-    pub fn new(tokens: &[Vec<Vec<f32>>], pooled: &[Vec<Vec<f32>>], dim: usize, device: &Device) -> anyhow::Result<Self> {
+    pub fn new(
+        tokens: &[Vec<Vec<f32>>],
+        pooled: &[Vec<Vec<f32>>],
+        dim: usize,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let c = tokens.len();
         ensure!(c > 0 && pooled.len() == c, "label tokens: {c} labels, {} pooled", pooled.len());
         let k = tokens[0].len();
@@ -78,7 +83,11 @@ impl LabelTokens {
             ensure!(label.len() == k, "label {ci} has {} prompts, label 0 has {k}", label.len());
             let mut count = 0;
             for (ki, t) in label.iter().enumerate() {
-                ensure!(!t.is_empty() && t.len() % dim == 0, "label {ci} prompt {ki}: {} values for dim {dim}", t.len());
+                ensure!(
+                    !t.is_empty() && t.len() % dim == 0,
+                    "label {ci} prompt {ki}: {} values for dim {dim}",
+                    t.len()
+                );
                 for _ in 0..t.len() / dim {
                     seg[(ci * n + count) * k + ki] = 1.0;
                     mask.push(1.0);
@@ -148,13 +157,10 @@ pub fn token_weights(logits: &Tensor, labels: &LabelTokens) -> candle_core::Resu
 pub fn interaction_scores(t_hat: &Tensor, w_t: &Tensor, v_hat: &Tensor, w_v: &Tensor) -> candle_core::Result<Tensor> {
     let (c, n, d) = t_hat.dims3()?;
     let (b, t, _) = v_hat.dims3()?;
-    let s = t_hat
-        .reshape((c * n, d))?
-        .matmul(&v_hat.reshape((b * t, d))?.t()?)?
-        .reshape((c, n, b, t))?;
+    let s = t_hat.reshape((c * n, d))?.matmul(&v_hat.reshape((b * t, d))?.t()?)?.reshape((c, n, b, t))?;
     // t2v: each token takes its best frame.
     let t2v = s.max(3)?.broadcast_mul(&w_t.unsqueeze(2)?)?.sum(1)?; // [C, B]
-    // v2t: each frame takes its best token.
+                                                                    // v2t: each frame takes its best token.
     let v2t = s.max(1)?.broadcast_mul(&w_v.unsqueeze(0)?)?.sum(2)?; // [C, B]
     ((t2v + v2t)? * 0.5)?.t()
 }
@@ -245,7 +251,12 @@ impl WtiHead {
     /// A fresh head for dimension `dim` (He init for the ReLU layers; `W_d` = identity;
     /// `logit_scale` = ln(1/0.07) as CLIP starts). `init` overrides variables by name (e.g.
     /// a student's `frame_weight.*`).
-    pub fn new(dim: usize, seed: u64, init: &std::collections::HashMap<String, Tensor>, device: &Device) -> anyhow::Result<Self> {
+    pub fn new(
+        dim: usize,
+        seed: u64,
+        init: &std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let mut rng = Rng::new(seed, 0x4EAD);
         let d = dim;
         let mut vars = Vec::new();
@@ -312,7 +323,12 @@ impl WtiHead {
 
     /// Token weights `[C, N]` for `variant` with the label tokens `tokens` (`[C, N, D]`,
     /// unnormalized; pass `labels.tokens` or a learned replacement).
-    pub fn label_weights(&self, labels: &LabelTokens, tokens: &Tensor, variant: Variant) -> candle_core::Result<Tensor> {
+    pub fn label_weights(
+        &self,
+        labels: &LabelTokens,
+        tokens: &Tensor,
+        variant: Variant,
+    ) -> candle_core::Result<Tensor> {
         match variant {
             Variant::Wti | Variant::WtiTemporal => token_weights(&self.f_t.forward(tokens)?, labels),
             // Uniform over the label's real tokens, as the device's unweighted TI (a label
@@ -323,7 +339,13 @@ impl WtiHead {
 
     /// Scores `[B, C]` of windows `frames` (`[B, T, D]`, unnormalized) against `labels`
     /// whose token features are `tokens` (`[C, N, D]`).
-    pub fn scores(&self, frames: &Tensor, labels: &LabelTokens, tokens: &Tensor, variant: Variant) -> candle_core::Result<Tensor> {
+    pub fn scores(
+        &self,
+        frames: &Tensor,
+        labels: &LabelTokens,
+        tokens: &Tensor,
+        variant: Variant,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = frames.dims3()?;
         let v_hat = l2_normalize(frames)?;
         if variant == Variant::Mean {

@@ -30,14 +30,14 @@ pub struct ParamGroup {
 /// are; biases, LayerNorm gains, embeddings tables of positions/classes, scalars (the logit
 /// scale) and anything one-dimensional are not.
 pub fn is_decayed(name: &str, shape: &[usize]) -> bool {
-    let no_decay_names = ["bias", "norm", "layrnorm", "class_embedding", "position_embedding", "logit_scale", "temporal"];
+    let no_decay_names =
+        ["bias", "norm", "layrnorm", "class_embedding", "position_embedding", "logit_scale", "temporal"];
     shape.len() >= 2 && !no_decay_names.iter().any(|k| name.contains(k))
 }
 
 /// Splits variables into a decayed and a non-decayed group (see [`is_decayed`]).
 pub fn decay_groups(vars: Vec<(String, Var)>, weight_decay: f64) -> Vec<ParamGroup> {
-    let (decay, no_decay): (Vec<_>, Vec<_>) =
-        vars.into_iter().partition(|(n, v)| is_decayed(n, v.as_tensor().dims()));
+    let (decay, no_decay): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(n, v)| is_decayed(n, v.as_tensor().dims()));
     vec![
         ParamGroup { lr_scale: 1.0, name: "decay".into(), weight_decay, vars: decay },
         ParamGroup { lr_scale: 1.0, name: "no_decay".into(), weight_decay: 0.0, vars: no_decay },
@@ -223,10 +223,8 @@ mod tests {
         let w = Var::zeros((2, 2), candle_core::DType::F32, &dev).unwrap();
         let b = Var::zeros(2, candle_core::DType::F32, &dev).unwrap();
         let ln = Var::zeros(2, candle_core::DType::F32, &dev).unwrap();
-        let groups = decay_groups(
-            vec![("fc.weight".into(), w), ("fc.bias".into(), b), ("layer_norm1.weight".into(), ln)],
-            0.1,
-        );
+        let groups =
+            decay_groups(vec![("fc.weight".into(), w), ("fc.bias".into(), b), ("layer_norm1.weight".into(), ln)], 0.1);
         assert_eq!(groups[0].vars.len(), 1);
         assert_eq!(groups[0].vars[0].0, "fc.weight");
         assert_eq!(groups[1].vars.len(), 2);
@@ -270,7 +268,12 @@ mod tests {
         let dev = Device::Cpu;
         let a = Var::new(&[0.0f32, 0.0], &dev)?;
         let mut opt = AdamW::new(
-            vec![ParamGroup { lr_scale: 1.0, name: "n".into(), weight_decay: 0.0, vars: vec![("a".into(), a.clone())] }],
+            vec![ParamGroup {
+                lr_scale: 1.0,
+                name: "n".into(),
+                weight_decay: 0.0,
+                vars: vec![("a".into(), a.clone())],
+            }],
             AdamConfig { beta1: 0.0, beta2: 0.0, eps: 0.0 },
         )?;
         let loss = (a.as_tensor() * 100.0)?.sum_all()?;

@@ -177,7 +177,8 @@ fn draw_history(path: &Path, title: &str, h: &History) -> DrawResult {
     chart.configure_mesh().x_desc("step").y_desc("accuracy").draw()?;
     for (k, m) in metrics.iter().enumerate() {
         let color = PALETTE[k % PALETTE.len()];
-        let pts: Vec<(f64, f64)> = h.evals.iter().filter(|e| e.metric == *m).map(|e| (e.step as f64, e.value)).collect();
+        let pts: Vec<(f64, f64)> =
+            h.evals.iter().filter(|e| e.metric == *m).map(|e| (e.step as f64, e.value)).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
             .label(*m)
@@ -237,9 +238,13 @@ fn draw_confusion(path: &Path, title: &str, names: &[String], m: &[Vec<usize>]) 
         for (j, &count) in row.iter().enumerate() {
             let f = count as f64 / total as f64;
             let shade = (255.0 * (1.0 - f)) as u8;
-            let color = if i == j { RGBColor(shade, 255 - (f * 80.0) as u8, shade) } else { RGBColor(255, shade, shade) };
+            let color =
+                if i == j { RGBColor(shade, 255 - (f * 80.0) as u8, shade) } else { RGBColor(255, shade, shade) };
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(SegmentValue::Exact(j), SegmentValue::Exact(y)), (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1))],
+                [
+                    (SegmentValue::Exact(j), SegmentValue::Exact(y)),
+                    (SegmentValue::Exact(j + 1), SegmentValue::Exact(y + 1)),
+                ],
                 color.filled(),
             )))?;
             if count > 0 {
@@ -256,7 +261,13 @@ fn draw_confusion(path: &Path, title: &str, names: &[String], m: &[Vec<usize>]) 
 }
 
 /// Grouped bars: one group per category, one bar per series (values in 0..1).
-pub fn plot_bars(path: &Path, title: &str, y_desc: &str, categories: &[String], series: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+pub fn plot_bars(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+) -> anyhow::Result<()> {
     ensure_font()?;
     finish(path, draw_bars(path, title, y_desc, categories, series))
 }
@@ -278,7 +289,11 @@ fn draw_bars(path: &Path, title: &str, y_desc: &str, cats: &[String], series: &[
         .x_labels(2 * n + 1)
         .x_label_formatter(&|x| {
             let i = x.floor() as usize;
-            if (x - i as f64 - 0.5).abs() < 1e-6 && i < names.len() { names[i].clone() } else { String::new() }
+            if (x - i as f64 - 0.5).abs() < 1e-6 && i < names.len() {
+                names[i].clone()
+            } else {
+                String::new()
+            }
         })
         .y_desc(y_desc)
         .draw()?;
@@ -309,12 +324,24 @@ fn draw_bars(path: &Path, title: &str, y_desc: &str, cats: &[String], series: &[
 }
 
 /// Curves over a numeric x axis (e.g. accuracy over K shots), values in 0..1.
-pub fn plot_lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
+pub fn plot_lines(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
     ensure_font()?;
     finish(path, draw_lines(path, title, x_desc, y_desc, series))
 }
 
-fn draw_lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> DrawResult {
+fn draw_lines(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> DrawResult {
     let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (x0, x1) = range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
@@ -452,7 +479,10 @@ fn draw_timeline(
         }
         if let Some(label) = truth[start] {
             let (x0, x1) = (start as f64 / fps, f as f64 / fps);
-            chart.draw_series(std::iter::once(Rectangle::new([(x0, -0.18), (x1, -0.06)], color(label).mix(0.6).filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x0, -0.18), (x1, -0.06)],
+                color(label).mix(0.6).filled(),
+            )))?;
             chart.draw_series(std::iter::once(Text::new(labels[label].clone(), (x0, -0.04), ("sans-serif", 11))))?;
         }
     }
@@ -467,7 +497,10 @@ fn draw_timeline(
     for e in events {
         let mark = if e.right { RGBColor(30, 150, 30) } else { RGBColor(210, 30, 30) };
         chart.draw_series(std::iter::once(TriangleMarker::new((e.time_s, 1.04), 8, mark.filled())))?;
-        chart.draw_series(std::iter::once(PathElement::new(vec![(e.time_s, -0.06), (e.time_s, 1.0)], color(e.label).mix(0.5))))?;
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(e.time_s, -0.06), (e.time_s, 1.0)],
+            color(e.label).mix(0.5),
+        )))?;
     }
     chart
         .configure_series_labels()

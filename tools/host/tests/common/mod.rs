@@ -29,11 +29,7 @@ pub fn host(args: &[&str]) -> Output {
 /// Runs `clipact-host` and panics with its stderr unless it succeeds.
 pub fn host_ok(args: &[&str]) -> Output {
     let out = host(args);
-    assert!(
-        out.status.success(),
-        "clipact-host {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "clipact-host {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
