@@ -154,7 +154,7 @@ fn profile(path: &str, frames: usize) -> TractResult<()> {
         e.1 += 1;
     }
     let mut kinds: Vec<_> = by_kind.into_iter().collect();
-    kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1 .0));
     println!("{path}: {:.2} ms per frame, {} nodes", per_frame(total), model.nodes().len());
     for (kind, (t, n)) in kinds {
         println!(
@@ -169,7 +169,7 @@ fn profile(path: &str, frames: usize) -> TractResult<()> {
     if all {
         nodes.sort_by_key(|n| plan.order_without_consts().iter().position(|&id| id == n.0));
     } else {
-        nodes.sort_by(|a, b| b.1.cmp(&a.1));
+        nodes.sort_by_key(|n| std::cmp::Reverse(n.1));
         nodes.truncate(25);
     }
     for (id, t) in nodes {

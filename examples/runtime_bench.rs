@@ -173,10 +173,13 @@ fn overhead(dir: PathBuf, n_labels: usize, frames: usize) -> Result<()> {
     Ok(())
 }
 
+/// Each frame's stream time and the action it shows (None: the figure is idle).
+type Truths = Arc<Mutex<Vec<(Duration, Option<&'static str>)>>>;
+
 /// Records each frame's ground truth as the runtime's capture thread takes it.
 struct Recording {
     inner: Synthetic,
-    truths: Arc<Mutex<Vec<(Duration, Option<&'static str>)>>>,
+    truths: Truths,
 }
 
 impl FrameSource for Recording {
@@ -254,11 +257,7 @@ fn latency(dir: &Path, seconds: f64, split: &str, seed: u64, threshold: f32) -> 
     }
     // Whether `label` was on (a `new` not yet ended) just before stream time `t`.
     let active_at = |label: &str, t: f64| {
-        events
-            .iter()
-            .filter(|e| &*e.label == label && e.time_s < t - 1e-9)
-            .last()
-            .is_some_and(|e| e.kind == EventKind::New)
+        events.iter().rfind(|e| &*e.label == label && e.time_s < t - 1e-9).is_some_and(|e| e.kind == EventKind::New)
     };
     // An event may come up to one window after the action's last frame (the window still
     // holds it).

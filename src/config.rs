@@ -733,8 +733,8 @@ fn check_decision(table: &str, threshold: Option<f32>, hysteresis: Option<f32>) 
         }
     }
     if let Some(h) = hysteresis {
-        // `!(h >= 0)` also refuses NaN.
-        if !(h >= 0.0) || !h.is_finite() {
+        // NaN is not finite: refused too.
+        if !h.is_finite() || h < 0.0 {
             return Err(invalid(format!("{table}.hysteresis"), format!("{h} must be a finite number ≥ 0")));
         }
     }

@@ -486,6 +486,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A change that must make a label set invalid.
+    type Breakage = fn(&mut LabelSet);
+
     /// A small valid set with deterministic, normalized features.
     pub(crate) fn sample_set() -> LabelSet {
         let dim = 4;
@@ -550,7 +553,7 @@ mod tests {
 
     #[test]
     fn a_calibration_that_cannot_decide_is_refused_naming_what_is_wrong() {
-        let cases: [(&str, fn(&mut LabelSet)); 6] = [
+        let cases: [(&str, Breakage); 6] = [
             ("no threshold", |s| s.labels[1].threshold = None),
             ("probability in (0, 1]", |s| s.labels[0].threshold = Some(1.5)),
             ("1 biases", |s| s.calibration.as_mut().unwrap().biases.pop().map(drop).unwrap_or(())),
@@ -617,23 +620,20 @@ mod tests {
 
     #[test]
     fn invariants_are_checked() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut LabelSet)>)> = vec![
-            ("no labels", Box::new(|s| s.labels.clear())),
-            ("duplicate name", Box::new(|s| s.labels[1].name = "waves".into())),
-            ("empty name", Box::new(|s| s.labels[0].name = " ".into())),
-            (
-                "token features for",
-                Box::new(|s| {
-                    s.labels[0].tokens.pop();
-                }),
-            ),
-            ("not an L2-normalized", Box::new(|s| s.labels[0].tokens[0] = 5.0)),
-            ("sum to", Box::new(|s| s.labels[1].token_weights[0] = 0.9)),
-            ("non-negative", Box::new(|s| s.labels[1].token_weights[0] = f32::NAN)),
-            ("pooled embedding has", Box::new(|s| s.labels[0].pooled.push(0.0))),
-            ("embedding dim is 0", Box::new(|s| s.dim = 0)),
-            ("embedding-space id", Box::new(|s| s.space_id.clear())),
-            ("threshold", Box::new(|s| s.labels[0].threshold = Some(f32::INFINITY))),
+        let cases: [(&str, Breakage); 11] = [
+            ("no labels", |s| s.labels.clear()),
+            ("duplicate name", |s| s.labels[1].name = "waves".into()),
+            ("empty name", |s| s.labels[0].name = " ".into()),
+            ("token features for", |s| {
+                s.labels[0].tokens.pop();
+            }),
+            ("not an L2-normalized", |s| s.labels[0].tokens[0] = 5.0),
+            ("sum to", |s| s.labels[1].token_weights[0] = 0.9),
+            ("non-negative", |s| s.labels[1].token_weights[0] = f32::NAN),
+            ("pooled embedding has", |s| s.labels[0].pooled.push(0.0)),
+            ("embedding dim is 0", |s| s.dim = 0),
+            ("embedding-space id", |s| s.space_id.clear()),
+            ("threshold", |s| s.labels[0].threshold = Some(f32::INFINITY)),
         ];
         for (expected, corrupt) in cases {
             let mut set = sample_set();

@@ -758,6 +758,9 @@ pub struct OutputAgreement {
     pub max_abs_diff: f32,
 }
 
+/// A plan ready to run, its input shape and its output names.
+type LoadedPlan = (Arc<TypedSimplePlan>, Vec<usize>, Vec<String>);
+
 /// Runs `reference` and `candidate` (ONNX bytes with one f32 input of a static shape and the
 /// same outputs) with tract on every input in `inputs` and compares their outputs by name.
 ///
@@ -768,7 +771,7 @@ pub fn compare_models(
     inputs: &[Vec<f32>],
 ) -> Result<Vec<OutputAgreement>, QuantizeError> {
     let tract_err = |e: TractError| QuantizeError::Tract(format!("{e:#}"));
-    let load = |bytes: &[u8]| -> Result<(Arc<TypedSimplePlan>, Vec<usize>, Vec<String>), QuantizeError> {
+    let load = |bytes: &[u8]| -> Result<LoadedPlan, QuantizeError> {
         let model = decode_model(bytes)?;
         let graph = model.graph.as_ref().expect("checked");
         let shape = input_shape(graph)?;

@@ -1487,7 +1487,7 @@ mod tests {
         sender.chunks().for_each(|c| drop(rx.handle(c)));
         let reply = rx.handle(sender.commit(&nonce, &device));
         assert_eq!(reply, Some(Message::Accepted { transfer_id: sender.transfer_id(), version: 2 }));
-        assert_eq!(*delivered.lock().unwrap(), [set.clone()]);
+        assert_eq!(*delivered.lock().unwrap(), std::slice::from_ref(&set));
         let path = dir.path().join("labels.cls");
         assert_eq!(LabelSet::load(&path).unwrap(), set);
         assert_eq!(LabelSet::load(&gate::last_good_path(&path)).unwrap(), set);

@@ -221,9 +221,12 @@ fn copy_colour(to: &Path) {
     }
 }
 
+/// Breaks a copy of a bundle in one way.
+type Breakage = fn(&Path);
+
 #[test]
 fn broken_bundles_are_refused_with_the_reason() {
-    let cases: [(&str, fn(&Path), &str); 4] = [
+    let cases: [(&str, Breakage, &str); 4] = [
         (
             "unknown manifest key",
             |d| {

@@ -72,8 +72,11 @@ fn ffmpeg_rgb(path: &Path) -> Vec<u8> {
     )
 }
 
-/// Reads every frame; returns (format, width, height, data, time) per frame.
-fn drain(source: &mut dyn FrameSource) -> Vec<(PixelFormat, u32, u32, Vec<u8>, Option<Duration>)> {
+/// (format, width, height, data, time) of one frame.
+type DrainedFrame = (PixelFormat, u32, u32, Vec<u8>, Option<Duration>);
+
+/// Reads every frame.
+fn drain(source: &mut dyn FrameSource) -> Vec<DrainedFrame> {
     let mut out = Vec::new();
     while let Some(f) = source.next_frame().unwrap() {
         out.push((f.frame.format, f.frame.width, f.frame.height, f.frame.data.to_vec(), f.time));

@@ -74,10 +74,8 @@ impl Y4mHeader {
                     }
                 }
                 "C" => colorspace = value,
-                "I" => {
-                    if !matches!(value, "p" | "?") {
-                        return Err(format!("interlaced Y4M (I{value}) is not supported; deinterlace first"));
-                    }
+                "I" if !matches!(value, "p" | "?") => {
+                    return Err(format!("interlaced Y4M (I{value}) is not supported; deinterlace first"));
                 }
                 "X" if value.eq_ignore_ascii_case("COLORRANGE=FULL") => range = Range::Full,
                 _ => {}

@@ -197,7 +197,7 @@ pub fn calibrate(
             }
         })
         .collect();
-    ensure!(kind.iter().any(|&k| k == "clips"), "every label is text-only or background: nothing to calibrate on");
+    ensure!(kind.contains(&"clips"), "every label is text-only or background: nothing to calibrate on");
 
     let mut recordings = Vec::new();
     for &seed in &o.seeds {
@@ -245,7 +245,8 @@ pub fn calibrate(
     let background: Vec<bool> = kind.iter().map(|&k| k == "background").collect();
     let all: Vec<StreamRecording> = recordings.iter().chain(&idle).cloned().collect();
     // (ranking key, calibration, thresholds, per-label tallies at them)
-    let mut best: Option<(f64, Calibration, Vec<Option<f32>>, Vec<Tally>)> = None;
+    type Candidate = (f64, Calibration, Vec<Option<f32>>, Vec<Tally>);
+    let mut best: Option<Candidate> = None;
     let combos = SCALE_FACTORS.len() * SMOOTHING_MS.len() * MIN_DURATION_MS.len();
     let mut done = 0;
     for &factor in &SCALE_FACTORS {

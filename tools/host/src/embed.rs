@@ -68,7 +68,9 @@ pub fn encode_texts_with_progress(
             ids.push(row);
             mask.push(m);
         }
-        let run = || -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<usize>)> {
+        // (hidden states, projected tokens, projected pooled, EOS positions), flattened
+        type TextOutputs = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<usize>);
+        let run = || -> candle_core::Result<TextOutputs> {
             let text = model.text_model.forward(&ids, &mask, dev)?;
             let token_embeds = model.text_projection.forward(&text.last_hidden_state)?;
             let pooled = model.text_projection.forward(&text.pooled)?;

@@ -59,6 +59,7 @@ pub struct FullReport {
     pub adapt: Option<Vec<AdaptPoint>>,
 }
 
+#[allow(clippy::too_many_arguments)] // one private driver of the clip evaluation's options
 fn run(
     bundle: &Bundle,
     split: Split,

@@ -613,7 +613,7 @@ struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5EED_C11A_C7u64)
+        Self(seed ^ 0x005E_EDC1_1AC7_u64)
     }
 
     fn next_u64(&mut self) -> u64 {

@@ -88,17 +88,18 @@ impl LabelTokens {
                     "label {ci} prompt {ki}: {} values for dim {dim}",
                     t.len()
                 );
-                for _ in 0..t.len() / dim {
-                    seg[(ci * n + count) * k + ki] = 1.0;
-                    mask.push(1.0);
-                    count += 1;
+                let tokens = t.len() / dim;
+                for token in count..count + tokens {
+                    seg[(ci * n + token) * k + ki] = 1.0;
                 }
+                mask.resize(mask.len() + tokens, 1.0);
+                count += tokens;
                 tok.extend_from_slice(t);
             }
             for _ in count..n {
                 tok.extend_from_slice(&label[0][..dim]);
-                mask.push(0.0);
             }
+            mask.resize(mask.len() + (n - count), 0.0);
             let mut p = vec![0f32; dim];
             for e in &pooled[ci] {
                 let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
@@ -286,7 +287,6 @@ impl WtiHead {
         };
         let f_t = mlp("f_t", &mut rng)?;
         let f_v = mlp("frame_weight", &mut rng)?;
-        drop(mlp);
         let scale = match init.get("logit_scale") {
             Some(t) => t.flatten_all()?.to_dtype(DType::F32)?.to_device(device)?,
             None => Tensor::new(&[(1.0f32 / 0.07).ln()], device)?,
