@@ -147,3 +147,23 @@ fn main() -> Result<()> {
     println!("wrote {}", dir.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README's promise: the example regenerates the shipped bundle byte for byte.
+    #[test]
+    fn regenerates_the_shipped_colour_bundle_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        super::write_bundle(dir.path()).unwrap();
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo");
+        let mut names: Vec<_> = std::fs::read_dir(&shipped).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        let mut written: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        written.sort();
+        assert_eq!(names, written);
+        for name in names {
+            let (a, b) = (std::fs::read(shipped.join(&name)).unwrap(), std::fs::read(dir.path().join(&name)).unwrap());
+            assert!(a == b, "{} differs from what the example writes", name.to_string_lossy());
+        }
+    }
+}

@@ -121,7 +121,7 @@ fn run_on_the_colour_pattern_detects_its_scenes() {
 fn run_takes_thresholds_from_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[decision]\nthreshold = 0.95\n\n[labels.green]\nthreshold = 0.99\n").unwrap();
+    std::fs::write(&config, "[decision]\nthreshold = 0.95\n\n[labels.red]\nthreshold = 0.95\n").unwrap();
     let with_config = on_colour(&["--config", config.to_str().unwrap(), "--for", "60"]);
     let out = clipact_ok(&[&["run"], &with_config[..]].concat());
     let events = json_lines(&out.stdout);
@@ -129,12 +129,16 @@ fn run_takes_thresholds_from_the_config() {
     assert!(!new.is_empty());
     for event in &new {
         // The label set's own threshold (0.9) gives way to the config's [labels.X] only.
-        let floor = if event["label"] == "green" { 0.99 } else { 0.9 };
+        let floor = if event["label"] == "red" { 0.95 } else { 0.9 };
         assert!(event["score"].as_f64().unwrap() >= floor, "{event}");
     }
-    // The same run without the config fires green below 0.99 at least once.
+    let fires_below = |events: &[serde_json::Value], label: &str, score: f64| {
+        events.iter().any(|e| e["type"] == "new" && e["label"] == label && e["score"].as_f64().unwrap() < score)
+    };
+    assert!(fires_below(&events, "blue", 0.95), "[decision] threshold overrode the set's own: {events:?}");
+    // The same run without the config fires red below 0.95.
     let default_run = json_lines(&clipact(&[&["run"], &on_colour(&["--for", "60"])[..]].concat()).stdout);
-    assert_ne!(events, default_run);
+    assert!(fires_below(&default_run, "red", 0.95), "{default_run:?}");
 
     std::fs::write(&config, "[decision]\ntreshold = 0.95\n").unwrap();
     let out = clipact(&["run", "--config", config.to_str().unwrap()]);
@@ -347,6 +351,7 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
             .unwrap(),
     ));
     let child = guard.0.as_mut().unwrap();
+    let events = EventStream::read(child.stdout.take().unwrap());
     // The listener's address is in the log.
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -387,17 +392,75 @@ fn run_takes_tcp_updates_and_stops_on_sigterm() {
     }
     assert_eq!(push(&good).unwrap(), good.version);
     assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    events.wait_for("an event of the pushed set", |e| e["label"].as_str().unwrap().ends_with("_pushed"));
     // SIGTERM: a clean exit.
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let out = guard.0.take().unwrap().wait_with_output().unwrap();
+    let status = guard.0.take().unwrap().wait().unwrap();
     let log = log.join().unwrap();
-    assert!(out.status.success(), "exit {:?}: {log}", out.status);
+    assert!(status.success(), "exit {status:?}: {log}");
     assert!(log.contains("SIGTERM"), "{log}");
-    let events = json_lines(&out.stdout);
-    assert!(events.iter().any(|e| e["label"].as_str().unwrap().ends_with("_pushed")), "the pushed set never fired");
-    assert!(events.iter().all(|e| e["device"] == "test-dev"));
+    assert!(events.all().iter().all(|e| e["device"] == "test-dev"));
+}
+
+/// Ctrl-C in a terminal: `clipact run` stops as cleanly as on SIGTERM (the README says so).
+#[test]
+fn run_stops_cleanly_on_sigint() {
+    let mut guard = KillOnDrop(Some(
+        command()
+            .args(["run", "--bundle", colour().to_str().unwrap(), "--source", "pattern", "--for", "100000"])
+            .env("RUST_LOG", "clipact=info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let child = guard.0.as_mut().unwrap();
+    let events = EventStream::read(child.stdout.take().unwrap());
+    events.wait_for("a first event", |_| true);
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = guard.0.take().unwrap().wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {log}", out.status);
+    assert!(log.contains("SIGINT: stopping"), "{log}");
+}
+
+/// JSON lines of a running `clipact run`, read as they come.
+struct EventStream {
+    seen: std::sync::Arc<(std::sync::Mutex<Vec<serde_json::Value>>, std::sync::Condvar)>,
+}
+
+impl EventStream {
+    fn read(stdout: std::process::ChildStdout) -> Self {
+        use std::io::BufRead;
+        let seen = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let writer = seen.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).expect("one JSON object per line");
+                writer.0.lock().unwrap().push(event);
+                writer.1.notify_all();
+            }
+        });
+        EventStream { seen }
+    }
+
+    /// Waits until an event matches `wanted`; fails only when none came for a minute (a hang).
+    fn wait_for(&self, what: &str, wanted: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut seen = self.seen.0.lock().unwrap();
+        while !seen.iter().any(&wanted) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}; events: {seen:?}");
+            seen = self.seen.1.wait_timeout(seen, left).unwrap().0;
+        }
+    }
+
+    fn all(&self) -> Vec<serde_json::Value> {
+        self.seen.0.lock().unwrap().clone()
+    }
 }
 
 #[test]
@@ -496,4 +559,27 @@ fn eval_stream_grades_the_events_the_device_starts() {
     let out = clipact(&["eval", "--bundle", bundle, "--source", "synthetic:split=idle"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--stream"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The GPIO start path (`runtime::open_gpio` → `gpio::linux::open_trigger`): a device that
+/// cannot drive its output must not start as if it could; the error names the output, the chip
+/// and why.
+#[cfg(feature = "gpio")]
+#[test]
+fn run_refuses_to_start_when_a_gpio_line_cannot_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("chip = \"clipact-no-such-chip\"\nline = \"GPIO27\"", "no GPIO chip labelled `clipact-no-such-chip`"),
+        ("chip = \"/dev/gpiochip99\"\nline = 3", "GPIO chip /dev/gpiochip99: No such file or directory"),
+    ];
+    for (i, (gpio, expected)) in cases.iter().enumerate() {
+        let config = dir.path().join(format!("config-{i}.toml"));
+        std::fs::write(&config, format!("source = \"pattern\"\n[[gpio]]\nlabel = \"red\"\n{gpio}\n")).unwrap();
+        let out = clipact(&["run", "--bundle", colour().to_str().unwrap(), "--config", config.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without its output: {stderr}");
+        assert!(out.stdout.is_empty(), "decided without its output: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains("gpio[0] (label `red`"), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }

@@ -3,20 +3,37 @@
 //! end safe, TCP updates reach a running loop and bad ones are refused with the reason.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clipact::bundle::Bundle;
 use clipact::config::Config;
 use clipact::labels::LabelSet;
+use clipact::pattern::PatternSource;
 use clipact::pipeline::Pipeline;
-use clipact::preprocess::Frame;
+use clipact::preprocess::{Frame, PixelFormat};
 use clipact::runtime::{
     serve_tcp_updates, BoundOutput, DetectionEvent, EventKind, EventSink, LabelStore, Output, Runtime, RuntimeHandle,
     RuntimeOptions,
 };
 use clipact::source::{FrameSource, Pattern, SourceError, SourceFrame, Truth};
 use clipact::update::{PreSharedKey, PushOptions, Sender};
+
+/// Bound on anything the tests wait for: reached only when something hangs.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Waits for `condition`, failing with `what` only after [`HANG`].
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + HANG;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn frames_at(handle: &RuntimeHandle) -> u64 {
+    handle.metrics().frames_processed.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 fn demo() -> Bundle {
     Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/colour-demo")).unwrap()
@@ -124,15 +141,26 @@ fn a_label_swap_in_the_middle_loses_no_frame() {
     }
 }
 
-/// A live source producing frames as fast as it can, until `limit`.
+/// A live source producing frames as fast as it can, `left` of them; says on `ended` when it
+/// has given the last one.
 struct Firehose {
     inner: Pattern,
     left: u64,
+    ended: Option<mpsc::Sender<()>>,
+}
+
+impl Firehose {
+    fn endless(seed: u64) -> Box<Self> {
+        Box::new(Firehose { inner: Pattern::new(seed), left: u64::MAX, ended: None })
+    }
 }
 
 impl FrameSource for Firehose {
     fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
         if self.left == 0 {
+            if let Some(ended) = self.ended.take() {
+                let _ = ended.send(());
+            }
             return Ok(None);
         }
         self.left -= 1;
@@ -147,18 +175,35 @@ impl FrameSource for Firehose {
     }
 }
 
+/// Holds the loop in its first call (the initial label set) until `release` fires: the capture
+/// thread runs on meanwhile, as it would past an encoder slower than the camera.
+struct HoldLoop {
+    release: Option<mpsc::Receiver<()>>,
+}
+
+impl EventSink for HoldLoop {
+    fn event(&mut self, _: &DetectionEvent) {}
+    fn labels_changed(&mut self, _: &Arc<LabelSet>) {
+        if let Some(release) = self.release.take() {
+            release.recv_timeout(HANG).expect("the source never ended");
+        }
+    }
+}
+
 #[test]
 fn a_live_source_faster_than_the_encoder_drops_stale_frames_and_counts_them() {
     let bundle = demo();
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
-    let summary = rt.run(Box::new(Firehose { inner: Pattern::new(2), left: 3000 })).unwrap();
+    let mut rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let (ended, release) = mpsc::channel();
+    rt.add_sink(Box::new(HoldLoop { release: Some(release) }));
+    let summary = rt.run(Box::new(Firehose { inner: Pattern::new(2), left: 3000, ended: Some(ended) })).unwrap();
     let s = summary.stats;
     assert_eq!(s.frames_captured, 3000);
-    assert!(s.frames_dropped > 0, "{s:?}");
-    // Every frame is processed or dropped; at most a queue's worth is left when the source ends.
-    assert!(s.frames_processed + s.frames_dropped <= 3000);
-    assert!(s.frames_processed + s.frames_dropped + 2 >= 3000, "{s:?}");
+    // The loop took no frame while all 3000 came: all but the queue's newest were dropped,
+    // and those were processed.
+    assert_eq!(s.frames_processed, RuntimeOptions::default().queue_len as u64, "{s:?}");
+    assert_eq!(s.frames_processed + s.frames_dropped, 3000, "{s:?}");
 }
 
 /// Records what the loop drives, with the safe state.
@@ -210,12 +255,11 @@ fn stop_ends_an_endless_live_run_promptly() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
     let handle = rt.handle();
-    let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(2), left: u64::MAX })));
-    std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || done.send(rt.run(Firehose::endless(2))));
+    wait_until("frames flow", || frames_at(&handle) > 0);
     handle.stop();
-    let summary = runner.join().unwrap().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(2));
+    let summary = finished.recv_timeout(HANG).expect("stop did not end the run").unwrap();
     assert!(summary.stats.frames_processed > 0);
     assert!(handle.submit_labels(bundle.labels.clone()).is_err(), "a stopped runtime takes no sets");
 }
@@ -232,7 +276,7 @@ fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
     let listener = io.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     io.spawn(serve_tcp_updates(listener, handle.clone()));
-    let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(3), left: u64::MAX })));
+    let runner = std::thread::spawn(move || rt.run(Firehose::endless(3)));
 
     let push = |set: &LabelSet, key: &PreSharedKey| {
         io.block_on(async {
@@ -240,7 +284,6 @@ fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
             Sender::for_set(set, false, Some(key)).unwrap().push(&mut stream, &PushOptions::default()).await
         })
     };
-    let frames_at = |h: &RuntimeHandle| h.metrics().frames_processed.load(std::sync::atomic::Ordering::Relaxed);
 
     // A set for another embedding space: refused with the reason, the old set keeps running.
     let mut foreign = renamed(&bundle.labels);
@@ -254,18 +297,13 @@ fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
     assert_eq!(handle.labels().version, bundle.labels.version);
     assert!(!labels_path.exists(), "a refused set must not be persisted");
     let before = frames_at(&handle);
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(frames_at(&handle) > before, "the loop stopped after a bad update");
+    wait_until("the loop runs on after a bad update", || frames_at(&handle) > before);
 
     // A good one: persisted, then in use within a few frames.
     let good = renamed(&bundle.labels);
     assert_eq!(push(&good, &key).unwrap(), good.version);
     assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while handle.labels().version != good.version {
-        assert!(Instant::now() < deadline, "the set was never swapped in");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the set is swapped in", || handle.labels().version == good.version);
     assert!(handle.label_states().iter().all(|s| s.name.ends_with("_v2")));
     // Not newer than the set in use: refused.
     let err = push(&good, &key).unwrap_err().to_string();
@@ -278,22 +316,30 @@ fn tcp_updates_swap_into_a_running_loop_and_bad_ones_are_refused() {
 
 #[test]
 fn frames_reach_the_pipeline_as_the_source_gave_them() {
-    // Sanity of the copy into recycled buffers: a source whose frame size changes mid-stream.
-    struct Sizes {
-        i: u32,
-        data: Vec<u8>,
+    // The copy into recycled buffers, with a frame size that changes every frame: the runtime
+    // must decide exactly what the pipeline decides when fed the same frames directly.
+    let mut small = PatternSource::new(32, 24, 30, 7);
+    let mut large = PatternSource::new(40, 40, 30, 7);
+    let frames: Vec<(u32, u32, Vec<u8>)> = (0..200)
+        .map(|i| {
+            let (a, b) = (small.next_frame().0, large.next_frame().0);
+            let f = if i % 2 == 0 { a } else { b };
+            (f.width, f.height, f.data.to_vec())
+        })
+        .collect();
+    let time = |i: usize| Duration::from_millis(100 * i as u64);
+
+    struct Replay {
+        frames: Vec<(u32, u32, Vec<u8>)>,
+        next: usize,
     }
-    impl FrameSource for Sizes {
+    impl FrameSource for Replay {
         fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
-            if self.i == 40 {
-                return Ok(None);
-            }
-            let (w, h) = if self.i % 2 == 0 { (32, 24) } else { (40, 40) };
-            self.i += 1;
-            self.data = vec![(self.i * 5) as u8; (w * h * 3) as usize];
+            let Some((w, h, data)) = self.frames.get(self.next) else { return Ok(None) };
+            self.next += 1;
             Ok(Some(SourceFrame {
-                frame: Frame { format: clipact::preprocess::PixelFormat::Rgb8, width: w, height: h, data: &self.data },
-                time: Some(Duration::from_millis(100 * self.i as u64)),
+                frame: Frame { format: PixelFormat::Rgb8, width: *w, height: *h, data },
+                time: Some(Duration::from_millis(100 * (self.next as u64 - 1))),
                 truth: None,
             }))
         }
@@ -301,14 +347,38 @@ fn frames_reach_the_pipeline_as_the_source_gave_them() {
             false
         }
         fn describe(&self) -> String {
-            "sizes".into()
+            "replay".into()
         }
     }
+
     let bundle = demo();
+    let mut direct = Pipeline::new(&bundle, &Config::default()).unwrap();
+    let mut expected = Vec::new();
+    let mut events = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        events.clear();
+        let (width, height, data) = (f.0, f.1, &f.2);
+        direct.process_at(&Frame { format: PixelFormat::Rgb8, width, height, data }, time(i), &mut events).unwrap();
+        for e in &events {
+            let kind = match (e.active, e.update) {
+                (false, _) => EventKind::End,
+                (true, true) => EventKind::Update,
+                (true, false) => EventKind::New,
+            };
+            expected.push((i as u64, e.label, kind, e.score));
+        }
+    }
+    assert!(expected.iter().filter(|e| e.2 == EventKind::New).count() >= 3, "too few detections to compare");
+
     let dir = tempfile::tempdir().unwrap();
-    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
-    let s = rt.run(Box::new(Sizes { i: 0, data: Vec::new() })).unwrap().stats;
-    assert_eq!((s.frames_processed, s.frame_errors), (40, 0));
+    let mut rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let recorder = Recorder::default();
+    rt.add_sink(Box::new(recorder.clone()));
+    let s = rt.run(Box::new(Replay { frames, next: 0 })).unwrap().stats;
+    assert_eq!((s.frames_processed, s.frame_errors), (200, 0));
+    let got: Vec<_> =
+        recorder.events.lock().unwrap().iter().map(|e| (e.frame, e.label_index, e.kind, e.score)).collect();
+    assert_eq!(got, expected);
 }
 
 #[test]
@@ -322,16 +392,12 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     let io = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let (mut host, board) = io.block_on(async { tokio_serial::SerialStream::pair() }).unwrap();
     io.spawn(clipact::runtime::serve_serial_updates(board, handle.clone()));
-    let runner = std::thread::spawn(move || rt.run(Box::new(Firehose { inner: Pattern::new(3), left: u64::MAX })));
+    let runner = std::thread::spawn(move || rt.run(Firehose::endless(3)));
     let good = renamed(&bundle.labels);
     let version =
         io.block_on(Sender::for_set(&good, false, None).unwrap().push(&mut host, &PushOptions::default())).unwrap();
     assert_eq!(version, good.version);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while handle.labels().version != good.version {
-        assert!(Instant::now() < deadline, "the set was never swapped in");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the set is swapped in", || handle.labels().version == good.version);
     assert_eq!(LabelSet::load(&labels_path).unwrap(), good);
 
     // A newer set arrives by another line (as TCP or MQTT would bring it): the first line,
@@ -340,11 +406,7 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     io.spawn(clipact::runtime::serve_serial_updates(other_board, handle.clone()));
     let newer = renamed(&good);
     io.block_on(Sender::for_set(&newer, false, None).unwrap().push(&mut other, &PushOptions::default())).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while handle.labels().version != newer.version {
-        assert!(Instant::now() < deadline, "the newer set was never swapped in");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the newer set is swapped in", || handle.labels().version == newer.version);
     let mut stale = good.clone();
     stale.version = newer.version;
     let err = io

@@ -30,8 +30,10 @@ fn key() -> PreSharedKey {
     PreSharedKey::new(*b"a pre-shared key for the tests").unwrap()
 }
 
+/// Generous reply deadlines: on a loaded machine (or under qemu) a reply may be slow, and a
+/// test must fail only on a hang.
 fn options() -> PushOptions {
-    PushOptions { timeout: Duration::from_millis(500), commit_timeout: Duration::from_secs(10), retries: 3 }
+    PushOptions { timeout: Duration::from_secs(10), commit_timeout: Duration::from_secs(10), retries: 3 }
 }
 
 /// A valid set of several chunks.
@@ -322,7 +324,9 @@ async fn push_retries_frames_lost_to_noise() {
     let task = device.serve(board);
     let v2 = set(2, 2, DIM, SPACE);
     let mut host = Noisy { inner: host, writes: 0 };
-    let opts = PushOptions { timeout: Duration::from_millis(200), ..options() };
+    // Here the deadline is how the host notices a frame lost to noise: short enough to keep
+    // the test quick, with retries enough that a slow reply only costs a resend.
+    let opts = PushOptions { timeout: Duration::from_secs(1), retries: 10, ..options() };
     let sender = Sender::for_set(&v2, false, Some(&key())).unwrap();
     let version = bounded("a push through noise", sender.push(&mut host, &opts)).await.unwrap();
     assert_eq!(version, 2);

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(libclang-dev ffmpeg gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static mosquitto)
+# fonts-dejavu-core: the training charts' text (tools/host/src/train/plot.rs).
+apt_packages=(libclang-dev ffmpeg gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static mosquitto fonts-dejavu-core)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -20,31 +21,36 @@ echo "==> python: onnx, onnxruntime, numpy, safetensors (test references)"
 python3 -m pip install --quiet --disable-pip-version-check \
   onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 safetensors==0.8.0
 
+# Style and lints first: they take seconds and fail fastest. fuzz/ is its own workspace.
+echo "==> cargo fmt --check; cargo clippy -D warnings (workspace, every target)"
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
+cargo clippy --workspace --all-targets --locked --features clipact/camera -- -D warnings
+
 echo "==> x86-64: cargo test --workspace --features clipact/camera"
 cargo test --workspace --locked --features clipact/camera
+# What the tests do not build: the device crate without its default features (no GPIO) and the
+# benchmarks (in the test profile: compiled and linked, not run).
+echo "==> x86-64: cargo build -p clipact --no-default-features; benches compiled"
+cargo build -p clipact --locked --no-default-features
+cargo test --workspace --locked --features clipact/camera --benches --no-run
 
+# The boards' leg is not optional: a machine that cannot build for aarch64 fails here.
 target=aarch64-unknown-linux-gnu
-if rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"; then
-  echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --all-features --target $target"
-  # Tests that start the clipact binary go through qemu too (no binfmt_misc needed).
-  # One test at a time: qemu-user can deadlock a child forked (to start ffmpeg or the binary)
-  # while another test thread holds a lock; seen once as a hung tests/sources.rs.
-  QEMU_CPU=cortex-a72 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
-    cargo test -p clipact --locked --all-features --target "$target"
-  # The Pi 5's core has FP16 arithmetic and sdot: tract's f16 and dot-product int8 kernels run
-  # only there. The precision tests (int8/f16 vs f32, auto) again, on that core.
-  echo "==> aarch64 (qemu, QEMU_CPU=cortex-a76, Raspberry Pi 5): cargo test -p clipact --test precision --test bench_cli"
-  QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
-    cargo test -p clipact --locked --all-features --target "$target" --test precision --test bench_cli
-else
-  cat >&2 <<MSG
-################################################################################
-##  WARNING: the aarch64 standard library could not be installed                ##
-##  (rustup target add $target failed).                   ##
-##  The ARM leg (tests under qemu as a Raspberry Pi 4) was SKIPPED.            ##
-################################################################################
-MSG
-fi
+rustup target list --installed | grep -qx "$target" || rustup target add "$target"
+echo "==> aarch64 (qemu, QEMU_CPU=cortex-a72, Raspberry Pi 4): cargo test -p clipact --all-features --target $target"
+# Tests that start the clipact binary go through qemu too (no binfmt_misc needed).
+# One test at a time: qemu-user can deadlock a child forked (to start ffmpeg or the binary)
+# while another test thread holds a lock; seen once as a hung tests/sources.rs.
+QEMU_CPU=cortex-a72 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
+  cargo test -p clipact --locked --all-features --target "$target"
+# The Pi 5's core has FP16 arithmetic and sdot: tract's f16 and dot-product int8 kernels run
+# only there. The precision tests (int8/f16 vs f32, auto) again, on that core.
+echo "==> aarch64 (qemu, QEMU_CPU=cortex-a76, Raspberry Pi 5): cargo test -p clipact --test precision --test bench_cli"
+QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
+  cargo test -p clipact --locked --all-features --target "$target" --test precision --test bench_cli
 
 # The update paths' decoders under libFuzzer (fuzz/, its own workspace; needs nightly and
 # cargo-fuzz, installed here when missing), each target for a short, bounded time. A crash

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use common::*;
 
-const TOL: f32 = 1e-4;
+const TOL: f32 = 1e-5;
 
 /// Max abs error of `key` against the reference, on real tokens only for per-token outputs
 /// (`[N, 77, X]` masked by the reference attention mask); checks padding rows are zero.

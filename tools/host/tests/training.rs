@@ -217,8 +217,11 @@ fn every_training_command_learns() -> anyhow::Result<()> {
         ..AdaptOptions::default()
     };
     let points = adapt(&teacher_dir, &head_dir, &adapt_dir, &o, &dev, false)?;
+    let k0 = points.iter().find(|p| p.shots == 0).unwrap();
     let k4 = points.iter().find(|p| p.shots == 4).unwrap();
-    assert!(k4.cross_modal >= 1.0 / 3.0 && k4.vision_only >= 1.0 / 3.0, "below chance: {points:?}");
+    // This teacher is tiny (a few hundred steps): the gain is a clip or two of 45 here (0.39 →
+    // 0.42); the demo's are in BENCHMARKS.md. Above chance (1/3) and above zero-shot.
+    assert!(k4.cross_modal > 1.0 / 3.0 && k4.cross_modal > k0.cross_modal, "no gain over zero-shot: {points:?}");
     let set = clipact::labels::LabelSet::load(&adapt_dir.join("labels.cls"))?;
     assert_eq!(set.labels.len(), world::ZEROSHOT_ACTIONS.len());
     // Its space names the head it was adapted through (the bundle's).
