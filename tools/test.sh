@@ -54,14 +54,16 @@ QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-lin
 
 # The update paths' decoders under libFuzzer (fuzz/, its own workspace; needs nightly and
 # cargo-fuzz, installed here when missing), each target for a short, bounded time. A crash
-# fails the run; the long runs are in BENCHMARKS.md.
+# fails the run. Built without optimisations (--dev): a cold sanitizer build takes half the
+# time of a release one, which keeps CI inside its budget; the long runs (release) are in
+# BENCHMARKS.md.
 echo "==> fuzz: every target of fuzz/ for ${FUZZ_SECONDS:=20} s"
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
 fuzz_log=$(mktemp)
 for fuzz_target in $(cargo +nightly fuzz list); do
   # -rss_limit_mb: a target holds at most its gate's budget; anything near this is a leak.
-  if ! cargo +nightly fuzz run "$fuzz_target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=1024 \
+  if ! cargo +nightly fuzz run --dev "$fuzz_target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=1024 \
       -print_final_stats=1 >"$fuzz_log" 2>&1; then
     cat "$fuzz_log"
     echo "fuzz target $fuzz_target failed" >&2
