@@ -28,6 +28,7 @@
 //! [mqtt]                           # optional
 //! host = "broker.local"
 //! stats_interval_s = 60            # clipact/<device>/stats every minute
+//! homeassistant = true             # MQTT discovery under homeassistant/ (homeassistant_prefix)
 //!
 //! [http]                           # optional
 //! listen = "0.0.0.0:8080"
@@ -299,6 +300,21 @@ pub struct Mqtt {
     /// [`DEFAULT_MQTT_STATS_INTERVAL_S`]); > 0.
     #[serde(default = "default_mqtt_stats_interval_s")]
     pub stats_interval_s: u64,
+    /// Home Assistant MQTT discovery: every label a binary sensor, plus fps and last-event
+    /// sensors (default on).
+    #[serde(default = "default_true")]
+    pub homeassistant: bool,
+    /// The discovery prefix Home Assistant listens on (default `homeassistant`).
+    #[serde(default = "default_homeassistant_prefix")]
+    pub homeassistant_prefix: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_homeassistant_prefix() -> String {
+    crate::events::homeassistant::DEFAULT_PREFIX.into()
 }
 
 fn default_mqtt_stats_interval_s() -> u64 {
@@ -543,6 +559,13 @@ impl Config {
             }
             if mqtt.port == 0 {
                 return Err(invalid("mqtt.port", "must be 1..=65535 (1883 is plain MQTT)"));
+            }
+            let prefix = &mqtt.homeassistant_prefix;
+            if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.starts_with('/') || prefix.ends_with('/') {
+                return Err(invalid(
+                    "mqtt.homeassistant_prefix",
+                    format!("{prefix:?} is not a topic prefix (not empty, no `+` or `#`, no leading or trailing `/`)"),
+                ));
             }
             if mqtt.client_id.as_deref().is_some_and(|id| id.is_empty()) {
                 return Err(invalid("mqtt.client_id", "must not be empty; leave it out for `clipact-<device_name>`"));

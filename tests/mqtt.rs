@@ -12,6 +12,7 @@ mod test_device;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use clipact::events::homeassistant::Discovery;
 use clipact::events::mqtt::{push_over_mqtt, Detection, EventKind, EventMessage, MqttPublisher, MqttSettings};
 use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, Status, UpdateReply};
 use clipact::update::Sender;
@@ -348,4 +349,75 @@ async fn it_reconnects_and_announces_itself_again_after_the_broker_restarts() {
     assert_eq!(end.before.frame, 5);
     watch.expect("label_1 OFF", is("clipact/cam-4/label_1", "OFF")).await;
     mqtt.close(Duration::from_secs(5)).await;
+}
+
+/// Home Assistant MQTT discovery: a retained config per label (and the fps and last-event
+/// sensors) that Home Assistant's own schemas accept; a label that leaves the set gets an empty
+/// config (its entity is removed), one that arrives gets its config; everything again on Home
+/// Assistant's birth message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovers_every_label_and_follows_label_sets() {
+    let broker = Mosquitto::start();
+    let mut s = settings(&broker, "cam-5");
+    s.discovery = Some(Discovery::new("world-demo"));
+    let mut mqtt = MqttPublisher::start(s, None, &tokio::runtime::Handle::current());
+    mqtt.set_labels(&["waves".into(), "falls down".into()], SystemTime::now());
+    let mut watch = Observer::start(broker.port(), "ha", "homeassistant/#").await;
+    let config_of = |label: &str| format!("homeassistant/binary_sensor/cam-5/{label}/config");
+    let mut configs = Vec::new();
+    for topic in [
+        config_of("waves"),
+        config_of("falls_down"),
+        "homeassistant/sensor/cam-5/fps/config".into(),
+        "homeassistant/sensor/cam-5/last_event/config".into(),
+    ] {
+        let m = watch.expect(&topic, |m| m.topic == topic && !m.payload.is_empty()).await;
+        configs.push((topic, serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()));
+    }
+    let falls = &configs[1].1;
+    assert_eq!(falls["name"], "falls down");
+    assert_eq!(falls["state_topic"], mqtt.topics().label("falls down"));
+    assert_eq!(falls["availability_topic"], mqtt.topics().available());
+    assert_eq!(falls["device"]["identifiers"][0], "clipact_cam-5");
+    let ids: std::collections::HashSet<_> = configs.iter().map(|(_, c)| c["unique_id"].to_string()).collect();
+    assert_eq!(ids.len(), configs.len(), "unique ids repeat: {configs:?}");
+    validate_with_home_assistant(&configs);
+
+    // A new set: `waves` leaves (empty retained config), `sits down` arrives.
+    mqtt.set_labels(&["falls down".into(), "sits down".into()], SystemTime::now());
+    watch.expect("waves removed", |m| m.topic == config_of("waves") && m.payload.is_empty()).await;
+    watch.expect("sits_down added", |m| m.topic == config_of("sits_down") && !m.payload.is_empty()).await;
+
+    // Home Assistant restarts and says so: every config of the set in use, again.
+    watch.publish("homeassistant/status", b"online".to_vec()).await;
+    for label in ["falls_down", "sits_down"] {
+        watch.expect(label, |m| m.topic == config_of(label) && !m.payload.is_empty()).await;
+    }
+    // A late subscriber sees exactly the set in use, retained: no entity of a label that left.
+    let mut late = Observer::start(broker.port(), "ha-late", "homeassistant/binary_sensor/#").await;
+    let mut retained = std::collections::BTreeSet::new();
+    while retained.len() < 2 {
+        let m = late.expect("retained configs", |m| m.retain).await;
+        assert!(!m.topic.contains("/waves/"), "a removed label is still discoverable: {}", m.topic);
+        retained.insert(m.topic);
+    }
+    assert_eq!(retained, [config_of("falls_down"), config_of("sits_down")].into_iter().collect());
+    mqtt.close(Duration::from_secs(5)).await;
+}
+
+/// Runs each discovery config through Home Assistant's own MQTT discovery schemas
+/// (`tools/ha_discovery_check.py`, the `homeassistant` package that tools/test.sh installs).
+fn validate_with_home_assistant(configs: &[(String, serde_json::Value)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("configs.json");
+    std::fs::write(&file, serde_json::to_vec(configs).unwrap()).unwrap();
+    let python = std::env::var("CLIPACT_HA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/ha_discovery_check.py");
+    let out = std::process::Command::new(&python).arg(script).arg(&file).output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "Home Assistant refused a config:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

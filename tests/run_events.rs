@@ -66,6 +66,7 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut connection) = Client::new(options, 64);
     client.subscribe("clipact/barn/#", QoS::AtLeastOnce).unwrap();
+    client.subscribe("homeassistant/+/barn/#", QoS::AtLeastOnce).unwrap();
 
     let mut device = start_device(&config);
     let mut stderr = BufReader::new(device.0.stderr.take().unwrap());
@@ -84,9 +85,16 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
 
     let (mut online, mut new_event, mut state_on, mut stats) = (false, false, false, false);
+    // Home Assistant discovery is on by default: one binary sensor per label of the demo set.
+    let labels = clipact::bundle::Bundle::open(std::path::Path::new("models/demo")).unwrap().labels;
+    let mut discovered = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     for notification in connection.iter() {
-        assert!(Instant::now() < deadline, "online {online}, event {new_event}, ON {state_on}, stats {stats}");
+        assert!(
+            Instant::now() < deadline,
+            "online {online}, event {new_event}, ON {state_on}, stats {stats}, {} discovered",
+            discovered.len()
+        );
         let Ok(Event::Incoming(Packet::Publish(p))) = notification else { continue };
         let payload = String::from_utf8_lossy(&p.payload).into_owned();
         match p.topic.as_str() {
@@ -97,9 +105,14 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
             }
             "clipact/barn/stats" => stats = true,
             topic if topic.starts_with("clipact/barn/") && payload == "ON" => state_on = true,
+            topic if topic.starts_with("homeassistant/binary_sensor/barn/") => {
+                let config: serde_json::Value = serde_json::from_str(&payload).unwrap();
+                assert!(config["state_topic"].as_str().unwrap().starts_with("clipact/barn/"), "{config}");
+                discovered.insert(config["name"].as_str().unwrap().to_owned());
+            }
             _ => {}
         }
-        if online && new_event && state_on && stats {
+        if online && new_event && state_on && stats && discovered.len() == labels.labels.len() {
             break;
         }
     }
@@ -117,6 +130,8 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     assert!(frames > 0.0, "{metrics}");
     let status = http_get(&http, "/status");
     assert!(status.contains("\"barn\""), "{status}");
+    let names: std::collections::BTreeSet<String> = labels.labels.iter().map(|l| l.name.clone()).collect();
+    assert_eq!(discovered, names);
     drop(device);
     drop(broker);
 }

@@ -256,7 +256,9 @@ fn stop_ends_an_endless_live_run_promptly() {
     let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
     let handle = rt.handle();
     let (done, finished) = mpsc::channel();
-    std::thread::spawn(move || done.send(rt.run(Firehose::endless(2))));
+    std::thread::spawn(move || {
+        let _ = done.send(rt.run(Firehose::endless(2)));
+    });
     wait_until("frames flow", || frames_at(&handle) > 0);
     handle.stop();
     let summary = finished.recv_timeout(HANG).expect("stop did not end the run").unwrap();

@@ -21,6 +21,18 @@ echo "==> python: onnx, onnxruntime, numpy, safetensors (test references)"
 python3 -m pip install --quiet --disable-pip-version-check \
   onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 safetensors==0.8.0
 
+# Home Assistant's own MQTT discovery schemas check the device's discovery configs
+# (tests/mqtt.rs): a venv of its own, kept beside the build and rebuilt when the pins change.
+ha_venv="$(realpath -m "${CARGO_TARGET_DIR:-target}/ha-venv")"
+if ! cmp -s tools/ha-requirements.txt "$ha_venv/requirements.txt"; then
+  echo "==> python: homeassistant (discovery schemas) in $ha_venv"
+  rm -rf "$ha_venv"
+  python3 -m venv "$ha_venv"
+  "$ha_venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r tools/ha-requirements.txt
+  cp tools/ha-requirements.txt "$ha_venv/requirements.txt"
+fi
+export CLIPACT_HA_PYTHON="$ha_venv/bin/python3"
+
 # Style and lints first: they take seconds and fail fastest. fuzz/ is its own workspace.
 echo "==> cargo fmt --check; cargo clippy -D warnings (workspace, every target)"
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy

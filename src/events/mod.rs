@@ -1,10 +1,12 @@
-//! Events out, label sets in, over the network: MQTT ([`mqtt`]), HTTP ([`http`]) and
-//! label-set updates that arrive as one message ([`remote`]).
+//! Events out, label sets in, over the network: MQTT ([`mqtt`], with Home Assistant discovery:
+//! [`homeassistant`]), HTTP ([`http`]) and label-set updates that arrive as one message
+//! ([`remote`]).
 //!
 //! Both servers read the running device through one seam, [`DeviceView`]: its status, the
 //! label set in use, its metrics, and where a signed label-set update goes. The runtime
 //! implements it; the servers know nothing else about the pipeline.
 
+pub mod homeassistant;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;

@@ -8,6 +8,7 @@
 //! | `clipact/<device>/stats` | [`Status`] JSON, every `stats_interval` | no |
 //! | `clipact/<device>/labels/set` | a signed label-set update ([`super::remote`]), to the device | no |
 //! | `clipact/<device>/labels/state` | [`UpdateReply`] JSON, the outcome of the last update | yes |
+//! | `homeassistant/...` | discovery configs ([`super::homeassistant`]), when enabled | yes |
 //!
 //! One task polls the rumqttc event loop for the life of the connection; polling is also how
 //! rumqttc reconnects, so the task keeps polling after every error, after a short pause. On
@@ -23,10 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::homeassistant::Discovery;
 use super::metrics::Status;
 use super::remote::{apply_update, encode_challenge_request, encode_transfer, UpdateReply};
 use super::DeviceView;
@@ -165,6 +167,8 @@ pub struct MqttSettings {
     pub stats_interval: Option<Duration>,
     /// Subscribe to `labels/set` and apply signed updates through [`DeviceView::update_gate`].
     pub accept_updates: bool,
+    /// Home Assistant MQTT discovery; `None`: off.
+    pub discovery: Option<Discovery>,
 }
 
 impl MqttSettings {
@@ -182,6 +186,7 @@ impl MqttSettings {
             reconnect_delay: Duration::from_secs(2),
             stats_interval: Some(Duration::from_secs(60)),
             accept_updates: false,
+            discovery: None,
         }
     }
 }
@@ -189,10 +194,17 @@ impl MqttSettings {
 /// State shared with the connection task.
 struct Shared {
     topics: Topics,
+    device: String,
+    discovery: Option<Discovery>,
+    /// The names of the labels in use (their discovery configs are published).
+    names: Mutex<Vec<String>>,
     /// Every label's state topic and whether it is ON, republished on every connection.
     states: Mutex<Vec<(String, bool)>>,
     connected: AtomicBool,
-    /// The broker confirmed the `labels/set` subscription of the current connection.
+    /// Whether `labels/set` is subscribed to on every connection.
+    accept_updates: bool,
+    /// The broker confirmed the current connection's subscriptions (`labels/set`, Home
+    /// Assistant's status).
     subscribed: AtomicBool,
     closing: AtomicBool,
     dropped: AtomicU64,
@@ -237,8 +249,12 @@ impl MqttPublisher {
         let (client, eventloop) = AsyncClient::new(options, QUEUE);
         let shared = Arc::new(Shared {
             topics,
+            device: settings.device.clone(),
+            discovery: settings.discovery.clone(),
+            names: Mutex::new(Vec::new()),
             states: Mutex::new(Vec::new()),
             connected: AtomicBool::new(false),
+            accept_updates: settings.accept_updates,
             subscribed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
@@ -262,7 +278,7 @@ impl MqttPublisher {
     /// Whether updates published on `labels/set` now reach this device: the broker has
     /// confirmed the subscription on the current connection.
     pub fn is_accepting_updates(&self) -> bool {
-        self.shared.subscribed.load(Ordering::Relaxed)
+        self.shared.accept_updates && self.shared.subscribed.load(Ordering::Relaxed)
     }
 
     /// Messages dropped because the queue was full (broker unreachable).
@@ -288,6 +304,18 @@ impl MqttPublisher {
         }
         for (topic, _) in topics {
             self.send(topic, QoS::AtLeastOnce, true, b"OFF".to_vec());
+        }
+        let old = std::mem::replace(&mut *lock(&self.shared.names), names.to_vec());
+        if let Some(discovery) = &self.shared.discovery {
+            // An empty retained config removes the entity of a label that left the set.
+            let device = &self.shared.device;
+            let kept: Vec<String> = names.iter().map(|n| discovery.label_config_topic(device, n)).collect();
+            for gone in old.iter().map(|n| discovery.label_config_topic(device, n)).filter(|t| !kept.contains(t)) {
+                self.send(gone, QoS::AtLeastOnce, true, Vec::new());
+            }
+            for (topic, config) in discovery.configs(&self.shared.topics, device, names) {
+                self.send(topic, QoS::AtLeastOnce, true, config);
+            }
         }
     }
 
@@ -484,10 +512,19 @@ async fn run_connection(
                     tracing::info!(host = %settings.host, port = settings.port, "MQTT: connected");
                 }
                 failures = 0;
-                announce(&client, &shared, settings.accept_updates);
+                announce(&client, &shared, true);
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 shared.subscribed.store(true, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::Publish(publish)))
+                if shared.discovery.as_ref().is_some_and(|d| publish.topic == d.status_topic()) =>
+            {
+                // Home Assistant (re)started: it wants every config again.
+                if publish.payload.as_ref() == b"online" {
+                    tracing::info!("MQTT: Home Assistant is online; publishing discovery configs");
+                    announce(&client, &shared, false);
+                }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let gate = view.as_ref().map(|v| v.update_gate());
@@ -535,22 +572,35 @@ async fn run_connection(
     let _ = done.send(());
 }
 
-/// On every connection: `online`, every label's state, and the update subscription. Sent from
-/// a separate task: the polling task must keep polling for these requests to go out.
-fn announce(client: &AsyncClient, shared: &Arc<Shared>, accept_updates: bool) {
+/// On every connection (`subscribe`: with the subscriptions) and on Home Assistant's birth:
+/// the discovery configs, `online`, every label's state. Sent from a separate task: the
+/// polling task must keep polling for these requests to go out.
+fn announce(client: &AsyncClient, shared: &Arc<Shared>, subscribe: bool) {
     let client = client.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
         let topics = &shared.topics;
         let states = lock(&shared.states).clone();
         let result = async {
+            let mut filters = Vec::new();
+            if let Some(discovery) = &shared.discovery {
+                let names = lock(&shared.names).clone();
+                for (topic, config) in discovery.configs(topics, &shared.device, &names) {
+                    client.publish(topic, QoS::AtLeastOnce, true, config).await?;
+                }
+                filters.push(SubscribeFilter::new(discovery.status_topic(), QoS::AtLeastOnce));
+            }
             client.publish(topics.available(), QoS::AtLeastOnce, true, "online").await?;
             for (topic, on) in states {
                 let payload = if on { "ON" } else { "OFF" };
                 client.publish(topic, QoS::AtLeastOnce, true, payload).await?;
             }
-            if accept_updates {
-                client.subscribe(topics.labels_set(), QoS::AtLeastOnce).await?;
+            if shared.accept_updates {
+                filters.push(SubscribeFilter::new(topics.labels_set(), QoS::AtLeastOnce));
+            }
+            // One request, one SubAck: `subscribed` then means every filter took.
+            if subscribe && !filters.is_empty() {
+                client.subscribe_many(filters).await?;
             }
             Ok::<(), rumqttc::ClientError>(())
         }

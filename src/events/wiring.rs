@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::homeassistant::Discovery;
 use super::http;
 use super::metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
 use super::mqtt::{label_level, unix_seconds, Detection, EventKind, MqttPublisher, MqttSettings};
@@ -95,6 +96,13 @@ pub fn start(
         }
         settings.stats_interval = Some(Duration::from_secs(mqtt.stats_interval_s));
         settings.accept_updates = key_file.is_some();
+        if mqtt.homeassistant {
+            let bundle = view.status().bundle;
+            let model =
+                std::path::Path::new(&bundle).file_name().map_or(bundle.clone(), |n| n.to_string_lossy().into());
+            settings.discovery =
+                Some(Discovery { prefix: mqtt.homeassistant_prefix.clone(), model: format!("clipact ({model})") });
+        }
         tracing::info!(host = %mqtt.host, port = mqtt.port, topics = %format!("clipact/{}/#", config.device_name), accept_updates = settings.accept_updates, "MQTT: publishing events");
         let view: Arc<dyn DeviceView> = view;
         let publisher = MqttPublisher::start(settings, Some(view), tokio);
