@@ -286,7 +286,8 @@ pub struct Mqtt {
     /// Broker port (default [`DEFAULT_MQTT_PORT`]).
     #[serde(default = "default_mqtt_port")]
     pub port: u16,
-    /// MQTT client id (default `clipact-<device_name>`, see [`Config::mqtt_client_id`]).
+    /// MQTT client id (default `clipact-<device_name>-<8 random hex digits>`, drawn per start:
+    /// see [`crate::events::mqtt::unguessable_client_id`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// User name, if the broker wants one.
@@ -313,8 +314,9 @@ fn default_true() -> bool {
     true
 }
 
+/// Home Assistant's default (`events::homeassistant::DEFAULT_PREFIX`; config stays below events).
 fn default_homeassistant_prefix() -> String {
-    crate::events::homeassistant::DEFAULT_PREFIX.into()
+    "homeassistant".into()
 }
 
 fn default_mqtt_stats_interval_s() -> u64 {
@@ -568,7 +570,10 @@ impl Config {
                 ));
             }
             if mqtt.client_id.as_deref().is_some_and(|id| id.is_empty()) {
-                return Err(invalid("mqtt.client_id", "must not be empty; leave it out for `clipact-<device_name>`"));
+                return Err(invalid(
+                    "mqtt.client_id",
+                    "must not be empty; leave it out for `clipact-<device_name>-<random>`",
+                ));
             }
             if mqtt.stats_interval_s == 0 {
                 return Err(invalid(
@@ -713,19 +718,6 @@ impl Config {
         names.sort_unstable();
         names.dedup();
         names
-    }
-
-    /// The MQTT client id: `[mqtt] client_id`, or `clipact-<device_name>-<8 random hex
-    /// digits>` drawn once per start, so that no other client can guess it and knock the device
-    /// off the broker by connecting with the same id. `None` without `[mqtt]`.
-    pub fn mqtt_client_id(&self) -> Option<String> {
-        let mqtt = self.mqtt.as_ref()?;
-        Some(mqtt.client_id.clone().unwrap_or_else(|| {
-            let mut suffix = [0u8; 4];
-            // A predictable suffix is only as weak as the old fixed id.
-            let _ = getrandom::fill(&mut suffix);
-            format!("clipact-{}-{:08x}", self.device_name, u32::from_le_bytes(suffix))
-        }))
     }
 }
 

@@ -29,9 +29,10 @@ pub struct RunRequest {
 }
 
 /// The label set to start with: the persisted one at `labels_path` when it is a valid,
-/// compatible set at least as new as the bundle's (an update accepted before a restart),
-/// else the bundle's.
-fn initial_labels(bundle: &Bundle, labels_path: &Path) -> LabelSet {
+/// compatible set that is at least as new as the bundle's or was rolled back to on purpose
+/// (`high_water`, the highest version the device accepted, reaches the bundle's), else the
+/// bundle's.
+fn initial_labels(bundle: &Bundle, labels_path: &Path, high_water: u64) -> LabelSet {
     let bundled = &bundle.labels;
     if labels_path == bundle.dir.join(LABELS_FILE) || !labels_path.exists() {
         return bundled.clone();
@@ -41,7 +42,10 @@ fn initial_labels(bundle: &Bundle, labels_path: &Path) -> LabelSet {
             if set
                 .check_compatible(bundle.manifest.dim, &bundle.manifest.space_id, Some(bundled.version), true)
                 .is_ok()
-                && set.version >= bundled.version =>
+                // Older than the bundle's set: still the one to use when the device was rolled
+                // back to it (it had accepted a version at least the bundle's); not when the
+                // bundle was upgraded past everything the device was ever given.
+                && (set.version >= bundled.version || high_water >= bundled.version) =>
         {
             tracing::info!(path = %labels_path.display(), version = set.version, "using the persisted label set");
             set
@@ -88,7 +92,7 @@ pub fn run(request: RunRequest) -> Result<()> {
     };
     let mut bundle =
         Bundle::open(&config.bundle).with_context(|| format!("opening bundle {}", config.bundle.display()))?;
-    bundle.labels = initial_labels(&bundle, &labels_path);
+    bundle.labels = initial_labels(&bundle, &labels_path, recovery.high_water);
     let key = match updates.as_ref().and_then(|u| u.key_file.as_ref()) {
         Some(path) => Some(runtime::load_key(path).map_err(anyhow::Error::msg)?),
         None => None,

@@ -254,7 +254,7 @@ impl RuntimeHandle {
             events_total: load(&m.events_total),
             label_updates: load(&m.label_updates),
             label_set_version: load(&m.label_set_version),
-            label_set_high_water: self.shared.gate.status().high_water,
+            label_set_high_water: self.shared.gate.high_water(),
             updates_rejected: self.shared.gate.rejected_total(),
             label_set_recoveries: load(&m.label_set_recoveries),
             fps: if uptime > 0.0 { processed as f64 / uptime } else { 0.0 },

@@ -708,11 +708,13 @@ impl Receiver {
             if n_chunks == 0 || n_chunks < fewest || n_chunks > total_len {
                 return Err(UpdateError::BadChunkCount { total_len, n_chunks });
             }
+            // Reserve first: a transfer refused as busy keeps its challenge for a retry.
+            let reservation = self.gate.reserve()?;
             let nonce = match self.line {
                 Line::Stream => gate::fresh_nonce(),
                 Line::Message => self.gate.take_challenge(id).ok_or(UpdateError::NoChallenge { transfer_id: id })?,
             };
-            Ok((nonce, self.gate.reserve()?))
+            Ok((nonce, reservation))
         })();
         match checked {
             Ok((nonce, reservation)) => {

@@ -110,11 +110,15 @@ labels_path = "/var/lib/clipact/labels.cls"
     assert_eq!(level.selector(), "/dev/gpiochip0:4".parse::<LineSelector>().unwrap());
     let mqtt = config.mqtt.as_ref().unwrap();
     assert_eq!(mqtt.port, DEFAULT_MQTT_PORT);
+    assert_eq!(mqtt.client_id, None);
+    assert!(mqtt.homeassistant, "Home Assistant discovery is on by default");
+    assert_eq!(mqtt.homeassistant_prefix, "homeassistant");
     // Unguessable, so no other client can take the device's place on the broker.
-    let id = config.mqtt_client_id().unwrap();
-    let suffix = id.strip_prefix("clipact-barn-cam-1-").expect(&id);
-    assert!(suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
-    assert_ne!(config.mqtt_client_id(), Some(id));
+    let id = || clipact::events::mqtt::MqttSettings::new(&mqtt.host, mqtt.port, &config.device_name).client_id;
+    let first = id();
+    let suffix = first.strip_prefix("clipact-barn-cam-1-").expect(&first);
+    assert!(suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
+    assert_ne!(id(), first);
     let updates = config.updates.as_ref().unwrap();
     assert_eq!(updates.serial_baud, 115_200);
     assert_eq!(updates.limits(), clipact::update::UpdateLimits::default());
@@ -133,7 +137,6 @@ fn an_empty_config_is_the_default_run() {
     assert_eq!(config.decision.hysteresis, clipact::pipeline::DEFAULT_HYSTERESIS);
     assert!(config.labels.is_empty() && config.gpio.is_empty());
     assert!(config.mqtt.is_none() && config.http.is_none() && config.updates.is_none());
-    assert_eq!(config.mqtt_client_id(), None);
     Config::default().validate().unwrap();
     // Tables present but empty take their defaults too.
     let config = parse("[decision]\n[http]\npassword_file = \"p\"\n").unwrap();

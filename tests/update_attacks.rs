@@ -53,11 +53,17 @@ struct Device {
 
 impl Device {
     fn start(dir: &Path, mqtt_port: Option<u16>, extra: &str) -> Self {
-        Self::try_start(dir, mqtt_port, extra).unwrap_or_else(|log| panic!("clipact exited before listening:\n{log}"))
+        Self::start_bundle(dir, &colour(), mqtt_port, extra)
     }
 
-    /// [`Device::start`], or the log of a binary that exited before listening.
-    fn try_start(dir: &Path, mqtt_port: Option<u16>, extra: &str) -> Result<Self, String> {
+    /// [`Device::start`] running `bundle`.
+    fn start_bundle(dir: &Path, bundle: &Path, mqtt_port: Option<u16>, extra: &str) -> Self {
+        Self::try_start(dir, bundle, mqtt_port, extra)
+            .unwrap_or_else(|log| panic!("clipact exited before listening:\n{log}"))
+    }
+
+    /// [`Device::start_bundle`], or the log of a binary that exited before listening.
+    fn try_start(dir: &Path, bundle: &Path, mqtt_port: Option<u16>, extra: &str) -> Result<Self, String> {
         let key_file = dir.join("update.key");
         std::fs::write(&key_file, KEY).unwrap();
         let labels_path = dir.join("labels.cls");
@@ -67,7 +73,7 @@ impl Device {
             &config,
             format!(
                 "bundle = {:?}\nsource = \"pattern\"\ndevice_name = \"attacked\"\n[http]\nlisten = \"127.0.0.1:0\"\n{mqtt}[updates]\ntcp_listen = \"127.0.0.1:0\"\nhttp = true\nkey_file = {:?}\nlabels_path = {:?}\n{extra}",
-                colour(),
+                bundle,
                 key_file,
                 labels_path
             ),
@@ -293,7 +299,7 @@ async fn the_serial_line_refuses_a_recorded_transfer() {
     // The device's serial line: one end of a pty pair, opened by the binary by its path.
     let (mut line, board) = tokio_serial::SerialStream::pair().expect("a pty pair");
     let serial = format!("serial_port = {:?}\n", board.name().expect("pty name"));
-    let device = match Device::try_start(dir.path(), None, &serial) {
+    let device = match Device::try_start(dir.path(), &colour(), None, &serial) {
         Ok(device) => device,
         // qemu-user (the aarch64 leg) does not emulate the serial ioctls: the binary must then
         // refuse to start, naming the port. The arm64 VM (issue #19) runs this for real.
@@ -502,6 +508,33 @@ async fn a_corrupt_persisted_set_falls_back_to_the_last_good_one() {
     // Below the mark without --force: refused, though newer than the set in use.
     let err = device.push_tcp(&Sender::for_set(&set(6, "stale"), false, Some(&key())).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("high-water version 8"), "{err}");
+}
+
+/// A forced rollback is the set the device was last given: it survives a restart even below the
+/// bundle's own set, until the bundle brings a set newer than anything the device accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_below_the_bundles_set_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    for file in std::fs::read_dir(colour()).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), bundle.join(file.file_name())).unwrap();
+    }
+    let bundled = |version| set(version, "bundled").save_atomic(&bundle.join("labels.cls")).unwrap();
+    bundled(5);
+    let mut device = Device::start_bundle(dir.path(), &bundle, None, "");
+    assert_eq!(device.version_in_use().await, 5);
+    device.push_tcp(&Sender::for_set(&set(6, "pushed"), false, Some(&key())).unwrap()).await.unwrap();
+    device.push_tcp(&Sender::for_set(&set(3, "rolled-back"), true, Some(&key())).unwrap()).await.unwrap();
+    device.kill();
+    device.spawn();
+    assert_eq!(device.version_in_use().await, 3, "the restart undid the rollback");
+    // A bundle upgraded past the high-water mark (6) brings its own set.
+    device.kill();
+    bundled(9);
+    device.spawn();
+    assert_eq!(device.version_in_use().await, 9);
 }
 
 /// Rounds of the stress tests: a few in CI, `CLIPACT_ATTACK_ROUNDS=1000` for the measurement

@@ -153,7 +153,7 @@ pub struct MqttSettings {
     pub host: String,
     /// Broker port.
     pub port: u16,
-    /// MQTT client id.
+    /// MQTT client id (default: [`unguessable_client_id`] of `clipact-<device>`).
     pub client_id: String,
     /// User name and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
@@ -179,7 +179,7 @@ impl MqttSettings {
         Self {
             host: host.into(),
             port,
-            client_id: format!("clipact-{device}"),
+            client_id: unguessable_client_id(&format!("clipact-{device}")),
             credentials: None,
             device,
             keep_alive: Duration::from_secs(30),
@@ -439,6 +439,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `<prefix>-<8 random hex digits>`, drawn from the operating system's generator: a client id no
+/// other client can guess, so none can knock this one off the broker by connecting with it.
+pub fn unguessable_client_id(prefix: &str) -> String {
+    let mut suffix = [0u8; 4];
+    // A predictable suffix would only be as weak as a fixed id.
+    let _ = getrandom::fill(&mut suffix);
+    format!("{prefix}-{:08x}", u32::from_le_bytes(suffix))
+}
+
 /// `time` as Unix seconds (what Frigate's `start_time`/`end_time` carry).
 pub fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
@@ -654,10 +663,7 @@ pub async fn push_over_mqtt(
 ) -> Result<UpdateReply, MqttPushError> {
     let topics = Topics::new(device);
     let request = encode_challenge_request(sender);
-    let mut client_id = [0u8; 4];
-    let _ = getrandom::fill(&mut client_id);
-    let client_id = format!("clipact-push-{:08x}", u32::from_le_bytes(client_id));
-    let mut options = MqttOptions::new(client_id, host, port);
+    let mut options = MqttOptions::new(unguessable_client_id("clipact-push"), host, port);
     // The transfer is about as large as the set; COBS and framing add under 10 %.
     let max = super::http::max_update_body(sender.len());
     options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_max_packet_size(256 * 1024, max);

@@ -84,8 +84,8 @@ pub fn start(
     }
     if let Some(mqtt) = &config.mqtt {
         let mut settings = MqttSettings::new(&mqtt.host, mqtt.port, &config.device_name);
-        if let Some(id) = config.mqtt_client_id() {
-            settings.client_id = id;
+        if let Some(id) = &mqtt.client_id {
+            settings.client_id = id.clone();
         }
         if let Some(user) = &mqtt.username {
             let password = match &mqtt.password_file {
@@ -182,7 +182,7 @@ impl DeviceView for RuntimeView {
             pipeline_seconds_sum: load(&m.pipeline_ns_total) as f64 / 1e9,
             label_set_version: load(&m.label_set_version),
             label_updates_total: load(&m.label_updates),
-            label_set_high_water: self.handle.gate().status().high_water,
+            label_set_high_water: self.handle.gate().high_water(),
             updates_rejected_total: self.handle.gate().rejected_total(),
             label_set_recoveries_total: load(&m.label_set_recoveries),
             labels: self

@@ -134,6 +134,11 @@ impl UpdateGate {
         }
     }
 
+    /// The highest version this device ever accepted (persisted across restarts).
+    pub fn high_water(&self) -> u64 {
+        lock(&self.installed).high_water
+    }
+
     /// Transfers refused since start.
     pub fn rejected_total(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
