@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clipact::events::http::{serve, BasicAuth, PROMETHEUS_CONTENT_TYPE};
+use clipact::events::page::LiveFeed;
 use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, LabelsDoc, Status, UpdateReply};
 use clipact::labels::LabelSet;
 use clipact::update::Sender;
@@ -81,7 +82,7 @@ async fn start(device: Arc<TestDevice>, accept_updates: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let view: Arc<dyn DeviceView> = device;
-    tokio::spawn(serve(listener, view, accept_updates, None));
+    tokio::spawn(serve(listener, view, accept_updates, None, Arc::new(LiveFeed::new())));
     port
 }
 
@@ -92,8 +93,14 @@ async fn credentials_guard_every_route_but_the_signed_update() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let view: Arc<dyn DeviceView> = device.clone();
-    tokio::spawn(serve(listener, view, true, Some(BasicAuth::new("clipact", "s3cret pass"))));
-    for path in ["/status", "/metrics", "/labels", "/nowhere"] {
+    tokio::spawn(serve(
+        listener,
+        view,
+        true,
+        Some(BasicAuth::new("clipact", "s3cret pass")),
+        Arc::new(LiveFeed::new()),
+    ));
+    for path in ["/", "/events", "/status", "/metrics", "/labels", "/nowhere"] {
         let reply = request(port, "GET", path, b"").await;
         assert_eq!(reply.status, 401, "{path}");
         assert!(reply.headers["www-authenticate"].starts_with("Basic realm="));
@@ -104,6 +111,7 @@ async fn credentials_guard_every_route_but_the_signed_update() {
     // clipact:s3cret pass
     let right = "Authorization: Basic Y2xpcGFjdDpzM2NyZXQgcGFzcw==\r\n";
     assert_eq!(request_with(port, "GET", "/status", b"", right).await.status, 200);
+    assert_eq!(request_with(port, "GET", "/", b"", right).await.status, 200);
     assert_eq!(request_with(port, "GET", "/nowhere", b"", right).await.status, 404);
     // A label-set update is authenticated by its signature, not by these credentials.
     let sender = Sender::for_set(&set(2, 2, 2), false, Some(&key())).unwrap();

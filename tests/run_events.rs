@@ -130,6 +130,31 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     assert!(frames > 0.0, "{metrics}");
     let status = http_get(&http, "/status");
     assert!(status.contains("\"barn\""), "{status}");
+
+    // The device page: one self-contained document (nothing fetched from elsewhere), small.
+    let page = http_get(&http, "/");
+    assert!(page.contains("content-type: text/html"), "{page}");
+    assert!(page.contains("dataset.label") && page.contains("dataset.score"), "the DOM contract's attributes");
+    assert!(!page.contains("http://") && !page.contains("https://"), "the page fetches nothing from elsewhere");
+    assert!(page.len() <= 100 * 1024, "{} bytes", page.len());
+    // Its live feed: detections as they happen, as Server-Sent Events.
+    let mut stream = TcpStream::connect(&http).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(stream, "GET /events HTTP/1.1\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    // (The body is chunked: chunk sizes sit between the events; an event ends with a blank line.)
+    let whole_event =
+        |s: &str| s.split_once("event: detection\ndata: {").is_some_and(|(_, rest)| rest.contains("\n\n"));
+    while !whole_event(&seen) {
+        let n = stream.read(&mut buf).expect("no detection on /events within a minute");
+        assert!(n > 0, "/events closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200") && seen.contains("content-type: text/event-stream"), "{seen}");
+    let data = seen.split("event: detection\ndata: ").nth(1).unwrap().lines().next().unwrap();
+    let event: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert!(labels.labels.iter().any(|l| event["label"] == l.name.as_str()), "{event}");
     let names: std::collections::BTreeSet<String> = labels.labels.iter().map(|l| l.name.clone()).collect();
     assert_eq!(discovered, names);
     drop(device);

@@ -1,7 +1,9 @@
-//! The HTTP server: `GET /status`, `GET /metrics`, `GET /labels`, `POST /labels`.
+//! The HTTP server: the device page, `GET /status`, `GET /metrics`, `GET /labels`, `POST /labels`.
 //!
 //! | route | answer |
 //! |---|---|
+//! | `GET /` | the device page ([`super::page`]): live scores against thresholds, events, status |
+//! | `GET /events` | Server-Sent Events: each detection as it starts, rises and ends (`event: detection`, data: the detection as JSON); 503 when 16 streams are open |
 //! | `GET /status` | [`Status`](super::Status) as JSON |
 //! | `GET /metrics` | Prometheus text format ([`render_prometheus`]) |
 //! | `GET /labels` | [`LabelsDoc`](super::LabelsDoc) as JSON: the set in use, thresholds, scores |
@@ -19,7 +21,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -29,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use super::metrics::render_prometheus;
+use super::page::{EventStream, LiveFeed, PAGE_HTML};
 use super::remote::{apply_update, UpdateReply};
 use super::DeviceView;
 use crate::update::Slots;
@@ -92,8 +95,15 @@ fn base64(bytes: &[u8]) -> String {
 ///
 /// `accept_updates` allows `POST /labels` (only with a device key: updates from a network
 /// must be signed, which the device's [`UpdateGate`](crate::update::UpdateGate) enforces).
-/// With `auth`, every other route asks for those credentials.
-pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_updates: bool, auth: Option<BasicAuth>) {
+/// With `auth`, every other route asks for those credentials. `/events` streams what is
+/// published on `feed`.
+pub async fn serve(
+    listener: TcpListener,
+    view: Arc<dyn DeviceView>,
+    accept_updates: bool,
+    auth: Option<BasicAuth>,
+    feed: Arc<LiveFeed>,
+) {
     let slots = Slots::new(view.update_gate().config().limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -111,22 +121,31 @@ pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, accept_upda
         };
         let view = view.clone();
         let auth = auth.clone();
+        let feed = feed.clone();
         tokio::spawn(async move {
             let busy = slot.busy_flag();
             let service = service_fn(move |request: Request<Incoming>| {
                 let view = view.clone();
                 let busy = busy.clone();
+                let feed = feed.clone();
                 // A label-set update carries its own authentication, its signature.
                 let signed = request.method() == Method::POST && request.uri().path() == "/labels";
                 let admitted = signed || auth.as_ref().is_none_or(|auth| auth.admits(&request));
                 async move {
                     if !admitted {
-                        return Ok::<_, Infallible>(unauthorized());
+                        return Ok::<_, Infallible>(unauthorized().map(Either::Left));
+                    }
+                    if request.method() == Method::GET {
+                        match request.uri().path() {
+                            "/" => return Ok(page().map(Either::Left)),
+                            "/events" => return Ok(events(&feed)),
+                            _ => {}
+                        }
                     }
                     busy.store(true, std::sync::atomic::Ordering::Relaxed);
                     let response = route(request, view, accept_updates).await;
                     busy.store(false, std::sync::atomic::Ordering::Relaxed);
-                    Ok::<_, Infallible>(response)
+                    Ok::<_, Infallible>(response.map(Either::Left))
                 }
             });
             let connection = http1::Builder::new()
@@ -221,11 +240,31 @@ async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, accept_upd
         ("/labels", _) => not_allowed("GET, POST"),
         _ => {
             let mut response =
-                text(StatusCode::NOT_FOUND, format!("no route {path}: try /status, /metrics or /labels\n"));
+                text(StatusCode::NOT_FOUND, format!("no route {path}: try /, /status, /metrics or /labels\n"));
             *response.status_mut() = StatusCode::NOT_FOUND;
             response
         }
     }
+}
+
+fn page() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(PAGE_HTML.as_bytes())));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    response
+}
+
+/// `GET /events`: a stream that stays open (an idle one may be displaced by a newer
+/// connection; the page's EventSource reconnects).
+fn events(feed: &LiveFeed) -> Response<Either<Full<Bytes>, EventStream>> {
+    let Some(stream) = feed.subscribe() else {
+        let busy = text(StatusCode::SERVICE_UNAVAILABLE, "too many /events streams are open\n".into());
+        return busy.map(Either::Left);
+    };
+    let mut response = Response::new(Either::Right(stream));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// Reads a body of `length` bytes into one buffer of that size (no second copy: the bytes held

@@ -10,6 +10,7 @@ pub mod homeassistant;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod page;
 pub mod remote;
 mod wiring;
 

@@ -12,6 +12,7 @@ use super::homeassistant::Discovery;
 use super::http;
 use super::metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
 use super::mqtt::{label_level, unix_seconds, Detection, EventKind, MqttPublisher, MqttSettings};
+use super::page::LiveFeed;
 use super::DeviceView;
 use crate::config::Config;
 use crate::labels::LabelSet;
@@ -79,8 +80,9 @@ pub fn start(
             (Some(path), true) => Some(http::BasicAuth::new(http.user(), &read_secret(path)?)),
             _ => None,
         };
-        let task = tokio.spawn(http::serve(listener, view, accept_updates, auth));
-        sinks.push(Box::new(HttpSink { task }));
+        let feed = Arc::new(LiveFeed::new());
+        let task = tokio.spawn(http::serve(listener, view, accept_updates, auth, feed.clone()));
+        sinks.push(Box::new(HttpSink { task, feed, line: Vec::new() }));
     }
     if let Some(mqtt) = &config.mqtt {
         let mut settings = MqttSettings::new(&mqtt.host, mqtt.port, &config.device_name);
@@ -224,10 +226,21 @@ impl EventSink for CountingSink {
 /// Stops the HTTP server when the runtime closes.
 struct HttpSink {
     task: tokio::task::JoinHandle<()>,
+    /// Events for the device page's `/events` streams.
+    feed: Arc<LiveFeed>,
+    /// Reused for each event's JSON.
+    line: Vec<u8>,
 }
 
 impl EventSink for HttpSink {
-    fn event(&mut self, _event: &DetectionEvent) {}
+    fn event(&mut self, event: &DetectionEvent) {
+        if self.feed.is_watched() {
+            self.line.clear();
+            if serde_json::to_writer(&mut self.line, event).is_ok() {
+                self.feed.publish(&self.line);
+            }
+        }
+    }
 
     fn close(&mut self) {
         self.task.abort();
