@@ -283,6 +283,18 @@ fn synthetic_frames_carry_ground_truth_and_replay_identically() {
     assert!(a.iter().any(|(t, _)| matches!(t, Truth::World { action: Some(_), .. })), "no action in 20 s");
     let err = SourceSpec::parse("synthetic:split=test").unwrap_err().to_string();
     assert!(err.contains("expected train, id, ood, zeroshot or idle"), "{err}");
+
+    // Live (paced like a camera, fps 1000 to keep the test short): the same frames and truth,
+    // timed on arrival.
+    let mut live = SourceSpec::parse("synthetic:seed=3,split=id,size=32,live=true,fps=1000").unwrap().open(32).unwrap();
+    assert!(live.is_live());
+    for (truth, sum) in &a[..20] {
+        let f = live.next_frame().unwrap().unwrap();
+        assert_eq!(f.time, None);
+        assert_eq!((&f.truth.unwrap(), f.frame.data.iter().map(|&b| b as u64).sum::<u64>()), (truth, *sum));
+    }
+    let err = SourceSpec::parse("synthetic:live=maybe").unwrap_err().to_string();
+    assert!(err.contains("live \"maybe\": expected true or false"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
 //!
 //! | spec | source |
 //! |---|---|
-//! | `synthetic[:seed=N,split=id\|ood\|zeroshot\|train,size=N,fps=10]` | the synthetic action world, with its ground truth (the default; `size`: the bundle's input side unless given) |
+//! | `synthetic[:seed=N,split=id\|ood\|zeroshot\|train\|idle,size=N,fps=10,live=false]` | the synthetic action world, with its ground truth (the default; `size`: the bundle's input side unless given; `live=true`: paced at `fps` in wall-clock time, as a camera) |
 //! | `pattern[:seed=N]` | the colour test pattern of the tests' colour bundle `models/colour-demo` ([`crate::pattern`]) |
 //! | `v4l:/dev/video0[,size=640x480,format=yuyv\|mjpeg,fps=30]` | a UVC camera (feature `camera`), reconnecting when unplugged |
 //! | `pipe:WxH:FMT[,fps=N,live=false]` | raw frames on stdin: `rgb24`, `yuyv422`, `gray`, `yuv420p` (`i420`, what `rpicam-vid --codec yuv420` writes) |
@@ -287,6 +287,16 @@ impl<'a> Args<'a> {
         Ok(fps)
     }
 
+    /// A yes/no option (`true`/`false`, `1`/`0`, `yes`/`no`), `default` when absent.
+    fn flag(&self, key: &str, default: bool) -> Result<bool, SpecError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(err(self.spec, format!("{key} {other:?}: expected true or false"))),
+        }
+    }
+
     fn path(&self, kind: &str) -> Result<PathBuf, SpecError> {
         self.main.map(PathBuf::from).ok_or_else(|| err(self.spec, format!("expected {kind}:PATH")))
     }
@@ -319,7 +329,7 @@ impl SourceSpec {
             }
             "synthetic" => {
                 let args = Args::parse(spec, rest)?;
-                args.only(&["seed", "split", "size", "fps"])?;
+                args.only(&["seed", "split", "size", "fps", "live"])?;
                 if let Some(extra) = args.main {
                     return Err(err(spec, format!("unexpected {extra:?}; expected synthetic:seed=N,split=S")));
                 }
@@ -338,6 +348,7 @@ impl SourceSpec {
                     options.size = Some(size);
                 }
                 options.fps = args.fps(DEFAULT_FPS)?;
+                options.live = args.flag("live", false)?;
                 Ok(Self::Synthetic(options))
             }
             "v4l" | "v4l2" | "camera" => {
@@ -381,11 +392,7 @@ impl SourceSpec {
                     Some(_) => Some(args.fps(DEFAULT_FPS)?),
                     None => None,
                 };
-                let live = match args.get("live") {
-                    None | Some("true") | Some("1") | Some("yes") => true,
-                    Some("false") | Some("0") | Some("no") => false,
-                    Some(other) => return Err(err(spec, format!("live {other:?}: expected true or false"))),
-                };
+                let live = args.flag("live", true)?;
                 Ok(Self::Pipe { width, height, format, fps, live })
             }
             "y4m" => {

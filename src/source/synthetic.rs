@@ -23,11 +23,14 @@ pub struct SyntheticOptions {
     pub size: Option<u32>,
     /// Frames per second of the stream's clock.
     pub fps: f64,
+    /// Deliver frames at `fps` in wall-clock time, as a camera would (a live source: stale
+    /// frames are dropped); otherwise as fast as they are taken, stamped with stream time.
+    pub live: bool,
 }
 
 impl Default for SyntheticOptions {
     fn default() -> Self {
-        Self { seed: 0, split: "id".into(), size: None, fps: DEFAULT_FPS }
+        Self { seed: 0, split: "id".into(), size: None, fps: DEFAULT_FPS, live: false }
     }
 }
 
@@ -47,6 +50,8 @@ pub struct Synthetic {
     options: SyntheticOptions,
     size: u32,
     index: u64,
+    /// When the first frame was taken (live: frame `i` is due `i / fps` after it).
+    started: Option<std::time::Instant>,
 }
 
 impl Synthetic {
@@ -57,7 +62,13 @@ impl Synthetic {
         let split = Split::from_str(&options.split)
             .map_err(|_| SourceError::format("synthetic", check_split(&options.split).unwrap_err()))?;
         let size = options.size.or(model_side).unwrap_or(FALLBACK_SIZE);
-        Ok(Self { stream: WorldStream::new(options.seed, split, size), options: options.clone(), size, index: 0 })
+        Ok(Self {
+            stream: WorldStream::new(options.seed, split, size),
+            options: options.clone(),
+            size,
+            index: 0,
+            started: None,
+        })
     }
 }
 
@@ -65,10 +76,15 @@ impl FrameSource for Synthetic {
     fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
         let time = Duration::from_secs_f64(self.index as f64 / self.options.fps);
         self.index += 1;
+        if self.options.live {
+            let started = *self.started.get_or_insert_with(std::time::Instant::now);
+            std::thread::sleep((started + time).saturating_duration_since(std::time::Instant::now()));
+        }
         let (frame, truth) = self.stream.next_frame();
         Ok(Some(SourceFrame {
             frame,
-            time: Some(time),
+            // A live source's frames are timed on arrival.
+            time: (!self.options.live).then_some(time),
             truth: Some(Truth::World {
                 action: truth.action.map(|a| ACTIONS[a].name),
                 frame_in_action: truth.frame_in_action,
@@ -77,7 +93,7 @@ impl FrameSource for Synthetic {
     }
 
     fn is_live(&self) -> bool {
-        false
+        self.options.live
     }
 
     fn describe(&self) -> String {
