@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# fonts-dejavu-core: the training charts' text (tools/host/src/train/plot.rs).
-apt_packages=(libclang-dev ffmpeg gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static mosquitto fonts-dejavu-core)
+# fonts-dejavu-core: the training charts' text (tools/host/src/train/plot.rs); chromium and its
+# driver: the device page in a real browser (tests/device_page.rs).
+apt_packages=(libclang-dev ffmpeg gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static mosquitto fonts-dejavu-core
+  chromium chromium-driver)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
