@@ -46,9 +46,11 @@ cargo clippy --workspace --all-targets --locked --features clipact/camera -- -D 
 echo "==> x86-64: cargo test --workspace --features clipact/camera"
 cargo test --workspace --locked --features clipact/camera
 # What the tests do not build: the device crate without its default features (no GPIO) and the
-# benchmarks (in the test profile: compiled and linked, not run).
-echo "==> x86-64: cargo build -p clipact --no-default-features; benches compiled"
-cargo build -p clipact --locked --no-default-features
+# benchmarks (compiled and linked, not run). Both in the test profile with the workspace's
+# features otherwise, so they reuse the dependencies just built (a plain `cargo build -p clipact
+# --no-default-features` resolves other dependency features and rebuilds most of them).
+echo "==> x86-64: the device crate without default features; benches compiled"
+cargo test --workspace --locked --no-default-features --features clipact/camera --lib --bins --no-run
 cargo test --workspace --locked --features clipact/camera --benches --no-run
 
 # The boards' leg is not optional: a machine that cannot build for aarch64 fails here.
