@@ -15,7 +15,7 @@
 
 use serde_json::{json, Value};
 
-use super::mqtt::{label_level, Topics};
+use super::topics::{label_level, Topics};
 
 /// Home Assistant's default discovery prefix.
 pub const DEFAULT_PREFIX: &str = "homeassistant";

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod page;
 pub mod remote;
+pub mod topics;
 mod wiring;
 
 pub use metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
