@@ -345,6 +345,10 @@ pub struct Http {
     /// is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Where per-label settings changed on the device page are kept (default: `tuning.json`
+    /// beside the persisted label set, `[updates] labels_path`). Must be writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning_path: Option<PathBuf>,
 }
 
 impl Http {
@@ -366,7 +370,7 @@ fn default_http_listen() -> SocketAddr {
 
 impl Default for Http {
     fn default() -> Self {
-        Self { listen: default_http_listen(), auth: None, username: None, password_file: None }
+        Self { listen: default_http_listen(), auth: None, username: None, password_file: None, tuning_path: None }
     }
 }
 

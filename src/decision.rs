@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use crate::config::{Config, Decision};
 use crate::labels::{DecisionMode, LabelSet};
+use crate::tuning::Tuning;
 
 /// How far a detection's smoothed score must climb above the score last reported (at its start
 /// or its last update) to be reported again as [`Transition::Rose`].
@@ -95,6 +96,12 @@ impl LabelDecider {
     /// The policy this decider applies.
     pub fn policy(&self) -> &Decision {
         &self.policy
+    }
+
+    /// Changes the threshold from the next frame on; the state (smoothed score, a detection in
+    /// progress) is kept.
+    pub fn set_threshold(&mut self, threshold: f32) {
+        self.policy.threshold = threshold;
     }
 
     /// Whether a detection is in progress (reported and not yet ended).
@@ -224,6 +231,10 @@ pub struct Decisions {
     scale: f32,
     biases: Vec<f32>,
     background: Vec<bool>,
+    /// Per label: may fire ([`Decisions::tune`]).
+    enabled: Vec<bool>,
+    /// Per label: the threshold before [`Decisions::tune`].
+    own_thresholds: Vec<f32>,
     /// The distribution of the current frame (exclusive mode).
     probabilities: Vec<f32>,
 }
@@ -235,12 +246,15 @@ impl Decisions {
     pub fn new(labels: &LabelSet, config: &Config) -> Self {
         let n = labels.labels.len();
         let calibration = labels.calibration.as_ref().filter(|_| config.decision.calibrated);
+        let deciders: Vec<LabelDecider> = labels
+            .labels
+            .iter()
+            .map(|l| LabelDecider::new(config.decision_for(&l.name, calibration, l.threshold)))
+            .collect();
         Self {
-            deciders: labels
-                .labels
-                .iter()
-                .map(|l| LabelDecider::new(config.decision_for(&l.name, calibration, l.threshold)))
-                .collect(),
+            own_thresholds: deciders.iter().map(|d| d.policy.threshold).collect(),
+            enabled: vec![true; n],
+            deciders,
             smoothed: vec![0.0; n],
             mode: calibration.map_or(DecisionMode::Independent, |c| c.mode),
             scale: calibration.map_or(1.0, |c| c.scale),
@@ -248,6 +262,22 @@ impl Decisions {
             background: calibration.map_or_else(|| vec![false; n], |c| c.background.clone()),
             probabilities: vec![0.0; n],
         }
+    }
+
+    /// Applies a person's per-label settings to `labels` (the set these decisions were built
+    /// for) from the next frame on: thresholds replaced or restored, labels enabled or not. A
+    /// detection of a label that is turned off ends on the next frame, as if its score fell.
+    pub fn tune(&mut self, labels: &LabelSet, tuning: &Tuning) {
+        for (i, label) in labels.labels.iter().enumerate().take(self.deciders.len()) {
+            let settings = tuning.get(&label.name);
+            self.deciders[i].set_threshold(settings.threshold.unwrap_or(self.own_thresholds[i]));
+            self.enabled[i] = settings.enabled;
+        }
+    }
+
+    /// Per label, whether it may fire.
+    pub fn enabled(&self) -> &[bool] {
+        &self.enabled
     }
 
     /// How the labels compete.
@@ -287,7 +317,9 @@ impl Decisions {
             }
         };
         for (label, (decider, &smoothed)) in self.deciders.iter_mut().zip(&self.smoothed).enumerate() {
-            let may_be_on = leader.is_none_or(|l| l == label) && !self.background[label];
+            // A label turned off still takes part in the distribution: when it leads, the
+            // frame is explained and nothing else fires.
+            let may_be_on = leader.is_none_or(|l| l == label) && !self.background[label] && self.enabled[label];
             let transition = decider.step(if may_be_on { smoothed } else { f32::NEG_INFINITY }, time);
             let (active, update, since, peak) = match transition {
                 Some(Transition::Started { since }) => (true, false, since, smoothed),

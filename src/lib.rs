@@ -9,7 +9,8 @@
 //! → [`pipeline`] decisions → [`gpio`] triggers and events.
 //!
 //! Around it: [`bundle`] (what a device loads), [`config`] (the device's TOML), [`update`]
-//! (label sets pushed to a running device), [`onnx`] (the ONNX writer exports build on) and
+//! (label sets pushed to a running device), [`tuning`] (a person's per-label thresholds and
+//! switches), [`onnx`] (the ONNX writer exports build on) and
 //! [`pattern`] (the colour test pattern the demo bundle runs on).
 
 pub mod bundle;
@@ -27,9 +28,11 @@ pub mod precision;
 pub mod preprocess;
 pub mod quantize;
 pub mod runtime;
+pub mod snapshot;
 pub mod source;
 pub mod stream_eval;
 pub mod temporal;
+pub mod tuning;
 pub mod update;
 pub mod world;
 pub mod wti;

@@ -13,6 +13,7 @@ use crate::encoder::{Encoder, EncoderError};
 use crate::labels::LabelSet;
 use crate::preprocess::{Frame, PreprocessError, Preprocessor};
 use crate::temporal::{BundleScorer, ScorerError};
+use crate::tuning::Tuning;
 use crate::wti::{LabelMatrix, WtiError};
 
 /// Threshold for labels that carry none (the config's `[decision] threshold` default).
@@ -85,6 +86,8 @@ pub struct Pipeline {
     config: Config,
     /// Per label of the current set.
     decisions: Decisions,
+    /// A person's per-label settings, applied to every set swapped in.
+    tuning: Tuning,
     timings: FrameTimings,
     /// Stream-time origin for [`Pipeline::process`].
     created: Instant,
@@ -121,6 +124,7 @@ impl Pipeline {
             labels: bundle.labels.clone(),
             config: config.clone(),
             decisions: Decisions::default(),
+            tuning: Tuning::default(),
             timings: FrameTimings::default(),
             created: Instant::now(),
         };
@@ -130,6 +134,19 @@ impl Pipeline {
 
     fn reset_decisions(&mut self) {
         self.decisions = Decisions::new(&self.labels, &self.config);
+        self.decisions.tune(&self.labels, &self.tuning);
+    }
+
+    /// Applies a person's per-label settings from the next frame on, to this set and to every
+    /// set swapped in later ([`Decisions::tune`]).
+    pub fn tune(&mut self, tuning: Tuning) {
+        self.tuning = tuning;
+        self.decisions.tune(&self.labels, &self.tuning);
+    }
+
+    /// Per label of the current set, whether it may fire.
+    pub fn enabled(&self) -> &[bool] {
+        self.decisions.enabled()
     }
 
     /// The deciders of the current set, one per label (their state: active, smoothed score).

@@ -128,7 +128,12 @@ pub fn run(request: RunRequest) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the I/O runtime")?;
-    let store = LabelStore { path: labels_path, key, recovery };
+    let tuning_path = config
+        .http
+        .as_ref()
+        .and_then(|h| h.tuning_path.clone())
+        .unwrap_or_else(|| labels_path.with_file_name(runtime::TUNING_FILE));
+    let store = LabelStore { path: labels_path, key, recovery, tuning_path };
     let mut rt = Runtime::new(pipeline, &bundle, &config, store, options);
     rt.add_outputs(outputs);
     rt.add_sink(Box::new(JsonLinesSink::new(std::io::stdout(), config.device_name.clone())));

@@ -5,6 +5,7 @@
 //! capture thread ──► FrameQueue (bounded; live sources drop the oldest frame) ──► inference loop
 //!                                                                                  │ Pipeline::process_at
 //!   tokio: TCP / serial update listeners ──► label-set channel ──► swap between two frames
+//!   tokio: HTTP `/tuning` ──► per-label settings (saved first) ──► applied between two frames
 //!   tokio: SIGINT / SIGTERM ──► stop                                             ├─► GPIO triggers
 //!                                                                                  └─► EventSinks (JSON lines, MQTT, …)
 //! ```
@@ -42,7 +43,9 @@ use crate::config::Config;
 use crate::labels::LabelSet;
 use crate::pipeline::{Event, Pipeline, PipelineError};
 use crate::preprocess::{Frame, PixelFormat};
+use crate::snapshot::{Snapshot, SnapshotSlot};
 use crate::source::{FrameSource, SourceError, Truth};
+use crate::tuning::{Tuning, TuningEdit, TuningError, TuningStore};
 use crate::update::{Line, PreSharedKey, Receiver, ReceiverConfig, UpdateGate};
 
 /// A detection turning on (`new`) or off (`end`).
@@ -176,25 +179,30 @@ pub struct LabelState {
     pub active: bool,
     /// Decision threshold in use.
     pub threshold: f32,
+    /// Whether the label may fire ([`crate::tuning`]).
+    pub enabled: bool,
 }
 
 /// Per label of the set in use: written by the loop, read by anyone.
 struct LiveLabels {
     set: Arc<LabelSet>,
     thresholds: Vec<f32>,
+    enabled: Vec<bool>,
     /// f32 bits.
     scores: Vec<AtomicU32>,
     active: Vec<AtomicBool>,
 }
 
 impl LiveLabels {
-    fn new(set: Arc<LabelSet>, thresholds: Vec<f32>) -> Arc<Self> {
-        let n = set.labels.len();
+    /// The labels of `pipeline`'s set as its decisions stand.
+    fn of(set: Arc<LabelSet>, pipeline: &Pipeline) -> Arc<Self> {
+        let deciders = pipeline.deciders();
         Arc::new(Self {
             set,
-            thresholds,
-            scores: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            active: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            thresholds: deciders.iter().map(|d| d.policy().threshold).collect(),
+            enabled: pipeline.enabled().to_vec(),
+            scores: pipeline.smoothed().iter().map(|s| AtomicU32::new(s.to_bits())).collect(),
+            active: deciders.iter().map(|d| AtomicBool::new(d.is_active())).collect(),
         })
     }
 }
@@ -210,6 +218,12 @@ struct Shared {
     labels: Mutex<Arc<LiveLabels>>,
     updates: Arc<Mutex<Option<mpsc::Sender<LabelSet>>>>,
     gate: Arc<UpdateGate>,
+    /// A person's per-label settings, as saved.
+    tuning: Mutex<TuningStore>,
+    /// Set when `tuning` changed: the loop applies it before its next frame.
+    tuning_changed: AtomicBool,
+    /// The last frame, for whoever asks.
+    snapshots: SnapshotSlot,
     /// Wakes the loop (and the capture thread) on stop.
     queue: Arc<FrameQueue>,
 }
@@ -288,8 +302,40 @@ impl RuntimeHandle {
                 score: f32::from_bits(live.scores[i].load(Ordering::Relaxed)),
                 active: live.active[i].load(Ordering::Relaxed),
                 threshold: live.thresholds[i],
+                enabled: live.enabled[i],
             })
             .collect()
+    }
+
+    /// A person's per-label settings in use.
+    pub fn tuning(&self) -> Tuning {
+        self.shared.tuning.lock().expect("tuning lock").tuning().clone()
+    }
+
+    /// Applies `edit` (checked against the set in use) to the per-label settings, saves them,
+    /// and has the loop apply them before its next frame; `None` drops every setting. Returns
+    /// the settings now in use. A refused or unsaved change changes nothing.
+    pub fn edit_tuning(&self, edit: Option<&TuningEdit>) -> Result<Tuning, TuningError> {
+        if self.is_stopped() {
+            return Err(TuningError::Stopped);
+        }
+        let mut store = self.shared.tuning.lock().expect("tuning lock");
+        let mut tuning = Tuning::default();
+        if let Some(edit) = edit {
+            tuning = store.tuning().clone();
+            let set = self.labels();
+            let names: Vec<&str> = set.labels.iter().map(|l| l.name.as_str()).collect();
+            tuning.apply(edit, &names)?;
+        }
+        store.replace(tuning.clone())?;
+        self.shared.tuning_changed.store(true, Ordering::Release);
+        tracing::info!(path = %store.path().display(), labels = tuning.labels.len(), "per-label settings changed");
+        Ok(tuning)
+    }
+
+    /// The next frame the loop processes, copied; `None` when none comes within `timeout`.
+    pub fn next_frame(&self, timeout: Duration) -> Option<Snapshot> {
+        self.shared.snapshots.take(timeout)
     }
 
     /// The device name.
@@ -329,6 +375,9 @@ fn submit(updates: &Mutex<Option<mpsc::Sender<LabelSet>>>, set: LabelSet) -> Res
     }
 }
 
+/// The file a person's per-label settings are kept in, beside the persisted label set.
+pub const TUNING_FILE: &str = "tuning.json";
+
 /// Where a runtime keeps accepted label sets, and what authenticates them.
 #[derive(Debug, Clone)]
 pub struct LabelStore {
@@ -338,12 +387,16 @@ pub struct LabelStore {
     pub key: Option<PreSharedKey>,
     /// What [`crate::update::recover_store`] found at start.
     pub recovery: crate::update::Recovery,
+    /// Where a person's per-label settings are kept ([`crate::tuning`]); by default
+    /// `tuning.json` beside `path`.
+    pub tuning_path: PathBuf,
 }
 
 impl LabelStore {
     /// A store at `path` with nothing recovered (no update accepted before).
     pub fn new(path: PathBuf, key: Option<PreSharedKey>) -> Self {
-        Self { path, key, recovery: crate::update::Recovery { high_water: 0, problem: None } }
+        let tuning_path = path.with_file_name(TUNING_FILE);
+        Self { path, key, recovery: crate::update::Recovery { high_water: 0, problem: None }, tuning_path }
     }
 }
 
@@ -692,7 +745,7 @@ impl Runtime {
     /// A runtime over `pipeline` (built from `bundle` and `config`). Accepted label sets are
     /// persisted to `store`.
     pub fn new(
-        pipeline: Pipeline,
+        mut pipeline: Pipeline,
         bundle: &Bundle,
         config: &Config,
         store: LabelStore,
@@ -715,7 +768,8 @@ impl Runtime {
             store.recovery.high_water,
             move |set| submit(&gate_updates, set).map_err(|e| e.to_string()),
         );
-        let thresholds = pipeline.deciders().iter().map(|d| d.policy().threshold).collect();
+        let tuning = TuningStore::open(&store.tuning_path);
+        pipeline.tune(tuning.tuning().clone());
         let shared = Arc::new(Shared {
             metrics: Metrics::default(),
             stop: AtomicBool::new(false),
@@ -724,9 +778,12 @@ impl Runtime {
             bundle: config.bundle.display().to_string(),
             precision: options.precision.clone(),
             source: Mutex::new(options.source_name.clone()),
-            labels: Mutex::new(LiveLabels::new(set.clone(), thresholds)),
+            labels: Mutex::new(LiveLabels::of(set.clone(), &pipeline)),
             updates,
             gate,
+            tuning: Mutex::new(tuning),
+            tuning_changed: AtomicBool::new(false),
+            snapshots: SnapshotSlot::new(),
             queue: Arc::new(FrameQueue::new(options.queue_len)),
         });
         shared.metrics.label_set_version.store(set.version, Ordering::Relaxed);
@@ -777,8 +834,26 @@ impl Runtime {
         }
     }
 
-    /// Swaps in the queued label sets (the last one wins); whether one was.
+    /// Swaps in the queued label sets (the last one wins) and applies changed per-label
+    /// settings; whether anything changed.
     fn apply_updates(&mut self) -> Result<bool, RuntimeError> {
+        let tuned = self.apply_tuning();
+        Ok(self.apply_label_sets()? || tuned)
+    }
+
+    fn apply_tuning(&mut self) -> bool {
+        let shared = &self.handle.shared;
+        if !shared.tuning_changed.swap(false, Ordering::AcqRel) {
+            return false;
+        }
+        let tuning = shared.tuning.lock().expect("tuning lock").tuning().clone();
+        self.pipeline.tune(tuning);
+        let set = self.handle.labels();
+        *shared.labels.lock().expect("labels lock") = LiveLabels::of(set, &self.pipeline);
+        true
+    }
+
+    fn apply_label_sets(&mut self) -> Result<bool, RuntimeError> {
         let mut latest = None;
         while let Ok(set) = self.updates.try_recv() {
             latest = Some(set);
@@ -800,8 +875,7 @@ impl Runtime {
         self.pipeline.set_labels(set)?;
         self.rebind();
         let arc = Arc::new(self.pipeline.labels().clone());
-        let thresholds = self.pipeline.deciders().iter().map(|d| d.policy().threshold).collect();
-        *self.handle.shared.labels.lock().expect("labels lock") = LiveLabels::new(arc.clone(), thresholds);
+        *self.handle.shared.labels.lock().expect("labels lock") = LiveLabels::of(arc.clone(), &self.pipeline);
         let m = &self.handle.shared.metrics;
         m.label_set_version.store(version, Ordering::Relaxed);
         m.label_updates.fetch_add(1, Ordering::Relaxed);
@@ -884,6 +958,7 @@ impl Runtime {
                 Err(()) => return Ok(()),
             };
             events.clear();
+            shared.snapshots.offer(&frame.frame());
             let result = self.pipeline.process_at(&frame.frame(), frame.time, &mut events);
             let m = &shared.metrics;
             match result {

@@ -141,6 +141,7 @@ fn the_end_reports_the_peak() {
 use clipact::config::Config;
 use clipact::decision::{Decisions, Event};
 use clipact::labels::{Calibration, DecisionMode, Label, LabelSet};
+use clipact::tuning::Tuning;
 
 /// A set of `names` (2-d unit tokens; only names, thresholds and the calibration matter here)
 /// in exclusive mode with scale 10, no smoothing, hysteresis 0.1.
@@ -227,4 +228,34 @@ fn a_bias_lets_a_label_win_near_ties_and_the_config_can_turn_calibration_off() {
     assert_eq!(Decisions::new(&biased, &config).mode(), DecisionMode::Independent);
     let frames: [&[f32]; 1] = [&[0.6, 0.58]];
     assert_eq!(run_set(&biased, &config, &frames), [(0, 0, true), (0, 1, true)]);
+}
+
+#[test]
+fn a_persons_settings_change_thresholds_and_silence_labels_from_the_next_frame() {
+    let set = exclusive_set(&["a", "b"], &[0.6, 0.6], &[0.0; 2], &[false; 2]);
+    let mut decisions = Decisions::new(&set, &Config::default());
+    let mut events: Vec<Event> = Vec::new();
+    let mut step = |d: &mut Decisions, i: u64, scores: &[f32]| {
+        events.clear();
+        d.update(scores, ms(100 * i), &mut events);
+        events.iter().filter(|e| !e.update).map(|e| (e.label, e.active)).collect::<Vec<_>>()
+    };
+    // p(a) = 0.54 at [0.5, 0.48]: below a's own 0.6; the person's 0.5 lets it start.
+    assert_eq!(step(&mut decisions, 0, &[0.5, 0.48]), []);
+    let mut tuning = Tuning::default();
+    tuning.apply(&serde_json::from_str(r#"{"label": "a", "threshold": 0.5}"#).unwrap(), &["a", "b"]).unwrap();
+    decisions.tune(&set, &tuning);
+    assert_eq!(decisions.deciders()[0].policy().threshold, 0.5);
+    assert_eq!(step(&mut decisions, 1, &[0.5, 0.48]), [(0, true)]);
+    // Turned off while on: it ends on the next frame although it still leads.
+    tuning.apply(&serde_json::from_str(r#"{"label": "a", "enabled": false}"#).unwrap(), &["a", "b"]).unwrap();
+    decisions.tune(&set, &tuning);
+    assert_eq!(decisions.enabled(), [false, true]);
+    assert_eq!(step(&mut decisions, 2, &[0.6, 0.3]), [(0, false)]);
+    // Off and leading: the frame is explained, b does not fire either.
+    assert_eq!(step(&mut decisions, 3, &[0.6, 0.3]), []);
+    // Back to the set's own: 0.6 again, on again.
+    decisions.tune(&set, &Tuning::default());
+    assert_eq!((decisions.deciders()[0].policy().threshold, decisions.enabled()), (0.6, &[true, true][..]));
+    assert_eq!(step(&mut decisions, 4, &[0.6, 0.3]), [(0, true)]);
 }

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::device::{http, Device};
 
 /// Bound on anything the test waits for: reached only when something hangs.
 const HANG: Duration = Duration::from_secs(90);
@@ -170,46 +171,37 @@ fn base64_decode(text: &str) -> Vec<u8> {
         .collect()
 }
 
-/// `clipact run` on the live synthetic world with the page behind credentials; its address.
-fn start_device(dir: &std::path::Path) -> (Process, String) {
+/// `clipact run` on the live synthetic world with the page behind credentials. The labels
+/// decide independently on their raw scores (`calibrated = false`), so a threshold of -1 turns a
+/// label on whatever the scene.
+fn start_device(dir: &std::path::Path) -> Device {
     let password = dir.join("http.password");
     std::fs::write(&password, "a page pass\n").unwrap();
+    let tuning = dir.join("tuning.json");
     let config = dir.join("config.toml");
     std::fs::write(
         &config,
         format!(
             "device_name = \"porch-cam\"\nsource = \"synthetic:seed=7,live=true\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\nauth = true\npassword_file = {password:?}\n"
+             [decision]\ncalibrated = false\n\
+             [http]\nlisten = \"127.0.0.1:0\"\nauth = true\npassword_file = {password:?}\ntuning_path = {tuning:?}\n"
         ),
     )
     .unwrap();
-    let mut child = support::clipact_command()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "clipact=info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let device = Process(child);
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before serving HTTP");
-        if let Some(at) = line.find("local=") {
-            let rest = &line[at + "local=".len()..];
-            break rest[..rest.find(char::is_whitespace).unwrap_or(rest.len())].to_owned();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (device, addr)
+    Device::start(&config)
+}
+
+/// `GET /status`'s active labels.
+fn active(device: &Device) -> Vec<String> {
+    let status = http(&device.http, "GET", "/status", b"", Some("clipact:a page pass")).json();
+    status["active"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_owned()).collect()
 }
 
 #[test]
 fn the_device_page_shows_live_scores_and_events_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
-    let (_device, addr) = start_device(dir.path());
+    let device = start_device(dir.path());
+    let addr = device.http.clone();
     let labels = clipact::bundle::Bundle::open(std::path::Path::new("models/demo")).unwrap().labels.labels.len();
     let browser = Browser::start(1280, 1000);
 
@@ -233,10 +225,33 @@ fn the_device_page_shows_live_scores_and_events_in_a_real_browser() {
         assert!(Instant::now() < deadline, "the scores never changed: {first}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    browser.wait_for("a detection in the event log", "return document.querySelectorAll('#events li').length > 0");
-    let event =
-        browser.eval("const e = document.querySelector('#events li'); return [e.dataset.type, e.dataset.label]");
-    assert!(["new", "update", "end"].contains(&event[0].as_str().unwrap()), "{event}");
+    browser.wait_for("the last frame", "return document.getElementById('snapshot').naturalWidth > 0");
+
+    // A threshold edited on the page: saved, and the device decides with it.
+    browser.wait_for("the thresholds, editable", "return !document.getElementById('tuning').hidden");
+    let label = browser.eval("return document.querySelector('#tune-rows tr').dataset.tune");
+    let label = label.as_str().unwrap().to_owned();
+    browser.eval(
+        "const input = document.querySelector('#tune-rows tr input[type=number]'); \
+         input.value = '-1'; input.dispatchEvent(new Event('change')); return null",
+    );
+    browser.wait_for("the change saved", "return document.getElementById('tuning-status').textContent === 'saved'");
+    let deadline = Instant::now() + HANG;
+    while !active(&device).contains(&label) {
+        assert!(Instant::now() < deadline, "{label} never turned on at threshold -1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Turned off on the page: its detection ends, in the event log and in /status.
+    browser.eval("document.querySelector('#tune-rows tr input[type=checkbox]').click(); return null");
+    browser.wait_for(
+        "the detection's end in the event log",
+        &format!("return document.querySelector('#events li[data-type=end][data-label=\"{label}\"]') !== null"),
+    );
+    browser.wait_for(
+        "the label shown off",
+        &format!("return document.querySelector('#labels [data-label=\"{label}\"]').classList.contains('off')"),
+    );
+    assert!(!active(&device).contains(&label));
     browser.screenshot("device-page-1280.png");
 
     // A phone: nothing wider than the screen.

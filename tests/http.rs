@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clipact::events::http::{serve, BasicAuth, PROMETHEUS_CONTENT_TYPE};
+use clipact::events::http::{serve, BasicAuth, ServeOptions, PROMETHEUS_CONTENT_TYPE};
 use clipact::events::page::LiveFeed;
 use clipact::events::{encode_challenge_request, encode_transfer, DeviceView, LabelsDoc, Status, UpdateReply};
 use clipact::labels::LabelSet;
@@ -82,7 +82,8 @@ async fn start(device: Arc<TestDevice>, accept_updates: bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let view: Arc<dyn DeviceView> = device;
-    tokio::spawn(serve(listener, view, accept_updates, None, Arc::new(LiveFeed::new())));
+    let options = ServeOptions { accept_updates, ..ServeOptions::default() };
+    tokio::spawn(serve(listener, view, options, Arc::new(LiveFeed::new())));
     port
 }
 
@@ -93,14 +94,10 @@ async fn credentials_guard_every_route_but_the_signed_update() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let view: Arc<dyn DeviceView> = device.clone();
-    tokio::spawn(serve(
-        listener,
-        view,
-        true,
-        Some(BasicAuth::new("clipact", "s3cret pass")),
-        Arc::new(LiveFeed::new()),
-    ));
-    for path in ["/", "/events", "/status", "/metrics", "/labels", "/nowhere"] {
+    let auth = Some(BasicAuth::new("clipact", "s3cret pass"));
+    let options = ServeOptions { accept_updates: true, auth, allow_edits: true };
+    tokio::spawn(serve(listener, view, options, Arc::new(LiveFeed::new())));
+    for path in ["/", "/events", "/status", "/metrics", "/labels", "/tuning", "/snapshot", "/nowhere"] {
         let reply = request(port, "GET", path, b"").await;
         assert_eq!(reply.status, 401, "{path}");
         assert!(reply.headers["www-authenticate"].starts_with("Basic realm="));
@@ -113,6 +110,11 @@ async fn credentials_guard_every_route_but_the_signed_update() {
     assert_eq!(request_with(port, "GET", "/status", b"", right).await.status, 200);
     assert_eq!(request_with(port, "GET", "/", b"", right).await.status, 200);
     assert_eq!(request_with(port, "GET", "/nowhere", b"", right).await.status, 404);
+    // Changing settings is behind the same credentials.
+    for method in ["POST", "DELETE"] {
+        let change = br#"{"label": "l0", "enabled": false}"#;
+        assert_eq!(request(port, method, "/tuning", change).await.status, 401, "{method} /tuning");
+    }
     // A label-set update is authenticated by its signature, not by these credentials.
     let sender = Sender::for_set(&set(2, 2, 2), false, Some(&key())).unwrap();
     let reply = request(port, "POST", "/labels", &encode_challenge_request(&sender)).await;

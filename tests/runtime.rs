@@ -141,6 +141,95 @@ fn a_label_swap_in_the_middle_loses_no_frame() {
     }
 }
 
+/// The pattern, changing a person's setting for label `label` once it has shown other scenes
+/// for 15 frames (so that label is off), and submitting `later` (a set with the same names)
+/// 60 frames after; records the frames it did both at.
+struct TuneThenSwap {
+    inner: Pattern,
+    label: &'static str,
+    handle: RuntimeHandle,
+    later: Option<LabelSet>,
+    produced: u64,
+    others_in_a_row: u64,
+    tuned_at: Arc<Mutex<Option<u64>>>,
+    swapped_at: Arc<Mutex<Option<u64>>>,
+}
+
+impl FrameSource for TuneThenSwap {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        let at = self.produced;
+        self.produced += 1;
+        let frame = self.inner.next_frame()?.unwrap();
+        let Some(Truth::Scene(scene)) = frame.truth else { panic!("the pattern tells its scene") };
+        self.others_in_a_row = if scene == self.label { 0 } else { self.others_in_a_row + 1 };
+        let mut tuned = self.tuned_at.lock().unwrap();
+        if tuned.is_none() && self.others_in_a_row >= 15 {
+            let edit = serde_json::from_value(serde_json::json!({"label": self.label, "threshold": -1.0})).unwrap();
+            self.handle.edit_tuning(Some(&edit)).unwrap();
+            *tuned = Some(at);
+        }
+        if tuned.is_some_and(|t| at == t + 60) {
+            self.handle.submit_labels(self.later.take().unwrap()).unwrap();
+            *self.swapped_at.lock().unwrap() = Some(at);
+        }
+        Ok(Some(frame))
+    }
+    fn is_live(&self) -> bool {
+        false
+    }
+    fn describe(&self) -> String {
+        "pattern with a tuning and a swap".into()
+    }
+}
+
+#[test]
+fn a_persons_threshold_applies_between_frames_and_survives_a_pushed_set_and_a_restart() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let labels_path = dir.path().join("labels.cls");
+    let mut rt = runtime(&bundle, labels_path.clone(), None, Some(Duration::from_secs(30)));
+    let label: &'static str = bundle.labels.labels[0].name.clone().leak();
+    let own = rt.handle().label_states()[0].threshold;
+    let recorder = Recorder::default();
+    rt.add_sink(Box::new(recorder.clone()));
+    let mut later = bundle.labels.clone();
+    later.version += 1;
+    let (tuned_at, swapped_at) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(None)));
+    let source = TuneThenSwap {
+        inner: Pattern::new(3),
+        label,
+        handle: rt.handle(),
+        later: Some(later),
+        produced: 0,
+        others_in_a_row: 0,
+        tuned_at: tuned_at.clone(),
+        swapped_at: swapped_at.clone(),
+    };
+    let handle = rt.handle();
+    rt.run(Box::new(source)).unwrap();
+    let (tuned, swapped) = (tuned_at.lock().unwrap().unwrap(), swapped_at.lock().unwrap().unwrap());
+    let events = recorder.events.lock().unwrap();
+    let starts: Vec<&DetectionEvent> =
+        events.iter().filter(|e| &*e.label == label && e.kind == EventKind::New && e.frame + 4 >= tuned).collect();
+    // The loop runs at most a queue's length behind the source: the next frame it takes after
+    // the change fires the label, on another colour, with a score below its own threshold.
+    let first = starts.first().expect("the label fired after the change");
+    assert!(first.frame <= tuned + 1, "fired at frame {} after a change at {tuned}", first.frame);
+    assert!(first.score < own, "{first:?} against its own {own}");
+    assert_ne!(first.truth, Some(Truth::Scene(label)));
+    // Always above -1: it never ends; the pushed set starts it again at once, with the same
+    // setting.
+    assert!(!events.iter().any(|e| &*e.label == label && e.kind == EventKind::End && e.frame > tuned + 1));
+    assert!(starts.iter().any(|e| e.frame + 4 >= swapped && e.frame <= swapped + 1), "{starts:?}");
+    assert_eq!(handle.label_states()[0].threshold, -1.0);
+
+    // A restart: the setting was saved beside the label set and is in use before any frame.
+    assert!(dir.path().join(clipact::runtime::TUNING_FILE).exists());
+    let again = runtime(&bundle, labels_path, None, None);
+    assert_eq!(again.handle().label_states()[0].threshold, -1.0);
+    assert_eq!(again.handle().tuning().get(label).threshold, Some(-1.0));
+}
+
 /// A live source producing frames as fast as it can, `left` of them; says on `ended` when it
 /// has given the last one.
 struct Firehose {

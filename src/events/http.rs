@@ -7,10 +7,15 @@
 //! | `GET /status` | [`Status`](super::Status) as JSON |
 //! | `GET /metrics` | Prometheus text format ([`render_prometheus`]) |
 //! | `GET /labels` | [`LabelsDoc`](super::LabelsDoc) as JSON: the set in use, thresholds, scores |
+//! | `GET /tuning` | [`TuningDoc`]: a person's per-label settings ([`crate::tuning`]) and whether this server takes changes |
+//! | `POST /tuning` | one change, a [`TuningEdit`] as JSON (`{"label": "waves", "threshold": 0.6}`, `"enabled": false`, `"reset": true`): saved, then applied between two frames; answers the new [`TuningDoc`], 422 with `{"error"}` when refused, 403 when this server takes no changes |
+//! | `DELETE /tuning` | drops every setting (labels back to their set's thresholds, all enabled) |
+//! | `GET /snapshot` | the next frame as an image (PNG, at most 320 px wide; JPEG as an MJPEG camera sent it); 503 when none comes within 2 s |
 //! | `POST /labels` | a challenge request or a signed label-set update (bodies as on MQTT, see [`super::remote`]); answers [`UpdateReply`] JSON, 200 with the challenge or when accepted, 422 when refused, 503 when the device's budget for unauthenticated bytes is spent, 411 without `Content-Length`; 403 unless the server was started with updates allowed |
 //!
 //! With [`BasicAuth`], every route but `POST /labels` (authenticated by its signature) asks
-//! for the device's credentials: 401 without them.
+//! for the device's credentials: 401 without them. Changes to `/tuning` are taken only behind
+//! credentials or on a loopback address ([`ServeOptions::allow_edits`]).
 //!
 //! HTTP/1.1 only, with hyper; each connection is served on its own task. A client that does
 //! not finish its request headers in time is dropped, and so is one whose body outlasts the
@@ -34,6 +39,7 @@ use super::metrics::render_prometheus;
 use super::page::{EventStream, LiveFeed, PAGE_HTML};
 use super::remote::{apply_update, UpdateReply};
 use super::DeviceView;
+use crate::tuning::{LabelTuning, TuningEdit, TuningError};
 use crate::update::Slots;
 
 /// The Prometheus text format's content type.
@@ -43,6 +49,31 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 /// frame headers and CRCs add well under 10 %.
 pub fn max_update_body(max_set: usize) -> usize {
     max_set + max_set / 10 + 64 * 1024
+}
+
+/// Largest `POST /tuning` body: one label's change.
+const MAX_TUNING_BODY: usize = 4096;
+
+/// What a server allows and asks for.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Take signed label sets by `POST /labels` (only with a device key: updates from a
+    /// network must be signed, which the device's [`UpdateGate`](crate::update::UpdateGate)
+    /// enforces).
+    pub accept_updates: bool,
+    /// Ask for these credentials on every route but `POST /labels`.
+    pub auth: Option<BasicAuth>,
+    /// Take changes to the per-label settings (`POST`/`DELETE /tuning`).
+    pub allow_edits: bool,
+}
+
+/// `GET /tuning` and the answer to a change.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TuningDoc {
+    /// Whether this server takes changes (`POST /tuning`).
+    pub editable: bool,
+    /// Label name → its settings.
+    pub labels: std::collections::BTreeMap<String, LabelTuning>,
 }
 
 /// The credentials a server asks for (HTTP Basic, RFC 7617).
@@ -92,18 +123,8 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// Serves `view` on `listener` until the task is dropped or aborted.
-///
-/// `accept_updates` allows `POST /labels` (only with a device key: updates from a network
-/// must be signed, which the device's [`UpdateGate`](crate::update::UpdateGate) enforces).
-/// With `auth`, every other route asks for those credentials. `/events` streams what is
-/// published on `feed`.
-pub async fn serve(
-    listener: TcpListener,
-    view: Arc<dyn DeviceView>,
-    accept_updates: bool,
-    auth: Option<BasicAuth>,
-    feed: Arc<LiveFeed>,
-) {
+/// as `options` allow. `/events` streams what is published on `feed`.
+pub async fn serve(listener: TcpListener, view: Arc<dyn DeviceView>, options: ServeOptions, feed: Arc<LiveFeed>) {
     let slots = Slots::new(view.update_gate().config().limits.max_connections);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -120,7 +141,7 @@ pub async fn serve(
             continue;
         };
         let view = view.clone();
-        let auth = auth.clone();
+        let options = options.clone();
         let feed = feed.clone();
         tokio::spawn(async move {
             let busy = slot.busy_flag();
@@ -128,9 +149,10 @@ pub async fn serve(
                 let view = view.clone();
                 let busy = busy.clone();
                 let feed = feed.clone();
+                let options = options.clone();
                 // A label-set update carries its own authentication, its signature.
                 let signed = request.method() == Method::POST && request.uri().path() == "/labels";
-                let admitted = signed || auth.as_ref().is_none_or(|auth| auth.admits(&request));
+                let admitted = signed || options.auth.as_ref().is_none_or(|auth| auth.admits(&request));
                 async move {
                     if !admitted {
                         return Ok::<_, Infallible>(unauthorized().map(Either::Left));
@@ -143,7 +165,7 @@ pub async fn serve(
                         }
                     }
                     busy.store(true, std::sync::atomic::Ordering::Relaxed);
-                    let response = route(request, view, accept_updates).await;
+                    let response = route(request, view, &options).await;
                     busy.store(false, std::sync::atomic::Ordering::Relaxed);
                     Ok::<_, Infallible>(response.map(Either::Left))
                 }
@@ -167,7 +189,7 @@ pub async fn serve(
     }
 }
 
-async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, accept_updates: bool) -> Response<Full<Bytes>> {
+async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, options: &ServeOptions) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     tracing::debug!(%method, %path, "HTTP request");
@@ -180,7 +202,7 @@ async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, accept_upd
             response
         }
         ("/labels", &Method::POST) => {
-            if !accept_updates {
+            if !options.accept_updates {
                 return json(
                     StatusCode::FORBIDDEN,
                     &UpdateReply::Rejected {
@@ -236,11 +258,93 @@ async fn route(request: Request<Incoming>, view: Arc<dyn DeviceView>, accept_upd
             };
             json(status, &reply)
         }
-        ("/status" | "/metrics", _) => not_allowed("GET"),
+        ("/tuning", &Method::GET) => match view.tuning() {
+            Some(tuning) => json(StatusCode::OK, &TuningDoc { editable: options.allow_edits, labels: tuning.labels }),
+            None => error(StatusCode::NOT_FOUND, "this device keeps no per-label settings".into()),
+        },
+        ("/tuning", &Method::POST | &Method::DELETE) => {
+            if !options.allow_edits {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "per-label settings are changed only behind the device's credentials (`[http] auth`, \
+                     `password_file`) or on a loopback address"
+                        .into(),
+                );
+            }
+            let edit = if method == Method::POST {
+                let body = match tokio::time::timeout(
+                    view.update_gate().config().limits.body_timeout,
+                    Limited::new(request.into_body(), MAX_TUNING_BODY).collect(),
+                )
+                .await
+                {
+                    Ok(Ok(body)) => body.to_bytes(),
+                    Ok(Err(e)) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!("reading the change (at most {MAX_TUNING_BODY} bytes): {e}"),
+                        )
+                    }
+                    Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the change's body took too long".into()),
+                };
+                match serde_json::from_slice::<TuningEdit>(&body) {
+                    Ok(edit) => Some(edit),
+                    Err(e) => {
+                        return error(StatusCode::UNPROCESSABLE_ENTITY, TuningError::Body(e.to_string()).to_string())
+                    }
+                }
+            } else {
+                None
+            };
+            // Saving the settings fsyncs a file: off the async threads.
+            let changed = {
+                let view = view.clone();
+                tokio::task::spawn_blocking(move || view.edit_tuning(edit.as_ref())).await
+            };
+            match changed {
+                Ok(Ok(tuning)) => json(StatusCode::OK, &TuningDoc { editable: true, labels: tuning.labels }),
+                Ok(Err(e)) => {
+                    let status = match e {
+                        TuningError::UnknownLabel { .. } | TuningError::BadThreshold { .. } | TuningError::Body(_) => {
+                            StatusCode::UNPROCESSABLE_ENTITY
+                        }
+                        TuningError::NotAllowed(_) => StatusCode::FORBIDDEN,
+                        TuningError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                        TuningError::Save { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    tracing::warn!("per-label settings: change refused: {e}");
+                    error(status, e.to_string())
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the change failed: {e}")),
+            }
+        }
+        ("/snapshot", &Method::GET) => {
+            let shot = tokio::task::spawn_blocking(move || view.snapshot().map(|s| s.encode())).await;
+            match shot {
+                Ok(Some(Ok((content_type, image)))) => {
+                    let mut response = Response::new(Full::new(Bytes::from(image)));
+                    let headers = response.headers_mut();
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                    headers.insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                    response
+                }
+                Ok(Some(Err(e))) => {
+                    error(StatusCode::INTERNAL_SERVER_ERROR, format!("the last frame is not an image: {e}"))
+                }
+                Ok(None) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, "no frame came in time (is the source stalled?)".into())
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("taking the snapshot failed: {e}")),
+            }
+        }
+        ("/status" | "/metrics" | "/snapshot", _) => not_allowed("GET"),
+        ("/tuning", _) => not_allowed("GET, POST, DELETE"),
         ("/labels", _) => not_allowed("GET, POST"),
         _ => {
-            let mut response =
-                text(StatusCode::NOT_FOUND, format!("no route {path}: try /, /status, /metrics or /labels\n"));
+            let mut response = text(
+                StatusCode::NOT_FOUND,
+                format!("no route {path}: try /, /status, /metrics, /labels, /tuning or /snapshot\n"),
+            );
             *response.status_mut() = StatusCode::NOT_FOUND;
             response
         }
@@ -291,6 +395,11 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Byt
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
+}
+
+/// `{"error": message}`.
+fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

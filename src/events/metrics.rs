@@ -43,12 +43,20 @@ pub struct LabelInfo {
     pub name: String,
     /// The description the label's text side was computed from.
     pub text: String,
-    /// The decision threshold in use (label set, then config overrides).
+    /// The decision threshold in use (label set, then config overrides, then a person's
+    /// setting: [`crate::tuning`]).
     pub threshold: f32,
     /// The label's latest score.
     pub score: f32,
     /// Whether the label is detected right now.
     pub active: bool,
+    /// Whether the label may fire (a person can turn one off: [`crate::tuning`]).
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+}
+
+fn enabled() -> bool {
+    true
 }
 
 /// `GET /labels`: the label set in use.

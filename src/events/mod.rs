@@ -3,7 +3,8 @@
 //! ([`remote`]).
 //!
 //! Both servers read the running device through one seam, [`DeviceView`]: its status, the
-//! label set in use, its metrics, and where a signed label-set update goes. The runtime
+//! label set in use, its metrics, where a signed label-set update goes, a person's per-label
+//! settings and the last frame. The runtime
 //! implements it; the servers know nothing else about the pipeline.
 
 pub mod homeassistant;
@@ -19,6 +20,9 @@ pub use metrics::{LabelInfo, LabelMetrics, LabelsDoc, MetricsSnapshot, Status};
 pub use remote::{apply_update, encode_challenge_request, encode_transfer, UpdateReply};
 pub use wiring::{start, EventsError};
 
+use crate::snapshot::Snapshot;
+use crate::tuning::{Tuning, TuningEdit, TuningError};
+
 /// What the MQTT and HTTP servers read from the running device. Called from async tasks and
 /// worker threads: every method must be quick.
 pub trait DeviceView: Send + Sync + 'static {
@@ -31,4 +35,19 @@ pub trait DeviceView: Send + Sync + 'static {
     /// The device's update gate: label sets arriving by MQTT or HTTP go through it
     /// ([`remote::apply_update`]), like those of every other transport.
     fn update_gate(&self) -> &std::sync::Arc<crate::update::UpdateGate>;
+    /// A person's per-label settings (`GET /tuning`); `None` when this device keeps none.
+    fn tuning(&self) -> Option<Tuning> {
+        None
+    }
+    /// Changes them (`POST /tuning`), or drops them all with `None` (`DELETE /tuning`):
+    /// checked, saved, then applied between two frames. May write a file: call it off the
+    /// async threads.
+    fn edit_tuning(&self, _edit: Option<&TuningEdit>) -> Result<Tuning, TuningError> {
+        Err(TuningError::NotAllowed("this device keeps no per-label settings".into()))
+    }
+    /// A copy of the next frame (`GET /snapshot`); `None` when none comes in time. Blocks up
+    /// to a few seconds: call it off the async threads.
+    fn snapshot(&self) -> Option<Snapshot> {
+        None
+    }
 }

@@ -17,7 +17,12 @@ use super::DeviceView;
 use crate::config::Config;
 use crate::labels::LabelSet;
 use crate::runtime::{self, DetectionEvent, EventSink, RuntimeHandle};
+use crate::snapshot::Snapshot;
+use crate::tuning::{Tuning, TuningEdit, TuningError};
 use crate::update::UpdateGate;
+
+/// How long `GET /snapshot` waits for the next frame.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long closing waits for the last MQTT messages (`offline`) to go out.
 const MQTT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -81,7 +86,10 @@ pub fn start(
             _ => None,
         };
         let feed = Arc::new(LiveFeed::new());
-        let task = tokio.spawn(http::serve(listener, view, accept_updates, auth, feed.clone()));
+        // Changing settings needs the credentials, unless only this machine can connect.
+        let allow_edits = auth.is_some() || http.listen.ip().is_loopback();
+        let options = http::ServeOptions { accept_updates, auth, allow_edits };
+        let task = tokio.spawn(http::serve(listener, view, options, feed.clone()));
         sinks.push(Box::new(HttpSink { task, feed, line: Vec::new() }));
     }
     if let Some(mqtt) = &config.mqtt {
@@ -165,6 +173,7 @@ impl DeviceView for RuntimeView {
                     threshold: state.threshold,
                     score: state.score,
                     active: state.active,
+                    enabled: state.enabled,
                 })
                 .collect(),
         }
@@ -203,6 +212,18 @@ impl DeviceView for RuntimeView {
 
     fn update_gate(&self) -> &Arc<UpdateGate> {
         self.handle.gate()
+    }
+
+    fn tuning(&self) -> Option<Tuning> {
+        Some(self.handle.tuning())
+    }
+
+    fn edit_tuning(&self, edit: Option<&TuningEdit>) -> Result<Tuning, TuningError> {
+        self.handle.edit_tuning(edit)
+    }
+
+    fn snapshot(&self) -> Option<Snapshot> {
+        self.handle.next_frame(SNAPSHOT_TIMEOUT)
     }
 }
 

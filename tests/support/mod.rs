@@ -1,4 +1,5 @@
 pub mod alloc;
+pub mod device;
 pub mod random;
 
 /// The `clipact` binary, started in the repository root through `CLIPACT_TEST_RUNNER` when that

@@ -140,6 +140,7 @@ impl DeviceView for TestDevice {
                     threshold: l.threshold.unwrap_or(0.5),
                     score: scores.get(i).copied().unwrap_or(0.0),
                     active: active.get(i).copied().unwrap_or(false),
+                    enabled: true,
                 })
                 .collect(),
         }

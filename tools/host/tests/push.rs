@@ -247,7 +247,8 @@ async fn push_over_http() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let to = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let view: Arc<dyn DeviceView> = device.clone();
-    tokio::spawn(clipact::events::http::serve(listener, view, true, None, Default::default()));
+    let options = clipact::events::http::ServeOptions { accept_updates: true, ..Default::default() };
+    tokio::spawn(clipact::events::http::serve(listener, view, options, Default::default()));
     let v3 = set(2, 3, 2);
     assert_accepted(&push(args(&to, &files.set("v3.cls", &v3), Some(&files.key()), &[])).await, 3);
     assert_eq!(*device.current(), v3);
