@@ -43,6 +43,11 @@ impl Device {
         Device { child, http }
     }
 
+    /// The process id (of the runner, when there is one that does not exec).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, and waits for the process to end.
     pub fn stop(mut self) {
         let _ = std::process::Command::new("kill").arg(self.child.id().to_string()).status();

@@ -1,4 +1,5 @@
 pub mod alloc;
+pub mod browser;
 pub mod device;
 pub mod random;
 
