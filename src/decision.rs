@@ -280,6 +280,12 @@ impl Decisions {
         &self.enabled
     }
 
+    /// Per label, whether it is a background label ("none of these": it takes part in the
+    /// distribution and never fires).
+    pub fn background(&self) -> &[bool] {
+        &self.background
+    }
+
     /// How the labels compete.
     pub fn mode(&self) -> DecisionMode {
         self.mode

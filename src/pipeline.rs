@@ -149,6 +149,11 @@ impl Pipeline {
         self.decisions.enabled()
     }
 
+    /// Per label of the current set, whether it is a background label ("none of these").
+    pub fn background(&self) -> &[bool] {
+        self.decisions.background()
+    }
+
     /// The deciders of the current set, one per label (their state: active, smoothed score).
     pub fn deciders(&self) -> &[LabelDecider] {
         self.decisions.deciders()

@@ -181,6 +181,8 @@ pub struct LabelState {
     pub threshold: f32,
     /// Whether the label may fire ([`crate::tuning`]).
     pub enabled: bool,
+    /// A background label ("none of these"): it never fires; when it leads, nothing is seen.
+    pub background: bool,
 }
 
 /// Per label of the set in use: written by the loop, read by anyone.
@@ -188,6 +190,7 @@ struct LiveLabels {
     set: Arc<LabelSet>,
     thresholds: Vec<f32>,
     enabled: Vec<bool>,
+    background: Vec<bool>,
     /// f32 bits.
     scores: Vec<AtomicU32>,
     active: Vec<AtomicBool>,
@@ -201,6 +204,7 @@ impl LiveLabels {
             set,
             thresholds: deciders.iter().map(|d| d.policy().threshold).collect(),
             enabled: pipeline.enabled().to_vec(),
+            background: pipeline.background().to_vec(),
             scores: pipeline.smoothed().iter().map(|s| AtomicU32::new(s.to_bits())).collect(),
             active: deciders.iter().map(|d| AtomicBool::new(d.is_active())).collect(),
         })
@@ -303,6 +307,7 @@ impl RuntimeHandle {
                 active: live.active[i].load(Ordering::Relaxed),
                 threshold: live.thresholds[i],
                 enabled: live.enabled[i],
+                background: live.background[i],
             })
             .collect()
     }

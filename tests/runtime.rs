@@ -508,3 +508,29 @@ fn serial_updates_reach_the_loop_over_a_pty_pair() {
     handle.stop();
     assert_eq!(runner.join().unwrap().unwrap().stats.label_updates, 2);
 }
+
+#[test]
+fn a_calibrated_sets_background_label_is_reported_as_such() {
+    let mut bundle = demo();
+    let n = bundle.labels.labels.len();
+    bundle.labels.calibration = Some(clipact::labels::Calibration {
+        mode: clipact::labels::DecisionMode::Exclusive,
+        scale: 10.0,
+        biases: vec![0.0; n],
+        background: (0..n).map(|i| i == 1).collect(),
+        smoothing_ms: 0,
+        min_duration_ms: 0,
+        hysteresis: 0.05,
+        cooldown_ms: 0,
+        provenance: "test".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let background: Vec<bool> = rt.handle().label_states().iter().map(|l| l.background).collect();
+    assert_eq!(background, (0..n).map(|i| i == 1).collect::<Vec<_>>());
+    // `[decision] calibrated = false`: no distribution, no background.
+    let mut config = Config::default();
+    config.decision.calibrated = false;
+    let pipeline = Pipeline::new(&bundle, &config).unwrap();
+    assert!(pipeline.background().iter().all(|b| !b));
+}

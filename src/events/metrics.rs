@@ -53,6 +53,10 @@ pub struct LabelInfo {
     /// Whether the label may fire (a person can turn one off: [`crate::tuning`]).
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// A background label ("none of these", a calibrated set's): it never fires; while it
+    /// leads, the device sees none of the actions.
+    #[serde(default)]
+    pub background: bool,
 }
 
 fn enabled() -> bool {

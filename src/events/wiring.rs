@@ -174,6 +174,7 @@ impl DeviceView for RuntimeView {
                     score: state.score,
                     active: state.active,
                     enabled: state.enabled,
+                    background: state.background,
                 })
                 .collect(),
         }

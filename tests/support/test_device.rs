@@ -141,6 +141,7 @@ impl DeviceView for TestDevice {
                     score: scores.get(i).copied().unwrap_or(0.0),
                     active: active.get(i).copied().unwrap_or(false),
                     enabled: true,
+                    background: false,
                 })
                 .collect(),
         }
