@@ -5,45 +5,19 @@
 mod mosquitto;
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use mosquitto::Mosquitto;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use support::device::{http, Device};
 
-/// Kills the device process when the test ends, however it ends.
-struct Device(Child);
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `clipact run` (through `CLIPACT_TEST_RUNNER` when set, as tests/cli.rs does).
-fn start_device(config: &std::path::Path) -> Device {
-    let child = support::clipact_command()
-        .args(["run", "--config", config.to_str().unwrap(), "--for", "100000"])
-        .env("RUST_LOG", "clipact=info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("clipact starts");
-    Device(child)
-}
-
+/// `GET path`: the whole answer, head included (asserted 200).
 fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
+    let reply = http(addr, "GET", path, b"", None);
+    assert_eq!(reply.status, 200, "{path}: {}", String::from_utf8_lossy(&reply.body));
+    format!("content-type: {}\r\n\r\n{}", reply.content_type, String::from_utf8_lossy(&reply.body))
 }
 
 #[test]
@@ -68,21 +42,8 @@ fn run_publishes_events_over_mqtt_and_serves_metrics() {
     client.subscribe("clipact/barn/#", QoS::AtLeastOnce).unwrap();
     client.subscribe("homeassistant/+/barn/#", QoS::AtLeastOnce).unwrap();
 
-    let mut device = start_device(&config);
-    let mut stderr = BufReader::new(device.0.stderr.take().unwrap());
-    let mut line = String::new();
-    let http = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "clipact exited before serving HTTP");
-        if line.contains("HTTP: serving") {
-            let at = line.find("local=").expect("the log names the HTTP address") + "local=".len();
-            let rest = &line[at..];
-            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            break rest[..end].to_owned();
-        }
-    };
-    // Keep draining the log so the device never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let device = Device::start(&config);
+    let http = device.http.clone();
 
     let (mut online, mut new_event, mut state_on, mut stats) = (false, false, false, false);
     // Home Assistant discovery is on by default: one binary sensor per label of the demo set.
