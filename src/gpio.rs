@@ -478,7 +478,12 @@ pub mod linux {
     fn suggestion(name: &str, names: &[String]) -> String {
         match crate::config::closest(name, names.iter().map(String::as_str)) {
             Some(best) => format!("; did you mean `{best}`?"),
-            None => String::new(),
+            None if names.is_empty() => "; its lines have no names (give an offset)".into(),
+            None => {
+                let shown: Vec<&str> = names.iter().filter(|n| !n.is_empty()).take(16).map(String::as_str).collect();
+                let more = if names.len() > shown.len() { ", …" } else { "" };
+                format!("; its lines: {}{more}", shown.join(", "))
+            }
         }
     }
 

@@ -1061,7 +1061,7 @@ fn spawn_capture(
                 let captured = match source.next_frame() {
                     Ok(Some(f)) => f,
                     Ok(None) => break Ok(()),
-                    Err(e) if live || e.is_transient() => {
+                    Err(e) if (live && !matches!(e, SourceError::Unsupported { .. })) || e.is_transient() => {
                         m.source_errors.fetch_add(1, Ordering::Relaxed);
                         if error_logs < 20 {
                             error_logs += 1;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clipact::preprocess::PixelFormat;
-use clipact::source::camera::{Camera, CameraFormat, CameraRequest, CaptureBackend, CaptureStream, Mode};
+use clipact::source::camera::{Camera, CameraFormat, CameraRequest, CaptureBackend, CaptureStream, Mode, OpenFailure};
 use clipact::source::files::{ImageSequence, MjpegSource, Y4mSource};
 use clipact::source::pipe::PipeSource;
 use clipact::source::{FrameSource, RawFormat, SourceError, SourceSpec, Truth};
@@ -338,13 +338,13 @@ impl CaptureStream for MockStream {
 }
 
 impl CaptureBackend for MockBackend {
-    fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, String> {
+    fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, OpenFailure> {
         assert_eq!(request.device, Path::new("/dev/video7"));
         let mut s = self.0.lock().unwrap();
         s.open_attempts += 1;
         if s.opens > 0 && s.failed_opens > 0 {
             s.failed_opens -= 1;
-            return Err("No such file or directory (os error 2)".into());
+            return Err(OpenFailure::Unavailable("No such file or directory (os error 2)".into()));
         }
         let left = if s.frames_before_unplug.is_empty() { usize::MAX } else { s.frames_before_unplug.remove(0) };
         s.opens += 1;
@@ -393,4 +393,38 @@ fn a_camera_unplugged_and_plugged_back_resumes() {
     assert_eq!(s.open_attempts, 3 + 3);
     assert_eq!(camera.reconnects(), 2);
     assert_eq!(frames, 40 - reconnecting - skipped);
+}
+
+/// A camera that cannot give the format asked for; after `streams` good opens (each lost after
+/// one frame), or from the start.
+struct Refusing {
+    streams: usize,
+}
+
+impl CaptureBackend for Refusing {
+    fn open(&mut self, _: &CameraRequest) -> Result<Box<dyn CaptureStream>, OpenFailure> {
+        if self.streams == 0 {
+            return Err(OpenFailure::Unsupported("the camera does not offer mjpeg (it offers: YUYV)".into()));
+        }
+        self.streams -= 1;
+        Ok(Box::new(MockStream { left: 1, counter: 0, short_frame_at: None }))
+    }
+}
+
+#[test]
+fn a_camera_that_cannot_give_the_format_fails_at_once_and_a_replaced_one_is_waited_for() {
+    let request = || CameraRequest { device: "/dev/video7".into(), size: None, format: None, fps: None, min_side: 32 };
+    let ms = Duration::from_millis(1);
+    let mut never = Camera::new(Refusing { streams: 0 }, request(), ms, ms);
+    let Err(e) = never.next_frame() else { panic!("opened a camera that refuses") };
+    assert!(matches!(e, SourceError::Unsupported { .. }) && !e.is_transient(), "{e:?}");
+    assert!(e.to_string().contains("/dev/video7") && e.to_string().contains("offers: YUYV"), "{e}");
+
+    // It streamed once: a refusal after a loss is another camera in its place, waited out.
+    let mut once = Camera::new(Refusing { streams: 1 }, request(), ms, ms);
+    assert!(once.next_frame().unwrap().is_some());
+    let lost = once.next_frame().map(|_| ()).unwrap_err();
+    assert!(lost.is_transient(), "{lost}");
+    let refused = once.next_frame().map(|_| ()).unwrap_err();
+    assert!(refused.is_transient(), "{refused}");
 }

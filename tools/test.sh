@@ -68,6 +68,11 @@ echo "==> aarch64 (qemu, QEMU_CPU=cortex-a76, Raspberry Pi 5): cargo test -p cli
 QEMU_CPU=cortex-a76 CLIPACT_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" RUST_TEST_THREADS=1 \
   cargo test -p clipact --locked --all-features --target "$target" --test precision --test bench_cli
 
+# The same aarch64 binary against a real kernel: V4L2 capture from vivid and a gpio-sim chip in
+# an emulated arm64 VM (downloads and built modules cached outside the clone).
+echo "==> arm64 VM: the aarch64 binary against real V4L2 (vivid) and GPIO (gpio-sim)"
+tools/vm-test.sh
+
 # The update paths' decoders under libFuzzer (fuzz/, its own workspace; needs nightly and
 # cargo-fuzz, installed here when missing), each target for a short, bounded time. A crash
 # fails the run. Built without optimisations (--dev): a cold sanitizer build takes half the

@@ -166,7 +166,14 @@ impl fmt::Display for Mode {
 }
 
 fn fourcc_str(f: &[u8; 4]) -> String {
-    String::from_utf8_lossy(f).into_owned()
+    // V4L2 marks big-endian variants with the top bit of the last byte (`v4l2_fourcc_be`).
+    let (code, big_endian) = ([f[0], f[1], f[2], f[3] & 0x7f], f[3] & 0x80 != 0);
+    let mut s: String =
+        code.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { char::from(b) } else { '?' }).collect();
+    if big_endian {
+        s.push_str("-BE");
+    }
+    s
 }
 
 /// Above this many pixels YUYV is avoided when MJPEG is offered (USB 2 bandwidth).
@@ -246,6 +253,16 @@ pub fn check_applied(requested: Mode, fourcc: [u8; 4], width: u32, height: u32) 
     Ok(Mode { format, width, height })
 }
 
+/// Why a device could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenFailure {
+    /// Not there or not answering (unplugged, busy): worth trying again.
+    Unavailable(String),
+    /// The device answered and cannot give what was asked (a format or size it does not
+    /// offer): trying again changes nothing.
+    Unsupported(String),
+}
+
 /// An open capture stream (the hardware boundary).
 pub trait CaptureStream: Send {
     /// The mode frames come in.
@@ -258,7 +275,7 @@ pub trait CaptureStream: Send {
 /// Opens capture streams (the hardware boundary).
 pub trait CaptureBackend: Send {
     /// Opens the device, negotiates a mode for `request` and starts streaming.
-    fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, String>;
+    fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, OpenFailure>;
 }
 
 /// A camera that reopens its device when it is lost.
@@ -275,6 +292,8 @@ pub struct Camera<B: CaptureBackend> {
     bad_frames: u64,
     /// The stream was lost and not yet reopened.
     lost: bool,
+    /// A stream was opened at least once.
+    streamed: bool,
 }
 
 impl<B: CaptureBackend> Camera<B> {
@@ -292,6 +311,7 @@ impl<B: CaptureBackend> Camera<B> {
             reconnects: 0,
             bad_frames: 0,
             lost: false,
+            streamed: false,
         }
     }
 
@@ -337,8 +357,15 @@ impl<B: CaptureBackend> FrameSource for Camera<B> {
                     }
                     self.backoff = self.min_backoff;
                     self.stream = Some(stream);
+                    self.streamed = true;
                 }
-                Err(message) => {
+                // A device that never streamed and cannot do what was asked will not change
+                // its mind: say so and stop, rather than retry forever. (Once it has streamed,
+                // a different camera plugged in its place is waited out like a lost one.)
+                Err(OpenFailure::Unsupported(message)) if !self.streamed => {
+                    return Err(SourceError::Unsupported { what: self.what(), message });
+                }
+                Err(OpenFailure::Unsupported(message) | OpenFailure::Unavailable(message)) => {
                     std::thread::sleep(self.backoff);
                     self.backoff = (self.backoff * 2).min(self.max_backoff);
                     return Err(SourceError::Reconnecting { what: self.what(), message });
@@ -451,25 +478,27 @@ mod v4l2 {
     }
 
     impl CaptureBackend for V4lBackend {
-        fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, String> {
-            let device = Device::with_path(&request.device).map_err(|e| format!("cannot open: {e}"))?;
-            let offers = offers(&device).map_err(|e| format!("cannot list formats: {e}"))?;
-            let mode = negotiate(&offers, request)?;
-            let mut format = device.format().map_err(|e| format!("cannot read the format: {e}"))?;
+        fn open(&mut self, request: &CameraRequest) -> Result<Box<dyn CaptureStream>, OpenFailure> {
+            let unavailable = |what: &str, e: std::io::Error| OpenFailure::Unavailable(format!("{what}: {e}"));
+            let device = Device::with_path(&request.device).map_err(|e| unavailable("cannot open", e))?;
+            let offers = offers(&device).map_err(|e| unavailable("cannot list formats", e))?;
+            let mode = negotiate(&offers, request).map_err(OpenFailure::Unsupported)?;
+            let mut format = device.format().map_err(|e| unavailable("cannot read the format", e))?;
             format.width = mode.width;
             format.height = mode.height;
             format.fourcc = FourCC::new(&mode.format.fourcc());
-            let applied = device.set_format(&format).map_err(|e| format!("cannot set {mode}: {e}"))?;
-            let mode = check_applied(mode, applied.fourcc.repr, applied.width, applied.height)?;
+            let applied = device.set_format(&format).map_err(|e| unavailable(&format!("cannot set {mode}"), e))?;
+            let mode = check_applied(mode, applied.fourcc.repr, applied.width, applied.height)
+                .map_err(OpenFailure::Unsupported)?;
             if let Some(fps) = request.fps {
-                let mut params = device.params().map_err(|e| e.to_string())?;
+                let mut params = device.params().map_err(|e| unavailable("cannot read the frame rate", e))?;
                 params.interval = v4l::Fraction::new(1, fps);
                 if let Err(e) = device.set_params(&params) {
                     tracing::warn!("cannot set {fps} fps: {e}");
                 }
             }
-            let mut stream =
-                Stream::with_buffers(&device, Type::VideoCapture, 4).map_err(|e| format!("cannot map buffers: {e}"))?;
+            let mut stream = Stream::with_buffers(&device, Type::VideoCapture, 4)
+                .map_err(|e| unavailable("cannot map buffers", e))?;
             // A dead camera must not block the capture thread forever.
             stream.set_timeout(Duration::from_secs(2));
             Ok(Box::new(V4lStream { stream, _device: device, mode, stride: applied.stride as usize }))
@@ -541,6 +570,13 @@ mod tests {
         let bayer = [Offer { fourcc: *b"pRAA", sizes: Sizes::Discrete(vec![(1920, 1080)]) }];
         let e = negotiate(&bayer, &request()).unwrap_err();
         assert!(e.contains("pRAA") && e.contains("pipe:"), "{e}");
+        // vivid's big-endian 16-bit grey, and a code with a byte that is no character.
+        let odd = [
+            Offer { fourcc: [b'Y', b'1', b'6', b' ' | 0x80], sizes: Sizes::Discrete(vec![(64, 64)]) },
+            Offer { fourcc: [b'X', 0x01, b'1', b'2'], sizes: Sizes::Discrete(vec![(64, 64)]) },
+        ];
+        let e = negotiate(&odd, &request()).unwrap_err();
+        assert!(e.contains("Y16 -BE, X?12"), "{e}");
     }
 
     #[test]

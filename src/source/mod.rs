@@ -90,6 +90,15 @@ pub enum SourceError {
         /// What is wrong.
         message: String,
     },
+    /// The device cannot give what was asked (a format or size it does not offer): fatal,
+    /// even for a live source.
+    #[error("{what}: {message}")]
+    Unsupported {
+        /// The device.
+        what: String,
+        /// What it cannot do, and what it offers.
+        message: String,
+    },
     /// A device was lost and is being reopened: not fatal, call again (the runtime counts
     /// these and checks whether it should stop in between).
     #[error("{what}: {message}; retrying")]

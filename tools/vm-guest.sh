@@ -1,0 +1,79 @@
+#!/bin/sh
+# The tests tools/vm-test.sh runs inside the arm64 VM (busybox sh, in the share). Each test
+# writes `PASS name` or `FAIL name: why` to ./results; the log goes to ./guest.log.
+results=./results
+: >"$results"
+booted=$(date +%s)
+at() { echo "at $(($(date +%s) - booted)) s"; }
+pass() { echo "PASS $1 ($(at))" >>"$results"; }
+fail() { echo "FAIL $1 ($(at)): $2" >>"$results"; }
+export RUST_LOG=clipact=info NO_COLOR=1
+
+echo "kernel $(uname -r); video: $(ls /dev/video* 2>/dev/null); gpio chips: $(ls /dev/gpiochip* 2>/dev/null)"
+
+# A simulated GPIO chip with named lines, found by its label (never by number: QEMU's own
+# PL061 is gpiochip0).
+sim=/sys/kernel/config/gpio-sim/clipact
+mkdir -p "$sim/bank0/line0" "$sim/bank0/line1"
+echo 2 >"$sim/bank0/num_lines"
+echo clipact-sim >"$sim/bank0/label"
+echo red_led >"$sim/bank0/line0/name"
+echo spare >"$sim/bank0/line1/name"
+echo 1 >"$sim/live"
+red_value=$(ls -d /sys/devices/platform/gpio-sim.*/gpiochip*/sim_gpio0 2>/dev/null | head -1)/value
+echo "gpio-sim: $(cat "$sim/dev_name" 2>/dev/null) $(cat "$sim/bank0/chip_name" 2>/dev/null); red_led at $red_value"
+
+# The final `--stats` object's frames_processed.
+frames_of() { sed -n 's/.*"frames_processed":\([0-9]*\).*/\1/p' "$1" | tail -1; }
+
+# 1. Capture from the real /dev/video0 in YUYV (vivid's default).
+./clipact run --bundle models/colour-demo --source v4l:/dev/video0,size=640x360,format=yuyv --for 8 --stats \
+  >yuyv.out 2>yuyv.err
+frames=$(frames_of yuyv.err)
+if [ "${frames:-0}" -gt 0 ]; then pass "capture_yuyv: $frames frames"; else fail capture_yuyv "no frames: $(tail -3 yuyv.err)"; fi
+
+# 2. MJPEG, which vivid does not offer: refused, naming what the device has.
+./clipact run --bundle models/colour-demo --source v4l:/dev/video0,format=mjpeg --for 3 >mjpeg.out 2>mjpeg.err
+status=$?
+echo "mjpeg: exit $status: $(tail -2 mjpeg.err)"
+if [ $status -ne 0 ] && grep -qi "mjpeg" mjpeg.err && grep -qi "yuyv" mjpeg.err; then
+  pass format_refused_clearly
+else
+  fail format_refused_clearly "exit $status: $(tail -2 mjpeg.err)"
+fi
+
+# 3. A detection drives the named line of the chip found by its label, and the line is low
+#    again when the run ends; the JSON events say when.
+cat >gpio.toml <<'EOF'
+[[gpio]]
+label = "red"
+chip = "clipact-sim"
+line = "red_led"
+EOF
+./clipact run --config gpio.toml --bundle models/colour-demo --source pattern --for 20 >gpio.out 2>gpio.err &
+pid=$!
+high=0
+while kill -0 $pid 2>/dev/null; do
+  [ "$(cat "$red_value")" = 1 ] && high=$((high + 1))
+  sleep 0.05
+done
+wait $pid
+status=$?
+red_events=$(grep -c '"type":"new".*"label":"red"\|"label":"red".*"type":"new"' gpio.out)
+final=$(cat "$red_value")
+echo "gpio: exit $status, high in $high polls, $red_events red events, final $final"
+if [ $status -eq 0 ] && [ $high -gt 0 ] && [ "$red_events" -gt 0 ] && [ "$final" = 0 ]; then
+  pass "gpio_line_by_name_follows_detections: high in $high polls, $red_events red events"
+else
+  fail gpio_line_by_name_follows_detections "exit $status, high $high, events $red_events, final $final: $(tail -2 gpio.err)"
+fi
+
+# 4. A line the chip does not have: the start fails, naming the line and the chip's lines.
+sed 's/red_led/no_such_line/' gpio.toml >missing.toml
+./clipact run --config missing.toml --bundle models/colour-demo --source pattern --for 1 >missing.out 2>missing.err
+status=$?
+if [ $status -ne 0 ] && grep -q no_such_line missing.err && grep -q red_led missing.err; then
+  pass missing_line_is_a_clear_error
+else
+  fail missing_line_is_a_clear_error "exit $status: $(tail -2 missing.err)"
+fi
