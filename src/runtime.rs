@@ -228,6 +228,8 @@ struct Shared {
     tuning_changed: AtomicBool,
     /// The last frame, for whoever asks.
     snapshots: SnapshotSlot,
+    /// The capture thread has its result and is returning (joining it cannot block).
+    capture_ended: AtomicBool,
     /// Wakes the loop (and the capture thread) on stop.
     queue: Arc<FrameQueue>,
 }
@@ -789,6 +791,7 @@ impl Runtime {
             tuning: Mutex::new(tuning),
             tuning_changed: AtomicBool::new(false),
             snapshots: SnapshotSlot::new(),
+            capture_ended: AtomicBool::new(false),
             queue: Arc::new(FrameQueue::new(options.queue_len)),
         });
         shared.metrics.label_set_version.store(set.version, Ordering::Relaxed);
@@ -918,8 +921,10 @@ impl Runtime {
             sink.stats(&stats);
             sink.close();
         }
-        // A capture blocked in a read (a pipe with no writer) is left to the process exit.
-        let capture_result = if capture.is_finished() { capture.join().unwrap_or(Ok(())) } else { Ok(()) };
+        // A capture blocked in a read (a pipe with no writer) is left to the process exit; one
+        // that ended (a source that failed) is joined for its error.
+        let ended = capture.is_finished() || shared.capture_ended.load(Ordering::SeqCst);
+        let capture_result = if ended { capture.join().unwrap_or(Ok(())) } else { Ok(()) };
         result?;
         capture_result?;
         Ok(RunSummary { stats })
@@ -1095,6 +1100,7 @@ fn spawn_capture(
                     None => break Ok(()),
                 }
             };
+            shared.capture_ended.store(true, Ordering::SeqCst);
             queue.close();
             if let Err(e) = &result {
                 tracing::error!("source failed: {e}");

@@ -534,3 +534,27 @@ fn a_calibrated_sets_background_label_is_reported_as_such() {
     let pipeline = Pipeline::new(&bundle, &config).unwrap();
     assert!(pipeline.background().iter().all(|b| !b));
 }
+
+/// A live source whose device cannot give what was asked.
+struct Refused;
+
+impl FrameSource for Refused {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        Err(SourceError::Unsupported { what: "/dev/video9".into(), message: "the camera does not offer mjpeg".into() })
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        "a refusing camera".into()
+    }
+}
+
+#[test]
+fn a_live_source_that_cannot_work_ends_the_run_with_its_error() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let error = rt.run(Box::new(Refused)).map(|_| ()).unwrap_err();
+    assert!(error.to_string().contains("does not offer mjpeg"), "{error}");
+}

@@ -59,7 +59,7 @@ while kill -0 $pid 2>/dev/null; do
 done
 wait $pid
 status=$?
-red_events=$(grep -c '"type":"new".*"label":"red"\|"label":"red".*"type":"new"' gpio.out)
+red_events=$(grep '"label":"red"' gpio.out | grep -c '"type":"new"')
 final=$(cat "$red_value")
 echo "gpio: exit $status, high in $high polls, $red_events red events, final $final"
 if [ $status -eq 0 ] && [ $high -gt 0 ] && [ "$red_events" -gt 0 ] && [ "$final" = 0 ]; then
@@ -76,4 +76,42 @@ if [ $status -ne 0 ] && grep -q no_such_line missing.err && grep -q red_led miss
   pass missing_line_is_a_clear_error
 else
   fail missing_line_is_a_clear_error "exit $status: $(tail -2 missing.err)"
+fi
+
+# 5. End to end through the kernel: vivid shows solid red, the colour bundle detects red from
+#    /dev/video0 and drives the named line high; switched to blue, the detection ends and the
+#    line goes low. The JSON events and the line agree.
+v4l2-ctl -d /dev/video0 -L >controls.txt 2>&1
+menu_index() { sed -n "s/^[[:space:]]*\([0-9]*\): $1[[:space:]]*\$/\1/p" controls.txt | head -1; }
+red=$(menu_index "100% Red")
+blue=$(menu_index "100% Blue")
+echo "vivid test_pattern: red $red, blue $blue"
+[ -n "$red" ] && [ -n "$blue" ] || { grep -A30 test_pattern controls.txt; }
+v4l2-ctl -d /dev/video0 -c osd_text_mode=2 -c test_pattern="$red"
+./clipact run --config gpio.toml --bundle models/colour-demo --source v4l:/dev/video0,size=640x360,format=yuyv \
+  >e2e.out 2>e2e.err &
+pid=$!
+wait_line() { # value, seconds
+  n=0
+  while [ "$(cat "$red_value")" != "$1" ] && [ $n -lt $(($2 * 20)) ]; do sleep 0.05; n=$((n + 1)); done
+  [ "$(cat "$red_value")" = "$1" ]
+}
+if wait_line 1 90; then went_high=yes; else went_high=no; fi
+v4l2-ctl -d /dev/video0 -c test_pattern="$blue"
+if wait_line 0 90; then went_low=yes; else went_low=no; fi
+# The end event is written when the line goes low; give the pipe a moment.
+n=0
+while ! grep -q '"type":"end"' e2e.out && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
+kill -TERM $pid
+wait $pid
+status=$?
+new_red=$(grep '"label":"red"' e2e.out | grep -c '"type":"new"')
+end_red=$(grep '"label":"red"' e2e.out | grep -c '"type":"end"')
+echo "e2e: exit $status, high $went_high, low $went_low, new red $new_red, end red $end_red"
+grep -v '^$' e2e.out | head -5
+if [ $status -eq 0 ] && [ $went_high = yes ] && [ $went_low = yes ] && [ "$new_red" -ge 1 ] && [ "$end_red" -ge 1 ] \
+  && [ "$(cat "$red_value")" = 0 ]; then
+  pass "camera_colour_drives_the_line: red on, blue off"
+else
+  fail camera_colour_drives_the_line "exit $status, high $went_high, low $went_low, new $new_red, end $end_red: $(tail -2 e2e.err)"
 fi

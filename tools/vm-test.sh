@@ -51,22 +51,25 @@ fi
 abi_package="$(apt-cache depends linux-image-arm64 | awk '/Depends: linux-image-/ {print $2; exit}')"
 kver="${abi_package#linux-image-}"
 kernel_version="$(apt-cache show "$abi_package" | awk '/^Version:/ {print $2; exit}')"
+packages=("linux-image-$kver" "linux-headers-$kver" "linux-headers-${kver%-arm64}-common" "linux-kbuild-6.1:amd64"
+  "linux-source-6.1=$kernel_version" busybox-static:arm64 v4l-utils:arm64 libv4l-0:arm64 libv4lconvert0:arm64
+  libjpeg62-turbo:arm64 libstdc++6:arm64)
+wanted="$(printf '%s\n' "${packages[@]}")"
 debs="$cache/debs/$kver"
-if [ ! -e "$debs/.complete" ]; then
-  echo "==> downloading kernel $kver ($kernel_version), headers, kbuild, source, busybox"
+if [ "$(cat "$debs/.complete" 2>/dev/null)" != "$wanted" ]; then
+  echo "==> downloading kernel $kver ($kernel_version), headers, kbuild, source, busybox, v4l2-ctl"
   rm -rf "$debs" && mkdir -p "$debs"
-  (cd "$debs" && apt-get download -qq "linux-image-$kver" "linux-headers-$kver" \
-    "linux-headers-${kver%-arm64}-common" "linux-kbuild-6.1:amd64" "linux-source-6.1=$kernel_version" \
-    busybox-static:arm64 2>&1 | grep -v "unsandboxed" || true)
-  touch "$debs/.complete"
+  (cd "$debs" && apt-get download -qq "${packages[@]}" 2>&1 | grep -v "unsandboxed" || true)
+  echo "$wanted" >"$debs/.complete"
 fi
 
 # --- the kernel tree, modules and gpio-sim, built once per kernel -------------------------
 root="$cache/root-$kver"
-if [ ! -e "$root/.complete" ]; then
+if [ "$(cat "$root/.complete" 2>/dev/null)" != "$wanted" ]; then
   echo "==> unpacking kernel $kver; building gpio-sim out of tree"
   rm -rf "$root" && mkdir -p "$root"
-  for deb in "$debs"/linux-image-*.deb "$debs"/linux-headers-*.deb "$debs"/linux-kbuild-*.deb "$debs"/busybox-static*.deb; do
+  for deb in "$debs"/*.deb; do
+    [[ "$deb" == */linux-source-* ]] && continue
     dpkg-deb -x "$deb" "$root"
   done
   headers="$root/usr/src/linux-headers-$kver"
@@ -85,7 +88,7 @@ if [ ! -e "$root/.complete" ]; then
   make -s -C "$headers" M="$src" ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu- modules 2>&1 | grep -v "Skipping BTF" || true
   test -e "$src/gpio-sim.ko" -a -e "$src/irq_sim.ko"
   depmod -b "$root" "$kver"
-  touch "$root/.complete"
+  echo "$wanted" >"$root/.complete"
 fi
 
 # --- the binary under test ----------------------------------------------------------------
@@ -113,10 +116,15 @@ done
 cp "$root/gpio-sim/irq_sim.ko" "$root/gpio-sim/gpio-sim.ko" "$initrd/modules/"
 order+=(irq_sim.ko gpio-sim.ko)
 printf '%s\n' "${order[@]}" >"$initrd/modules/order"
-# The dynamic binary's loader and libraries (it needs no others: readelf NEEDED).
+# The dynamic binaries' loader and libraries (readelf NEEDED): clipact's from the cross
+# toolchain, v4l2-ctl's (to switch vivid's test pattern) from Debian's arm64 packages.
 for lib in ld-linux-aarch64.so.1 libc.so.6 libm.so.6 libgcc_s.so.1; do
   cp -L "/usr/aarch64-linux-gnu/lib/$lib" "$initrd/lib/"
 done
+for lib in libv4l2.so.0 libv4lconvert.so.0 libjpeg.so.62 libstdc++.so.6; do
+  cp -L "$root/usr/lib/aarch64-linux-gnu/$lib" "$initrd/lib/"
+done
+cp "$root/usr/bin/v4l2-ctl" "$initrd/bin/"
 cat >"$initrd/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
