@@ -186,6 +186,14 @@ impl LabelDecider {
         None
     }
 
+    /// When the detection in progress started.
+    pub fn since(&self) -> Option<Duration> {
+        match self.state {
+            State::Active { since, .. } => Some(since),
+            _ => None,
+        }
+    }
+
     /// The highest smoothed score of the detection in progress.
     pub fn peak(&self) -> Option<f32> {
         match self.state {

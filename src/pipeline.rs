@@ -188,6 +188,13 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Starts the stream over after a gap (a camera lost and back): the window is emptied and
+    /// every label is idle again, with the same label set and settings.
+    pub fn restart_stream(&mut self) {
+        self.scorer.clear();
+        self.reset_decisions();
+    }
+
     /// Runs one frame through the pipeline with the wall-clock time since the pipeline was
     /// built as its stream time; see [`Pipeline::process_at`].
     pub fn process(&mut self, frame: &Frame, events: &mut Vec<Event>) -> Result<&[f32], PipelineError> {

@@ -230,6 +230,8 @@ struct Shared {
     snapshots: SnapshotSlot,
     /// The capture thread has its result and is returning (joining it cannot block).
     capture_ended: AtomicBool,
+    /// The source reported a loss (a camera unplugged) since the loop last looked.
+    source_lost: AtomicBool,
     /// Wakes the loop (and the capture thread) on stop.
     queue: Arc<FrameQueue>,
 }
@@ -734,6 +736,15 @@ pub struct RunSummary {
     pub stats: StatsSnapshot,
 }
 
+/// What an event says of the frame it came from.
+#[derive(Debug, Clone, Copy)]
+struct FrameMeta {
+    index: u64,
+    time: Duration,
+    captured: Instant,
+    truth: Option<Truth>,
+}
+
 /// The device runtime for one pipeline.
 pub struct Runtime {
     pipeline: Pipeline,
@@ -746,6 +757,8 @@ pub struct Runtime {
     sinks: Vec<Box<dyn EventSink>>,
     options: RuntimeOptions,
     names: Vec<Arc<str>>,
+    /// The last frame processed (what an event raised between frames refers to).
+    last_frame: FrameMeta,
 }
 
 impl Runtime {
@@ -792,6 +805,7 @@ impl Runtime {
             tuning_changed: AtomicBool::new(false),
             snapshots: SnapshotSlot::new(),
             capture_ended: AtomicBool::new(false),
+            source_lost: AtomicBool::new(false),
             queue: Arc::new(FrameQueue::new(options.queue_len)),
         });
         shared.metrics.label_set_version.store(set.version, Ordering::Relaxed);
@@ -807,6 +821,7 @@ impl Runtime {
             sinks: Vec::new(),
             options,
             names: Vec::new(),
+            last_frame: FrameMeta { index: 0, time: Duration::ZERO, captured: Instant::now(), truth: None },
         };
         runtime.rebind();
         runtime
@@ -964,7 +979,14 @@ impl Runtime {
             }
             let frame = match queue.pop(Duration::from_millis(50)) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => continue,
+                // No frame for a while and the source says it lost its device: the frames
+                // before the loss are all processed; what was going on has ended.
+                Ok(None) => {
+                    if shared.source_lost.swap(false, Ordering::AcqRel) {
+                        self.source_lost(&live_labels);
+                    }
+                    continue;
+                }
                 Err(()) => return Ok(()),
             };
             events.clear();
@@ -995,14 +1017,40 @@ impl Runtime {
                     continue;
                 }
             }
+            self.last_frame =
+                FrameMeta { index: frame.index, time: frame.time, captured: frame.captured, truth: frame.truth };
             if !events.is_empty() {
-                self.dispatch(&events, &frame, &live_labels);
+                let meta = self.last_frame;
+                self.dispatch(&events, &meta, &live_labels);
             }
             queue.recycle(frame);
         }
     }
 
-    fn dispatch(&mut self, events: &[Event], frame: &OwnedFrame, live: &LiveLabels) {
+    /// The source is lost (a camera unplugged): every detection in progress ends now, its
+    /// outputs going to their inactive state, and the stream starts over when frames come
+    /// back, so frames from before the gap are not scored with frames after it.
+    fn source_lost(&mut self, live: &LiveLabels) {
+        let ended: Vec<Event> = self
+            .pipeline
+            .deciders()
+            .iter()
+            .enumerate()
+            .filter_map(|(label, d)| {
+                let since = d.since()?;
+                let (score, peak) = (d.smoothed().unwrap_or(0.0), d.peak().unwrap_or(0.0));
+                Some(Event { active: false, update: false, label, score, since, peak })
+            })
+            .collect();
+        if !ended.is_empty() {
+            tracing::warn!(detections = ended.len(), "source lost: detections in progress end, outputs inactive");
+            let meta = self.last_frame;
+            self.dispatch(&ended, &meta, live);
+        }
+        self.pipeline.restart_stream();
+    }
+
+    fn dispatch(&mut self, events: &[Event], frame: &FrameMeta, live: &LiveLabels) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let m = &self.handle.shared.metrics;
@@ -1067,6 +1115,9 @@ fn spawn_capture(
                     Ok(Some(f)) => f,
                     Ok(None) => break Ok(()),
                     Err(e) if (live && !matches!(e, SourceError::Unsupported { .. })) || e.is_transient() => {
+                        if e.is_transient() {
+                            shared.source_lost.store(true, Ordering::Release);
+                        }
                         m.source_errors.fetch_add(1, Ordering::Relaxed);
                         if error_logs < 20 {
                             error_logs += 1;
@@ -1093,6 +1144,8 @@ fn spawn_capture(
                 buf.truth = captured.truth;
                 index += 1;
                 m.frames_captured.fetch_add(1, Ordering::Relaxed);
+                // Back before the loop noticed: no gap worth ending detections for.
+                shared.source_lost.store(false, Ordering::Release);
                 match queue.push(buf, live) {
                     Some(dropped) => {
                         m.frames_dropped.fetch_add(dropped, Ordering::Relaxed);

@@ -558,3 +558,81 @@ fn a_live_source_that_cannot_work_ends_the_run_with_its_error() {
     let error = rt.run(Box::new(Refused)).map(|_| ()).unwrap_err();
     assert!(error.to_string().contains("does not offer mjpeg"), "{error}");
 }
+
+/// The pattern as a live camera that is unplugged once red has shown for 25 frames: it then
+/// reports the loss for 300 ms (reconnect attempts) and comes back. Records the last frame
+/// before the loss.
+struct Unplugged {
+    inner: Pattern,
+    produced: u64,
+    red_in_a_row: u64,
+    lost_after: Arc<Mutex<Option<u64>>>,
+    attempts_left: u32,
+}
+
+impl FrameSource for Unplugged {
+    fn next_frame(&mut self) -> Result<Option<SourceFrame<'_>>, SourceError> {
+        let mut lost = self.lost_after.lock().unwrap();
+        if lost.is_none() && self.red_in_a_row >= 25 {
+            *lost = Some(self.produced - 1);
+        }
+        if lost.is_some() && self.attempts_left > 0 {
+            self.attempts_left -= 1;
+            std::thread::sleep(Duration::from_millis(10));
+            return Err(SourceError::Reconnecting { what: "/dev/video7".into(), message: "No such device".into() });
+        }
+        drop(lost);
+        self.produced += 1;
+        let frame = self.inner.next_frame()?.unwrap();
+        self.red_in_a_row = if frame.truth == Some(Truth::Scene("red")) { self.red_in_a_row + 1 } else { 0 };
+        // Paced like a camera, so the loop keeps up and the detection is on when it goes.
+        std::thread::sleep(Duration::from_millis(2));
+        Ok(Some(SourceFrame { time: None, ..frame }))
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
+    fn describe(&self) -> String {
+        "an unplugged camera".into()
+    }
+}
+
+#[test]
+fn a_lost_camera_ends_its_detections_and_drives_outputs_inactive() {
+    let bundle = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&bundle, dir.path().join("labels.cls"), None, None);
+    let red = MockOutput::default();
+    rt.add_outputs(vec![BoundOutput { label: "red".into(), name: "mock".into(), output: Box::new(red.clone()) }]);
+    let recorder = Recorder::default();
+    rt.add_sink(Box::new(recorder.clone()));
+    let lost_after = Arc::new(Mutex::new(None));
+    let source = Unplugged {
+        inner: Pattern::new(4),
+        produced: 0,
+        red_in_a_row: 0,
+        lost_after: lost_after.clone(),
+        attempts_left: 30,
+    };
+    let handle = rt.handle();
+    let run = std::thread::spawn(move || rt.run(Box::new(source)));
+    wait_until("frames after the loss", || lost_after.lock().unwrap().is_some_and(|at| frames_at(&handle) > at + 10));
+    handle.stop();
+    run.join().unwrap().unwrap();
+    let at = lost_after.lock().unwrap().unwrap();
+    let events = recorder.events.lock().unwrap();
+    let red_events: Vec<(EventKind, u64)> = events
+        .iter()
+        .filter(|e| &*e.label == "red" && e.kind != EventKind::Update)
+        .map(|e| (e.kind, e.frame))
+        .collect();
+    // On before the loss; ended at the last frame before it, not by a later frame.
+    let end = red_events.iter().position(|&(kind, frame)| kind == EventKind::End && frame == at);
+    let end = end.unwrap_or_else(|| panic!("no end of red at frame {at}: {red_events:?}"));
+    assert!(end > 0 && red_events[end - 1].0 == EventKind::New, "{red_events:?}");
+    // The output followed: off at the loss (and safe at the end).
+    let calls = red.0.lock().unwrap().clone();
+    let expected: Vec<&str> =
+        red_events.iter().map(|&(kind, _)| if kind == EventKind::New { "on" } else { "off" }).chain(["safe"]).collect();
+    assert_eq!(calls, expected);
+}

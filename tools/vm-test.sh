@@ -100,7 +100,8 @@ test -x "$binary"
 
 # --- the initramfs: busybox, the modules in load order, the guest's /init ------------------
 work="$(mktemp -d "$cache/run.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# CLIPACT_VM_KEEP=1 keeps the share (the guest's logs) for a look afterwards.
+[ -n "${CLIPACT_VM_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 initrd="$work/initrd"
 mkdir -p "$initrd"/{bin,dev,proc,sys,mnt,tmp,lib,modules}
 cp "$root/bin/busybox" "$initrd/bin/busybox"
@@ -146,6 +147,7 @@ mkdir -p "$share/models"
 cp "$binary" "$share/clipact"
 cp -r models/colour-demo "$share/models/"
 cp tools/vm-guest.sh "$share/guest.sh"
+echo "${CLIPACT_VM_ONLY:-}" >"$share/only"
 
 echo "==> booting the arm64 VM (QEMU TCG): kernel $kver, vivid, gpio-sim"
 started=$(date +%s)
@@ -171,5 +173,6 @@ if [ "$failed" -gt 0 ]; then
   echo "--- guest log ---" >&2
   tail -60 "$share/guest.log" >&2
 fi
+[ -n "${CLIPACT_VM_KEEP:-}" ] && echo "the guest's files: $share"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

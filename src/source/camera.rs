@@ -423,7 +423,7 @@ impl<B: CaptureBackend> Drop for Camera<B> {
 /// Opens a V4L2 camera source (reconnecting, see [`Camera`]).
 #[cfg(feature = "camera")]
 pub fn open_v4l(request: CameraRequest) -> Result<Box<dyn FrameSource>, SourceError> {
-    Ok(Box::new(Camera::new(v4l2::V4lBackend, request, Duration::from_millis(250), Duration::from_secs(5))))
+    Ok(Box::new(Camera::new(v4l2::V4lBackend, request, Duration::from_millis(250), Duration::from_secs(2))))
 }
 
 /// Without the `camera` feature: an error saying how to get it.
