@@ -47,6 +47,13 @@ v4l2-ctl -d /dev/video0 -L >controls.txt 2>&1
 red=$(menu_index "100% Red")
 blue=$(menu_index "100% Blue")
 echo "vivid test_pattern: red $red, blue $blue"
+# vivid showing solid red (no text over it), and the colour bundle on /dev/video0 driving the
+# red line, in the background; its events in $1.out, its log in $1.err.
+watch_red_on_camera() {
+  v4l2-ctl -d /dev/video0 -c osd_text_mode=2 -c test_pattern="$red"
+  ./clipact run --config gpio.toml --bundle models/colour-demo --source v4l:/dev/video0,size=640x360,format=yuyv \
+    >"$1.out" 2>"$1.err" &
+}
 
 # 1. Capture from the real /dev/video0 in YUYV (vivid's default).
 test_capture_yuyv() {
@@ -106,9 +113,7 @@ test_missing_line_is_a_clear_error() {
 #    /dev/video0 and drives the named line high; switched to blue, the detection ends and the
 #    line goes low. The JSON events and the line agree.
 test_camera_colour_drives_the_line() {
-  v4l2-ctl -d /dev/video0 -c osd_text_mode=2 -c test_pattern="$red"
-  ./clipact run --config gpio.toml --bundle models/colour-demo --source v4l:/dev/video0,size=640x360,format=yuyv \
-    >e2e.out 2>e2e.err &
+  watch_red_on_camera e2e
   pid=$!
   if wait_line 1 90; then went_high=yes; else went_high=no; fi
   v4l2-ctl -d /dev/video0 -c test_pattern="$blue"
@@ -135,9 +140,7 @@ test_camera_colour_drives_the_line() {
 #    while the camera is gone (the detection ends), and it streams again within 5 s of the
 #    device coming back.
 test_camera_unplugged_and_back() {
-  v4l2-ctl -d /dev/video0 -c osd_text_mode=2 -c test_pattern="$red"
-  ./clipact run --config gpio.toml --bundle models/colour-demo --source v4l:/dev/video0,size=640x360,format=yuyv \
-    >unplug.out 2>unplug.err &
+  watch_red_on_camera unplug
   pid=$!
   wait_line 1 90 && on_before=yes || on_before=no
   # Unplugged: the stream fails (vivid's disconnect: ENODEV, as a USB camera pulled out) and
