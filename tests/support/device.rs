@@ -82,7 +82,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: &[u8], auth: Option<&str
     let mut head =
         format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if let Some(auth) = auth {
-        head += &format!("Authorization: Basic {}\r\n", base64(auth.as_bytes()));
+        head += &format!("Authorization: Basic {}\r\n", clipact::events::http::base64(auth.as_bytes()));
     }
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(b"\r\n").unwrap();
@@ -97,20 +97,4 @@ pub fn http(addr: &str, method: &str, path: &str, body: &[u8], auth: Option<&str
         .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
         .unwrap_or_default();
     Reply { status, content_type, body: raw[split + 4..].to_vec() }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
